@@ -1,0 +1,36 @@
+//! Health, the payment gateway's ledger and the audit.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::{AppState, Problem};
+use crate::audit;
+
+/// `GET /health`: 200 when the database answers, 503 otherwise.
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let database = state.store.ping().await;
+    let body = json!({
+        "status": if database.is_ok() { "ok" } else { "degraded" },
+        "stage": state.stage.kind(),
+        "dependencies": { "sqlite": if database.is_ok() { "ok" } else { "down" } },
+    });
+    if database.is_ok() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /api/v1/admin/ledger`: every charge, decline and refund the gateway made.
+pub async fn ledger(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    let entries = state.payments.ledger().await?;
+    Ok(HttpResponse::Ok().json(json!({ "entries": entries })))
+}
+
+/// `GET /api/v1/admin/audit`: the invariants I1-I6 checked against storage and the ledger.
+pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    let counts = state.store.event_counts().await?;
+    let payments = state.store.payment_records().await?;
+    let ledger = state.payments.ledger().await?;
+    Ok(HttpResponse::Ok().json(audit::audit(&counts, &payments, &ledger)))
+}

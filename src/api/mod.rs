@@ -1,0 +1,73 @@
+//! The thin HTTP front: parse and validate, hand the request to the stage, map the outcome.
+
+pub mod admin;
+pub mod problem;
+pub mod v1;
+
+use std::sync::Arc;
+
+use actix_web::{http::StatusCode, web, HttpRequest};
+
+use crate::config::Settings;
+use crate::payments::PaymentGateway;
+use crate::stages::Stage;
+use crate::store::Store;
+pub use problem::Problem;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub stage: Arc<dyn Stage>,
+    pub store: Store,
+    pub payments: PaymentGateway,
+    pub settings: Settings,
+}
+
+/// Registers every route, with problem documents for bad bodies, paths and methods.
+pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(max_body_bytes)
+            .error_handler(problem::json_error),
+    )
+    .service(resource("/health").route(web::get().to(admin::health)))
+    .service(
+        resource("/api/v1/events")
+            .route(web::get().to(v1::list_events))
+            .route(web::post().to(v1::create_event)),
+    )
+    .service(resource("/api/v1/events/{id}").route(web::get().to(v1::get_event)))
+    .service(resource("/api/v1/tickets/purchase").route(web::post().to(v1::purchase)))
+    .service(resource("/api/v1/tickets/user/{userId}").route(web::get().to(v1::user_tickets)))
+    .service(resource("/api/v1/admin/ledger").route(web::get().to(admin::ledger)))
+    .service(resource("/api/v1/admin/audit").route(web::get().to(admin::audit)))
+    .default_service(web::to(not_found));
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn not_found(req: HttpRequest) -> Problem {
+    Problem::not_found(
+        "no-such-route",
+        format!("no route for {} {}", req.method(), req.path()),
+    )
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{} is not allowed on {}", req.method(), req.path()),
+    )
+}
+
+impl actix_web::Responder for Problem {
+    type Body = actix_web::body::BoxBody;
+
+    fn respond_to(self, _: &HttpRequest) -> actix_web::HttpResponse {
+        actix_web::ResponseError::error_response(&self)
+    }
+}

@@ -1,0 +1,190 @@
+//! The one place errors become HTTP: `application/problem+json` (RFC 9457) with a stable `code`.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{error::JsonPayloadError, HttpRequest, HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::domain::DomainError;
+use crate::payments::GatewayUnavailable;
+use crate::stages::PurchaseError;
+use crate::store::StoreError;
+
+/// An error answer. `code` is stable and documented; `detail` is for humans.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+    #[serde(skip)]
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind: format!("/problems/{code}"),
+            title,
+            status: status.as_u16(),
+            detail: detail.into(),
+            code,
+            field: None,
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, "Not found", detail)
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, "Bad request", detail)
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal server error",
+            "the server failed to handle the request; it has been logged",
+        )
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.detail)
+    }
+}
+
+impl ResponseError for Problem {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((header::CONTENT_TYPE, "application/problem+json"));
+        if let Some(secs) = self.retry_after_secs {
+            response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        response.body(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+impl From<DomainError> for Problem {
+    fn from(e: DomainError) -> Self {
+        let mut p = Self::bad_request("validation-failed", e.to_string());
+        p.field = Some(e.field);
+        p
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        if e.is_constraint() {
+            tracing::warn!(error = %e, "a write was refused by a constraint");
+            return Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "Conflict",
+                "the request conflicts with the current state",
+            );
+        }
+        tracing::error!(error = %e, "storage failure");
+        Self::internal()
+    }
+}
+
+impl From<PurchaseError> for Problem {
+    fn from(e: PurchaseError) -> Self {
+        let detail = e.to_string();
+        match e {
+            PurchaseError::UnknownEvent => Self::not_found("unknown-event", detail),
+            PurchaseError::SoldOut => Self::new(
+                StatusCode::BAD_REQUEST,
+                "sold-out",
+                "No tickets left",
+                detail,
+            ),
+            PurchaseError::AllHeld => Self::new(
+                StatusCode::BAD_REQUEST,
+                "tickets-held",
+                "No tickets available right now",
+                detail,
+            )
+            .retry_after(1),
+            PurchaseError::PaymentDeclined => Self::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "payment-declined",
+                "Payment failed",
+                detail,
+            ),
+            PurchaseError::HoldExpired => {
+                Self::new(StatusCode::CONFLICT, "hold-expired", "Hold expired", detail)
+            }
+            PurchaseError::Overloaded => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Overloaded",
+                detail,
+            )
+            .retry_after(1),
+            PurchaseError::Gateway(e) => e.into(),
+            PurchaseError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<GatewayUnavailable> for Problem {
+    fn from(e: GatewayUnavailable) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "payment-gateway-unavailable",
+            "Payment gateway unavailable",
+            e.to_string(),
+        )
+        .retry_after(1)
+    }
+}
+
+/// Maps a JSON body the server could not take to a problem: 413, 415 or 400, never 500.
+pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let problem = match &err {
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Body too large",
+            format!("the request body is larger than {limit} bytes"),
+        ),
+        JsonPayloadError::ContentType => Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ),
+        JsonPayloadError::Deserialize(e) if e.is_data() => {
+            Problem::bad_request("invalid-body", format!("invalid request body: {e}"))
+        }
+        JsonPayloadError::Deserialize(e) => {
+            Problem::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
+        }
+        other => Problem::bad_request("invalid-body", format!("could not read the body: {other}")),
+    };
+    problem.into()
+}

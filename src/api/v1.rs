@@ -1,0 +1,114 @@
+//! API v1: the seed's routes, fields (camelCase) and status codes, kept compatible.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+
+use super::{AppState, Problem};
+use crate::domain::{EventId, Money, NewEvent, UserId};
+
+/// `POST /api/v1/events`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateEventBody {
+    pub name: String,
+    pub venue: String,
+    /// RFC 3339 date-time.
+    pub date: String,
+    pub total_tickets: i64,
+    /// Major units with at most two decimals, as in the seed (e.g. `49.99`).
+    pub price: f64,
+}
+
+/// `POST /api/v1/tickets/purchase`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PurchaseBody {
+    pub event_id: IdInput,
+    pub user_id: UserId,
+}
+
+/// An id sent as a number or as a string of digits (both appear in the seed's clients).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum IdInput {
+    Number(i64),
+    Text(String),
+}
+
+impl IdInput {
+    fn event_id(&self) -> Result<EventId, Problem> {
+        let id = match self {
+            Self::Number(n) => Some(*n),
+            Self::Text(s) => s.trim().parse().ok(),
+        };
+        match id {
+            Some(n) if n > 0 => Ok(EventId(n)),
+            _ => Err(Problem::from(crate::domain::DomainError::invalid(
+                "eventId",
+                "must be a positive integer",
+            ))),
+        }
+    }
+}
+
+fn path_event_id(raw: &str) -> Result<EventId, Problem> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(EventId)
+        .ok_or_else(|| Problem::not_found("unknown-event", format!("no event with id {raw}")))
+}
+
+pub async fn list_events(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    Ok(HttpResponse::Ok().json(state.store.list_events().await?))
+}
+
+pub async fn get_event(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let id = path_event_id(&id)?;
+    match state.store.event(id).await? {
+        Some(event) => Ok(HttpResponse::Ok().json(event)),
+        None => Err(Problem::not_found(
+            "unknown-event",
+            format!("no event with id {id}"),
+        )),
+    }
+}
+
+pub async fn create_event(
+    state: web::Data<AppState>,
+    body: web::Json<CreateEventBody>,
+) -> Result<HttpResponse, Problem> {
+    let price = Money::from_major(body.price)?;
+    let new = NewEvent::parse(
+        &body.name,
+        &body.venue,
+        &body.date,
+        body.total_tickets,
+        price,
+    )?;
+    let event = state.stage.create_event(new).await?;
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/api/v1/events/{}", event.id)))
+        .json(event))
+}
+
+pub async fn purchase(
+    state: web::Data<AppState>,
+    body: web::Json<PurchaseBody>,
+) -> Result<HttpResponse, Problem> {
+    let body = body.into_inner();
+    let event = body.event_id.event_id()?;
+    let ticket = state.stage.purchase(event, body.user_id).await?;
+    Ok(HttpResponse::Created().json(ticket))
+}
+
+pub async fn user_tickets(
+    state: web::Data<AppState>,
+    user: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let user = UserId::parse(&user)?;
+    Ok(HttpResponse::Ok().json(state.store.user_tickets(&user).await?))
+}

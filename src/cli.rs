@@ -1,0 +1,136 @@
+//! The command line: `ticketflow serve` and `ticketflow migrate`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    parse_duration, Durability, LatencyModel, PaymentSettings, Settings, StageKind,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ticketflow",
+    version,
+    about = "An event-ticketing server built as a concurrency lab"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true, env = "TICKETFLOW_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API on one stage.
+    Serve(ServeArgs),
+    /// Create the database if needed and apply the migrations, then exit.
+    Migrate(DbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// SQLite database: a file path or a `sqlite:` URL. Created if missing.
+    #[arg(long = "db", env = "DATABASE_URL", default_value = "ticketflow.db")]
+    pub database: String,
+    /// SQLite durability: `normal` survives a killed process, `full` also a power cut.
+    #[arg(long, value_enum, default_value_t = Durability::Normal)]
+    pub synchronous: Durability,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Back end that decides purchases.
+    #[arg(long, value_enum, default_value_t = StageKind::Actor, env = "TICKETFLOW_STAGE")]
+    pub stage: StageKind,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "TICKETFLOW_BIND")]
+    pub bind: SocketAddr,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Seed of the payment simulator and of ticket ids: the same seed replays the same run.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Payment gateway latency: `0`, a fixed duration (`50ms`), a uniform range (`1s..3s`) or
+    /// `lognormal:MEDIAN:SIGMA` (e.g. `lognormal:200ms:0.5`).
+    #[arg(long, default_value = "1s..3s", value_parser = parse_latency)]
+    pub payment_latency: LatencyModel,
+    /// Probability (0 to 1) that the gateway declines a charge.
+    #[arg(long, default_value_t = 0.10, value_parser = parse_rate)]
+    pub payment_failure_rate: f64,
+    /// Number of payment actors in the gateway pool.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub payment_pool: u16,
+    /// How long a held seat waits for its payment before it returns to inventory.
+    #[arg(long, default_value = "30s", value_parser = parse_hold_ttl)]
+    pub hold_ttl: Duration,
+    /// Load a few demo events (one with 100 tickets) into an empty database.
+    #[arg(long)]
+    pub demo_data: bool,
+    /// Threads hosting event actors (`actor` stage); 0 means one per core.
+    #[arg(long, default_value_t = 0)]
+    pub arbiters: usize,
+    /// Bound of each event actor's mailbox; when full, purchases are answered 503.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub mailbox_capacity: u32,
+    /// Most writes one group commit may take (`actor` stage); 1 means a transaction per write.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_batch: u32,
+    /// HTTP worker threads; 0 means one per core.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+}
+
+fn parse_latency(raw: &str) -> Result<LatencyModel, String> {
+    raw.parse()
+}
+
+fn parse_rate(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "`{raw}` is not a probability; give a number from 0 to 1, e.g. 0.1"
+        )),
+    }
+}
+
+fn parse_hold_ttl(raw: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(raw)?;
+    if ttl < Duration::from_millis(10) {
+        return Err("the hold TTL must be at least 10ms".into());
+    }
+    Ok(ttl)
+}
+
+impl ServeArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            stage: self.stage,
+            bind: self.bind,
+            database: self.db.database.clone(),
+            durability: self.db.synchronous,
+            seed: self.seed,
+            payments: PaymentSettings {
+                pool_size: usize::from(self.payment_pool),
+                latency: self.payment_latency,
+                failure_rate: self.payment_failure_rate,
+            },
+            hold_ttl: self.hold_ttl,
+            demo_data: self.demo_data,
+            arbiters: self.arbiters,
+            mailbox_capacity: self.mailbox_capacity as usize,
+            max_batch: self.max_batch as usize,
+            http_workers: self.workers,
+            ..Settings::new(self.db.database.clone())
+        }
+    }
+}

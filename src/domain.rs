@@ -1,0 +1,364 @@
+//! The domain's nouns: events, tickets, payments, and the value types that keep them valid.
+//!
+//! Everything here is parsed once at the edge ("parse, don't validate"): a [`NewEvent`] or a
+//! [`UserId`] that exists is already known to be well formed.
+
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Largest number of tickets one event may offer.
+pub const MAX_TICKETS_PER_EVENT: u32 = 1_000_000;
+/// Largest ticket price, in minor units (one million in major units).
+pub const MAX_PRICE_CENTS: i64 = 100_000_000;
+/// Longest event name, venue or user id, in characters.
+pub const MAX_TEXT_CHARS: usize = 200;
+
+/// An event's id: the row id SQLite gives it, as in the seed (`/api/v1/events/1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(pub i64);
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A ticket's id. Event actors mint them from a seeded generator so a replayed run sees the
+/// same ids, and so the same payment outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TicketId(pub Uuid);
+
+impl fmt::Display for TicketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A buyer's id. The seed's clients send it as a string or a number; both are accepted and
+/// kept as text (1..=200 characters, no control characters).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(raw: &str) -> Result<Self, DomainError> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(DomainError::invalid("userId", "must not be empty"));
+        }
+        if trimmed.chars().count() > MAX_TEXT_CHARS {
+            return Err(DomainError::invalid(
+                "userId",
+                "must be at most 200 characters",
+            ));
+        }
+        if trimmed.chars().any(char::is_control) {
+            return Err(DomainError::invalid(
+                "userId",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Number(u64),
+        }
+        let raw = match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("userId must be a string or a non-negative integer")
+        })? {
+            Raw::Text(s) => s,
+            Raw::Number(n) => n.to_string(),
+        };
+        UserId::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Money in minor units (cents). Never a float in storage or arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Money(i64);
+
+impl Money {
+    pub fn from_cents(cents: i64) -> Result<Self, DomainError> {
+        if !(0..=MAX_PRICE_CENTS).contains(&cents) {
+            return Err(DomainError::invalid(
+                "price",
+                "must be between 0 and 1000000.00",
+            ));
+        }
+        Ok(Self(cents))
+    }
+
+    /// Parses the seed's `price`, a JSON number in major units with at most two decimals.
+    pub fn from_major(value: f64) -> Result<Self, DomainError> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(DomainError::invalid(
+                "price",
+                "must be a non-negative number",
+            ));
+        }
+        let scaled = value * 100.0;
+        let cents = scaled.round();
+        if (scaled - cents).abs() > 1e-6 {
+            return Err(DomainError::invalid(
+                "price",
+                "must have at most two decimal places",
+            ));
+        }
+        if cents > MAX_PRICE_CENTS as f64 {
+            return Err(DomainError::invalid(
+                "price",
+                "must be between 0 and 1000000.00",
+            ));
+        }
+        Self::from_cents(cents as i64)
+    }
+
+    pub fn cents(self) -> i64 {
+        self.0
+    }
+
+    /// The amount in major units, for display in JSON only.
+    pub fn major(self) -> f64 {
+        self.0 as f64 / 100.0
+    }
+}
+
+/// A ticket's life: `pending` while its seat is held and payment runs, then `confirmed` or
+/// `cancelled` (with a [`CancelReason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TicketStatus {
+    Pending,
+    Confirmed,
+    Cancelled,
+}
+
+impl TicketStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Confirmed => "confirmed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "confirmed" => Some(Self::Confirmed),
+            "cancelled" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// Why a ticket ended `cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    PaymentDeclined,
+    HoldExpired,
+    /// The server stopped while the purchase ran and recovery found no successful charge.
+    Interrupted,
+}
+
+impl CancelReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PaymentDeclined => "payment_declined",
+            Self::HoldExpired => "hold_expired",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A payment's life, as stored: `pending` until the gateway answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentStatus {
+    Pending,
+    Completed,
+    Failed,
+    Refunded,
+}
+
+impl PaymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Refunded => "refunded",
+        }
+    }
+}
+
+/// An event as stored and as served by API v1 (camelCase, like the seed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: EventId,
+    pub name: String,
+    pub venue: String,
+    pub date: String,
+    pub total_tickets: u32,
+    pub available_tickets: u32,
+    /// Price in major units, for the seed's clients. `price_cents` is the exact value.
+    pub price: f64,
+    pub price_cents: i64,
+    pub created_at: String,
+}
+
+/// A ticket as stored and as served by API v1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ticket {
+    pub id: TicketId,
+    pub event_id: EventId,
+    pub user_id: String,
+    pub purchase_date: String,
+    pub price: f64,
+    pub price_cents: i64,
+    pub status: TicketStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
+}
+
+/// A validated request to create an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub name: String,
+    pub venue: String,
+    pub date: DateTime<Utc>,
+    pub total_tickets: u32,
+    pub price: Money,
+}
+
+impl NewEvent {
+    pub fn parse(
+        name: &str,
+        venue: &str,
+        date: &str,
+        total_tickets: i64,
+        price: Money,
+    ) -> Result<Self, DomainError> {
+        let name = parse_text("name", name)?;
+        let venue = parse_text("venue", venue)?;
+        let date = DateTime::parse_from_rfc3339(date.trim())
+            .map_err(|_| {
+                DomainError::invalid(
+                    "date",
+                    "must be an RFC 3339 date-time such as 2026-12-31T20:00:00Z",
+                )
+            })?
+            .with_timezone(&Utc);
+        if !(1..=i64::from(MAX_TICKETS_PER_EVENT)).contains(&total_tickets) {
+            return Err(DomainError::invalid(
+                "totalTickets",
+                "must be an integer between 1 and 1000000",
+            ));
+        }
+        Ok(Self {
+            name,
+            venue,
+            date,
+            total_tickets: total_tickets as u32,
+            price,
+        })
+    }
+}
+
+fn parse_text(field: &'static str, raw: &str) -> Result<String, DomainError> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err(DomainError::invalid(field, "must not be empty"));
+    }
+    if trimmed.chars().count() > MAX_TEXT_CHARS {
+        return Err(DomainError::invalid(
+            field,
+            "must be at most 200 characters",
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(DomainError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// A field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {reason}")]
+pub struct DomainError {
+    pub field: &'static str,
+    pub reason: &'static str,
+}
+
+impl DomainError {
+    pub fn invalid(field: &'static str, reason: &'static str) -> Self {
+        Self { field, reason }
+    }
+}
+
+/// Timestamps are stored and served as RFC 3339 in UTC with millisecond precision.
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_in_major_units_become_exact_cents() {
+        assert_eq!(Money::from_major(49.99).unwrap().cents(), 4999);
+        assert_eq!(Money::from_major(0.1).unwrap().cents(), 10);
+        assert!(Money::from_major(1.005).is_err());
+        assert!(Money::from_major(-1.0).is_err());
+        assert!(Money::from_major(2e6).is_err());
+    }
+
+    #[test]
+    fn user_ids_accept_strings_and_numbers_but_not_blanks() {
+        let from_number: UserId = serde_json::from_str("42").unwrap();
+        assert_eq!(from_number.as_str(), "42");
+        let from_text: UserId = serde_json::from_str("\"alice\"").unwrap();
+        assert_eq!(from_text.as_str(), "alice");
+        assert!(serde_json::from_str::<UserId>("\"  \"").is_err());
+        assert!(serde_json::from_str::<UserId>("-3").is_err());
+        assert!(serde_json::from_str::<UserId>("true").is_err());
+    }
+
+    #[test]
+    fn a_new_event_needs_a_real_date_and_a_sane_size() {
+        let price = Money::from_cents(100).unwrap();
+        assert!(NewEvent::parse("Show", "Hall", "2026-12-31T20:00:00Z", 100, price).is_ok());
+        assert!(NewEvent::parse("Show", "Hall", "next friday", 100, price).is_err());
+        assert!(NewEvent::parse("Show", "Hall", "2026-12-31T20:00:00Z", 0, price).is_err());
+        assert!(NewEvent::parse(" ", "Hall", "2026-12-31T20:00:00Z", 1, price).is_err());
+    }
+}

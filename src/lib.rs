@@ -1,0 +1,25 @@
+//! Ticketflow: an event-ticketing server built as a concurrency lab.
+//!
+//! # Layout
+//! - [`domain`]: events, tickets, payments and the value types that keep them valid.
+//! - [`inventory`]: the pure inventory core, a state machine with the time passed in.
+//! - [`payments`]: the simulated payment gateway, a pool of payment actors with a ledger.
+//! - [`store`]: SQLite storage, migrations and the group-commit writer.
+//! - [`stages`]: the purchase contract ([`stages::Stage`]) and one module per stage.
+//! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
+//! - [`api`]: the thin actix-web front, API v1 and admin routes, problem documents.
+//! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
+//! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod inventory;
+pub mod payments;
+pub mod server;
+pub mod stages;
+pub mod store;
+pub mod telemetry;

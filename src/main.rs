@@ -1,0 +1,52 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use ticketflow::cli::{Cli, Command};
+use ticketflow::server::Server;
+use ticketflow::store::Store;
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ticketflow::telemetry::init(cli.log_format);
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(db) => {
+            let store = Store::open(&db.database, db.synchronous)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--db {}: cannot open and migrate the database: {e}",
+                        db.database
+                    )
+                })?;
+            store.close().await;
+            println!("database {} is up to date", db.database);
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let settings = args.settings();
+            let server = Server::build(settings.clone()).await?;
+            tracing::info!(
+                addr = %server.addr(),
+                stage = %settings.stage,
+                db = %settings.database,
+                seed = settings.seed,
+                payment_latency = %settings.payments.latency,
+                "ticketflow listening; Ctrl-C stops it gracefully"
+            );
+            server.run().await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}

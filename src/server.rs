@@ -1,0 +1,105 @@
+//! Assembles a running server from [`Settings`]: storage, payment gateway, stage, HTTP front.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix_web::{dev::ServerHandle, web, App, HttpServer};
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::config::{cores, Settings};
+use crate::demo;
+use crate::payments::PaymentGateway;
+use crate::stages::{self, Stage, StageParts};
+use crate::store::Store;
+
+/// A bound server, not yet running. Must be built and run inside an actix `System`.
+pub struct Server {
+    addr: SocketAddr,
+    http: actix_web::dev::Server,
+    stage: Arc<dyn Stage>,
+    store: Store,
+}
+
+impl Server {
+    /// Opens the database (migrating it), recovers interrupted purchases, binds the address.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = Store::open(&settings.database, settings.durability)
+            .await
+            .with_context(|| {
+                format!(
+                    "--db {}: cannot open the database (check the path exists and is writable)",
+                    settings.database
+                )
+            })?;
+        let payments = PaymentGateway::start(&settings.payments, settings.seed, &[]);
+        let parts = StageParts {
+            store: store.clone(),
+            payments: payments.clone(),
+            settings: settings.clone(),
+        };
+        let stage = stages::build(parts)
+            .await
+            .context("starting the stage failed")?;
+        if settings.demo_data {
+            demo::load(stage.as_ref(), &store)
+                .await
+                .context("--demo-data: loading the demo events failed")?;
+        }
+        let listener = TcpListener::bind(settings.bind).with_context(|| {
+            format!(
+                "--bind {}: cannot listen there (is another server using the port? pick another with --bind)",
+                settings.bind
+            )
+        })?;
+        let addr = listener.local_addr()?;
+        let state = web::Data::new(AppState {
+            stage: Arc::clone(&stage),
+            store: store.clone(),
+            payments,
+            settings: settings.clone(),
+        });
+        let max_body = settings.max_body_bytes;
+        let workers = match settings.http_workers {
+            0 => cores(),
+            n => n,
+        };
+        let http = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(|cfg| api::configure(cfg, max_body))
+        })
+        .workers(workers)
+        .backlog(4096)
+        .max_connection_rate(4096)
+        .shutdown_timeout(30)
+        .listen(listener)
+        .with_context(|| format!("--bind {}: cannot serve HTTP there", settings.bind))?
+        .run();
+        Ok(Self {
+            addr,
+            http,
+            stage,
+            store,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the server; `graceful` lets in-flight requests finish first.
+    pub fn handle(&self) -> ServerHandle {
+        self.http.handle()
+    }
+
+    /// Serves until stopped (SIGINT/SIGTERM or the handle), drains in-flight purchases, then
+    /// flushes the stage's pending writes and closes the database.
+    pub async fn run(self) -> std::io::Result<()> {
+        let result = self.http.await;
+        self.stage.shutdown().await;
+        self.store.close().await;
+        result
+    }
+}

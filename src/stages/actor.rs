@@ -1,0 +1,264 @@
+//! Stage `actor`: this project's answer. One [`EventActor`] per event owns its inventory and
+//! serialises purchases in its mailbox; payments go to the payment actor pool; writes are
+//! batched by the group-commit writer.
+//!
+//! A purchase runs as its own task, detached from the HTTP request: a client that hangs up
+//! cannot strand a hold or a charge half-way. Holds are durable before the gateway is called,
+//! and confirmations are durable before the client hears of them, so a restart finds every
+//! acknowledged ticket, and every purchase it interrupted still `pending`, to be resolved by
+//! asking the gateway again under the same payment key.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use actix::prelude::*;
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::event_actor::{
+    payment_key, EventActor, PaymentResult, ReadCounts, Reserve, ReserveRefusal, Settle, Settlement,
+};
+use super::{PurchaseError, Stage, StageParts};
+use crate::config::{cores, StageKind};
+use crate::domain::{CancelReason, Event, EventId, Money, NewEvent, PaymentStatus, Ticket, UserId};
+use crate::inventory::{Counts, Inventory, ReserveError};
+use crate::payments::ChargeOutcome;
+use crate::store::{StoreError, WriteHandle, WriteOp};
+
+pub struct ActorStage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    parts: StageParts,
+    writer: WriteHandle,
+    /// Event id to its actor. A std `RwLock`: read on every purchase, written only when an
+    /// event is created, and never held across an `.await`.
+    actors: RwLock<HashMap<EventId, Addr<EventActor>>>,
+    /// Threads hosting the event actors, so purchases of different events use every core.
+    arbiters: Vec<Arbiter>,
+    next_arbiter: AtomicUsize,
+}
+
+impl ActorStage {
+    /// Starts the writer and the arbiters, resolves purchases a previous run left pending, and
+    /// starts one actor per stored event.
+    pub async fn start(parts: StageParts) -> Result<Self, StoreError> {
+        let settings = &parts.settings;
+        let (writer, _writer_task) = parts
+            .store
+            .start_writer(settings.max_batch, settings.mailbox_capacity.max(1024))
+            .await?;
+        let arbiter_count = match settings.arbiters {
+            0 => cores(),
+            n => n,
+        };
+        let inner = Inner {
+            writer,
+            actors: RwLock::new(HashMap::new()),
+            arbiters: (0..arbiter_count).map(|_| Arbiter::new()).collect(),
+            next_arbiter: AtomicUsize::new(0),
+            parts,
+        };
+        inner.recover().await?;
+        for counts in inner.parts.store.event_counts().await? {
+            let event = inner
+                .parts
+                .store
+                .event(counts.event)
+                .await?
+                .ok_or_else(|| StoreError::Conflict("event vanished during start".into()))?;
+            inner.spawn_actor(&event, counts.available as u32).await?;
+        }
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The live counters of an event's actor (for tests and stats).
+    pub async fn counts(&self, event: EventId) -> Option<Counts> {
+        let addr = self.inner.actor(event)?;
+        addr.send(ReadCounts).await.ok()
+    }
+}
+
+impl Inner {
+    fn actor(&self, event: EventId) -> Option<Addr<EventActor>> {
+        self.actors
+            .read()
+            .expect("actor registry poisoned")
+            .get(&event)
+            .cloned()
+    }
+
+    async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
+        let price = Money::from_cents(event.price_cents)
+            .map_err(|e| StoreError::Conflict(format!("event {}: {e}", event.id)))?;
+        let issued = self.parts.store.tickets_issued(event.id).await? as u64;
+        let settings = &self.parts.settings;
+        let hold_ttl_ms = settings.hold_ttl.as_millis() as u64;
+        let inventory = Inventory::new(event.total_tickets, available, hold_ttl_ms);
+        let actor = EventActor::new(
+            event.id,
+            price,
+            inventory,
+            self.writer.clone(),
+            settings.seed,
+            issued,
+            settings.hold_ttl,
+        );
+        let capacity = settings.mailbox_capacity.max(1);
+        let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let addr = EventActor::start_in_arbiter(&self.arbiters[index].handle(), move |ctx| {
+            ctx.set_mailbox_capacity(capacity);
+            actor
+        });
+        self.actors
+            .write()
+            .expect("actor registry poisoned")
+            .insert(event.id, addr);
+        Ok(())
+    }
+
+    /// Resolves purchases a previous run left `pending`: the gateway is asked again under the
+    /// same key (it deduplicates, so nothing is charged twice) and the answer settles the
+    /// ticket. Then each event's stored `available` is checked against its tickets.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let pending = self.parts.store.pending_purchases().await?;
+        if !pending.is_empty() {
+            tracing::warn!(
+                count = pending.len(),
+                "resolving purchases interrupted by a restart"
+            );
+        }
+        let resolutions = pending.into_iter().map(|p| async move {
+            let outcome = self
+                .parts
+                .payments
+                .charge(&p.payment_key, p.price)
+                .await
+                .map_err(|e| StoreError::Conflict(e.to_string()))?;
+            let op = match outcome {
+                ChargeOutcome::Approved { .. } => WriteOp::Confirm { ticket: p.ticket },
+                ChargeOutcome::Declined => WriteOp::Cancel {
+                    ticket: p.ticket,
+                    event: p.event,
+                    reason: CancelReason::Interrupted,
+                    payment: Some(PaymentStatus::Failed),
+                },
+            };
+            tracing::info!(ticket = %p.ticket, event = %p.event, ?outcome, "recovered purchase");
+            self.writer.submit(op).await
+        });
+        for result in futures::future::join_all(resolutions).await {
+            result?;
+        }
+        for counts in self.parts.store.event_counts().await? {
+            let expected = (counts.total - counts.confirmed - counts.pending).max(0);
+            if counts.available != expected {
+                tracing::error!(
+                    event = %counts.event,
+                    stored = counts.available,
+                    expected,
+                    confirmed = counts.confirmed,
+                    total = counts.total,
+                    "stored availability disagrees with the tickets (left by the monolith stage?); repairing it"
+                );
+                self.parts
+                    .store
+                    .write_available(counts.event, expected)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let addr = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
+        let (reply, answer) = oneshot::channel();
+        addr.try_send(Reserve { user, reply })
+            .map_err(|_| PurchaseError::Overloaded)?;
+        let grant = match answer.await.map_err(|_| PurchaseError::Overloaded)? {
+            Ok(grant) => grant,
+            Err(ReserveRefusal::WriterFull) => return Err(PurchaseError::Overloaded),
+            Err(ReserveRefusal::Inventory(ReserveError::AllHeld)) => {
+                return Err(PurchaseError::AllHeld)
+            }
+            Err(ReserveRefusal::Inventory(_)) => return Err(PurchaseError::SoldOut),
+        };
+        let ticket = grant.ticket;
+        // The hold must be on disk before money moves, or a crash could leave a charge that
+        // no record explains.
+        grant.durable.await?;
+        let key = payment_key(ticket);
+        let result = match self.parts.payments.charge(&key, grant.price).await? {
+            ChargeOutcome::Approved { .. } => PaymentResult::Approved,
+            ChargeOutcome::Declined => PaymentResult::Declined,
+        };
+        let settlement = addr
+            .send(Settle { ticket, result })
+            .await
+            .map_err(|_| PurchaseError::Overloaded)?;
+        match settlement {
+            Settlement::Confirmed(durable) => durable.await?,
+            Settlement::Released(durable) => {
+                durable.await?;
+                return Err(PurchaseError::PaymentDeclined);
+            }
+            Settlement::Expired(durable) => {
+                durable.await?;
+                self.parts.payments.refund(&key).await?;
+                self.writer
+                    .submit(WriteOp::SettlePayment {
+                        ticket,
+                        status: PaymentStatus::Refunded,
+                    })
+                    .await?;
+                return Err(PurchaseError::HoldExpired);
+            }
+        }
+        self.parts
+            .store
+            .ticket(ticket)
+            .await?
+            .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into())
+    }
+}
+
+#[async_trait]
+impl Stage for ActorStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Actor
+    }
+
+    async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {
+        let event = self.inner.parts.store.create_event(&new).await?;
+        self.inner
+            .spawn_actor(&event, event.available_tickets)
+            .await?;
+        Ok(event)
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "actor"))]
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        // Detached: runs to the end even if the client disconnects.
+        let task = actix_rt::spawn(async move { inner.purchase(event, user).await });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
+    async fn shutdown(&self) {
+        self.inner
+            .actors
+            .write()
+            .expect("actor registry poisoned")
+            .clear();
+        for arbiter in &self.inner.arbiters {
+            arbiter.stop();
+        }
+        if let Err(error) = self.inner.writer.flush().await {
+            tracing::error!(%error, "could not flush the database writer at shutdown");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The event actor: sole owner of one event's inventory. Its mailbox serialises every decision
+//! about that event's seats, so no lock is needed anywhere.
+//!
+//! Every handler decides synchronously (the pure [`Inventory`] does the deciding), queues the
+//! resulting write to the group-commit writer in the same step, and answers with a future that
+//! only waits for durability and never touches the actor again. Nothing can interleave between
+//! a decision and its write being queued, so the writer sees each event's writes in decision
+//! order.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures::future::BoxFuture;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tokio::sync::oneshot;
+
+use crate::domain::{CancelReason, EventId, Money, PaymentStatus, TicketId, UserId};
+use crate::inventory::{Counts, HoldError, Inventory, Millis, ReserveError};
+use crate::payments::fnv1a;
+use crate::store::{StoreError, StoreResult, WriteHandle, WriteOp};
+
+/// A future that resolves once a write is committed.
+pub type Durable = BoxFuture<'static, StoreResult<()>>;
+
+pub struct EventActor {
+    event: EventId,
+    price: Money,
+    inventory: Inventory<TicketId, UserId>,
+    writer: WriteHandle,
+    /// Mints ticket ids; seeded so a replayed run gets the same ids (and payment outcomes).
+    ids: StdRng,
+    started: Instant,
+    tick: Duration,
+}
+
+impl EventActor {
+    /// `issued` is how many tickets the event already has in storage, so a restarted actor
+    /// continues with fresh ids rather than repeating old ones.
+    pub fn new(
+        event: EventId,
+        price: Money,
+        inventory: Inventory<TicketId, UserId>,
+        writer: WriteHandle,
+        seed: u64,
+        issued: u64,
+        hold_ttl: Duration,
+    ) -> Self {
+        let id_seed = seed ^ fnv1a(&event.0.to_le_bytes()) ^ issued.rotate_left(32);
+        Self {
+            event,
+            price,
+            inventory,
+            writer,
+            ids: StdRng::seed_from_u64(id_seed),
+            started: Instant::now(),
+            tick: (hold_ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+
+    fn mint_ticket(&mut self) -> TicketId {
+        TicketId(uuid::Builder::from_random_bytes(self.ids.gen()).into_uuid())
+    }
+
+    fn expire_due(&mut self) {
+        let now = self.now();
+        for ticket in self.inventory.expire(now) {
+            let op = WriteOp::Cancel {
+                ticket,
+                event: self.event,
+                reason: CancelReason::HoldExpired,
+                payment: None,
+            };
+            // Nobody waits on this write; a failure is logged by the writer, and a restart's
+            // recovery resolves whatever it left pending.
+            actix::spawn(durable(&self.writer, op));
+        }
+    }
+}
+
+impl Actor for EventActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.tick, |actor, _| actor.expire_due());
+    }
+}
+
+/// Queues `op` at once if the writer has room, else waits for room in the returned future.
+fn durable(writer: &WriteHandle, op: WriteOp) -> Durable {
+    match writer.try_submit(op) {
+        Ok(done) => Box::pin(async move { done.await.map_err(|_| StoreError::WriterClosed)? }),
+        Err(full) => {
+            let writer = writer.clone();
+            Box::pin(async move { writer.submit(full.0).await })
+        }
+    }
+}
+
+/// A seat held for a buyer; `durable` resolves once the hold is on disk.
+pub struct HoldGrant {
+    pub ticket: TicketId,
+    pub price: Money,
+    pub durable: Durable,
+}
+
+/// Why the actor refused a reservation.
+#[derive(Debug)]
+pub enum ReserveRefusal {
+    Inventory(ReserveError),
+    /// The writer's queue is full; the seat was not held.
+    WriterFull,
+}
+
+/// Hold one seat for `user`. Sent with `try_send`, so a full mailbox is an immediate 503;
+/// the answer travels back on `reply`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reserve {
+    pub user: UserId,
+    pub reply: oneshot::Sender<Result<HoldGrant, ReserveRefusal>>,
+}
+
+impl Handler<Reserve> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
+        let ticket = self.mint_ticket();
+        let now = self.now();
+        let answer = match self.inventory.reserve(ticket, msg.user.clone(), 1, now) {
+            Err(refusal) => Err(ReserveRefusal::Inventory(refusal)),
+            Ok(_) => {
+                let op = WriteOp::Hold {
+                    ticket,
+                    event: self.event,
+                    user: msg.user.as_str().to_owned(),
+                    price: self.price,
+                    payment_key: payment_key(ticket),
+                };
+                match self.writer.try_submit(op) {
+                    Ok(done) => Ok(HoldGrant {
+                        ticket,
+                        price: self.price,
+                        durable: Box::pin(async move {
+                            done.await.map_err(|_| StoreError::WriterClosed)?
+                        }),
+                    }),
+                    Err(_) => {
+                        let _ = self.inventory.release(ticket);
+                        Err(ReserveRefusal::WriterFull)
+                    }
+                }
+            }
+        };
+        if let Err(Ok(grant)) = msg.reply.send(answer) {
+            // The buyer went away before the answer: give the seat back once the hold is
+            // written, so storage and memory agree.
+            let _ = self.inventory.release(grant.ticket);
+            let op = WriteOp::Cancel {
+                ticket: grant.ticket,
+                event: self.event,
+                reason: CancelReason::Interrupted,
+                payment: Some(PaymentStatus::Failed),
+            };
+            actix::spawn(durable(&self.writer, op));
+        }
+    }
+}
+
+/// The gateway key a ticket's payment uses.
+pub fn payment_key(ticket: TicketId) -> String {
+    format!("ticket-{ticket}")
+}
+
+/// What the payment gateway said about a held ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentResult {
+    Approved,
+    Declined,
+}
+
+/// What became of a held ticket once its payment result arrived.
+pub enum Settlement {
+    /// Confirmed; `durable` resolves once that is on disk.
+    Confirmed(Durable),
+    /// Declined: the seat is back and the ticket cancelled once `durable` resolves.
+    Released(Durable),
+    /// The hold had already run out; the seat went back. A successful charge must be refunded.
+    Expired(Durable),
+}
+
+/// Settle a held ticket with its payment result. Sent with `send` (waits for room): a purchase
+/// already under way must be finished, never shed.
+#[derive(Message)]
+#[rtype(result = "Settlement")]
+pub struct Settle {
+    pub ticket: TicketId,
+    pub result: PaymentResult,
+}
+
+impl Handler<Settle> for EventActor {
+    type Result = MessageResult<Settle>;
+
+    fn handle(&mut self, msg: Settle, _: &mut Self::Context) -> Self::Result {
+        let now = self.now();
+        let ticket = msg.ticket;
+        let cancel = |reason, payment| WriteOp::Cancel {
+            ticket,
+            event: self.event,
+            reason,
+            payment,
+        };
+        let settled = match msg.result {
+            PaymentResult::Approved => match self.inventory.confirm(ticket, now) {
+                Ok(_) => Settlement::Confirmed(durable(&self.writer, WriteOp::Confirm { ticket })),
+                // Expired just now: cancel the ticket; the caller records the refund.
+                Err(HoldError::Expired) => Settlement::Expired(durable(
+                    &self.writer,
+                    cancel(CancelReason::HoldExpired, None),
+                )),
+                // Expired earlier, already cancelled by `expire_due`.
+                Err(HoldError::Unknown) => Settlement::Expired(Box::pin(async { Ok(()) })),
+            },
+            PaymentResult::Declined => match self.inventory.release(ticket) {
+                Ok(_) => Settlement::Released(durable(
+                    &self.writer,
+                    cancel(CancelReason::PaymentDeclined, Some(PaymentStatus::Failed)),
+                )),
+                Err(_) => Settlement::Released(durable(
+                    &self.writer,
+                    WriteOp::SettlePayment {
+                        ticket,
+                        status: PaymentStatus::Failed,
+                    },
+                )),
+            },
+        };
+        MessageResult(settled)
+    }
+}
+
+/// Read the actor's counters.
+#[derive(Message)]
+#[rtype(result = "Counts")]
+pub struct ReadCounts;
+
+impl Handler<ReadCounts> for EventActor {
+    type Result = MessageResult<ReadCounts>;
+
+    fn handle(&mut self, _: ReadCounts, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.inventory.counts())
+    }
+}

@@ -1,0 +1,74 @@
+//! Stage `monolith`: the seed's step 1, racy on purpose.
+//!
+//! Read availability, create a pending ticket, wait for the slow payment, confirm, then write
+//! back `available = value_read - 1`. Each step is its own autocommit statement; nothing locks
+//! the event and no transaction spans the whole. Concurrent buyers all read the same
+//! `available`, all pass the check, all get confirmed (oversell) and all write back the same
+//! value (lost update). That is the lesson this stage exists to teach; do not fix it here.
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{PurchaseError, Stage, StageParts};
+use crate::config::StageKind;
+use crate::domain::{CancelReason, Event, EventId, NewEvent, Ticket, TicketId, UserId};
+use crate::payments::ChargeOutcome;
+use crate::store::StoreError;
+
+pub struct Monolith {
+    parts: StageParts,
+}
+
+impl Monolith {
+    pub fn new(parts: StageParts) -> Self {
+        Self { parts }
+    }
+}
+
+#[async_trait]
+impl Stage for Monolith {
+    fn kind(&self) -> StageKind {
+        StageKind::Monolith
+    }
+
+    async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {
+        self.parts.store.create_event(&new).await
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "monolith"))]
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let store = &self.parts.store;
+        // 1. check availability (the race starts here)
+        let (available, price) = store
+            .read_availability(event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
+        if available <= 0 {
+            return Err(PurchaseError::SoldOut);
+        }
+        // 2. create a pending ticket
+        let ticket = TicketId(Uuid::new_v4());
+        let payment_key = format!("ticket-{ticket}");
+        store
+            .insert_pending_ticket(ticket, event, &user, price, &payment_key)
+            .await?;
+        // 3. the slow payment, while other buyers read the same `available`
+        match self.parts.payments.charge(&payment_key, price).await? {
+            ChargeOutcome::Approved { .. } => {
+                // 4. confirm, then write back what was read minus one (the lost update)
+                store.confirm_ticket(ticket).await?;
+                store.write_available(event, available - 1).await?;
+                store
+                    .ticket(ticket)
+                    .await?
+                    .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into())
+            }
+            ChargeOutcome::Declined => {
+                store
+                    .cancel_ticket(ticket, CancelReason::PaymentDeclined)
+                    .await?;
+                Err(PurchaseError::PaymentDeclined)
+            }
+        }
+    }
+}
