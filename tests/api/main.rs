@@ -1,0 +1,9 @@
+//! Integration tests: the real server on 127.0.0.1:0 with a fresh database each, over HTTP.
+//! One binary with modules, so there is one link step.
+
+mod helpers;
+
+mod contract;
+mod inventory_model;
+mod recovery;
+mod stampede;
