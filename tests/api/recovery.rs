@@ -1,1 +1,211 @@
-// filled by a later commit
+//! `kill -9` in the middle of purchases, then a restart on the same database (actor stage).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+const SEATS: i64 = 60;
+const BUYERS: usize = 150;
+
+struct Process {
+    child: Child,
+    base: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_server(db: &Path, client: &reqwest::Client) -> Process {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .args([
+            "serve",
+            "--stage",
+            "actor",
+            "--seed",
+            "9",
+            "--payment-failure-rate",
+            "0.3",
+        ])
+        .args([
+            "--payment-latency",
+            "20ms..400ms",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--db")
+        .arg(db)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the ticketflow binary starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Process { child, base }
+}
+
+async fn count(db: &Path, sql: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    n
+}
+
+#[actix_web::test]
+async fn purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledged_ones_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("crash.db");
+    let client = reqwest::Client::new();
+    let mut server = start_server(&db, &client).await;
+
+    let created: Value = client
+        .post(format!("{}/api/v1/events", server.base))
+        .json(
+            &json!({"name": "Crash Test", "venue": "Lab", "date": "2026-12-31T20:00:00Z",
+                      "totalTickets": SEATS, "price": 10}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let event = created["id"].as_i64().unwrap();
+
+    // Buyers keep buying until the server dies under them; payments take up to 400 ms, so at
+    // the kill some purchases are acknowledged, some held and in payment, some not yet begun.
+    let base = Arc::new(server.base.clone());
+    let buyers = (0..BUYERS).map(|i| {
+        let (client, base) = (client.clone(), Arc::clone(&base));
+        async move {
+            let user = format!("buyer-{i}");
+            tokio::time::sleep(Duration::from_millis((i % 30) as u64 * 20)).await;
+            let answer = client
+                .post(format!("{base}/api/v1/tickets/purchase"))
+                .json(&json!({"eventId": event, "userId": user}))
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status() == 201 => {
+                    let ticket: Value = r.json().await.unwrap();
+                    (user, Some(ticket["id"].as_str().unwrap().to_owned()))
+                }
+                _ => (user, None),
+            }
+        }
+    });
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        server.child.kill().expect("SIGKILL"); // kill -9
+        server.child.wait().unwrap();
+    };
+    let (outcomes, ()) = futures::join!(join_all(buyers), killer);
+    let acknowledged: Vec<&String> = outcomes.iter().filter_map(|(_, t)| t.as_ref()).collect();
+    let pending_at_crash =
+        count(&db, "SELECT COUNT(*) FROM tickets WHERE status = 'pending'").await;
+    assert!(
+        !acknowledged.is_empty(),
+        "no purchase finished before the kill: the test proves nothing"
+    );
+    assert!(
+        pending_at_crash > 0,
+        "nothing was in flight at the kill: the test proves nothing"
+    );
+
+    let mut server = start_server(&db, &client).await;
+
+    // every acknowledged ticket survived, confirmed
+    for ticket in &acknowledged {
+        let n = count(
+            &db,
+            &format!("SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"),
+        )
+        .await;
+        assert_eq!(n, 1, "acknowledged ticket {ticket} was lost");
+    }
+    // every interrupted purchase reached a final state, and inventory adds up
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM tickets WHERE status = 'pending'").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM payments WHERE status = 'pending'"
+        )
+        .await,
+        0
+    );
+    let confirmed = count(
+        &db,
+        "SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'",
+    )
+    .await;
+    assert!(confirmed <= SEATS);
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT available_tickets FROM events WHERE id = {event}")
+        )
+        .await,
+        SEATS - confirmed
+    );
+    // at most one charge per ticket, and one completed payment per confirmed ticket
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM tickets t WHERE t.status = 'confirmed' AND
+                    (SELECT COUNT(*) FROM payments p WHERE p.ticket_id = t.id AND p.status = 'completed') != 1").await,
+        0
+    );
+    // each buyer bought once, so holds at most one ticket that is not cancelled
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM (SELECT user_id FROM tickets WHERE status != 'cancelled' GROUP BY user_id HAVING COUNT(*) > 1)").await,
+        0
+    );
+    let audit: Value = client
+        .get(format!("{}/api/v1/admin/audit", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["ok"], true, "{audit}");
+
+    // the restarted server keeps selling what is left
+    let r = client
+        .post(format!("{}/api/v1/tickets/purchase", server.base))
+        .json(&json!({"eventId": event, "userId": "after-restart"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        [201, 402].contains(&r.status().as_u16()) || confirmed == SEATS,
+        "{}",
+        r.status()
+    );
+
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
