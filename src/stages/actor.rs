@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::event_actor::{
-    payment_key, EventActor, PaymentResult, ReadCounts, Reserve, ReserveRefusal, Settle, Settlement,
+    payment_key, EventActor, MailboxGauge, PaymentResult, ReadCounts, Reserve, ReserveRefusal,
+    Settle, Settlement,
 };
 use super::{PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
@@ -25,6 +26,13 @@ use crate::domain::{CancelReason, Event, EventId, Money, NewEvent, PaymentStatus
 use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::{StoreError, WriteHandle, WriteOp};
+
+/// How to reach one event's actor.
+#[derive(Clone)]
+struct EventHandle {
+    addr: Addr<EventActor>,
+    queued: MailboxGauge,
+}
 
 pub struct ActorStage {
     inner: Arc<Inner>,
@@ -35,7 +43,7 @@ struct Inner {
     writer: WriteHandle,
     /// Event id to its actor. A std `RwLock`: read on every purchase, written only when an
     /// event is created, and never held across an `.await`.
-    actors: RwLock<HashMap<EventId, Addr<EventActor>>>,
+    actors: RwLock<HashMap<EventId, EventHandle>>,
     /// Threads hosting the event actors, so purchases of different events use every core.
     arbiters: Vec<Arbiter>,
     next_arbiter: AtomicUsize,
@@ -78,13 +86,13 @@ impl ActorStage {
 
     /// The live counters of an event's actor (for tests and stats).
     pub async fn counts(&self, event: EventId) -> Option<Counts> {
-        let addr = self.inner.actor(event)?;
-        addr.send(ReadCounts).await.ok()
+        let handle = self.inner.actor(event)?;
+        handle.addr.send(ReadCounts).await.ok()
     }
 }
 
 impl Inner {
-    fn actor(&self, event: EventId) -> Option<Addr<EventActor>> {
+    fn actor(&self, event: EventId) -> Option<EventHandle> {
         self.actors
             .read()
             .expect("actor registry poisoned")
@@ -99,6 +107,7 @@ impl Inner {
         let settings = &self.parts.settings;
         let hold_ttl_ms = settings.hold_ttl.as_millis() as u64;
         let inventory = Inventory::new(event.total_tickets, available, hold_ttl_ms);
+        let queued = MailboxGauge::default();
         let actor = EventActor::new(
             event.id,
             price,
@@ -107,6 +116,7 @@ impl Inner {
             settings.seed,
             issued,
             settings.hold_ttl,
+            queued.clone(),
         );
         let capacity = settings.mailbox_capacity.max(1);
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
@@ -117,7 +127,7 @@ impl Inner {
         self.actors
             .write()
             .expect("actor registry poisoned")
-            .insert(event.id, addr);
+            .insert(event.id, EventHandle { addr, queued });
         Ok(())
     }
 
@@ -175,10 +185,14 @@ impl Inner {
     }
 
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
-        let addr = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
+        let EventHandle { addr, queued } = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
+        if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
+            return Err(PurchaseError::Overloaded);
+        }
         let (reply, answer) = oneshot::channel();
-        addr.try_send(Reserve { user, reply })
-            .map_err(|_| PurchaseError::Overloaded)?;
+        // `do_send` ignores actix's per-sender bound; the gauge above is the bound. If the
+        // actor has stopped (shutdown), `reply` is dropped and the answer below is an error.
+        addr.do_send(Reserve { user, reply });
         let grant = match answer.await.map_err(|_| PurchaseError::Overloaded)? {
             Ok(grant) => grant,
             Err(ReserveRefusal::WriterFull) => return Err(PurchaseError::Overloaded),

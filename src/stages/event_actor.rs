@@ -7,6 +7,8 @@
 //! a decision and its write being queued, so the writer sees each event's writes in decision
 //! order.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -31,6 +33,38 @@ pub struct EventActor {
     ids: StdRng,
     started: Instant,
     tick: Duration,
+    /// Reservations sent but not yet handled; see [`MailboxGauge`].
+    queued: MailboxGauge,
+}
+
+/// Counts `Reserve` messages waiting in one event actor's mailbox, and bounds them.
+///
+/// actix bounds a mailbox per *sender*: every clone of an `Addr` may park one message beyond
+/// the capacity, and each purchase clones the `Addr`, so the mailbox bound alone would let the
+/// queue grow without limit. Admission therefore counts for itself: an atomic, because senders
+/// on every HTTP worker thread touch it and it is one integer with no invariant to share.
+#[derive(Clone, Default)]
+pub struct MailboxGauge(Arc<AtomicUsize>);
+
+impl MailboxGauge {
+    /// Takes a slot if fewer than `capacity` are taken.
+    pub fn try_admit(&self, capacity: usize) -> bool {
+        if self.0.fetch_add(1, Ordering::AcqRel) >= capacity {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives a slot back (the message was handled, or never sent).
+    pub fn release(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Reservations waiting now.
+    pub fn depth(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl EventActor {
@@ -44,6 +78,7 @@ impl EventActor {
         seed: u64,
         issued: u64,
         hold_ttl: Duration,
+        queued: MailboxGauge,
     ) -> Self {
         let id_seed = seed ^ fnv1a(&event.0.to_le_bytes()) ^ issued.rotate_left(32);
         Self {
@@ -54,6 +89,7 @@ impl EventActor {
             ids: StdRng::seed_from_u64(id_seed),
             started: Instant::now(),
             tick: (hold_ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            queued,
         }
     }
 
@@ -115,8 +151,8 @@ pub enum ReserveRefusal {
     WriterFull,
 }
 
-/// Hold one seat for `user`. Sent with `try_send`, so a full mailbox is an immediate 503;
-/// the answer travels back on `reply`.
+/// Hold one seat for `user`. Admitted through the event's [`MailboxGauge`], so a full
+/// mailbox is an immediate 503; the answer travels back on `reply`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reserve {
@@ -128,6 +164,7 @@ impl Handler<Reserve> for EventActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
+        self.queued.release();
         let ticket = self.mint_ticket();
         let now = self.now();
         let answer = match self.inventory.reserve(ticket, msg.user.clone(), 1, now) {

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod contract;
+mod holds;
 mod inventory_model;
 mod recovery;
 mod stampede;
