@@ -7,12 +7,34 @@ use ticketflow::store::Store;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line naming the setting and the fix; `--help` has the rest.
+            let rendered = e.render().to_string();
+            let line: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", line.join(" "));
+            return ExitCode::from(2);
+        }
+    };
     ticketflow::telemetry::init(cli.log_format);
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // The setting and the fix (the outermost context), then what went wrong underneath.
+            let root = error.root_cause().to_string();
+            let top = error.to_string();
+            if root == top {
+                eprintln!("error: {top}");
+            } else {
+                eprintln!("error: {top}: {root}");
+            }
             ExitCode::from(2)
         }
     }
