@@ -143,19 +143,32 @@ impl Inner {
             );
         }
         let resolutions = pending.into_iter().map(|p| async move {
-            let outcome = self
-                .parts
-                .payments
+            let gateway = &self.parts.payments;
+            let unavailable =
+                |e: crate::payments::GatewayUnavailable| StoreError::Conflict(e.to_string());
+            let outcome = gateway
                 .charge(&p.payment_key, p.price)
                 .await
-                .map_err(|e| StoreError::Conflict(e.to_string()))?;
-            let op = match outcome {
-                ChargeOutcome::Approved { .. } => WriteOp::Confirm { ticket: p.ticket },
-                ChargeOutcome::Declined => WriteOp::Cancel {
+                .map_err(unavailable)?;
+            let op = match (outcome, p.ticket_cancelled) {
+                (ChargeOutcome::Approved { .. }, false) => WriteOp::Confirm { ticket: p.ticket },
+                (ChargeOutcome::Declined, false) => WriteOp::Cancel {
                     ticket: p.ticket,
                     event: p.event,
                     reason: CancelReason::Interrupted,
                     payment: Some(PaymentStatus::Failed),
+                },
+                // The hold expired before the crash: a successful charge is refunded.
+                (ChargeOutcome::Approved { .. }, true) => {
+                    gateway.refund(&p.payment_key).await.map_err(unavailable)?;
+                    WriteOp::SettlePayment {
+                        ticket: p.ticket,
+                        status: PaymentStatus::Refunded,
+                    }
+                }
+                (ChargeOutcome::Declined, true) => WriteOp::SettlePayment {
+                    ticket: p.ticket,
+                    status: PaymentStatus::Failed,
                 },
             };
             tracing::info!(ticket = %p.ticket, event = %p.event, ?outcome, "recovered purchase");

@@ -58,9 +58,11 @@ pub struct Store {
     options: SqliteConnectOptions,
 }
 
-/// A ticket left `pending` by a purchase that did not finish (found at start-up).
+/// A purchase whose payment was left `pending` by a run that stopped (found at start-up).
 #[derive(Debug, Clone)]
 pub struct PendingPurchase {
+    /// The ticket was already cancelled (its hold expired) while the payment was in flight.
+    pub ticket_cancelled: bool,
     pub ticket: TicketId,
     pub event: EventId,
     pub user: String,
@@ -274,18 +276,19 @@ impl Store {
 
     // --- recovery and audit ---
 
-    /// Purchases that were interrupted: tickets still `pending`.
+    /// Purchases that were interrupted: payments still `pending`, with their tickets.
     pub async fn pending_purchases(&self) -> StoreResult<Vec<PendingPurchase>> {
         let rows = sqlx::query(
-            "SELECT t.id, t.event_id, t.user_id, t.price_cents, p.idempotency_key
+            "SELECT t.id, t.event_id, t.user_id, t.price_cents, p.idempotency_key, t.status
              FROM tickets t JOIN payments p ON p.ticket_id = t.id
-             WHERE t.status = 'pending' ORDER BY t.purchase_date",
+             WHERE p.status = 'pending' OR t.status = 'pending' ORDER BY t.purchase_date",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(PendingPurchase {
+                    ticket_cancelled: r.get::<String, _>(5) == "cancelled",
                     ticket: parse_ticket_id(r.get::<String, _>(0))?,
                     event: EventId(r.get(1)),
                     user: r.get(2),

@@ -209,3 +209,83 @@ async fn purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledge
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 }
+
+#[actix_web::test]
+async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_on_restart() {
+    use ticketflow::config::StageKind;
+    use ticketflow::server::Server;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("expired.db");
+    // A previous run: the hold expired (ticket cancelled, seat returned) while the charge was
+    // in flight, then the process died before the payment's outcome was recorded.
+    let settings = crate::helpers::test_settings(StageKind::Actor, &db);
+    let first = Server::build(settings.clone()).await.unwrap();
+    let handle = first.handle();
+    let task = actix_rt::spawn(first.run());
+    handle.stop(true).await;
+    task.await.unwrap().unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO events (id, name, venue, date, total_tickets, available_tickets, price_cents, created_at)
+         VALUES (1, 'Late', 'Hall', '2026-12-31T20:00:00Z', 1, 1, 1000, '2026-11-01T00:00:00Z')",
+        "INSERT INTO tickets (id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
+         VALUES ('00000000-0000-4000-8000-000000000001', 1, 'late', '2026-11-01T00:00:00Z', 1000, 'cancelled', 'hold_expired')",
+        "INSERT INTO payments (id, ticket_id, user_id, amount_cents, status, idempotency_key, created_at)
+         VALUES ('p1', '00000000-0000-4000-8000-000000000001', 'late', 1000, 'pending', 'ticket-late', '2026-11-01T00:00:00Z')",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+
+    let second = Server::build(settings).await.unwrap();
+    let base = format!("http://{}", second.addr());
+    let handle = second.handle();
+    let task = actix_rt::spawn(second.run());
+
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM payments WHERE status = 'pending'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM payments WHERE status IN ('refunded', 'failed')"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT available_tickets FROM events WHERE id = 1").await,
+        1
+    );
+    let audit: Value = reqwest::get(format!("{base}/api/v1/admin/audit"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["ok"], true, "{audit}");
+    // the test settings approve every charge, so the gateway must show it refunded
+    let ledger: Value = reqwest::get(format!("{base}/api/v1/admin/ledger"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["charge", "refund"]);
+    handle.stop(true).await;
+    task.await.unwrap().unwrap();
+}
