@@ -1,3 +1,7 @@
-fn main() {
-    println!("loadgen: not built yet");
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    loadgen::app::main(loadgen::cli::Cli::parse())
 }

@@ -1,0 +1,351 @@
+//! What the commands do: resolve the settings, start stages, drive, audit, report, decide the
+//! exit status.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cli::{Cli, Command, Common, Thresholds};
+use crate::report::{Report, Results, RunReport, ThresholdResult, SCHEMA_VERSION};
+use crate::scenario::{Overrides, ScenarioKind, Settings};
+use crate::{audit, driver, html, http, report, server};
+
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_THRESHOLD: u8 = 3;
+pub const EXIT_NOTHING_MEASURED: u8 = 4;
+
+/// Runs a parsed command line and returns the exit status.
+pub fn main(cli: Cli) -> ExitCode {
+    let (kind, target, stages, common) = match cli.command {
+        Command::Scenarios => {
+            for s in ScenarioKind::all() {
+                println!("{:<14} {}", s.as_str(), s.describe());
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Run(args) => {
+            let stages = args.stage.map(|s| vec![s]).unwrap_or_default();
+            if args.target.is_none() && stages.is_empty() {
+                eprintln!(
+                    "error: give --target URL (a running server) or --stage NAME (started fresh)"
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            ("run", args.target, stages, args.common)
+        }
+        Command::Compare(args) => ("compare", None, args.stages, args.common),
+    };
+    let settings = match resolve(&common) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let target = match target.as_deref().map(http::parse_target).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.threads)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(execute(kind, target, &stages, &common, settings)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn resolve(common: &Common) -> anyhow::Result<Settings> {
+    let file = match &common.scenario_file {
+        Some(path) => Overrides::from_file(path)?,
+        None => Overrides::default(),
+    };
+    common.overrides.clone().over(file).resolve()
+}
+
+async fn execute(
+    kind: &'static str,
+    target: Option<SocketAddr>,
+    stages: &[String],
+    common: &Common,
+    settings: Settings,
+) -> anyhow::Result<u8> {
+    let quiet = common.output.quiet;
+    if !quiet {
+        eprintln!(
+            "loadgen: scenario {} · seed {} (replay with --seed {})",
+            settings.scenario, settings.seed, settings.seed
+        );
+    }
+    let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut runs = Vec::new();
+    if let Some(addr) = target {
+        let url = format!("http://{addr}");
+        check_reachable(addr, &url).await?;
+        runs.push(match settings.scenario.unsupported_reason() {
+            Some(why) => skipped("external", why.into(), Some(url)),
+            None => {
+                let (results, audit) = measure(addr, &settings, "external", quiet).await?;
+                RunReport {
+                    stage: "external".into(),
+                    status: "completed",
+                    skip_reason: None,
+                    target: Some(url),
+                    server_args: None,
+                    results: Some(results),
+                    audit: Some(audit),
+                }
+            }
+        });
+    } else {
+        let bin = server::locate_server(common.server_bin.as_deref());
+        for stage in stages {
+            runs.push(run_stage(stage, bin.as_deref(), &settings, common, quiet).await?);
+        }
+    }
+    let thresholds = check_thresholds(&common.thresholds, &runs);
+    let completed = runs.iter().any(|r| r.status == "completed");
+    let breached = thresholds.iter().any(|t| !t.passed);
+    let report = Report {
+        schema_version: SCHEMA_VERSION,
+        tool: format!("loadgen {}", env!("CARGO_PKG_VERSION")),
+        command: kind,
+        started_at,
+        seed: settings.seed,
+        settings,
+        runs,
+        thresholds,
+        ok: completed && !breached,
+    };
+    if !quiet {
+        print!("{}", report::terminal(&report));
+    }
+    write_outputs(&report, common)?;
+    Ok(if breached {
+        EXIT_THRESHOLD
+    } else if !completed {
+        EXIT_NOTHING_MEASURED
+    } else {
+        0
+    })
+}
+
+async fn run_stage(
+    stage: &str,
+    bin: Result<&Path, &String>,
+    settings: &Settings,
+    common: &Common,
+    quiet: bool,
+) -> anyhow::Result<RunReport> {
+    if let Some(why) = settings.scenario.unsupported_reason() {
+        return Ok(skipped(stage, why.into(), None));
+    }
+    let bin = match bin {
+        Ok(b) => b,
+        Err(why) => return Ok(skipped(stage, why.clone(), None)),
+    };
+    if !quiet {
+        eprintln!("loadgen: starting stage {stage} ({})", bin.display());
+    }
+    let mut spawned = match server::start(bin, stage, settings, &common.server_args).await {
+        Ok(s) => s,
+        Err(why) => {
+            if !quiet {
+                eprintln!("loadgen: stage {stage} skipped: {why}");
+            }
+            return Ok(skipped(stage, why, None));
+        }
+    };
+    let measured = measure(spawned.addr, settings, stage, quiet).await;
+    spawned.stop().await;
+    let (results, audit) = measured?;
+    Ok(RunReport {
+        stage: stage.to_owned(),
+        status: "completed",
+        skip_reason: None,
+        target: Some(format!("http://{}", spawned.addr)),
+        server_args: Some(spawned.args.clone()),
+        results: Some(results),
+        audit: Some(audit),
+    })
+}
+
+fn skipped(stage: &str, why: String, target: Option<String>) -> RunReport {
+    RunReport {
+        stage: stage.to_owned(),
+        status: "skipped",
+        skip_reason: Some(why),
+        target,
+        server_args: None,
+        results: None,
+        audit: None,
+    }
+}
+
+async fn check_reachable(addr: SocketAddr, url: &str) -> anyhow::Result<()> {
+    let mut conn = http::Conn::new(addr, Duration::from_secs(5));
+    match conn.get("/health").await {
+        Ok(r) if r.status == 200 => Ok(()),
+        Ok(r) => anyhow::bail!(
+            "{url}/health answered {}: the server is not healthy",
+            r.status
+        ),
+        Err(f) => anyhow::bail!(
+            "cannot reach {url}: {} (is the server running there?)",
+            f.as_str()
+        ),
+    }
+}
+
+/// Setup, load, audit against one server.
+async fn measure(
+    addr: SocketAddr,
+    settings: &Settings,
+    label: &str,
+    quiet: bool,
+) -> anyhow::Result<(Results, audit::Audit)> {
+    let fixture = driver::setup(addr, settings)
+        .await
+        .with_context(|| format!("stage {label}"))?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let bar = progress_bar(settings, label, quiet);
+    let ticker = {
+        let (bar, progress) = (bar.clone(), progress.clone());
+        let by_time = settings.requests.is_none();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let done = progress.load(Ordering::Relaxed);
+                if by_time {
+                    bar.set_position(start.elapsed().as_millis() as u64);
+                    bar.set_message(format!("{done} iterations"));
+                } else {
+                    bar.set_position(done);
+                }
+            }
+        })
+    };
+    let outcome = driver::drive(addr, settings, fixture.clone(), progress).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    if !quiet {
+        eprintln!("loadgen: {label}: load done, auditing");
+    }
+    let audit = audit::audit(addr, &fixture, &outcome.buyers, settings.settle).await;
+    Ok((Results::from_outcome(&outcome, settings), audit))
+}
+
+fn progress_bar(settings: &Settings, label: &str, quiet: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let (len, template) = match (settings.requests, settings.duration) {
+        (Some(n), _) => (n, "{prefix} [{bar:40}] {pos}/{len} iterations · {elapsed}"),
+        (None, Some(d)) => (
+            d.as_millis() as u64,
+            "{prefix} [{bar:40}] {elapsed}/{duration} · {msg}",
+        ),
+        (None, None) => (0, "{prefix} {elapsed}"),
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+fn check_thresholds(t: &Thresholds, runs: &[RunReport]) -> Vec<ThresholdResult> {
+    let mut out = vec![];
+    for r in runs.iter().filter(|r| r.status == "completed") {
+        let (Some(res), Some(audit)) = (&r.results, &r.audit) else {
+            continue;
+        };
+        let mut check = |name: &str, limit: Option<f64>, actual: Option<f64>, upper: bool| {
+            if let Some(limit) = limit {
+                let passed = actual.is_some_and(|a| if upper { a <= limit } else { a >= limit });
+                out.push(ThresholdResult {
+                    name: name.into(),
+                    stage: r.stage.clone(),
+                    limit,
+                    actual,
+                    passed,
+                });
+            }
+        };
+        check(
+            "max-oversell",
+            t.max_oversell.map(|v| v as f64),
+            audit.violations("I1").map(|v| v as f64),
+            true,
+        );
+        let checked_all = audit
+            .invariants
+            .iter()
+            .all(|i| i.violations.is_some() || i.status == "not-applicable");
+        check(
+            "max-violations",
+            t.max_violations.map(|v| v as f64),
+            checked_all.then(|| audit.total_violations() as f64),
+            true,
+        );
+        check(
+            "p99-ms",
+            t.p99_ms,
+            res.primary_op()
+                .and_then(|op| res.latency.get(op))
+                .map(|l| l.p99_ms),
+            true,
+        );
+        check("min-rps", t.min_rps, Some(res.achieved_rps), false);
+        let error_pct = if res.requests == 0 {
+            0.0
+        } else {
+            (res.errors as f64 * 10000.0 / res.requests as f64).round() / 100.0
+        };
+        check("max-error-pct", t.max_error_pct, Some(error_pct), true);
+    }
+    out
+}
+
+fn write_outputs(report: &Report, common: &Common) -> anyhow::Result<()> {
+    let o = &common.output;
+    if let Some(path) = &o.json {
+        let text = serde_json::to_string_pretty(report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("--json {}: cannot write", path.display()))?;
+    }
+    if let Some(path) = &o.markdown {
+        std::fs::write(path, report::markdown(report))
+            .with_context(|| format!("--markdown {}: cannot write", path.display()))?;
+    }
+    if let Some(path) = &o.html {
+        std::fs::write(path, html::html(report))
+            .with_context(|| format!("--html {}: cannot write", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The command line: `loadgen run`, `loadgen compare`, `loadgen scenarios`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::scenario::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Ticketflow's load generator: drive, measure, audit and compare the stages",
+    after_help = "Exit status: 0 all thresholds held; 1 runtime error (e.g. unreachable target); \
+                  2 bad flags or settings; 3 a threshold was breached; 4 nothing was measured \
+                  (every stage skipped)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a scenario against one server: a running one (`--target`) or a stage it starts.
+    Run(RunArgs),
+    /// Start each stage fresh, run the same scenario with the same seed, print them side by side.
+    Compare(CompareArgs),
+    /// List the scenarios.
+    Scenarios,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Root URL of a running server, e.g. `http://127.0.0.1:8080`.
+    #[arg(long, conflicts_with = "stage")]
+    pub target: Option<String>,
+    /// Start this stage of the server binary fresh instead (as `compare` does).
+    #[arg(long)]
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Stages to compare, comma-separated, e.g. `monolith,actor`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub stages: Vec<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Scenario file (TOML): the same settings as the flags, without `--`; flags win.
+    #[arg(long)]
+    pub scenario_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+    /// Server binary for started stages (default: `ticketflow` next to this executable).
+    #[arg(long, env = "LOADGEN_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Extra argument for started servers, repeatable (e.g. `--server-arg=--workers=2`).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    #[command(flatten)]
+    pub output: Output,
+    #[command(flatten)]
+    pub thresholds: Thresholds,
+}
+
+#[derive(Debug, Args)]
+pub struct Output {
+    /// Write the JSON report (schema `loadgen/schema/report-v1.schema.json`).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a Markdown report.
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+    /// Write a self-contained HTML report with inline SVG charts.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// No progress bar and no summary on the terminal (files are still written).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Limits for CI: any breach makes the exit status 3.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Thresholds {
+    /// Most oversold tickets allowed (I1), per run.
+    #[arg(long)]
+    pub max_oversell: Option<i64>,
+    /// Most invariant violations allowed, I1 to I7 summed, per run.
+    #[arg(long)]
+    pub max_violations: Option<i64>,
+    /// Highest p99 latency allowed of the scenario's main operation (purchase, else the first).
+    #[arg(long)]
+    pub p99_ms: Option<f64>,
+    /// Lowest throughput allowed, requests per second over the measured time.
+    #[arg(long)]
+    pub min_rps: Option<f64>,
+    /// Highest share of requests allowed with no answer or a 5xx, in percent.
+    #[arg(long)]
+    pub max_error_pct: Option<f64>,
+}

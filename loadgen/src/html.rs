@@ -1,0 +1,317 @@
+//! The HTML report: one self-contained file, inline CSS and SVG, nothing fetched to view it.
+
+use crate::report::{markdown_cells, Report};
+
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Renders the report.
+pub fn html(report: &Report) -> String {
+    let s = &report.settings;
+    let mut body = String::new();
+    body.push_str(&format!(
+        "<h1>loadgen {}: {}</h1><p class=meta>seed <code>{}</code> · {:?} model · bound {} · \
+         started {} · {}</p>",
+        esc(report.command),
+        esc(s.scenario.as_str()),
+        report.seed,
+        s.model,
+        esc(&s.bound()),
+        esc(&report.started_at),
+        esc(&report.tool)
+    ));
+    let legend: String = report
+        .runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "<span class=key><i style=\"background:{}\"></i>{}</span>",
+                COLORS[i % COLORS.len()],
+                esc(&r.stage)
+            )
+        })
+        .collect();
+    body.push_str(&format!("<p>{legend}</p>"));
+
+    let ops = ops(report);
+    for op in &ops {
+        body.push_str(&format!(
+            "<h2>Latency: {}</h2>{}",
+            esc(op),
+            latency_chart(report, op)
+        ));
+    }
+    body.push_str("<h2>Throughput</h2>");
+    body.push_str(&throughput_chart(report));
+    body.push_str("<h2>Audit</h2>");
+    body.push_str(&audit_chart(report));
+    body.push_str("<h2>Side by side</h2>");
+    body.push_str(&table(report));
+    for r in &report.runs {
+        if let Some(a) = &r.audit {
+            body.push_str(&format!("<h3>Invariants: {}</h3><ul>", esc(&r.stage)));
+            for inv in &a.invariants {
+                body.push_str(&format!(
+                    "<li class={}><b>{} {}</b>: {}{} — {}</li>",
+                    inv.status,
+                    inv.id,
+                    esc(inv.name),
+                    inv.status,
+                    inv.violations.map_or(String::new(), |n| format!(" ({n})")),
+                    esc(&inv.detail)
+                ));
+            }
+            for n in &a.notes {
+                body.push_str(&format!("<li>note: {}</li>", esc(n)));
+            }
+            body.push_str("</ul>");
+        }
+    }
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>loadgen {}: {}</title>\
+         <style>{CSS}</style></head><body>{body}</body></html>\n",
+        esc(report.command),
+        esc(s.scenario.as_str())
+    )
+}
+
+const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:70em;color:#222}\
+h2{margin-top:1.6em;border-bottom:1px solid #ddd}.meta{color:#666}\
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}\
+th{background:#f4f4f4}.key{margin-right:1.2em}.key i{display:inline-block;width:.9em;height:.9em;\
+margin-right:.3em;vertical-align:middle}li.fail{color:#b00}li.pass{color:#070}\
+svg text{font:12px system-ui,sans-serif}";
+
+fn ops(report: &Report) -> Vec<String> {
+    let mut ops: Vec<String> = report
+        .runs
+        .iter()
+        .filter_map(|r| r.results.as_ref())
+        .flat_map(|x| x.latency.keys().cloned())
+        .collect();
+    ops.sort();
+    ops.dedup();
+    ops
+}
+
+/// Grouped bars per percentile, one bar per stage, on a log scale (p50 and max both visible).
+fn latency_chart(report: &Report, op: &str) -> String {
+    let labels = ["p50", "p90", "p99", "p99.9", "max"];
+    let series: Vec<(usize, &str, [f64; 5])> = report
+        .runs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let l = r.results.as_ref()?.latency.get(op)?;
+            Some((
+                i,
+                r.stage.as_str(),
+                [l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms],
+            ))
+        })
+        .collect();
+    if series.is_empty() {
+        return "<p>no data</p>".into();
+    }
+    let max = series
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().copied())
+        .fold(0.001f64, f64::max);
+    let lo = 0.01f64; // 10 µs
+    let top = 10f64.powf(max.log10().ceil());
+    let (w, h, left, bottom, top_pad) = (720.0, 280.0, 60.0, 30.0, 10.0);
+    let plot_h = h - bottom - top_pad;
+    let y = |v: f64| {
+        let f = (v.max(lo).log10() - lo.log10()) / (top.log10() - lo.log10());
+        top_pad + plot_h * (1.0 - f)
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=img \
+         aria-label=\"latency percentiles of {op}\">"
+    );
+    let mut decade = lo;
+    while decade <= top * 1.0001 {
+        let yy = y(decade);
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{w}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=end>{} ms</text>",
+            left - 4.0,
+            yy + 4.0,
+            trim_num(decade)
+        ));
+        decade *= 10.0;
+    }
+    let group_w = (w - left) / labels.len() as f64;
+    let bar_w = (group_w * 0.8) / series.len() as f64;
+    for (g, label) in labels.iter().enumerate() {
+        let gx = left + g as f64 * group_w + group_w * 0.1;
+        for (k, (i, stage, values)) in series.iter().enumerate() {
+            let v = values[g];
+            let x = gx + k as f64 * bar_w;
+            let yy = y(v);
+            svg.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{yy:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\">\
+                 <title>{} {label}: {v} ms</title></rect>",
+                bar_w - 2.0,
+                (h - bottom - yy).max(0.0),
+                COLORS[i % COLORS.len()],
+                esc(stage)
+            ));
+            svg.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=middle font-size=10>{}</text>",
+                x + bar_w / 2.0 - 1.0,
+                yy - 3.0,
+                trim_num(v)
+            ));
+        }
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=middle>{label}</text>",
+            gx + group_w * 0.4,
+            h - 10.0
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn trim_num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Horizontal bars: achieved requests per second per stage.
+fn throughput_chart(report: &Report) -> String {
+    let rows: Vec<(usize, &str, Option<f64>)> = report
+        .runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                i,
+                r.stage.as_str(),
+                r.results.as_ref().map(|x| x.achieved_rps),
+            )
+        })
+        .collect();
+    let max = rows.iter().filter_map(|r| r.2).fold(1.0f64, f64::max);
+    let (w, row_h, left) = (720.0, 28.0, 110.0);
+    let h = row_h * rows.len() as f64 + 10.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=img \
+         aria-label=\"throughput per stage\">"
+    );
+    for (k, (i, stage, rps)) in rows.iter().enumerate() {
+        let yy = 5.0 + k as f64 * row_h;
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=end>{}</text>",
+            left - 6.0,
+            yy + 17.0,
+            esc(stage)
+        ));
+        match rps {
+            Some(v) => {
+                let bw = (w - left - 120.0) * v / max;
+                svg.push_str(&format!(
+                    "<rect x=\"{left}\" y=\"{yy:.1}\" width=\"{bw:.1}\" height=\"{}\" fill=\"{}\"/>\
+                     <text x=\"{:.1}\" y=\"{:.1}\">{v:.1} req/s</text>",
+                    row_h - 6.0,
+                    COLORS[i % COLORS.len()],
+                    left + bw + 6.0,
+                    yy + 17.0
+                ));
+            }
+            None => svg.push_str(&format!(
+                "<text x=\"{left}\" y=\"{:.1}\" fill=\"#888\">skipped</text>",
+                yy + 17.0
+            )),
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// A grid: invariants across, stages down; green 0, red with the count, grey n/a.
+fn audit_chart(report: &Report) -> String {
+    let (cell_w, cell_h, left, top) = (74.0, 30.0, 110.0, 24.0);
+    let w = left + cell_w * 8.0 + 10.0;
+    let h = top + cell_h * report.runs.len() as f64 + 10.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=img \
+         aria-label=\"audit per stage\">"
+    );
+    for i in 1..=8 {
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"16\" text-anchor=middle>I{i}</text>",
+            left + cell_w * (i as f64 - 0.5)
+        ));
+    }
+    for (k, r) in report.runs.iter().enumerate() {
+        let yy = top + k as f64 * cell_h;
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=end>{}</text>",
+            left - 6.0,
+            yy + 19.0,
+            esc(&r.stage)
+        ));
+        for i in 1..=8 {
+            let id = format!("I{i}");
+            let inv = r
+                .audit
+                .as_ref()
+                .and_then(|a| a.invariants.iter().find(|v| v.id == id));
+            let (fill, text, tip) = match inv {
+                Some(v) if v.status == "pass" => ("#b7e4b7", "0".to_owned(), v.name),
+                Some(v) if v.status == "fail" => {
+                    ("#f4a3a3", v.violations.unwrap_or(0).to_string(), v.name)
+                }
+                Some(v) => ("#e6e6e6", "n/a".to_owned(), v.name),
+                None => ("#f7f7f7", "-".to_owned(), "not run"),
+            };
+            let x = left + cell_w * (i as f64 - 1.0);
+            svg.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{yy:.1}\" width=\"{}\" height=\"{}\" fill=\"{fill}\" \
+                 stroke=\"#fff\"><title>{id} {}</title></rect><text x=\"{:.1}\" y=\"{:.1}\" \
+                 text-anchor=middle>{text}</text>",
+                cell_w - 2.0,
+                cell_h - 2.0,
+                esc(tip),
+                x + cell_w / 2.0,
+                yy + 19.0
+            ));
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn table(report: &Report) -> String {
+    let (headers, rows) = markdown_cells(report);
+    let mut t = String::from("<table><tr><th></th>");
+    for h in headers {
+        t.push_str(&format!("<th>{}</th>", esc(&h)));
+    }
+    t.push_str("</tr>");
+    for (label, cells) in rows {
+        t.push_str(&format!("<tr><th>{}</th>", esc(&label)));
+        for c in cells {
+            t.push_str(&format!("<td>{}</td>", esc(&c)));
+        }
+        t.push_str("</tr>");
+    }
+    t.push_str("</table>");
+    t
+}

@@ -1,0 +1,24 @@
+//! Ticketflow's load generator: drive the server, measure, audit, compare the stages.
+//!
+//! # Layout
+//! - `cli`      — the command line (`run`, `compare`, `scenarios`), flags and thresholds.
+//! - `app`      — what the commands do: settings, stages, load, audit, report, exit status.
+//! - `scenario` — scenarios, their presets and the scenario file (TOML); resolved `Settings`.
+//! - `driver`   — the load models (open, closed) and each scenario's iteration; the seed.
+//! - `http`     — a minimal keep-alive HTTP/1.1 client (cheap on a shared machine).
+//! - `metrics`  — per-worker HDR histograms and answer counts, merged at the end.
+//! - `audit`    — I1-I8: the server's audit, the ledger, and the client's record (I7).
+//! - `server`   — starting a stage fresh on a free port with a fresh database; SIGTERM.
+//! - `report`   — the versioned report: terminal table, JSON, Markdown.
+//! - `html`     — the self-contained HTML report with inline SVG charts.
+
+pub mod app;
+pub mod audit;
+pub mod cli;
+pub mod driver;
+pub mod html;
+pub mod http;
+pub mod metrics;
+pub mod report;
+pub mod scenario;
+pub mod server;

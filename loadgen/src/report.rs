@@ -1,0 +1,446 @@
+//! The report: one document for `run` and `compare` (a run per stage), written as a terminal
+//! table, JSON (schema `loadgen/schema/report-v1.schema.json`), Markdown and HTML.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::audit::Audit;
+use crate::driver::{self, BuyerEnd, Outcome};
+use crate::metrics::LatencySummary;
+use crate::scenario::{ModelKind, Settings};
+
+/// Version of the JSON report's shape; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub schema_version: u32,
+    pub tool: String,
+    /// `run` or `compare`.
+    pub command: &'static str,
+    pub started_at: String,
+    pub seed: u64,
+    pub settings: Settings,
+    pub runs: Vec<RunReport>,
+    pub thresholds: Vec<ThresholdResult>,
+    /// True when every threshold held (and at least one run completed).
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// The stage's name, or `external` for `--target`.
+    pub stage: String,
+    /// `completed` or `skipped`.
+    pub status: &'static str,
+    pub skip_reason: Option<String>,
+    pub target: Option<String>,
+    /// The server's command line when the load generator started it.
+    pub server_args: Option<Vec<String>>,
+    pub results: Option<Results>,
+    pub audit: Option<Audit>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Results {
+    pub elapsed_s: f64,
+    /// Time the figures cover (warm-up excluded).
+    pub measured_s: f64,
+    pub iterations: u64,
+    pub measured_iterations: u64,
+    /// HTTP requests measured, and requests per second over the measured time.
+    pub requests: u64,
+    pub achieved_rps: f64,
+    /// Open model: arrivals per second asked for.
+    pub offered_rps: Option<f64>,
+    /// Open model: arrivals that started more than 1 ms after their intended time.
+    pub late: u64,
+    /// Open model: arrivals not sent because they could not start within `maxLagMs`.
+    pub dropped: u64,
+    /// Requests with no HTTP answer or a 5xx.
+    pub errors: u64,
+    /// Latency per operation, from the intended send time.
+    pub latency: BTreeMap<String, LatencySummary>,
+    /// Answers per operation: `"201"`, `"400 sold-out"`, `"timeout"`, ...
+    pub statuses: BTreeMap<String, BTreeMap<String, u64>>,
+    pub purchases: Option<Purchases>,
+}
+
+/// Buyers' stories.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Purchases {
+    pub buyers: u64,
+    pub confirmed: u64,
+    pub sold_out: u64,
+    pub gave_up: u64,
+    pub attempts: u64,
+    /// What "reservation latency" and "time to confirmed" mean against this API.
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThresholdResult {
+    pub name: String,
+    pub stage: String,
+    pub limit: f64,
+    pub actual: Option<f64>,
+    pub passed: bool,
+}
+
+pub const PURCHASE_NOTE: &str = "API v1 answers a purchase only once it is confirmed (or failed), \
+    so the reservation is not observable apart: `purchase` is each attempt's latency (reservation \
+    and payment together) and `purchase-to-confirmed` is a buyer's arrival to its 201, retries \
+    and back-off included.";
+
+impl Results {
+    pub fn from_outcome(outcome: &Outcome, settings: &Settings) -> Self {
+        let r = &outcome.recorder;
+        let measured_s = outcome.measured_elapsed.as_secs_f64();
+        let mut statuses: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for ((op, label), n) in &r.outcomes {
+            statuses
+                .entry(op.to_string())
+                .or_default()
+                .insert(label.clone(), *n);
+        }
+        let purchases = settings.scenario.buys().then(|| {
+            let count = |end| outcome.buyers.iter().filter(|b| b.end == end).count() as u64;
+            Purchases {
+                buyers: outcome.buyers.len() as u64,
+                confirmed: count(BuyerEnd::Confirmed),
+                sold_out: count(BuyerEnd::SoldOut),
+                gave_up: count(BuyerEnd::GaveUp),
+                attempts: r.latency.get(driver::OP_PURCHASE).map_or(0, |h| h.len()),
+                note: PURCHASE_NOTE.into(),
+            }
+        });
+        Self {
+            elapsed_s: round3(outcome.elapsed.as_secs_f64()),
+            measured_s: round3(measured_s),
+            iterations: outcome.iterations,
+            measured_iterations: outcome.measured_iterations,
+            requests: r.requests,
+            achieved_rps: round1(if measured_s > 0.0 {
+                r.requests as f64 / measured_s
+            } else {
+                0.0
+            }),
+            offered_rps: match settings.model {
+                ModelKind::Open => settings.rate,
+                ModelKind::Closed => None,
+            },
+            late: outcome.late,
+            dropped: outcome.dropped,
+            errors: r.errors,
+            latency: r
+                .latency
+                .iter()
+                .map(|(op, h)| (op.to_string(), LatencySummary::of(h)))
+                .collect(),
+            statuses,
+            purchases,
+        }
+    }
+
+    /// The operation a scenario is about: purchases if any, else the first one measured.
+    pub fn primary_op(&self) -> Option<&str> {
+        if self.latency.contains_key(driver::OP_PURCHASE) {
+            return Some(driver::OP_PURCHASE);
+        }
+        self.latency.keys().next().map(String::as_str)
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Rows of the side-by-side table: a label and one cell per run.
+pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
+    let runs = &report.runs;
+    let mut rows: Vec<(String, Vec<String>)> = vec![];
+    let mut row = |label: &str, f: &dyn Fn(&RunReport) -> String| {
+        rows.push((label.to_owned(), runs.iter().map(f).collect()));
+    };
+    row("status", &|r| match &r.skip_reason {
+        Some(why) => format!("skipped: {why}"),
+        None => r.status.to_owned(),
+    });
+    let res = |r: &RunReport| r.results.clone();
+    row("iterations (measured)", &|r| {
+        res(r).map_or("-".into(), |x| x.measured_iterations.to_string())
+    });
+    row("requests", &|r| {
+        res(r).map_or("-".into(), |x| x.requests.to_string())
+    });
+    row("throughput (req/s)", &|r| {
+        res(r).map_or("-".into(), |x| format!("{:.1}", x.achieved_rps))
+    });
+    if report.settings.model == ModelKind::Open {
+        row("offered (req/s)", &|r| {
+            res(r)
+                .and_then(|x| x.offered_rps)
+                .map_or("-".into(), |v| format!("{v:.1}"))
+        });
+        row("late / dropped", &|r| {
+            res(r).map_or("-".into(), |x| format!("{} / {}", x.late, x.dropped))
+        });
+    }
+    row("errors (no answer or 5xx)", &|r| {
+        res(r).map_or("-".into(), |x| x.errors.to_string())
+    });
+    let ops: Vec<String> = {
+        let mut ops: Vec<String> = runs
+            .iter()
+            .filter_map(|r| r.results.as_ref())
+            .flat_map(|x| x.latency.keys().cloned())
+            .collect();
+        ops.sort();
+        ops.dedup();
+        ops
+    };
+    for op in &ops {
+        row(&format!("{op} p50 / p90 / p99 (ms)"), &|r| {
+            res(r)
+                .and_then(|x| x.latency.get(op).cloned())
+                .map_or("-".into(), |l| {
+                    format!("{} / {} / {}", ms(l.p50_ms), ms(l.p90_ms), ms(l.p99_ms))
+                })
+        });
+        row(&format!("{op} p99.9 / max (ms)"), &|r| {
+            res(r)
+                .and_then(|x| x.latency.get(op).cloned())
+                .map_or("-".into(), |l| {
+                    format!("{} / {}", ms(l.p999_ms), ms(l.max_ms))
+                })
+        });
+    }
+    if report.settings.scenario.buys() {
+        row("buyers: confirmed / sold-out / gave up", &|r| {
+            res(r).and_then(|x| x.purchases).map_or("-".into(), |p| {
+                format!("{} / {} / {}", p.confirmed, p.sold_out, p.gave_up)
+            })
+        });
+        row("seats on sale", &|_| {
+            (u64::from(report.settings.tickets) * u64::from(report.settings.events)).to_string()
+        });
+    }
+    for i in 1..=8 {
+        let id = format!("I{i}");
+        let name = runs
+            .iter()
+            .filter_map(|r| r.audit.as_ref())
+            .flat_map(|a| a.invariants.iter())
+            .find(|inv| inv.id == id)
+            .map_or(String::new(), |inv| format!(" {}", inv.name));
+        row(&format!("{id}{name}"), &|r| {
+            r.audit
+                .as_ref()
+                .and_then(|a| a.invariants.iter().find(|inv| inv.id == id))
+                .map_or("-".into(), |inv| match (inv.status, inv.violations) {
+                    ("pass", _) => "0 ok".into(),
+                    ("fail", Some(n)) => format!("{n} VIOLATED"),
+                    ("not-applicable", _) => "n/a".into(),
+                    (s, _) => s.to_owned(),
+                })
+        });
+    }
+    row("audit", &|r| {
+        r.audit
+            .as_ref()
+            .map_or("-".into(), |a| if a.ok { "ok" } else { "FAILED" }.into())
+    });
+    rows
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The terminal summary.
+pub fn terminal(report: &Report) -> String {
+    let s = &report.settings;
+    let mut out = format!(
+        "loadgen {} · scenario {} · seed {} · {} model ({}) · bound {}\n",
+        report.command,
+        s.scenario,
+        report.seed,
+        match s.model {
+            ModelKind::Closed => "closed",
+            ModelKind::Open => "open",
+        },
+        match s.model {
+            ModelKind::Closed => format!("{} virtual users", s.vus),
+            ModelKind::Open => format!(
+                "{} req/s {:?}, {} connections",
+                s.rate.unwrap_or(0.0),
+                s.arrivals,
+                s.connections
+            )
+            .to_lowercase(),
+        },
+        s.bound(),
+    );
+    let headers: Vec<String> = report.runs.iter().map(|r| r.stage.clone()).collect();
+    out.push_str(&aligned(&headers, &table_rows(report)));
+    if s.scenario.buys() {
+        out.push_str(&format!("note: {PURCHASE_NOTE}\n"));
+    }
+    for r in &report.runs {
+        if let Some(a) = &r.audit {
+            for n in &a.notes {
+                out.push_str(&format!("note ({}): {n}\n", r.stage));
+            }
+        }
+    }
+    for t in &report.thresholds {
+        out.push_str(&format!(
+            "threshold {} {} (limit {}, actual {}) on {}\n",
+            t.name,
+            if t.passed { "held" } else { "BREACHED" },
+            t.limit,
+            t.actual.map_or("-".into(), |a| format!("{a}")),
+            t.stage
+        ));
+    }
+    out.push_str(&format!(
+        "replay with: --seed {} --scenario {}\n",
+        report.seed, s.scenario
+    ));
+    out
+}
+
+fn aligned(headers: &[String], rows: &[(String, Vec<String>)]) -> String {
+    let label_w = rows
+        .iter()
+        .map(|(l, _)| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let widths: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            rows.iter()
+                .map(|(_, cells)| cells[i].chars().count())
+                .chain([h.chars().count()])
+                .max()
+                .unwrap_or(0)
+                .min(60)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |label: &str, cells: &[String]| {
+        let mut l = format!("{label:<label_w$}");
+        for (c, w) in cells.iter().zip(&widths) {
+            l.push_str(" │ ");
+            l.push_str(&format!("{c:<w$}"));
+        }
+        l.trim_end().to_owned() + "\n"
+    };
+    out.push_str(&line("", headers));
+    out.push_str(&"─".repeat(label_w + widths.iter().map(|w| w + 3).sum::<usize>()));
+    out.push('\n');
+    for (label, cells) in rows {
+        out.push_str(&line(label, cells));
+    }
+    out
+}
+
+/// The Markdown report: settings, the side-by-side table, the invariants' details.
+pub fn markdown(report: &Report) -> String {
+    let s = &report.settings;
+    let mut out = format!(
+        "# loadgen {}: {}\n\nseed `{}` · {:?} model · bound {} · started {}\n\n",
+        report.command,
+        s.scenario,
+        report.seed,
+        s.model,
+        s.bound(),
+        report.started_at
+    );
+    out.push_str("| | ");
+    out.push_str(
+        &report
+            .runs
+            .iter()
+            .map(|r| r.stage.clone())
+            .collect::<Vec<_>>()
+            .join(" | "),
+    );
+    out.push_str(" |\n|---|");
+    out.push_str(&"---|".repeat(report.runs.len()));
+    out.push('\n');
+    for (label, cells) in table_rows(report) {
+        out.push_str(&format!(
+            "| {} | {} |\n",
+            md_escape(&label),
+            cells
+                .iter()
+                .map(|c| md_escape(c))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    if s.scenario.buys() {
+        out.push_str(&format!("\n{PURCHASE_NOTE}\n"));
+    }
+    for r in &report.runs {
+        if let Some(a) = &r.audit {
+            out.push_str(&format!("\n## Audit: {}\n\n", r.stage));
+            for inv in &a.invariants {
+                out.push_str(&format!(
+                    "- **{} {}**: {}{} — {}\n",
+                    inv.id,
+                    inv.name,
+                    inv.status,
+                    inv.violations.map_or(String::new(), |n| format!(" ({n})")),
+                    inv.detail
+                ));
+            }
+            for n in &a.notes {
+                out.push_str(&format!("- note: {n}\n"));
+            }
+        }
+    }
+    if !report.thresholds.is_empty() {
+        out.push_str("\n## Thresholds\n\n| threshold | stage | limit | actual | result |\n|---|---|---|---|---|\n");
+        for t in &report.thresholds {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                t.name,
+                t.stage,
+                t.limit,
+                t.actual.map_or("-".into(), |a| a.to_string()),
+                if t.passed { "held" } else { "breached" }
+            ));
+        }
+    }
+    out
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+/// The table's column headers and rows (for the HTML report).
+pub fn markdown_cells(report: &Report) -> (Vec<String>, Vec<(String, Vec<String>)>) {
+    (
+        report.runs.iter().map(|r| r.stage.clone()).collect(),
+        table_rows(report),
+    )
+}

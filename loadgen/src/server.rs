@@ -1,0 +1,176 @@
+//! Starting a stage fresh for `compare` (or `run --stage`): the server binary on a free port,
+//! a fresh database in a temporary directory, the run's seed; stopped with SIGTERM.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::http::Conn;
+use crate::scenario::Settings;
+
+/// How long a stage may take to answer `GET /health` before it is reported as skipped.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running server this process started.
+pub struct Spawned {
+    pub addr: SocketAddr,
+    pub args: Vec<String>,
+    child: Child,
+    dir: PathBuf,
+}
+
+/// Where the server binary is: `--server-bin`, else `ticketflow` next to this executable
+/// (the same Cargo target directory).
+pub fn locate_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_owned())
+        } else {
+            Err(format!("--server-bin {}: no such file", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let dir = exe.parent().ok_or("this executable has no directory")?;
+    let name = format!("ticketflow{}", std::env::consts::EXE_SUFFIX);
+    for candidate in [dir.join(&name), dir.join("..").join(&name)] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!(
+        "no `{name}` next to {}; build it (`cargo build -p ticketflow`, with --release for \
+         figures) or pass --server-bin",
+        dir.display()
+    ))
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `stage`, waits for `GET /health`, or says why it could not.
+pub async fn start(
+    bin: &Path,
+    stage: &str,
+    settings: &Settings,
+    extra_args: &[String],
+) -> Result<Spawned, String> {
+    let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let dir = std::env::temp_dir().join(format!("loadgen-{}-{stage}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let db = dir.join("ticketflow.db");
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--stage".into(),
+        stage.into(),
+        "--bind".into(),
+        addr.to_string(),
+        "--db".into(),
+        db.display().to_string(),
+        "--seed".into(),
+        settings.seed.to_string(),
+        "--payment-latency".into(),
+        settings.payment_latency.clone(),
+        "--payment-failure-rate".into(),
+        settings.payment_failure_rate.to_string(),
+        "--hold-ttl".into(),
+        settings.hold_ttl.clone(),
+    ];
+    args.extend(extra_args.iter().cloned());
+    let log = std::fs::File::create(dir.join("server.log"))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let child = Command::new(bin)
+        .args(&args)
+        .env("TICKETFLOW_LOG_FORMAT", "human")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let mut spawned = Spawned {
+        addr,
+        args,
+        child,
+        dir,
+    };
+    let give_up = Instant::now() + STARTUP_TIMEOUT;
+    let mut conn = Conn::new(addr, Duration::from_secs(2));
+    loop {
+        if let Ok(Some(status)) = spawned.child.try_wait() {
+            let reason = spawned.log_reason();
+            spawned.cleanup();
+            return Err(format!("the server exited ({status}): {reason}"));
+        }
+        if let Ok(r) = conn.get("/health").await {
+            if r.status == 200 {
+                return Ok(spawned);
+            }
+        }
+        if Instant::now() >= give_up {
+            let reason = spawned.log_reason();
+            spawned.stop().await;
+            return Err(format!(
+                "no healthy answer on {addr} within {}s: {reason}",
+                STARTUP_TIMEOUT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Spawned {
+    /// The most telling line of the server's log: the first `error`, else the last line.
+    fn log_reason(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let clean = |l: &str| strip_ansi(l).trim().to_owned();
+        text.lines()
+            .find(|l| l.contains("error"))
+            .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+            .map(clean)
+            .unwrap_or_else(|| "it printed nothing".into())
+    }
+
+    /// SIGTERM, then up to 10 s for a graceful stop, then SIGKILL; removes the database.
+    pub async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: sending a signal to a child process we started and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = self.child.kill().await;
+            }
+        }
+        self.cleanup();
+    }
+
+    fn cleanup(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
