@@ -29,7 +29,10 @@ pub struct PurchaseBody {
 
 /// An id sent as a number or as a string of digits (both appear in the seed's clients).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "eventId must be a positive integer or a string of digits"
+)]
 pub enum IdInput {
     Number(i64),
     Text(String),

@@ -97,6 +97,47 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Posts `body` as JSON and reads the whole answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        Reply::read(response).await
+    }
+
+    /// A GET, read whole.
+    pub async fn get(&self, path: &str) -> Reply {
+        Reply::read(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    /// Sends raw bytes with the given content type (none if `None`): the whole answer.
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Reply {
+        let mut request = self.client.request(method, self.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+        }
+        Reply::read(request.send().await.unwrap()).await
+    }
+
+    /// Rows in `events`, `tickets` and `payments`, read from the database file.
+    pub async fn row_counts(&self) -> [i64; 3] {
+        [
+            self.count("SELECT COUNT(*) FROM events").await,
+            self.count("SELECT COUNT(*) FROM tickets").await,
+            self.count("SELECT COUNT(*) FROM payments").await,
+        ]
+    }
+
     pub async fn audit(&self) -> Value {
         let (status, audit) = self.get_json("/api/v1/admin/audit").await;
         assert_eq!(status, 200, "{audit}");
@@ -118,6 +159,35 @@ impl TestApp {
         self.handle.stop(true).await;
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// An answer read whole: status, content type and body (`Null` if the body is not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub async fn read(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let content_type = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self {
+            status,
+            content_type,
+            headers,
+            body,
         }
     }
 }
