@@ -1,0 +1,432 @@
+//! The load generator against a real server.
+//!
+//! These tests start `ticketflow` (the workspace's server binary) themselves. They find it next
+//! to the `loadgen` binary in the same target directory, which `cargo test --workspace` builds
+//! (it is a workspace member's binary); with `cargo test -p loadgen` build it first with
+//! `cargo build -p ticketflow`, or point `LOADGEN_SERVER_BIN` at one.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn loadgen() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loadgen"))
+}
+
+fn server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LOADGEN_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let dir = Path::new(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap();
+    let bin = dir.join(format!("ticketflow{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo test --workspace` (it builds the server too) or \
+         `cargo build -p ticketflow` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs loadgen with the server binary located the same way the tests do.
+fn run(args: &[&str]) -> Output {
+    loadgen()
+        .args(args)
+        .env("LOADGEN_SERVER_BIN", server_bin())
+        .stdin(Stdio::null())
+        .output()
+        .expect("loadgen runs")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("the report was written"))
+        .expect("the report is JSON")
+}
+
+fn invariant(run: &Value, id: &str) -> i64 {
+    run["audit"]["invariants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .unwrap()["violations"]
+        .as_i64()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A server this test started, on a free port with a fresh database; killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(stage: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(server_bin())
+            .args(["serve", "--stage", stage, "--bind"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--db")
+            .arg(dir.path().join("t.db"))
+            .args(["--payment-latency", "10ms", "--payment-failure-rate", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the server starts");
+        let url = format!("http://127.0.0.1:{port}");
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < give_up, "the server did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const STAMPEDE: &[&str] = &[
+    "--scenario",
+    "stampede",
+    "--requests",
+    "200",
+    "--tickets",
+    "20",
+    "--vus",
+    "32",
+    "--payment-latency",
+    "20ms",
+    "--seed",
+    "11",
+    "--quiet",
+];
+
+#[test]
+fn a_monolith_stampede_shows_the_oversell_and_breaches_max_oversell() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let mut args = vec![
+        "run",
+        "--stage",
+        "monolith",
+        "--max-oversell",
+        "0",
+        "--json",
+    ];
+    args.push(json.to_str().unwrap());
+    args.extend_from_slice(STAMPEDE);
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", stderr(&out));
+    let report = read_json(&json);
+    let run = &report["runs"][0];
+    assert_eq!(run["status"], "completed");
+    assert!(invariant(run, "I1") > 0, "monolith must oversell: {run}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["thresholds"][0]["name"], "max-oversell");
+    assert_eq!(report["thresholds"][0]["passed"], false);
+}
+
+#[test]
+fn an_actor_stampede_sells_each_seat_once_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let mut args = vec!["run", "--stage", "actor", "--max-violations", "0", "--json"];
+    args.push(json.to_str().unwrap());
+    args.extend_from_slice(STAMPEDE);
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let report = read_json(&json);
+    let run = &report["runs"][0];
+    for id in ["I1", "I2", "I3", "I4", "I5", "I6", "I7"] {
+        assert_eq!(invariant(run, id), 0, "{id} on actor: {run}");
+    }
+    assert_eq!(
+        run["results"]["purchases"]["confirmed"], 20,
+        "every seat sells"
+    );
+    assert_eq!(run["audit"]["client"]["successesSeen"], 20);
+    assert_eq!(run["audit"]["client"]["confirmedStored"], 20);
+}
+
+#[test]
+fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, html, md) = (
+        dir.path().join("r.json"),
+        dir.path().join("r.html"),
+        dir.path().join("r.md"),
+    );
+    let out = run(&[
+        "compare",
+        "--stages",
+        "monolith,actor,locked",
+        "--scenario",
+        "spread",
+        "--events",
+        "4",
+        "--tickets",
+        "10",
+        "--requests",
+        "120",
+        "--vus",
+        "16",
+        "--seed",
+        "5",
+        "--quiet",
+        "--p99-ms",
+        "60000",
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+        "--markdown",
+        md.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let report = read_json(&json);
+    let schema: Value =
+        serde_json::from_str(include_str!("../schema/report-v1.schema.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(&report)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "schema violations: {errors:#?}");
+    let mut tampered = report.clone();
+    tampered["schemaVersion"] = 2.into();
+    tampered["runs"][0]["results"]["latency"]["purchase"]["p99Ms"] = "fast".into();
+    assert_eq!(
+        validator.iter_errors(&tampered).count(),
+        2,
+        "the schema has teeth"
+    );
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    assert_eq!(runs[2]["stage"], "locked");
+    assert_eq!(runs[2]["status"], "skipped");
+    assert!(runs[2]["skipReason"].as_str().unwrap().contains("locked"));
+
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("monolith") && page.contains("I1"));
+    assert!(
+        !page.contains("src=") && !page.contains("href=") && !page.contains("@import"),
+        "the HTML report must not fetch anything"
+    );
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(table.contains("| monolith | actor | locked |"));
+}
+
+#[test]
+fn the_same_seed_replays_the_same_workload() {
+    // spread: which event each buyer picks is drawn from the seed; the actor stage sells
+    // exactly what is asked, so per-event sales match run to run
+    let sold = |seed: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("r.json");
+        let out = run(&[
+            "run",
+            "--stage",
+            "actor",
+            "--scenario",
+            "spread",
+            "--events",
+            "5",
+            "--tickets",
+            "1000",
+            "--requests",
+            "150",
+            "--vus",
+            "8",
+            "--payment-failure-rate",
+            "0",
+            "--payment-latency",
+            "0",
+            "--quiet",
+            "--seed",
+            seed,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        let report = read_json(&json);
+        assert_eq!(report["seed"], seed.parse::<u64>().unwrap());
+        report["runs"][0]["audit"]["server"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["confirmed"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let a = sold("99");
+    assert_eq!(a.iter().sum::<i64>(), 150);
+    assert_eq!(a, sold("99"));
+    assert_ne!(a, sold("100"), "another seed, another workload");
+}
+
+#[test]
+fn thresholds_decide_the_exit_status_against_a_running_server() {
+    let server = Server::start("actor");
+    let base = [
+        "run",
+        "--target",
+        &server.url,
+        "--scenario",
+        "health",
+        "--requests",
+        "300",
+        "--quiet",
+    ];
+    let held = run(&[&base[..], &["--p99-ms", "60000", "--min-rps", "1"]].concat());
+    assert_eq!(held.status.code(), Some(0), "stderr: {}", stderr(&held));
+    let breached = run(&[&base[..], &["--min-rps", "100000000"]].concat());
+    assert_eq!(
+        breached.status.code(),
+        Some(3),
+        "stderr: {}",
+        stderr(&breached)
+    );
+    let breached = run(&[&base[..], &["--p99-ms", "0.000001"]].concat());
+    assert_eq!(
+        breached.status.code(),
+        Some(3),
+        "stderr: {}",
+        stderr(&breached)
+    );
+}
+
+#[test]
+fn a_scenario_file_sets_what_flags_do_not() {
+    let server = Server::start("actor");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, json) = (dir.path().join("s.toml"), dir.path().join("r.json"));
+    std::fs::write(
+        &file,
+        "scenario = \"browse\"\nseed = 3\nrequests = 100\nvus = 4\nevents = 3\ntimeout = \"2s\"\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "run",
+        "--target",
+        &server.url,
+        "--scenario-file",
+        file.to_str().unwrap(),
+        "--vus",
+        "2",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let s = &read_json(&json)["settings"];
+    assert_eq!(s["scenario"], "browse");
+    assert_eq!(s["seed"], 3);
+    assert_eq!(s["requests"], 100);
+    assert_eq!(s["timeoutMs"], 2000);
+    assert_eq!(s["vus"], 2, "the flag wins over the file");
+}
+
+#[test]
+fn retry_storm_is_reported_as_needing_api_v2_not_faked() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = run(&[
+        "compare",
+        "--stages",
+        "monolith,actor",
+        "--scenario",
+        "retry-storm",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(4), "nothing was measured");
+    for r in read_json(&json)["runs"].as_array().unwrap() {
+        assert_eq!(r["status"], "skipped");
+        assert!(r["skipReason"].as_str().unwrap().contains("needs API v2"));
+    }
+}
+
+#[test]
+fn an_unreachable_target_is_one_clear_line_and_a_non_zero_exit() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = run(&[
+        "run",
+        "--target",
+        &url,
+        "--scenario",
+        "health",
+        "--requests",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("error: cannot reach"), "{err}");
+    assert!(last.contains(&url), "{err}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_clear_error_and_exit_two() {
+    for (args, says) in [
+        (
+            vec!["run", "--target", "http://127.0.0.1:9", "--vus", "many"],
+            "invalid value 'many'",
+        ),
+        (
+            vec!["run", "--target", "http://127.0.0.1:9", "--model", "open"],
+            "needs --rate",
+        ),
+        (
+            vec!["run", "--target", "127.0.0.1:9"],
+            "give an http:// URL",
+        ),
+        (vec!["run", "--scenario", "stampede"], "give --target URL"),
+        (
+            vec![
+                "run",
+                "--target",
+                "http://127.0.0.1:9",
+                "--duration",
+                "soon",
+            ],
+            "is not a duration",
+        ),
+        (
+            vec!["compare", "--stages", "actor", "--scenario", "nope"],
+            "invalid value 'nope'",
+        ),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.starts_with("error:"), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
