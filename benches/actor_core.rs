@@ -1,1 +1,177 @@
-fn main() {}
+//! SPEC §9 "Actor core": how many purchase decisions one event actor makes per second
+//! in-process, beside a bare tokio mpsc + oneshot round trip driven the same way.
+//!
+//! Every benchmark in the `actor_core` group counts decisions (one message answered: a reserve
+//! or a confirm), so their throughputs compare directly:
+//! - `mpsc_oneshot_round_trip`: the floor. A task on its own thread answers requests that come
+//!   through a bounded tokio mpsc, each carrying a oneshot for the reply. Two round trips per
+//!   iteration, to match a purchase.
+//! - `event_actor_reserve_confirm`: the real [`EventActor`] on its own arbiter, admitted through
+//!   its [`MailboxGauge`] as the actor stage does: `Reserve` (answered on a oneshot), then
+//!   `Settle { Approved }` (answered through actix's `send`). Its writes go to a writer that
+//!   acknowledges without storing, so the actor pays for queueing each write but no I/O; the
+//!   buyers do not wait for those acknowledgements.
+//! - `inventory_reserve_confirm`: the pure [`Inventory`] alone, no messages at all.
+//!
+//! Buyers run on the benchmark's thread, `BUYERS` of them in flight at once; the answering side
+//! (the actor, or the bare task) runs on one other thread. Sized for a 2-core machine.
+//!
+//! `cargo bench --bench actor_core -- --warm-up-time 1 --measurement-time 3`
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use futures::future::join_all;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use ticketflow::domain::{EventId, Money, TicketId, UserId};
+use ticketflow::inventory::Inventory;
+use ticketflow::stages::event_actor::{
+    EventActor, MailboxGauge, PaymentResult, Reserve, Settle, Settlement,
+};
+use ticketflow::store::writer;
+
+/// Purchases in flight at once; enough to keep the answering thread busy.
+const BUYERS: usize = 256;
+/// Bounds both sides alike: the actor's mailbox and gauge, and the bare mpsc channel.
+const MAILBOX_CAPACITY: usize = 1024;
+/// Seats enough that no run sells out (every benchmark decision is a successful one).
+const SEATS: u32 = u32::MAX;
+/// Long enough that no hold expires during a run.
+const HOLD_TTL: Duration = Duration::from_secs(3600);
+
+/// Runs `iters` purchases spread over `BUYERS` concurrent buyers; returns the elapsed time.
+async fn drive<F, Fut>(iters: u64, purchase: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let per_buyer = iters / BUYERS as u64;
+    let extra = iters % BUYERS as u64;
+    let start = Instant::now();
+    join_all((0..BUYERS as u64).map(|buyer| {
+        let count = per_buyer + u64::from(buyer < extra);
+        let purchase = &purchase;
+        async move {
+            for _ in 0..count {
+                purchase().await;
+            }
+        }
+    }))
+    .await;
+    start.elapsed()
+}
+
+fn actor_core(c: &mut Criterion) {
+    let system = actix_rt::System::new();
+    // The answering side's thread: hosts the bare task, then the event actor.
+    let server = Arbiter::new();
+
+    let mut group = c.benchmark_group("actor_core");
+    group.throughput(Throughput::Elements(2));
+
+    // (b) The floor: a bounded mpsc of requests, each answered on its own oneshot.
+    let (requests, mut inbox) = mpsc::channel::<(u64, oneshot::Sender<u64>)>(MAILBOX_CAPACITY);
+    server.spawn(async move {
+        while let Some((n, reply)) = inbox.recv().await {
+            let _ = reply.send(n + 1);
+        }
+    });
+    let round_trip = |n: u64| {
+        let requests = requests.clone();
+        async move {
+            let (reply, answer) = oneshot::channel();
+            requests
+                .try_send((n, reply))
+                .unwrap_or_else(|_| panic!("bare channel full"));
+            answer.await.expect("bare server answers")
+        }
+    };
+    group.bench_function("mpsc_oneshot_round_trip", |b| {
+        b.iter_custom(|iters| {
+            system.block_on(drive(iters, || async {
+                let n = round_trip(1).await;
+                std::hint::black_box(round_trip(n).await);
+            }))
+        })
+    });
+    drop(requests);
+
+    // (a) The real event actor, with a writer that acknowledges without storing.
+    let (write_handle, _writer_task) =
+        system.block_on(async { writer::start_acknowledging(512, MAILBOX_CAPACITY) });
+    let queued = MailboxGauge::default();
+    let actor = EventActor::new(
+        EventId(1),
+        Money::from_cents(2_500).expect("a valid price"),
+        Inventory::new(SEATS, SEATS, HOLD_TTL.as_millis() as u64),
+        write_handle,
+        42,
+        0,
+        HOLD_TTL,
+        queued.clone(),
+    );
+    let addr = EventActor::start_in_arbiter(&server.handle(), move |ctx| {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        actor
+    });
+    let user = UserId::parse("bench-buyer").expect("a valid user id");
+    let purchase = || {
+        let addr = addr.clone();
+        let queued = queued.clone();
+        let user = user.clone();
+        async move {
+            // Admission as the actor stage does it: the gauge is the bound, `do_send` the send.
+            assert!(queued.try_admit(MAILBOX_CAPACITY), "event mailbox full");
+            let (reply, answer) = oneshot::channel();
+            addr.do_send(Reserve { user, reply });
+            let grant = match answer.await.expect("the actor answers") {
+                Ok(grant) => grant,
+                Err(refusal) => panic!("reservation refused: {refusal:?}"),
+            };
+            let settled = addr
+                .send(Settle {
+                    ticket: grant.ticket,
+                    result: PaymentResult::Approved,
+                })
+                .await
+                .expect("the actor answers");
+            assert!(matches!(settled, Settlement::Confirmed(_)), "not confirmed");
+        }
+    };
+    group.bench_function("event_actor_reserve_confirm", |b| {
+        b.iter_custom(|iters| system.block_on(drive(iters, purchase)))
+    });
+
+    // (c) The pure core alone.
+    let mut inventory: Inventory<TicketId, UserId> =
+        Inventory::new(SEATS, SEATS, HOLD_TTL.as_millis() as u64);
+    let mut next_ticket = 0u128;
+    group.bench_function("inventory_reserve_confirm", |b| {
+        b.iter(|| {
+            next_ticket += 1;
+            let ticket = TicketId(Uuid::from_u128(next_ticket));
+            let now = 1;
+            inventory
+                .reserve(ticket, user.clone(), 1, now)
+                .expect("a seat is free");
+            std::hint::black_box(inventory.confirm(ticket, now).expect("the hold is live"));
+        })
+    });
+    group.finish();
+
+    server.stop();
+    System::current().stop();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = actor_core
+}
+criterion_main!(benches);

@@ -1,1 +1,115 @@
-fn main() {}
+//! SPEC §9 "Durability": group commit against one transaction per purchase, with SQLite at full
+//! durability (WAL, `synchronous=FULL`: every commit is fsynced).
+//!
+//! Each iteration creates a fresh event of `PURCHASES` seats (untimed), then times `PURCHASES`
+//! concurrent purchases through the real group-commit writer: each purchase queues the `Hold` of
+//! a new ticket, waits until it is committed, then queues its `Confirm` and waits again, as the
+//! actor stage does. `max_batch = 512` lets one transaction carry every write that is waiting;
+//! `max_batch = 1` commits each write alone. Throughput counts purchases.
+//!
+//! The database lives in a temporary directory on the default temp filesystem (`TMPDIR`); on a
+//! RAM-backed filesystem fsync is free and the comparison says nothing.
+//!
+//! `cargo bench --bench group_commit -- --warm-up-time 1 --measurement-time 3`
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use futures::future::join_all;
+use uuid::Uuid;
+
+use ticketflow::config::Durability;
+use ticketflow::domain::{EventId, Money, NewEvent, TicketId};
+use ticketflow::stages::event_actor::payment_key;
+use ticketflow::store::{Store, WriteHandle, WriteOp};
+
+/// Purchases in flight at once, each for a distinct ticket of the same event.
+const PURCHASES: usize = 256;
+/// Room in the writer's queue for every purchase in flight.
+const WRITER_CAPACITY: usize = 1024;
+
+async fn purchase(writer: &WriteHandle, event: EventId, price: Money) {
+    let ticket = TicketId(Uuid::new_v4());
+    writer
+        .submit(WriteOp::Hold {
+            ticket,
+            event,
+            user: "bench-buyer".to_owned(),
+            price,
+            payment_key: payment_key(ticket),
+        })
+        .await
+        .expect("hold committed");
+    writer
+        .submit(WriteOp::Confirm { ticket })
+        .await
+        .expect("confirm committed");
+}
+
+fn group_commit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("group_commit.db");
+    let store = runtime
+        .block_on(Store::open(
+            path.to_str().expect("a UTF-8 path"),
+            Durability::Full,
+        ))
+        .expect("the store opens");
+    let price = Money::from_cents(2_500).expect("a valid price");
+    let new_event = NewEvent {
+        name: "Group commit bench".to_owned(),
+        venue: "Nowhere".to_owned(),
+        date: Utc::now() + chrono::Duration::days(30),
+        total_tickets: PURCHASES as u32,
+        price,
+    };
+
+    let mut group = c.benchmark_group("group_commit");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(PURCHASES as u64));
+    for max_batch in [512, 1] {
+        let (writer, task) = runtime
+            .block_on(store.start_writer(max_batch, WRITER_CAPACITY))
+            .expect("the writer starts");
+        group.bench_with_input(
+            BenchmarkId::new("max_batch", max_batch),
+            &max_batch,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    runtime.block_on(async {
+                        let mut elapsed = Duration::ZERO;
+                        for _ in 0..iters {
+                            let event = store.create_event(&new_event).await.expect("an event");
+                            let start = Instant::now();
+                            join_all((0..PURCHASES).map(|_| purchase(&writer, event.id, price)))
+                                .await;
+                            elapsed += start.elapsed();
+                        }
+                        elapsed
+                    })
+                })
+            },
+        );
+        drop(writer);
+        runtime.block_on(task).expect("the writer stops cleanly");
+    }
+    group.finish();
+    runtime.block_on(store.close());
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = group_commit
+}
+criterion_main!(benches);

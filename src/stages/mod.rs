@@ -4,7 +4,7 @@
 //! between stages is how an event is created and, above all, how a purchase is decided.
 
 pub mod actor;
-mod event_actor;
+pub mod event_actor;
 pub mod monolith;
 
 use std::sync::Arc;

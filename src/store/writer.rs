@@ -102,6 +102,27 @@ pub(super) fn start(
     (WriteHandle { tx }, task)
 }
 
+/// Starts a writer that stores nothing and acknowledges every write as soon as it arrives, for
+/// benchmarks and simulation: the caller pays for queueing and acknowledging a write exactly as
+/// with [`super::Store::start_writer`], but no I/O. Must be called inside a tokio runtime; the
+/// task stops when every handle is dropped.
+pub fn start_acknowledging(
+    max_batch: usize,
+    capacity: usize,
+) -> (WriteHandle, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<(WriteOp, Ack)>(capacity.max(1));
+    let max_batch = max_batch.max(1);
+    let task = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(max_batch);
+        while rx.recv_many(&mut batch, max_batch).await > 0 {
+            for (_, ack) in batch.drain(..) {
+                let _ = ack.send(Ok(()));
+            }
+        }
+    });
+    (WriteHandle { tx }, task)
+}
+
 async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<(WriteOp, Ack)>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
