@@ -10,13 +10,101 @@ use crate::domain::{EventId, Money, NewEvent, UserId};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateEventBody {
+    #[serde(deserialize_with = "field::name")]
     pub name: String,
+    #[serde(deserialize_with = "field::venue")]
     pub venue: String,
     /// RFC 3339 date-time.
+    #[serde(deserialize_with = "field::date")]
     pub date: String,
+    #[serde(deserialize_with = "field::total_tickets")]
     pub total_tickets: i64,
     /// Major units with at most two decimals, as in the seed (e.g. `49.99`).
+    #[serde(deserialize_with = "field::price")]
     pub price: f64,
+}
+
+/// Deserializers that name the field and the JSON type it wants when a value has the wrong
+/// type: serde alone answers "invalid type: string \"100\", expected i64", naming neither.
+mod field {
+    use std::fmt;
+
+    use serde::de::{Deserializer, Error, Visitor};
+
+    struct Text(&'static str);
+
+    impl Visitor<'_> for Text {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "`{}` as a string", self.0)
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+    }
+
+    struct Integer(&'static str);
+
+    impl Visitor<'_> for Integer {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "`{}` as a whole number", self.0)
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        /// Beyond `i64` is out of range anyway; validation names the range.
+        fn visit_u64<E: Error>(self, v: u64) -> Result<i64, E> {
+            Ok(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+    }
+
+    struct Number(&'static str);
+
+    impl Visitor<'_> for Number {
+        type Value = f64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "`{}` as a number", self.0)
+        }
+
+        fn visit_f64<E: Error>(self, v: f64) -> Result<f64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+    }
+
+    pub fn name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_str(Text("name"))
+    }
+
+    pub fn venue<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_str(Text("venue"))
+    }
+
+    pub fn date<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_str(Text("date"))
+    }
+
+    pub fn total_tickets<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        d.deserialize_i64(Integer("totalTickets"))
+    }
+
+    pub fn price<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        d.deserialize_f64(Number("price"))
+    }
 }
 
 /// `POST /api/v1/tickets/purchase`

@@ -258,6 +258,23 @@ async fn a_declined_payment_answers_402_and_returns_the_seat() {
 }
 
 #[actix_web::test]
+async fn the_admin_ledger_and_audit_show_each_charge_and_decline() {
+    let app = spawn_app(StageKind::Actor, |_| {}).await;
+    let event = app.create_event(5).await;
+    assert_eq!(app.purchase(event, "alice").await.0, 201);
+
+    let (status, ledger) = app.get_json("/api/v1/admin/ledger").await;
+
+    assert_eq!(status, 200, "{ledger}");
+    let entries = ledger["entries"].as_array().expect("ledger entries");
+    assert_eq!(entries.len(), 1, "{ledger}");
+    assert_eq!(entries[0]["kind"], "charge");
+    let audit = app.audit().await;
+    assert!(audit.is_object(), "{audit}");
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn health_answers_200_when_the_database_answers() {
     let app = spawn_app(StageKind::Actor, |_| {}).await;
 
@@ -292,6 +309,25 @@ async fn malformed_json_is_rejected_and_writes_nothing() {
         let reply = app.send_raw(Method::POST, path, json, body).await;
         assert_problem(&reply, 400, "invalid-body", body);
     }
+    let duplicate = format!(r#"{{"eventId": {event}, "userId": "alice", "eventId": {event}}}"#);
+    let reply = app.send_raw(Method::POST, PURCHASE, json, duplicate).await;
+    let problem = assert_problem(&reply, 400, "invalid-body", "duplicate field");
+    assert!(
+        detail(problem).contains("duplicate field `eventId`"),
+        "{problem}"
+    );
+    // nested past serde_json's recursion limit where serde buffers the value (an untagged enum)
+    let nested = format!(
+        r#"{{"eventId": {}{}, "userId": "alice"}}"#,
+        "[".repeat(1000),
+        "]".repeat(1000)
+    );
+    let reply = app.send_raw(Method::POST, PURCHASE, json, nested).await;
+    let problem = assert_problem(&reply, 400, "malformed-json", "deeply nested");
+    assert!(detail(problem).contains("recursion limit"), "{problem}");
+    let not_utf8 = b"{\"name\": \"\xff\xfe\"}".to_vec();
+    let reply = app.send_raw(Method::POST, EVENTS, json, not_utf8).await;
+    assert_problem(&reply, 400, "malformed-json", "invalid UTF-8");
 
     assert_eq!(app.row_counts().await, [1, 0, 0]);
     assert_eq!(app.purchase(event, "alice").await.0, 201, "still serving");
@@ -309,55 +345,55 @@ async fn fields_of_the_wrong_type_are_rejected_and_write_nothing() {
                 "string totalTickets",
                 event_with("totalTickets", json!("100")),
                 "invalid-body",
-                "invalid type",
+                "expected `totalTickets` as a whole number",
             ),
             (
                 "fractional totalTickets",
                 event_with("totalTickets", json!(1.5)),
                 "invalid-body",
-                "invalid type",
+                "expected `totalTickets` as a whole number",
             ),
             (
                 "boolean totalTickets",
                 event_with("totalTickets", json!(true)),
                 "invalid-body",
-                "invalid type",
+                "expected `totalTickets` as a whole number",
             ),
             (
                 "null totalTickets",
                 event_with("totalTickets", Value::Null),
                 "invalid-body",
-                "invalid type",
+                "expected `totalTickets` as a whole number",
             ),
             (
                 "number name",
                 event_with("name", json!(42)),
                 "invalid-body",
-                "invalid type",
+                "expected `name` as a string",
             ),
             (
                 "object venue",
                 event_with("venue", json!({"city": "Paris"})),
                 "invalid-body",
-                "invalid type",
+                "expected `venue` as a string",
             ),
             (
                 "number date",
                 event_with("date", json!(20261231)),
                 "invalid-body",
-                "invalid type",
+                "expected `date` as a string",
             ),
             (
                 "string price",
                 event_with("price", json!("25.50")),
                 "invalid-body",
-                "invalid type",
+                "expected `price` as a number",
             ),
             (
                 "array price",
                 event_with("price", json!([25])),
                 "invalid-body",
-                "invalid type",
+                "expected `price` as a number",
             ),
         ],
     )
@@ -449,6 +485,7 @@ async fn zero_negative_and_absurd_ticket_counts_are_rejected_and_write_nothing()
         json!(2_000_000),
         json!(1_000_001),
         json!(i64::MAX),
+        json!(u64::MAX),
     ] {
         cases.push((
             "out-of-range totalTickets",
@@ -463,14 +500,18 @@ async fn zero_negative_and_absurd_ticket_counts_are_rejected_and_write_nothing()
             "float totalTickets",
             event_with("totalTickets", total),
             "invalid-body",
-            "invalid type",
+            "expected `totalTickets` as a whole number",
         ));
     }
     let huge = r#"{"name":"Show","venue":"Hall","date":"2026-12-31T20:00:00Z","totalTickets":99999999999999999999999,"price":1}"#;
     let reply = app
         .send_raw(Method::POST, EVENTS, Some("application/json"), huge)
         .await;
-    assert_problem(&reply, 400, "invalid-body", "totalTickets beyond i64");
+    let problem = assert_problem(&reply, 400, "invalid-body", "totalTickets beyond u64");
+    assert!(
+        detail(problem).contains("`totalTickets` as a whole number"),
+        "{problem}"
+    );
     assert_creates_rejected(&app, &cases).await;
 
     assert_eq!(app.row_counts().await, [0, 0, 0]);
@@ -950,7 +991,7 @@ async fn the_monolith_serves_the_same_v1_contract() {
                 "string totalTickets",
                 event_with("totalTickets", json!("5")),
                 "invalid-body",
-                "invalid type",
+                "expected `totalTickets` as a whole number",
             ),
         ],
     )
