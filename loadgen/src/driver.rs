@@ -19,8 +19,9 @@ use crate::http::{Conn, Failure, Response};
 use crate::metrics::Recorder;
 use crate::scenario::{Arrivals, ModelKind, ScenarioKind, Settings};
 
-/// An open-model arrival that starts this much after its intended time counts as late.
-pub const LATE_AFTER: Duration = Duration::from_millis(1);
+/// An open-model arrival that starts this much after its intended time counts as late. Tokio's
+/// timer has a 1 ms resolution, so a punctual arrival may start up to about 1 ms after its time.
+pub const LATE_AFTER: Duration = Duration::from_millis(5);
 /// Most arrivals an open-model schedule may hold.
 const MAX_SCHEDULE: u64 = 50_000_000;
 

@@ -57,7 +57,7 @@ pub struct Results {
     pub achieved_rps: f64,
     /// Open model: arrivals per second asked for.
     pub offered_rps: Option<f64>,
-    /// Open model: arrivals that started more than 1 ms after their intended time.
+    /// Open model: arrivals that started more than 5 ms after their intended time.
     pub late: u64,
     /// Open model: arrivals not sent because they could not start within `maxLagMs`.
     pub dropped: u64,
