@@ -6,6 +6,10 @@
 //! - `mpsc_oneshot_round_trip`: the floor. A task on its own thread answers requests that come
 //!   through a bounded tokio mpsc, each carrying a oneshot for the reply. Two round trips per
 //!   iteration, to match a purchase.
+//! - `event_actor_reserve`: the purchase decision alone. The real [`EventActor`] on its own
+//!   arbiter, admitted through its [`MailboxGauge`] as the actor stage does, answers `Reserve` on
+//!   a oneshot. Holds pile up, so every sample gets a fresh actor (on a fresh arbiter) with just
+//!   enough seats; starting it is not timed.
 //! - `event_actor_reserve_confirm`: the real [`EventActor`] on its own arbiter, admitted through
 //!   its [`MailboxGauge`] as the actor stage does: `Reserve` (answered on a oneshot), then
 //!   `Settle { Approved }` (answered through actix's `send`). Its writes go to a writer that
@@ -31,7 +35,7 @@ use ticketflow::inventory::Inventory;
 use ticketflow::stages::event_actor::{
     EventActor, MailboxGauge, PaymentResult, Reserve, Settle, Settlement,
 };
-use ticketflow::store::writer;
+use ticketflow::store::{writer, WriteHandle};
 
 /// Purchases in flight at once; enough to keep the answering thread busy.
 const BUYERS: usize = 256;
@@ -62,6 +66,29 @@ where
     }))
     .await;
     start.elapsed()
+}
+
+/// Starts an event actor with `seats` free seats on `host`.
+fn start_actor(
+    host: &Arbiter,
+    seats: u32,
+    writer: WriteHandle,
+    queued: MailboxGauge,
+) -> Addr<EventActor> {
+    let actor = EventActor::new(
+        EventId(1),
+        Money::from_cents(2_500).expect("a valid price"),
+        Inventory::new(seats, seats, HOLD_TTL.as_millis() as u64),
+        writer,
+        42,
+        0,
+        HOLD_TTL,
+        queued,
+    );
+    EventActor::start_in_arbiter(&host.handle(), move |ctx| {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        actor
+    })
 }
 
 fn actor_core(c: &mut Criterion) {
@@ -102,22 +129,41 @@ fn actor_core(c: &mut Criterion) {
     // (a) The real event actor, with a writer that acknowledges without storing.
     let (write_handle, _writer_task) =
         system.block_on(async { writer::start_acknowledging(512, MAILBOX_CAPACITY) });
-    let queued = MailboxGauge::default();
-    let actor = EventActor::new(
-        EventId(1),
-        Money::from_cents(2_500).expect("a valid price"),
-        Inventory::new(SEATS, SEATS, HOLD_TTL.as_millis() as u64),
-        write_handle,
-        42,
-        0,
-        HOLD_TTL,
-        queued.clone(),
-    );
-    let addr = EventActor::start_in_arbiter(&server.handle(), move |ctx| {
-        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        actor
-    });
     let user = UserId::parse("bench-buyer").expect("a valid user id");
+
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("event_actor_reserve", |b| {
+        b.iter_custom(|iters| {
+            // Stopping the arbiter is the only way to stop the actor (its expiry timer keeps
+            // it alive), and frees the holds this sample piled up.
+            let host = Arbiter::new();
+            let seats = u32::try_from(iters).expect("fewer than 2^32 reservations per sample");
+            let queued = MailboxGauge::default();
+            let addr = start_actor(&host, seats, write_handle.clone(), queued.clone());
+            let user = &user;
+            let elapsed = system.block_on(drive(iters, || {
+                let (addr, queued, user) = (addr.clone(), queued.clone(), user.clone());
+                async move {
+                    assert!(queued.try_admit(MAILBOX_CAPACITY), "event mailbox full");
+                    let (reply, answer) = oneshot::channel();
+                    addr.do_send(Reserve { user, reply });
+                    match answer.await.expect("the actor answers") {
+                        Ok(grant) => {
+                            std::hint::black_box(grant.ticket);
+                        }
+                        Err(refusal) => panic!("reservation refused: {refusal:?}"),
+                    }
+                }
+            }));
+            host.stop();
+            host.join().expect("the arbiter stops");
+            elapsed
+        })
+    });
+
+    group.throughput(Throughput::Elements(2));
+    let queued = MailboxGauge::default();
+    let addr = start_actor(&server, SEATS, write_handle, queued.clone());
     let purchase = || {
         let addr = addr.clone();
         let queued = queued.clone();
