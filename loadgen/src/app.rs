@@ -102,13 +102,15 @@ async fn execute(
     let mut runs = Vec::new();
     if let Some(addr) = target {
         let url = format!("http://{addr}");
-        check_reachable(addr, &url).await?;
+        let stage = check_reachable(addr, &url)
+            .await?
+            .unwrap_or_else(|| "external".into());
         runs.push(match settings.scenario.unsupported_reason() {
-            Some(why) => skipped("external", why.into(), Some(url)),
+            Some(why) => skipped(&stage, why.into(), Some(url)),
             None => {
-                let (results, audit) = measure(addr, &settings, "external", quiet).await?;
+                let (results, audit) = measure(addr, &settings, &stage, quiet).await?;
                 RunReport {
-                    stage: "external".into(),
+                    stage,
                     status: "completed",
                     skip_reason: None,
                     target: Some(url),
@@ -203,10 +205,13 @@ fn skipped(stage: &str, why: String, target: Option<String>) -> RunReport {
     }
 }
 
-async fn check_reachable(addr: SocketAddr, url: &str) -> anyhow::Result<()> {
+/// Checks `GET /health` and returns the stage the server says it runs, if it says.
+async fn check_reachable(addr: SocketAddr, url: &str) -> anyhow::Result<Option<String>> {
     let mut conn = http::Conn::new(addr, Duration::from_secs(5));
     match conn.get("/health").await {
-        Ok(r) if r.status == 200 => Ok(()),
+        Ok(r) if r.status == 200 => Ok(serde_json::from_slice::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v.get("stage")?.as_str().map(str::to_owned))),
         Ok(r) => anyhow::bail!(
             "{url}/health answered {}: the server is not healthy",
             r.status
@@ -233,6 +238,10 @@ async fn measure(
     let ticker = {
         let (bar, progress) = (bar.clone(), progress.clone());
         let by_time = settings.requests.is_none();
+        let total = settings
+            .duration
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_default();
         tokio::spawn(async move {
             let start = Instant::now();
             loop {
@@ -240,7 +249,7 @@ async fn measure(
                 let done = progress.load(Ordering::Relaxed);
                 if by_time {
                     bar.set_position(start.elapsed().as_millis() as u64);
-                    bar.set_message(format!("{done} iterations"));
+                    bar.set_message(format!("{done} iterations · run of {total}"));
                 } else {
                     bar.set_position(done);
                 }
@@ -267,7 +276,7 @@ fn progress_bar(settings: &Settings, label: &str, quiet: bool) -> indicatif::Pro
         (Some(n), _) => (n, "{prefix} [{bar:40}] {pos}/{len} iterations · {elapsed}"),
         (None, Some(d)) => (
             d.as_millis() as u64,
-            "{prefix} [{bar:40}] {elapsed}/{duration} · {msg}",
+            "{prefix} [{bar:40}] {elapsed_precise} · {msg}",
         ),
         (None, None) => (0, "{prefix} {elapsed}"),
     };

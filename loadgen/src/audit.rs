@@ -87,7 +87,8 @@ impl Audit {
     }
 }
 
-const NAMES: [(&str, &str); 8] = [
+/// The invariants of SPEC section 5, by id and name.
+pub const NAMES: [(&str, &str); 8] = [
     ("I1", "no oversell"),
     ("I2", "no double sale"),
     ("I3", "charge exactly once"),

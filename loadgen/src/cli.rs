@@ -44,8 +44,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Stages to compare, comma-separated, e.g. `monolith,actor`.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Stages to compare, comma-separated; each is started fresh from the server binary.
+    #[arg(long, value_delimiter = ',', default_value = "monolith,actor")]
     pub stages: Vec<String>,
     #[command(flatten)]
     pub common: Common,

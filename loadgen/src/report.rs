@@ -32,7 +32,7 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
-    /// The stage's name, or `external` for `--target`.
+    /// The stage's name; for `--target`, the stage its `/health` names, else `external`.
     pub stage: String,
     /// `completed` or `skipped`.
     pub status: &'static str,
@@ -234,15 +234,8 @@ pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
             (u64::from(report.settings.tickets) * u64::from(report.settings.events)).to_string()
         });
     }
-    for i in 1..=8 {
-        let id = format!("I{i}");
-        let name = runs
-            .iter()
-            .filter_map(|r| r.audit.as_ref())
-            .flat_map(|a| a.invariants.iter())
-            .find(|inv| inv.id == id)
-            .map_or(String::new(), |inv| format!(" {}", inv.name));
-        row(&format!("{id}{name}"), &|r| {
+    for (id, name) in crate::audit::NAMES {
+        row(&format!("{id} {name}"), &|r| {
             r.audit
                 .as_ref()
                 .and_then(|a| a.invariants.iter().find(|inv| inv.id == id))
@@ -297,7 +290,20 @@ pub fn terminal(report: &Report) -> String {
         s.bound(),
     );
     let headers: Vec<String> = report.runs.iter().map(|r| r.stage.clone()).collect();
-    out.push_str(&aligned(&headers, &table_rows(report)));
+    let mut rows = table_rows(report);
+    for (_, cells) in &mut rows {
+        for c in cells.iter_mut() {
+            if c.chars().count() > 40 {
+                *c = c.chars().take(39).collect::<String>() + "…";
+            }
+        }
+    }
+    out.push_str(&aligned(&headers, &rows));
+    for r in &report.runs {
+        if let Some(why) = &r.skip_reason {
+            out.push_str(&format!("skipped {}: {why}\n", r.stage));
+        }
+    }
     if s.scenario.buys() {
         out.push_str(&format!("note: {PURCHASE_NOTE}\n"));
     }
@@ -340,7 +346,6 @@ fn aligned(headers: &[String], rows: &[(String, Vec<String>)]) -> String {
                 .chain([h.chars().count()])
                 .max()
                 .unwrap_or(0)
-                .min(60)
         })
         .collect();
     let mut out = String::new();

@@ -105,7 +105,7 @@ pub async fn start(
         if let Ok(Some(status)) = spawned.child.try_wait() {
             let reason = spawned.log_reason();
             spawned.cleanup();
-            return Err(format!("the server exited ({status}): {reason}"));
+            return Err(format!("{reason} (the server exited, {status})"));
         }
         if let Ok(r) = conn.get("/health").await {
             if r.status == 200 {
