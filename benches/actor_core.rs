@@ -30,7 +30,7 @@ use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use ticketflow::domain::{EventId, Money, TicketId, UserId};
+use ticketflow::domain::{EventId, Money, OrderId, UserId};
 use ticketflow::inventory::Inventory;
 use ticketflow::stages::event_actor::{
     EventActor, MailboxGauge, PaymentResult, Reserve, Settle, Settlement,
@@ -146,10 +146,16 @@ fn actor_core(c: &mut Criterion) {
                 async move {
                     assert!(queued.try_admit(MAILBOX_CAPACITY), "event mailbox full");
                     let (reply, answer) = oneshot::channel();
-                    addr.do_send(Reserve { user, reply });
+                    addr.do_send(Reserve {
+                        user,
+                        quantity: 1,
+                        per_user_limit: None,
+                        idempotency_key: None,
+                        reply,
+                    });
                     match answer.await.expect("the actor answers") {
                         Ok(grant) => {
-                            std::hint::black_box(grant.ticket);
+                            std::hint::black_box(grant.order);
                         }
                         Err(refusal) => panic!("reservation refused: {refusal:?}"),
                     }
@@ -172,14 +178,20 @@ fn actor_core(c: &mut Criterion) {
             // Admission as the actor stage does it: the gauge is the bound, `do_send` the send.
             assert!(queued.try_admit(MAILBOX_CAPACITY), "event mailbox full");
             let (reply, answer) = oneshot::channel();
-            addr.do_send(Reserve { user, reply });
+            addr.do_send(Reserve {
+                user,
+                quantity: 1,
+                per_user_limit: None,
+                idempotency_key: None,
+                reply,
+            });
             let grant = match answer.await.expect("the actor answers") {
                 Ok(grant) => grant,
                 Err(refusal) => panic!("reservation refused: {refusal:?}"),
             };
             let settled = addr
                 .send(Settle {
-                    ticket: grant.ticket,
+                    order: grant.order,
                     result: PaymentResult::Approved,
                 })
                 .await
@@ -192,13 +204,13 @@ fn actor_core(c: &mut Criterion) {
     });
 
     // (c) The pure core alone.
-    let mut inventory: Inventory<TicketId, UserId> =
+    let mut inventory: Inventory<OrderId, UserId> =
         Inventory::new(SEATS, SEATS, HOLD_TTL.as_millis() as u64);
     let mut next_ticket = 0u128;
     group.bench_function("inventory_reserve_confirm", |b| {
         b.iter(|| {
             next_ticket += 1;
-            let ticket = TicketId(Uuid::from_u128(next_ticket));
+            let ticket = OrderId(Uuid::from_u128(next_ticket));
             let now = 1;
             inventory
                 .reserve(ticket, user.clone(), 1, now)

@@ -22,9 +22,9 @@ use futures::future::join_all;
 use uuid::Uuid;
 
 use ticketflow::config::Durability;
-use ticketflow::domain::{EventId, Money, NewEvent, TicketId};
+use ticketflow::domain::{timestamp, EventId, Money, NewEvent, OrderId, TicketId};
 use ticketflow::stages::event_actor::payment_key;
-use ticketflow::store::{Store, WriteHandle, WriteOp};
+use ticketflow::store::{NewOrder, Store, WriteHandle, WriteOp};
 
 /// Purchases in flight at once, each for a distinct ticket of the same event.
 const PURCHASES: usize = 256;
@@ -32,19 +32,22 @@ const PURCHASES: usize = 256;
 const WRITER_CAPACITY: usize = 1024;
 
 async fn purchase(writer: &WriteHandle, event: EventId, price: Money) {
-    let ticket = TicketId(Uuid::new_v4());
+    let order = OrderId(Uuid::new_v4());
     writer
-        .submit(WriteOp::Hold {
-            ticket,
+        .submit(WriteOp::Hold(Box::new(NewOrder {
+            order,
+            tickets: vec![TicketId(Uuid::new_v4())],
             event,
             user: "bench-buyer".to_owned(),
-            price,
-            payment_key: payment_key(ticket),
-        })
+            unit_price: price,
+            payment_key: payment_key(order),
+            idempotency_key: None,
+            created_at: timestamp(Utc::now()),
+        })))
         .await
         .expect("hold committed");
     writer
-        .submit(WriteOp::Confirm { ticket })
+        .submit(WriteOp::Confirm { order })
         .await
         .expect("confirm committed");
 }

@@ -103,7 +103,7 @@ pub fn audit(
         if p.status == "pending" {
             unsettled += 1;
         }
-        let confirmed = p.ticket_status == "confirmed";
+        let confirmed = p.order_status == "confirmed";
         if confirmed && p.status != "completed" {
             confirmed_not_charged += 1;
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_duration, Durability, LatencyModel, PaymentSettings, Settings, StageKind,
+    parse_duration, Durability, LatencyModel, LockedSettings, PaymentSettings, Settings, StageKind,
 };
 
 #[derive(Debug, Parser)]
@@ -32,7 +32,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API on one stage.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the database if needed and apply the migrations, then exit.
     Migrate(DbArgs),
 }
@@ -88,6 +88,34 @@ pub struct ServeArgs {
     /// HTTP worker threads; 0 means one per core.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Bearer token for API v2's admin routes; if unset, a random one is made and logged.
+    #[arg(long, env = "TICKETFLOW_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Most tickets one user may hold or own per event through API v2 orders.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub per_user_limit: u32,
+    #[command(flatten)]
+    pub locked: LockedArgs,
+}
+
+/// Settings of the `locked` stage (ignored by the others).
+#[derive(Debug, Args)]
+pub struct LockedArgs {
+    /// Redis for the `locked` stage's locks and payment queue.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key the `locked` stage writes.
+    #[arg(long, env = "TICKETFLOW_REDIS_PREFIX", default_value = "ticketflow")]
+    pub redis_prefix: String,
+    /// Lease of an event's Redis lock (`locked` stage).
+    #[arg(long, default_value = "2s", value_parser = parse_lock_ttl)]
+    pub lock_ttl: Duration,
+    /// Longest a purchase waits for an event's lock before it is answered 503.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub lock_wait: Duration,
+    /// UNSAFE, for the Redlock lesson only: stop checking fencing tokens on inventory writes.
+    #[arg(long)]
+    pub unsafe_no_fencing: bool,
 }
 
 fn parse_latency(raw: &str) -> Result<LatencyModel, String> {
@@ -111,6 +139,14 @@ fn parse_hold_ttl(raw: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+fn parse_lock_ttl(raw: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(raw)?;
+    if ttl < Duration::from_millis(10) {
+        return Err("the lock TTL must be at least 10ms".into());
+    }
+    Ok(ttl)
+}
+
 impl ServeArgs {
     pub fn settings(&self) -> Settings {
         Settings {
@@ -130,6 +166,16 @@ impl ServeArgs {
             mailbox_capacity: self.mailbox_capacity as usize,
             max_batch: self.max_batch as usize,
             http_workers: self.workers,
+            admin_token: self.admin_token.clone(),
+            per_user_limit: self.per_user_limit,
+            locked: LockedSettings {
+                redis_url: self.locked.redis_url.clone(),
+                key_prefix: self.locked.redis_prefix.clone(),
+                lock_ttl: self.locked.lock_ttl,
+                lock_wait: self.locked.lock_wait,
+                fencing: !self.locked.unsafe_no_fencing,
+                ..LockedSettings::default()
+            },
             ..Settings::new(self.db.database.clone())
         }
     }

@@ -13,6 +13,8 @@ pub enum StageKind {
     Monolith,
     /// One actor per event serialises purchases; payments go to an actor pool; group commit.
     Actor,
+    /// The seed's step 2: a Redis lock per event (with a fencing token), a Redis payment queue.
+    Locked,
 }
 
 impl StageKind {
@@ -20,6 +22,7 @@ impl StageKind {
         match self {
             Self::Monolith => "monolith",
             Self::Actor => "actor",
+            Self::Locked => "locked",
         }
     }
 }
@@ -151,6 +154,53 @@ impl Default for PaymentSettings {
     }
 }
 
+/// The `locked` stage: where Redis is, and how its lock and payment queue behave.
+#[derive(Debug, Clone)]
+pub struct LockedSettings {
+    /// `redis://host:port[/db]`.
+    pub redis_url: String,
+    /// Prefix of every Redis key the stage writes, so several servers (or tests) share a Redis.
+    pub key_prefix: String,
+    /// How long a lock lease lives if its holder never releases it.
+    pub lock_ttl: Duration,
+    /// Longest a purchase waits for an event's lock before it is answered 503.
+    pub lock_wait: Duration,
+    /// Check the fencing token on every inventory write. **Switching it off is unsafe**: a
+    /// holder paused past its lease then writes over its successor (a double sale). It exists
+    /// only to show that lesson.
+    pub fencing: bool,
+    /// Payment jobs the worker runs at once.
+    pub worker_concurrency: usize,
+    /// Faults to inject, for tests and demonstrations only.
+    pub failpoints: Failpoints,
+}
+
+impl Default for LockedSettings {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "ticketflow".into(),
+            lock_ttl: Duration::from_secs(2),
+            lock_wait: Duration::from_secs(10),
+            fencing: true,
+            worker_concurrency: 256,
+            failpoints: Failpoints::default(),
+        }
+    }
+}
+
+/// Faults the `locked` stage can inject on purpose (tests and the Redlock lesson).
+#[derive(Debug, Clone, Default)]
+pub struct Failpoints {
+    /// The first reservation sleeps this long between reading availability and writing it,
+    /// as a holder paused by GC or SIGSTOP would.
+    pub pause_after_read_once: Option<Duration>,
+    /// The payment worker dies (panics) right after its first charge, mid-job.
+    pub crash_worker_after_charge_once: bool,
+    /// Every payment job fails its first `n` attempts after charging.
+    pub fail_job_attempts: u32,
+}
+
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -173,6 +223,12 @@ pub struct Settings {
     pub http_workers: usize,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Bearer token for admin routes (API v2); when `None` the server makes one and logs it.
+    pub admin_token: Option<String>,
+    /// Most tickets one user may hold or own per event through API v2 orders.
+    pub per_user_limit: u32,
+    /// The `locked` stage's Redis settings.
+    pub locked: LockedSettings,
 }
 
 impl Settings {
@@ -192,6 +248,9 @@ impl Settings {
             max_batch: 512,
             http_workers: 0,
             max_body_bytes: 16 * 1024,
+            admin_token: None,
+            per_user_limit: 4,
+            locked: LockedSettings::default(),
         }
     }
 }

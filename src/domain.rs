@@ -39,6 +39,20 @@ impl fmt::Display for TicketId {
     }
 }
 
+/// An order's id: one purchase of 1..=N tickets of one event, all or nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OrderId(pub Uuid);
+
+impl fmt::Display for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How many tickets one order may hold.
+pub const MAX_TICKETS_PER_ORDER: u32 = 100;
+
 /// A buyer's id. The seed's clients send it as a string or a number; both are accepted and
 /// kept as text (1..=200 characters, no control characters).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -100,14 +114,17 @@ impl<'de> Deserialize<'de> for UserId {
 pub struct Money(i64);
 
 impl Money {
+    /// An amount in cents: any non-negative value (an order's total may exceed one price's cap).
     pub fn from_cents(cents: i64) -> Result<Self, DomainError> {
-        if !(0..=MAX_PRICE_CENTS).contains(&cents) {
-            return Err(DomainError::invalid(
-                "price",
-                "must be between 0 and 1000000.00",
-            ));
+        if cents < 0 {
+            return Err(DomainError::invalid("amount", "must not be negative"));
         }
         Ok(Self(cents))
+    }
+
+    /// This amount times `n`, for an order of `n` tickets.
+    pub fn times(self, n: u32) -> Self {
+        Self(self.0.saturating_mul(i64::from(n)))
     }
 
     /// Parses the seed's `price`, a JSON number in major units with at most two decimals.
@@ -173,6 +190,9 @@ impl TicketStatus {
         }
     }
 }
+
+/// Orders move through the same states as their tickets.
+pub type OrderStatus = TicketStatus;
 
 /// Why a ticket ended `cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +266,23 @@ pub struct Ticket {
     pub cancel_reason: Option<String>,
 }
 
+/// An order as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Order {
+    pub id: OrderId,
+    pub event_id: EventId,
+    pub user_id: String,
+    pub quantity: u32,
+    pub amount_cents: i64,
+    pub status: OrderStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
+    pub tickets: Vec<TicketId>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
 /// A validated request to create an event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -308,6 +345,18 @@ fn parse_text(field: &'static str, raw: &str) -> Result<String, DomainError> {
         ));
     }
     Ok(trimmed.to_owned())
+}
+
+/// Parses an order's ticket count: 1..=`MAX_TICKETS_PER_ORDER`.
+pub fn parse_quantity(raw: i64) -> Result<u32, DomainError> {
+    if (1..=i64::from(MAX_TICKETS_PER_ORDER)).contains(&raw) {
+        Ok(raw as u32)
+    } else {
+        Err(DomainError::invalid(
+            "quantity",
+            "must be an integer between 1 and 100",
+        ))
+    }
 }
 
 /// A field that failed validation.

@@ -72,7 +72,7 @@ pub struct Inventory<H, U> {
     holds: HashMap<H, Hold<U>>,
     /// Holds ordered by expiry, so `expire` touches only what is due.
     expiries: BTreeSet<(Millis, H)>,
-    /// Seats held or bought per user, kept only when a per-user limit applies.
+    /// Seats held or bought per user, for per-user limits.
     per_user: HashMap<U, u32>,
 }
 
@@ -105,9 +105,7 @@ where
 
     /// Records seats a user already owns (when rebuilding from storage).
     pub fn count_owned(&mut self, user: U, quantity: u32) {
-        if self.per_user_limit.is_some() {
-            *self.per_user.entry(user).or_default() += quantity;
-        }
+        *self.per_user.entry(user).or_default() += quantity;
     }
 
     pub fn counts(&self) -> Counts {
@@ -124,12 +122,26 @@ where
         self.expiries.first().map(|(at, _)| *at)
     }
 
-    /// Holds `quantity` seats for `user` under `hold` until `now + hold_ttl`.
+    /// Holds `quantity` seats for `user` under `hold` until `now + hold_ttl`, within the
+    /// inventory's per-user limit if it has one.
     pub fn reserve(
         &mut self,
         hold: H,
         user: U,
         quantity: u32,
+        now: Millis,
+    ) -> Result<Millis, ReserveError> {
+        self.reserve_within(hold, user, quantity, self.per_user_limit, now)
+    }
+
+    /// Like [`Self::reserve`], with the per-user limit given for this call (API v2 applies one,
+    /// API v1 does not).
+    pub fn reserve_within(
+        &mut self,
+        hold: H,
+        user: U,
+        quantity: u32,
+        per_user_limit: Option<u32>,
         now: Millis,
     ) -> Result<Millis, ReserveError> {
         if quantity == 0 {
@@ -150,13 +162,13 @@ where
                 available: self.available,
             });
         }
-        if let Some(limit) = self.per_user_limit {
-            let owned = self.per_user.get(&user).copied().unwrap_or(0);
+        let owned = self.per_user.get(&user).copied().unwrap_or(0);
+        if let Some(limit) = per_user_limit {
             if owned + quantity > limit {
                 return Err(ReserveError::UserLimit { limit });
             }
-            *self.per_user.entry(user.clone()).or_default() += quantity;
         }
+        *self.per_user.entry(user.clone()).or_default() += quantity;
         let expires_at = now.saturating_add(self.hold_ttl);
         self.available -= quantity;
         self.held += quantity;
@@ -218,12 +230,10 @@ where
         let entry = self.take(hold);
         self.held -= entry.quantity;
         self.available += entry.quantity;
-        if self.per_user_limit.is_some() {
-            if let Some(owned) = self.per_user.get_mut(&entry.user) {
-                *owned -= entry.quantity;
-                if *owned == 0 {
-                    self.per_user.remove(&entry.user);
-                }
+        if let Some(owned) = self.per_user.get_mut(&entry.user) {
+            *owned -= entry.quantity;
+            if *owned == 0 {
+                self.per_user.remove(&entry.user);
             }
         }
         self.debug_check();

@@ -5,6 +5,8 @@
 //! - [`inventory`]: the pure inventory core, a state machine with the time passed in.
 //! - [`payments`]: the simulated payment gateway, a pool of payment actors with a ledger.
 //! - [`store`]: SQLite storage, migrations and the group-commit writer.
+//! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
+//! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
 //! - [`stages`]: the purchase contract ([`stages::Stage`]) and one module per stage.
 //! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
 //! - [`api`]: the thin actix-web front, API v1 and admin routes, problem documents.
@@ -18,7 +20,9 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod inventory;
+pub mod lock;
 pub mod payments;
+pub mod queue;
 pub mod server;
 pub mod stages;
 pub mod store;

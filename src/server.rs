@@ -41,6 +41,20 @@ impl Server {
         let stage = stages::build(parts)
             .await
             .context("starting the stage failed")?;
+        api::v2::recover_claims(&store)
+            .await
+            .context("settling Idempotency-Key claims left by the previous run failed")?;
+        let admin_token = match &settings.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let token = format!("tfa_{}", uuid::Uuid::new_v4().simple());
+                tracing::warn!(
+                    admin_token = %token,
+                    "no --admin-token given; made one for this run (API v2 admin routes need it)"
+                );
+                token
+            }
+        };
         if settings.demo_data {
             demo::load(stage.as_ref(), &store)
                 .await
@@ -58,7 +72,9 @@ impl Server {
             store: store.clone(),
             payments,
             settings: settings.clone(),
+            admin_token,
         });
+        let serve_v2 = settings.stage != crate::config::StageKind::Monolith;
         let max_body = settings.max_body_bytes;
         let workers = match settings.http_workers {
             0 => cores(),
@@ -67,7 +83,7 @@ impl Server {
         let http = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .configure(|cfg| api::configure(cfg, max_body))
+                .configure(|cfg| api::configure(cfg, max_body, serve_v2))
         })
         .workers(workers)
         .backlog(4096)

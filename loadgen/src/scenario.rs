@@ -465,3 +465,37 @@ fn ser_opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok,
         None => s.serialize_none(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_scenario_files_parse_and_resolve() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let s = Overrides::from_file(&path).unwrap().resolve().unwrap();
+            assert!(s.seed > 0, "{}", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 2);
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_file_and_the_file_over_the_preset() {
+        let file: Overrides = toml::from_str("vus = 5\ntickets = 9\n").unwrap();
+        let flags = Overrides {
+            vus: Some(7),
+            ..Overrides::default()
+        };
+        let s = flags.over(file).resolve().unwrap();
+        assert_eq!((s.vus, s.tickets, s.events), (7, 9, 1));
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_scenario_file_is_refused() {
+        assert!(toml::from_str::<Overrides>("vu = 5").is_err());
+    }
+}

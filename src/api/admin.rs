@@ -34,3 +34,8 @@ pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> 
     let ledger = state.payments.ledger().await?;
     Ok(HttpResponse::Ok().json(audit::audit(&counts, &payments, &ledger)))
 }
+
+/// `GET /api/v1/admin/stats`: the stage's own figures (for `locked`: lock waits and the queue).
+pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.stage.stats().await)
+}

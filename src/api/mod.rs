@@ -1,8 +1,10 @@
 //! The thin HTTP front: parse and validate, hand the request to the stage, map the outcome.
 
 pub mod admin;
+pub mod auth;
 pub mod problem;
 pub mod v1;
+pub mod v2;
 
 use std::sync::Arc;
 
@@ -21,10 +23,37 @@ pub struct AppState {
     pub store: Store,
     pub payments: PaymentGateway,
     pub settings: Settings,
+    /// The admin's bearer token (configured, or made at start and logged).
+    pub admin_token: String,
 }
 
-/// Registers every route, with problem documents for bad bodies, paths and methods.
-pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
+/// Registers every route, with problem documents for bad bodies, paths and methods. API v2 is
+/// served only when `serve_v2` (the monolith, like the seed's step 1, serves v1 only).
+pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: bool) {
+    cfg.service(resource("/api").route(web::get().to(v2::root)));
+    if serve_v2 {
+        cfg.service(resource("/api/v2").route(web::get().to(v2::index)))
+            .service(resource("/api/v2/users").route(web::post().to(v2::create_user)))
+            .service(resource("/api/v2/users/me/orders").route(web::get().to(v2::my_orders)))
+            .service(resource("/api/v2/users/me/tickets").route(web::get().to(v2::my_tickets)))
+            .service(
+                resource("/api/v2/events")
+                    .route(web::get().to(v2::list_events))
+                    .route(web::post().to(v2::create_event)),
+            )
+            .service(resource("/api/v2/events/{id}").route(web::get().to(v2::get_event)))
+            .service(
+                resource("/api/v2/events/{id}/availability")
+                    .route(web::get().to(v2::availability_stream)),
+            )
+            .service(resource("/api/v2/orders").route(web::post().to(v2::create_order)))
+            .service(resource("/api/v2/orders/{id}").route(web::get().to(v2::get_order)))
+            .service(resource("/api/v2/health").route(web::get().to(v2::health)))
+            .service(resource("/api/v2/admin/audit").route(web::get().to(v2::admin_audit)))
+            .service(resource("/api/v2/admin/ledger").route(web::get().to(v2::admin_ledger)));
+    } else {
+        cfg.service(web::scope("/api/v2").default_service(web::to(v2_not_served)));
+    }
     cfg.app_data(
         web::JsonConfig::default()
             .limit(max_body_bytes)
@@ -41,11 +70,19 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
     .service(resource("/api/v1/tickets/user/{userId}").route(web::get().to(v1::user_tickets)))
     .service(resource("/api/v1/admin/ledger").route(web::get().to(admin::ledger)))
     .service(resource("/api/v1/admin/audit").route(web::get().to(admin::audit)))
+    .service(resource("/api/v1/admin/stats").route(web::get().to(admin::stats)))
     .default_service(web::to(not_found));
 }
 
 fn resource(path: &str) -> actix_web::Resource {
     web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn v2_not_served() -> Problem {
+    Problem::not_found(
+        "api-v2-not-served",
+        "this stage serves API v1 only, like the seed's step 1; start the server with another --stage for API v2",
+    )
 }
 
 async fn not_found(req: HttpRequest) -> Problem {

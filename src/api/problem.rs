@@ -115,6 +115,22 @@ impl From<PurchaseError> for Problem {
         let detail = e.to_string();
         match e {
             PurchaseError::UnknownEvent => Self::not_found("unknown-event", detail),
+            PurchaseError::NotEnough { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "not-enough-tickets",
+                "Not enough tickets",
+                detail,
+            ),
+            PurchaseError::UserLimit { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "user-limit",
+                "Per-user limit reached",
+                detail,
+            ),
+            PurchaseError::NotServed => Self::not_found(
+                "api-v2-not-served",
+                "this stage serves API v1 only; start the server with another --stage for API v2",
+            ),
             PurchaseError::SoldOut => Self::new(
                 StatusCode::BAD_REQUEST,
                 "sold-out",
@@ -141,6 +157,13 @@ impl From<PurchaseError> for Problem {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 "Overloaded",
+                detail,
+            )
+            .retry_after(1),
+            PurchaseError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "dependency-unavailable",
+                "Service unavailable",
                 detail,
             )
             .retry_after(1),

@@ -17,12 +17,15 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::event_actor::{
-    payment_key, EventActor, MailboxGauge, PaymentResult, ReadCounts, Reserve, ReserveRefusal,
+    EventActor, HoldGrant, MailboxGauge, PaymentResult, ReadCounts, Reserve, ReserveRefusal,
     Settle, Settlement,
 };
-use super::{PurchaseError, Stage, StageParts};
+use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
-use crate::domain::{CancelReason, Event, EventId, Money, NewEvent, PaymentStatus, Ticket, UserId};
+use crate::domain::{
+    CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus, PaymentStatus,
+    Ticket, UserId,
+};
 use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::{StoreError, WriteHandle, WriteOp};
@@ -106,7 +109,12 @@ impl Inner {
         let issued = self.parts.store.tickets_issued(event.id).await? as u64;
         let settings = &self.parts.settings;
         let hold_ttl_ms = settings.hold_ttl.as_millis() as u64;
-        let inventory = Inventory::new(event.total_tickets, available, hold_ttl_ms);
+        let mut inventory = Inventory::new(event.total_tickets, available, hold_ttl_ms);
+        for (user, owned) in self.parts.store.owned_by_user(event.id).await? {
+            if let Ok(user) = UserId::parse(&user) {
+                inventory.count_owned(user, owned);
+            }
+        }
         let queued = MailboxGauge::default();
         let actor = EventActor::new(
             event.id,
@@ -147,13 +155,14 @@ impl Inner {
             let unavailable =
                 |e: crate::payments::GatewayUnavailable| StoreError::Conflict(e.to_string());
             let outcome = gateway
-                .charge(&p.payment_key, p.price)
+                .charge(&p.payment_key, p.amount)
                 .await
                 .map_err(unavailable)?;
-            let op = match (outcome, p.ticket_cancelled) {
-                (ChargeOutcome::Approved { .. }, false) => WriteOp::Confirm { ticket: p.ticket },
+            let order = p.order;
+            let op = match (outcome, p.order_cancelled) {
+                (ChargeOutcome::Approved { .. }, false) => WriteOp::Confirm { order },
                 (ChargeOutcome::Declined, false) => WriteOp::Cancel {
-                    ticket: p.ticket,
+                    order,
                     event: p.event,
                     reason: CancelReason::Interrupted,
                     payment: Some(PaymentStatus::Failed),
@@ -162,16 +171,16 @@ impl Inner {
                 (ChargeOutcome::Approved { .. }, true) => {
                     gateway.refund(&p.payment_key).await.map_err(unavailable)?;
                     WriteOp::SettlePayment {
-                        ticket: p.ticket,
+                        order,
                         status: PaymentStatus::Refunded,
                     }
                 }
                 (ChargeOutcome::Declined, true) => WriteOp::SettlePayment {
-                    ticket: p.ticket,
+                    order,
                     status: PaymentStatus::Failed,
                 },
             };
-            tracing::info!(ticket = %p.ticket, event = %p.event, ?outcome, "recovered purchase");
+            tracing::info!(%order, event = %p.event, ?outcome, "recovered purchase");
             self.writer.submit(op).await
         });
         for result in futures::future::join_all(resolutions).await {
@@ -197,7 +206,15 @@ impl Inner {
         Ok(())
     }
 
-    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+    /// Holds seats through the event's actor and waits until the hold is durable.
+    async fn reserve(
+        &self,
+        event: EventId,
+        user: UserId,
+        quantity: u32,
+        per_user_limit: Option<u32>,
+        idempotency_key: Option<String>,
+    ) -> Result<(Addr<EventActor>, HoldGrant), PurchaseError> {
         let EventHandle { addr, queued } = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
         if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
             return Err(PurchaseError::Overloaded);
@@ -205,49 +222,92 @@ impl Inner {
         let (reply, answer) = oneshot::channel();
         // `do_send` ignores actix's per-sender bound; the gauge above is the bound. If the
         // actor has stopped (shutdown), `reply` is dropped and the answer below is an error.
-        addr.do_send(Reserve { user, reply });
+        addr.do_send(Reserve {
+            user,
+            quantity,
+            per_user_limit,
+            idempotency_key,
+            reply,
+        });
         let grant = match answer.await.map_err(|_| PurchaseError::Overloaded)? {
             Ok(grant) => grant,
             Err(ReserveRefusal::WriterFull) => return Err(PurchaseError::Overloaded),
-            Err(ReserveRefusal::Inventory(ReserveError::AllHeld)) => {
-                return Err(PurchaseError::AllHeld)
+            Err(ReserveRefusal::Inventory(refusal)) => {
+                return Err(match refusal {
+                    ReserveError::AllHeld => PurchaseError::AllHeld,
+                    ReserveError::NotEnough { available } => PurchaseError::NotEnough { available },
+                    ReserveError::UserLimit { limit } => PurchaseError::UserLimit { limit },
+                    ReserveError::SoldOut
+                    | ReserveError::DuplicateHold
+                    | ReserveError::ZeroQuantity => PurchaseError::SoldOut,
+                })
             }
-            Err(ReserveRefusal::Inventory(_)) => return Err(PurchaseError::SoldOut),
         };
-        let ticket = grant.ticket;
         // The hold must be on disk before money moves, or a crash could leave a charge that
-        // no record explains.
-        grant.durable.await?;
-        let key = payment_key(ticket);
-        let result = match self.parts.payments.charge(&key, grant.price).await? {
+        // no record explains. The future is taken out so the grant's data can be returned.
+        let HoldGrant {
+            order,
+            tickets,
+            amount,
+            payment_key,
+            created_at,
+            durable,
+        } = grant;
+        durable.await?;
+        let grant = HoldGrant {
+            order,
+            tickets,
+            amount,
+            payment_key,
+            created_at,
+            durable: Box::pin(async { Ok(()) }),
+        };
+        Ok((addr, grant))
+    }
+
+    /// Charges a durable hold and settles it: confirmed, released, or refunded if it expired.
+    async fn pay(
+        &self,
+        addr: Addr<EventActor>,
+        order: OrderId,
+        key: String,
+        amount: Money,
+    ) -> Result<(), PurchaseError> {
+        let result = match self.parts.payments.charge(&key, amount).await? {
             ChargeOutcome::Approved { .. } => PaymentResult::Approved,
             ChargeOutcome::Declined => PaymentResult::Declined,
         };
         let settlement = addr
-            .send(Settle { ticket, result })
+            .send(Settle { order, result })
             .await
             .map_err(|_| PurchaseError::Overloaded)?;
         match settlement {
-            Settlement::Confirmed(durable) => durable.await?,
+            Settlement::Confirmed(durable) => Ok(durable.await?),
             Settlement::Released(durable) => {
                 durable.await?;
-                return Err(PurchaseError::PaymentDeclined);
+                Err(PurchaseError::PaymentDeclined)
             }
             Settlement::Expired(durable) => {
                 durable.await?;
                 self.parts.payments.refund(&key).await?;
                 self.writer
                     .submit(WriteOp::SettlePayment {
-                        ticket,
+                        order,
                         status: PaymentStatus::Refunded,
                     })
                     .await?;
-                return Err(PurchaseError::HoldExpired);
+                Err(PurchaseError::HoldExpired)
             }
         }
+    }
+
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let (addr, grant) = self.reserve(event, user, 1, None, None).await?;
+        self.pay(addr, grant.order, grant.payment_key, grant.amount)
+            .await?;
         self.parts
             .store
-            .ticket(ticket)
+            .first_ticket(grant.order)
             .await?
             .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into())
     }
@@ -273,6 +333,45 @@ impl Stage for ActorStage {
         // Detached: runs to the end even if the client disconnects.
         let task = actix_rt::spawn(async move { inner.purchase(event, user).await });
         task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "actor"))]
+    async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        let OrderRequest {
+            event,
+            user,
+            quantity,
+            per_user_limit,
+            idempotency_key,
+        } = request;
+        let user_id = user.as_str().to_owned();
+        // Detached, like a v1 purchase; the payment goes on after the 202.
+        let task = actix_rt::spawn(async move {
+            let (addr, grant) = inner
+                .reserve(event, user, quantity, Some(per_user_limit), idempotency_key)
+                .await?;
+            let (order, key, amount) = (grant.order, grant.payment_key.clone(), grant.amount);
+            actix_rt::spawn(async move {
+                if let Err(error) = inner.pay(addr, order, key, amount).await {
+                    tracing::info!(%order, %error, "order not confirmed");
+                }
+            });
+            Ok::<_, PurchaseError>(grant)
+        });
+        let grant = task.await.unwrap_or(Err(PurchaseError::Overloaded))?;
+        Ok(Order {
+            id: grant.order,
+            event_id: event,
+            user_id,
+            quantity,
+            amount_cents: grant.amount.cents(),
+            status: OrderStatus::Pending,
+            cancel_reason: None,
+            tickets: grant.tickets,
+            created_at: grant.created_at.clone(),
+            updated_at: grant.created_at,
+        })
     }
 
     async fn shutdown(&self) {

@@ -16,10 +16,14 @@ use futures::future::BoxFuture;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::sync::oneshot;
 
-use crate::domain::{CancelReason, EventId, Money, PaymentStatus, TicketId, UserId};
+use chrono::Utc;
+
+use crate::domain::{
+    timestamp, CancelReason, EventId, Money, OrderId, PaymentStatus, TicketId, UserId,
+};
 use crate::inventory::{Counts, HoldError, Inventory, Millis, ReserveError};
 use crate::payments::fnv1a;
-use crate::store::{StoreError, StoreResult, WriteHandle, WriteOp};
+use crate::store::{NewOrder, StoreError, StoreResult, WriteHandle, WriteOp};
 
 /// A future that resolves once a write is committed.
 pub type Durable = BoxFuture<'static, StoreResult<()>>;
@@ -27,7 +31,7 @@ pub type Durable = BoxFuture<'static, StoreResult<()>>;
 pub struct EventActor {
     event: EventId,
     price: Money,
-    inventory: Inventory<TicketId, UserId>,
+    inventory: Inventory<OrderId, UserId>,
     writer: WriteHandle,
     /// Mints ticket ids; seeded so a replayed run gets the same ids (and payment outcomes).
     ids: StdRng,
@@ -74,7 +78,7 @@ impl EventActor {
     pub fn new(
         event: EventId,
         price: Money,
-        inventory: Inventory<TicketId, UserId>,
+        inventory: Inventory<OrderId, UserId>,
         writer: WriteHandle,
         seed: u64,
         issued: u64,
@@ -98,15 +102,15 @@ impl EventActor {
         self.started.elapsed().as_millis() as Millis
     }
 
-    fn mint_ticket(&mut self) -> TicketId {
-        TicketId(uuid::Builder::from_random_bytes(self.ids.gen()).into_uuid())
+    fn mint_id(&mut self) -> uuid::Uuid {
+        uuid::Builder::from_random_bytes(self.ids.gen()).into_uuid()
     }
 
     fn expire_due(&mut self) {
         let now = self.now();
-        for ticket in self.inventory.expire(now) {
+        for order in self.inventory.expire(now) {
             let op = WriteOp::Cancel {
-                ticket,
+                order,
                 event: self.event,
                 reason: CancelReason::HoldExpired,
                 payment: None,
@@ -137,10 +141,13 @@ fn durable(writer: &WriteHandle, op: WriteOp) -> Durable {
     }
 }
 
-/// A seat held for a buyer; `durable` resolves once the hold is on disk.
+/// Seats held for a buyer; `durable` resolves once the hold is on disk.
 pub struct HoldGrant {
-    pub ticket: TicketId,
-    pub price: Money,
+    pub order: OrderId,
+    pub tickets: Vec<TicketId>,
+    pub amount: Money,
+    pub payment_key: String,
+    pub created_at: String,
     pub durable: Durable,
 }
 
@@ -148,16 +155,20 @@ pub struct HoldGrant {
 #[derive(Debug)]
 pub enum ReserveRefusal {
     Inventory(ReserveError),
-    /// The writer's queue is full; the seat was not held.
+    /// The writer's queue is full; nothing was held.
     WriterFull,
 }
 
-/// Hold one seat for `user`. Admitted through the event's [`MailboxGauge`], so a full
+/// Hold `quantity` seats for `user`. Admitted through the event's [`MailboxGauge`], so a full
 /// mailbox is an immediate 503; the answer travels back on `reply`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reserve {
     pub user: UserId,
+    pub quantity: u32,
+    /// API v2 caps what one user may hold or own; API v1 does not.
+    pub per_user_limit: Option<u32>,
+    pub idempotency_key: Option<String>,
     pub reply: oneshot::Sender<Result<HoldGrant, ReserveRefusal>>,
 }
 
@@ -166,39 +177,60 @@ impl Handler<Reserve> for EventActor {
 
     fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
         self.queued.release();
-        let ticket = self.mint_ticket();
+        let order = OrderId(self.mint_id());
         let now = self.now();
-        let answer = match self.inventory.reserve(ticket, msg.user.clone(), 1, now) {
+        let decided = self.inventory.reserve_within(
+            order,
+            msg.user.clone(),
+            msg.quantity,
+            msg.per_user_limit,
+            now,
+        );
+        let answer = match decided {
             Err(refusal) => Err(ReserveRefusal::Inventory(refusal)),
             Ok(_) => {
-                let op = WriteOp::Hold {
-                    ticket,
+                let tickets: Vec<TicketId> = (0..msg.quantity)
+                    .map(|_| TicketId(self.mint_id()))
+                    .collect();
+                let hold = NewOrder {
+                    order,
+                    tickets: tickets.clone(),
                     event: self.event,
                     user: msg.user.as_str().to_owned(),
-                    price: self.price,
-                    payment_key: payment_key(ticket),
+                    unit_price: self.price,
+                    payment_key: payment_key(order),
+                    idempotency_key: msg.idempotency_key,
+                    created_at: timestamp(Utc::now()),
                 };
-                match self.writer.try_submit(op) {
+                let (amount, payment_key, created_at) = (
+                    self.price.times(msg.quantity),
+                    hold.payment_key.clone(),
+                    hold.created_at.clone(),
+                );
+                match self.writer.try_submit(WriteOp::Hold(Box::new(hold))) {
                     Ok(done) => Ok(HoldGrant {
-                        ticket,
-                        price: self.price,
+                        order,
+                        tickets,
+                        amount,
+                        payment_key,
+                        created_at,
                         durable: Box::pin(async move {
                             done.await.map_err(|_| StoreError::WriterClosed)?
                         }),
                     }),
                     Err(_) => {
-                        let _ = self.inventory.release(ticket);
+                        let _ = self.inventory.release(order);
                         Err(ReserveRefusal::WriterFull)
                     }
                 }
             }
         };
         if let Err(Ok(grant)) = msg.reply.send(answer) {
-            // The buyer went away before the answer: give the seat back once the hold is
+            // The buyer went away before the answer: give the seats back once the hold is
             // written, so storage and memory agree.
-            let _ = self.inventory.release(grant.ticket);
+            let _ = self.inventory.release(grant.order);
             let op = WriteOp::Cancel {
-                ticket: grant.ticket,
+                order: grant.order,
                 event: self.event,
                 reason: CancelReason::Interrupted,
                 payment: Some(PaymentStatus::Failed),
@@ -208,19 +240,19 @@ impl Handler<Reserve> for EventActor {
     }
 }
 
-/// The gateway key a ticket's payment uses.
-pub fn payment_key(ticket: TicketId) -> String {
-    format!("ticket-{ticket}")
+/// The gateway key an order's payment uses.
+pub fn payment_key(order: OrderId) -> String {
+    format!("order-{order}")
 }
 
-/// What the payment gateway said about a held ticket.
+/// What the payment gateway said about a held order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentResult {
     Approved,
     Declined,
 }
 
-/// What became of a held ticket once its payment result arrived.
+/// What became of a held order once its payment result arrived.
 pub enum Settlement {
     /// Confirmed; `durable` resolves once that is on disk.
     Confirmed(Durable),
@@ -230,12 +262,12 @@ pub enum Settlement {
     Expired(Durable),
 }
 
-/// Settle a held ticket with its payment result. Sent with `send` (waits for room): a purchase
+/// Settle a held order with its payment result. Sent with `send` (waits for room): a purchase
 /// already under way must be finished, never shed.
 #[derive(Message)]
 #[rtype(result = "Settlement")]
 pub struct Settle {
-    pub ticket: TicketId,
+    pub order: OrderId,
     pub result: PaymentResult,
 }
 
@@ -244,16 +276,16 @@ impl Handler<Settle> for EventActor {
 
     fn handle(&mut self, msg: Settle, _: &mut Self::Context) -> Self::Result {
         let now = self.now();
-        let ticket = msg.ticket;
+        let order = msg.order;
         let cancel = |reason, payment| WriteOp::Cancel {
-            ticket,
+            order,
             event: self.event,
             reason,
             payment,
         };
         let settled = match msg.result {
-            PaymentResult::Approved => match self.inventory.confirm(ticket, now) {
-                Ok(_) => Settlement::Confirmed(durable(&self.writer, WriteOp::Confirm { ticket })),
+            PaymentResult::Approved => match self.inventory.confirm(order, now) {
+                Ok(_) => Settlement::Confirmed(durable(&self.writer, WriteOp::Confirm { order })),
                 // Expired just now: cancel the ticket; the caller records the refund.
                 Err(HoldError::Expired) => Settlement::Expired(durable(
                     &self.writer,
@@ -262,7 +294,7 @@ impl Handler<Settle> for EventActor {
                 // Expired earlier, already cancelled by `expire_due`.
                 Err(HoldError::Unknown) => Settlement::Expired(Box::pin(async { Ok(()) })),
             },
-            PaymentResult::Declined => match self.inventory.release(ticket) {
+            PaymentResult::Declined => match self.inventory.release(order) {
                 Ok(_) => Settlement::Released(durable(
                     &self.writer,
                     cancel(CancelReason::PaymentDeclined, Some(PaymentStatus::Failed)),
@@ -270,7 +302,7 @@ impl Handler<Settle> for EventActor {
                 Err(_) => Settlement::Released(durable(
                     &self.writer,
                     WriteOp::SettlePayment {
-                        ticket,
+                        order,
                         status: PaymentStatus::Failed,
                     },
                 )),

@@ -5,6 +5,7 @@
 
 pub mod actor;
 pub mod event_actor;
+pub mod locked;
 pub mod monolith;
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::{Settings, StageKind};
-use crate::domain::{Event, EventId, NewEvent, Ticket, UserId};
+use crate::domain::{Event, EventId, NewEvent, Order, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
 use crate::store::{Store, StoreError};
 
@@ -21,6 +22,15 @@ use crate::store::{Store, StoreError};
 pub enum PurchaseError {
     #[error("no event with that id")]
     UnknownEvent,
+    /// Fewer tickets are free than the order asks for.
+    #[error("only {available} tickets are available")]
+    NotEnough { available: u32 },
+    /// The order would take the user past the per-user limit for this event.
+    #[error("at most {limit} tickets per user for this event")]
+    UserLimit { limit: u32 },
+    /// This stage serves API v1 only (the monolith, like the seed's step 1).
+    #[error("this stage serves API v1 only")]
+    NotServed,
     /// Every ticket is sold; none will come back.
     #[error("no tickets left")]
     SoldOut,
@@ -35,6 +45,9 @@ pub enum PurchaseError {
     /// The event's mailbox or the database writer is full: shed load, retry later.
     #[error("the server is overloaded; try again shortly")]
     Overloaded,
+    /// A service the stage depends on (Redis for `locked`) does not answer.
+    #[error("{0} is unavailable; try again shortly")]
+    Unavailable(&'static str),
     #[error(transparent)]
     Gateway(#[from] GatewayUnavailable),
     #[error(transparent)]
@@ -52,8 +65,37 @@ pub trait Stage: Send + Sync + 'static {
     /// Buys one ticket; answers when payment has settled (API v1 semantics).
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError>;
 
+    /// Places an order (API v2): answers once its seats are held durably, with the order
+    /// `pending`; payment and confirmation continue in the background.
+    async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
+        let _ = request;
+        Err(PurchaseError::NotServed)
+    }
+
+    /// The stage's own figures (lock waits, queue depths, ...) for `GET /api/v1/admin/stats`.
+    async fn stats(&self) -> serde_json::Value {
+        serde_json::json!({ "stage": self.kind() })
+    }
+
+    /// The stage's own dependencies beyond SQLite (e.g. Redis) and whether each answers.
+    async fn dependencies(&self) -> Vec<(&'static str, bool)> {
+        Vec::new()
+    }
+
     /// Stops background work after the HTTP server has drained its requests.
     async fn shutdown(&self) {}
+}
+
+/// An API v2 order, validated.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    pub event: EventId,
+    pub user: UserId,
+    pub quantity: u32,
+    /// Most tickets one user may hold or own for the event.
+    pub per_user_limit: u32,
+    /// The client's Idempotency-Key; stored on the order so a key yields at most one order.
+    pub idempotency_key: Option<String>,
 }
 
 /// What every stage is built from.
@@ -64,10 +106,21 @@ pub struct StageParts {
     pub settings: Settings,
 }
 
+/// Why a stage could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Redis did not answer at start (`locked`).
+    #[error("--redis-url {url}: cannot reach Redis ({cause}); start Redis or point --redis-url (REDIS_URL) at it")]
+    Redis { url: String, cause: String },
+}
+
 /// Builds the stage `settings.stage` asks for (recovering interrupted purchases first).
-pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StoreError> {
+pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
     Ok(match parts.settings.stage {
         StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
+        StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
     })
 }

@@ -11,9 +11,13 @@ use uuid::Uuid;
 
 use super::{PurchaseError, Stage, StageParts};
 use crate::config::StageKind;
-use crate::domain::{CancelReason, Event, EventId, NewEvent, Ticket, TicketId, UserId};
+use chrono::Utc;
+
+use crate::domain::{
+    timestamp, CancelReason, Event, EventId, NewEvent, OrderId, Ticket, TicketId, UserId,
+};
 use crate::payments::ChargeOutcome;
-use crate::store::StoreError;
+use crate::store::{NewOrder, StoreError};
 
 pub struct Monolith {
     parts: StageParts,
@@ -46,26 +50,38 @@ impl Stage for Monolith {
         if available <= 0 {
             return Err(PurchaseError::SoldOut);
         }
-        // 2. create a pending ticket
-        let ticket = TicketId(Uuid::new_v4());
-        let payment_key = format!("ticket-{ticket}");
-        store
-            .insert_pending_ticket(ticket, event, &user, price, &payment_key)
-            .await?;
+        // 2. create a pending ticket (an order of one, with its payment)
+        let order = OrderId(Uuid::new_v4());
+        let pending = NewOrder {
+            order,
+            tickets: vec![TicketId(Uuid::new_v4())],
+            event,
+            user: user.as_str().to_owned(),
+            unit_price: price,
+            payment_key: format!("order-{order}"),
+            idempotency_key: None,
+            created_at: timestamp(Utc::now()),
+        };
+        store.insert_pending_order(&pending).await?;
         // 3. the slow payment, while other buyers read the same `available`
-        match self.parts.payments.charge(&payment_key, price).await? {
+        match self
+            .parts
+            .payments
+            .charge(&pending.payment_key, price)
+            .await?
+        {
             ChargeOutcome::Approved { .. } => {
                 // 4. confirm, then write back what was read minus one (the lost update)
-                store.confirm_ticket(ticket).await?;
+                store.confirm_order(order).await?;
                 store.write_available(event, available - 1).await?;
                 store
-                    .ticket(ticket)
+                    .first_ticket(order)
                     .await?
                     .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into())
             }
             ChargeOutcome::Declined => {
                 store
-                    .cancel_ticket(ticket, CancelReason::PaymentDeclined)
+                    .cancel_order(order, CancelReason::PaymentDeclined)
                     .await?;
                 Err(PurchaseError::PaymentDeclined)
             }

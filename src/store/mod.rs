@@ -1,6 +1,9 @@
 //! SQLite storage shared by the stages: the schema (`migrations/sqlite`), reads, the monolith's
 //! step-by-step writes, and the group-commit [`writer`] the actor stage uses.
 
+pub mod accounts;
+pub mod fenced;
+pub mod sql;
 pub mod writer;
 
 use std::str::FromStr;
@@ -15,10 +18,11 @@ use uuid::Uuid;
 
 use crate::config::Durability;
 use crate::domain::{
-    timestamp, CancelReason, Event, EventId, Money, NewEvent, PaymentStatus, Ticket, TicketId,
-    TicketStatus, UserId,
+    timestamp, CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus,
+    PaymentStatus, Ticket, TicketId, TicketStatus, UserId,
 };
 
+pub use sql::NewOrder;
 pub use writer::{WriteHandle, WriteOp, WriterFull};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -58,16 +62,53 @@ pub struct Store {
     options: SqliteConnectOptions,
 }
 
-/// A purchase whose payment was left `pending` by a run that stopped (found at start-up).
+/// An order whose payment was left `pending` by a run that stopped (found at start-up).
 #[derive(Debug, Clone)]
 pub struct PendingPurchase {
-    /// The ticket was already cancelled (its hold expired) while the payment was in flight.
-    pub ticket_cancelled: bool,
-    pub ticket: TicketId,
+    /// The order was already cancelled (its hold expired) while the payment was in flight.
+    pub order_cancelled: bool,
+    pub order: OrderId,
     pub event: EventId,
-    pub user: String,
-    pub price: Money,
+    pub amount: Money,
     pub payment_key: String,
+}
+
+/// A search over events (API v2): filters, sort, one page.
+#[derive(Debug, Clone)]
+pub struct EventQuery {
+    /// Exact venue, ignoring case.
+    pub venue: Option<String>,
+    /// Earliest and latest date, as stored timestamps (RFC 3339, UTC, milliseconds).
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// Only events with (true) or without (false) tickets left.
+    pub available: Option<bool>,
+    pub sort: EventSort,
+    pub descending: bool,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+/// What events can be sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSort {
+    Date,
+    Name,
+    Price,
+    Available,
+    Created,
+}
+
+impl EventSort {
+    fn column(self) -> &'static str {
+        match self {
+            Self::Date => "date",
+            Self::Name => "name",
+            Self::Price => "price_cents",
+            Self::Available => "available_tickets",
+            Self::Created => "id",
+        }
+    }
 }
 
 /// Per-event counters as stored, for recovery and the audit.
@@ -85,8 +126,8 @@ pub struct StoredCounts {
 /// A payment row as the audit needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentRecord {
-    pub ticket: String,
-    pub ticket_status: String,
+    pub order: String,
+    pub order_status: String,
     pub status: String,
     pub key: String,
 }
@@ -157,6 +198,50 @@ impl Store {
         Ok(rows.into_iter().map(Event::from).collect())
     }
 
+    /// One page of events matching `query`, and how many match in all.
+    pub async fn search_events(&self, query: &EventQuery) -> StoreResult<(Vec<Event>, i64)> {
+        let mut filters = Vec::new();
+        if query.venue.is_some() {
+            filters.push("lower(venue) = lower(?)");
+        }
+        if query.from.is_some() {
+            filters.push("date >= ?");
+        }
+        if query.to.is_some() {
+            filters.push("date <= ?");
+        }
+        match query.available {
+            Some(true) => filters.push("available_tickets > 0"),
+            Some(false) => filters.push("available_tickets = 0"),
+            None => {}
+        }
+        let filter = if filters.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", filters.join(" AND "))
+        };
+        let order = format!(
+            " ORDER BY {} {}, id ASC LIMIT ? OFFSET ?",
+            query.sort.column(),
+            if query.descending { "DESC" } else { "ASC" }
+        );
+        let count_sql = format!("SELECT COUNT(*) FROM events{filter}");
+        let page_sql = format!("{EVENT_COLUMNS}{filter}{order}");
+        let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+        let mut page = sqlx::query_as::<_, EventRow>(&page_sql);
+        for value in [&query.venue, &query.from, &query.to].into_iter().flatten() {
+            count = count.bind(value.clone());
+            page = page.bind(value.clone());
+        }
+        let total = count.fetch_one(&self.pool).await?;
+        let rows = page
+            .bind(i64::from(query.limit))
+            .bind(query.offset as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((rows.into_iter().map(Event::from).collect(), total))
+    }
+
     pub async fn event(&self, id: EventId) -> StoreResult<Option<Event>> {
         let row: Option<EventRow> = sqlx::query_as(&format!("{EVENT_COLUMNS} WHERE id = ?"))
             .bind(id.0)
@@ -200,66 +285,29 @@ impl Store {
         .transpose()
     }
 
-    /// Step 2: a pending ticket and its pending payment.
-    pub async fn insert_pending_ticket(
-        &self,
-        ticket: TicketId,
-        event: EventId,
-        user: &UserId,
-        price: Money,
-        payment_key: &str,
-    ) -> StoreResult<()> {
-        let now = timestamp(Utc::now());
-        sqlx::query(INSERT_TICKET)
-            .bind(ticket.0.to_string())
-            .bind(event.0)
-            .bind(user.as_str())
-            .bind(&now)
-            .bind(price.cents())
-            .execute(&self.pool)
-            .await?;
-        sqlx::query(INSERT_PAYMENT)
-            .bind(Uuid::new_v4().to_string())
-            .bind(ticket.0.to_string())
-            .bind(user.as_str())
-            .bind(price.cents())
-            .bind(payment_key)
-            .bind(&now)
-            .execute(&self.pool)
-            .await?;
+    /// Step 2: a pending order with its tickets and payment, each its own autocommit
+    /// statement.
+    pub async fn insert_pending_order(&self, order: &NewOrder) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await?;
+        sql::insert_order(&mut conn, order).await?;
         Ok(())
     }
 
-    /// Step 4a: the ticket confirmed and its payment completed.
-    pub async fn confirm_ticket(&self, ticket: TicketId) -> StoreResult<()> {
+    /// Step 4a: the order confirmed, then its payment completed (two statements).
+    pub async fn confirm_order(&self, order: OrderId) -> StoreResult<()> {
         let now = timestamp(Utc::now());
-        sqlx::query(CONFIRM_TICKET)
-            .bind(ticket.0.to_string())
-            .execute(&self.pool)
-            .await?;
-        sqlx::query(SETTLE_PAYMENT)
-            .bind(PaymentStatus::Completed.as_str())
-            .bind(&now)
-            .bind(ticket.0.to_string())
-            .execute(&self.pool)
-            .await?;
+        let mut conn = self.pool.acquire().await?;
+        sql::finish_order(&mut conn, order, OrderStatus::Confirmed, None, &now).await?;
+        sql::settle_payment(&mut conn, order, PaymentStatus::Completed, &now).await?;
         Ok(())
     }
 
-    /// Step 4b: the ticket cancelled and its payment failed; inventory is not touched.
-    pub async fn cancel_ticket(&self, ticket: TicketId, reason: CancelReason) -> StoreResult<()> {
+    /// Step 4b: the order cancelled, then its payment failed; inventory is not touched.
+    pub async fn cancel_order(&self, order: OrderId, reason: CancelReason) -> StoreResult<()> {
         let now = timestamp(Utc::now());
-        sqlx::query(CANCEL_TICKET)
-            .bind(reason.as_str())
-            .bind(ticket.0.to_string())
-            .execute(&self.pool)
-            .await?;
-        sqlx::query(SETTLE_PAYMENT)
-            .bind(PaymentStatus::Failed.as_str())
-            .bind(&now)
-            .bind(ticket.0.to_string())
-            .execute(&self.pool)
-            .await?;
+        let mut conn = self.pool.acquire().await?;
+        sql::finish_order(&mut conn, order, OrderStatus::Cancelled, Some(reason), &now).await?;
+        sql::settle_payment(&mut conn, order, PaymentStatus::Failed, &now).await?;
         Ok(())
     }
 
@@ -276,25 +324,24 @@ impl Store {
 
     // --- recovery and audit ---
 
-    /// Purchases that were interrupted: payments still `pending`, with their tickets.
+    /// Purchases that were interrupted: payments still `pending`, with their orders.
     pub async fn pending_purchases(&self) -> StoreResult<Vec<PendingPurchase>> {
         let rows = sqlx::query(
-            "SELECT t.id, t.event_id, t.user_id, t.price_cents, p.idempotency_key, t.status
-             FROM tickets t JOIN payments p ON p.ticket_id = t.id
-             WHERE p.status = 'pending' OR t.status = 'pending' ORDER BY t.purchase_date",
+            "SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status
+             FROM orders o JOIN payments p ON p.order_id = o.id
+             WHERE p.status = 'pending' OR o.status = 'pending' ORDER BY o.created_at",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(PendingPurchase {
-                    ticket_cancelled: r.get::<String, _>(5) == "cancelled",
-                    ticket: parse_ticket_id(r.get::<String, _>(0))?,
+                    order: OrderId(parse_uuid(r.get::<String, _>(0))?),
                     event: EventId(r.get(1)),
-                    user: r.get(2),
-                    price: Money::from_cents(r.get(3))
+                    amount: Money::from_cents(r.get(2))
                         .map_err(|e| StoreError::Conflict(e.to_string()))?,
-                    payment_key: r.get(4),
+                    payment_key: r.get(3),
+                    order_cancelled: r.get::<String, _>(4) == "cancelled",
                 })
             })
             .collect()
@@ -328,23 +375,98 @@ impl Store {
     /// Every payment row with its ticket's status.
     pub async fn payment_records(&self) -> StoreResult<Vec<PaymentRecord>> {
         let rows = sqlx::query(
-            "SELECT p.ticket_id, t.status, p.status, p.idempotency_key
-             FROM payments p JOIN tickets t ON t.id = p.ticket_id",
+            "SELECT p.order_id, o.status, p.status, p.idempotency_key
+             FROM payments p JOIN orders o ON o.id = p.order_id",
         )
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
             .map(|r| PaymentRecord {
-                ticket: r.get(0),
-                ticket_status: r.get(1),
+                order: r.get(0),
+                order_status: r.get(1),
                 status: r.get(2),
                 key: r.get(3),
             })
             .collect())
     }
 
-    /// Users and how many confirmed tickets each owns, for one event (to rebuild per-user limits).
+    /// Tickets each user owns (confirmed) for one event, to rebuild per-user limits.
+    pub async fn owned_by_user(&self, event: EventId) -> StoreResult<Vec<(String, u32)>> {
+        let rows = sqlx::query(
+            "SELECT user_id, COUNT(*) FROM tickets WHERE event_id = ? AND status = 'confirmed' GROUP BY user_id",
+        )
+        .bind(event.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get::<i64, _>(1) as u32))
+            .collect())
+    }
+
+    pub async fn order(&self, id: OrderId) -> StoreResult<Option<Order>> {
+        let row: Option<OrderRow> = sqlx::query_as(&format!("{ORDER_COLUMNS} WHERE id = ?"))
+            .bind(id.0.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(Some(self.with_tickets(row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A user's orders, newest first.
+    pub async fn user_orders(&self, user: &UserId) -> StoreResult<Vec<Order>> {
+        let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+            "{ORDER_COLUMNS} WHERE user_id = ? ORDER BY created_at DESC, id"
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut orders = Vec::with_capacity(rows.len());
+        for row in rows {
+            orders.push(self.with_tickets(row).await?);
+        }
+        Ok(orders)
+    }
+
+    async fn with_tickets(&self, row: OrderRow) -> StoreResult<Order> {
+        let tickets: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM tickets WHERE order_id = ? ORDER BY id")
+                .bind(&row.id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(Order {
+            id: OrderId(parse_uuid(row.id)?),
+            event_id: EventId(row.event_id),
+            user_id: row.user_id,
+            quantity: row.quantity as u32,
+            amount_cents: row.amount_cents,
+            status: TicketStatus::parse(&row.status)
+                .ok_or_else(|| StoreError::Conflict(format!("unknown status {}", row.status)))?,
+            cancel_reason: row.cancel_reason,
+            tickets: tickets
+                .into_iter()
+                .map(|t| parse_uuid(t).map(TicketId))
+                .collect::<StoreResult<_>>()?,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+
+    /// The first ticket of an order (an API v1 purchase has exactly one).
+    pub async fn first_ticket(&self, order: OrderId) -> StoreResult<Option<Ticket>> {
+        let row: Option<TicketRow> = sqlx::query_as(&format!(
+            "{TICKET_COLUMNS} WHERE order_id = ? ORDER BY id LIMIT 1"
+        ))
+        .bind(order.0.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Ticket::try_from).transpose()
+    }
+
+    /// How many tickets an event has issued so far, in any state.
     pub async fn tickets_issued(&self, event: EventId) -> StoreResult<i64> {
         Ok(
             sqlx::query_scalar("SELECT COUNT(*) FROM tickets WHERE event_id = ?")
@@ -372,20 +494,8 @@ fn connect_options(database: &str, durability: Durability) -> StoreResult<Sqlite
         .foreign_keys(true))
 }
 
-pub(crate) const INSERT_TICKET: &str =
-    "INSERT INTO tickets (id, event_id, user_id, purchase_date, price_cents, status)
-     VALUES (?, ?, ?, ?, ?, 'pending')";
-pub(crate) const INSERT_PAYMENT: &str =
-    "INSERT INTO payments (id, ticket_id, user_id, amount_cents, status, idempotency_key, created_at)
-     VALUES (?, ?, ?, ?, 'pending', ?, ?)";
-pub(crate) const CONFIRM_TICKET: &str =
-    "UPDATE tickets SET status = 'confirmed' WHERE id = ? AND status = 'pending'";
-pub(crate) const CANCEL_TICKET: &str =
-    "UPDATE tickets SET status = 'cancelled', cancel_reason = ? WHERE id = ? AND status = 'pending'";
-pub(crate) const SETTLE_PAYMENT: &str =
-    "UPDATE payments SET status = ?, processed_at = ? WHERE ticket_id = ? AND status = 'pending'";
-
 const EVENT_COLUMNS: &str = "SELECT id, name, venue, date, total_tickets, available_tickets, price_cents, created_at FROM events";
+const ORDER_COLUMNS: &str = "SELECT id, event_id, user_id, quantity, amount_cents, status, cancel_reason, created_at, updated_at FROM orders";
 const TICKET_COLUMNS: &str =
     "SELECT id, event_id, user_id, purchase_date, price_cents, status, cancel_reason FROM tickets";
 
@@ -418,6 +528,19 @@ impl From<EventRow> for Event {
 }
 
 #[derive(FromRow)]
+struct OrderRow {
+    id: String,
+    event_id: i64,
+    user_id: String,
+    quantity: i64,
+    amount_cents: i64,
+    status: String,
+    cancel_reason: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+#[derive(FromRow)]
 struct TicketRow {
     id: String,
     event_id: i64,
@@ -433,7 +556,7 @@ impl TryFrom<TicketRow> for Ticket {
 
     fn try_from(r: TicketRow) -> Result<Self, Self::Error> {
         Ok(Ticket {
-            id: parse_ticket_id(r.id)?,
+            id: TicketId(parse_uuid(r.id)?),
             event_id: EventId(r.event_id),
             user_id: r.user_id,
             purchase_date: r.purchase_date,
@@ -446,8 +569,7 @@ impl TryFrom<TicketRow> for Ticket {
     }
 }
 
-fn parse_ticket_id(raw: String) -> StoreResult<TicketId> {
+fn parse_uuid(raw: String) -> StoreResult<Uuid> {
     Uuid::parse_str(&raw)
-        .map(TicketId)
-        .map_err(|_| StoreError::Conflict(format!("stored ticket id {raw} is not a UUID")))
+        .map_err(|_| StoreError::Conflict(format!("stored id {raw} is not a UUID")))
 }

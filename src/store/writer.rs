@@ -10,38 +10,29 @@
 use chrono::Utc;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
-use uuid::Uuid;
 
-use super::{
-    StoreError, StoreResult, CANCEL_TICKET, CONFIRM_TICKET, INSERT_PAYMENT, INSERT_TICKET,
-    SETTLE_PAYMENT,
-};
-use crate::domain::{timestamp, CancelReason, EventId, Money, PaymentStatus, TicketId};
+use super::sql::{self, NewOrder};
+use super::{StoreError, StoreResult};
+use crate::domain::{timestamp, CancelReason, EventId, OrderId, OrderStatus, PaymentStatus};
 
 /// One durable step of a purchase.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    /// A seat held: the ticket `pending`, its payment `pending`, `available` one lower.
-    Hold {
-        ticket: TicketId,
-        event: EventId,
-        user: String,
-        price: Money,
-        payment_key: String,
-    },
-    /// The payment succeeded in time: ticket `confirmed`, payment `completed`.
-    Confirm { ticket: TicketId },
-    /// The seat goes back: ticket `cancelled`, `available` one higher, and the payment settled
-    /// as `payment` if its outcome is already known.
+    /// Seats held: the order, its tickets and its payment `pending`, `available` lower.
+    Hold(Box<NewOrder>),
+    /// The payment succeeded in time: order and tickets `confirmed`, payment `completed`.
+    Confirm { order: OrderId },
+    /// The seats go back: order and tickets `cancelled`, `available` higher, and the payment
+    /// settled as `payment` if its outcome is already known.
     Cancel {
-        ticket: TicketId,
+        order: OrderId,
         event: EventId,
         reason: CancelReason,
         payment: Option<PaymentStatus>,
     },
-    /// A payment's outcome arrived after its ticket was already cancelled.
+    /// A payment's outcome arrived after its order was already cancelled.
     SettlePayment {
-        ticket: TicketId,
+        order: OrderId,
         status: PaymentStatus,
     },
     /// Writes nothing: its answer means every write queued before it is committed.
@@ -168,109 +159,30 @@ async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<(WriteOp, Ack)>) {
 async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<(), sqlx::Error> {
     let now = timestamp(Utc::now());
     match op {
-        WriteOp::Hold {
-            ticket,
-            event,
-            user,
-            price,
-            payment_key,
-        } => {
-            sqlx::query(INSERT_TICKET)
-                .bind(ticket.0.to_string())
-                .bind(event.0)
-                .bind(user)
-                .bind(&now)
-                .bind(price.cents())
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query(INSERT_PAYMENT)
-                .bind(Uuid::new_v4().to_string())
-                .bind(ticket.0.to_string())
-                .bind(user)
-                .bind(price.cents())
-                .bind(payment_key)
-                .bind(&now)
-                .execute(&mut *conn)
-                .await?;
-            expect_one(
-                sqlx::query(
-                    "UPDATE events SET available_tickets = available_tickets - 1 WHERE id = ?",
-                )
-                .bind(event.0)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected(),
-                "event to hold a seat of",
-            )
+        WriteOp::Hold(order) => {
+            sql::insert_order(conn, order).await?;
+            sql::move_seats(conn, order.order, order.event, -1).await
         }
-        WriteOp::Confirm { ticket } => {
-            expect_one(
-                sqlx::query(CONFIRM_TICKET)
-                    .bind(ticket.0.to_string())
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected(),
-                "pending ticket to confirm",
-            )?;
-            settle(conn, *ticket, PaymentStatus::Completed, &now).await
+        WriteOp::Confirm { order } => {
+            sql::finish_order(conn, *order, OrderStatus::Confirmed, None, &now).await?;
+            sql::settle_payment(conn, *order, PaymentStatus::Completed, &now).await
         }
         WriteOp::Cancel {
-            ticket,
+            order,
             event,
             reason,
             payment,
         } => {
-            expect_one(
-                sqlx::query(CANCEL_TICKET)
-                    .bind(reason.as_str())
-                    .bind(ticket.0.to_string())
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected(),
-                "pending ticket to cancel",
-            )?;
-            expect_one(
-                sqlx::query(
-                    "UPDATE events SET available_tickets = available_tickets + 1 WHERE id = ?",
-                )
-                .bind(event.0)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected(),
-                "event to return a seat to",
-            )?;
+            sql::finish_order(conn, *order, OrderStatus::Cancelled, Some(*reason), &now).await?;
+            sql::move_seats(conn, *order, *event, 1).await?;
             match payment {
-                Some(status) => settle(conn, *ticket, *status, &now).await,
+                Some(status) => sql::settle_payment(conn, *order, *status, &now).await,
                 None => Ok(()),
             }
         }
-        WriteOp::SettlePayment { ticket, status } => settle(conn, *ticket, *status, &now).await,
+        WriteOp::SettlePayment { order, status } => {
+            sql::settle_payment(conn, *order, *status, &now).await
+        }
         WriteOp::Barrier => Ok(()),
-    }
-}
-
-async fn settle(
-    conn: &mut SqliteConnection,
-    ticket: TicketId,
-    status: PaymentStatus,
-    now: &str,
-) -> Result<(), sqlx::Error> {
-    let affected = sqlx::query(SETTLE_PAYMENT)
-        .bind(status.as_str())
-        .bind(now)
-        .bind(ticket.0.to_string())
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    expect_one(affected, "pending payment to settle")
-}
-
-fn expect_one(affected: u64, what: &str) -> Result<(), sqlx::Error> {
-    if affected == 1 {
-        Ok(())
-    } else {
-        Err(sqlx::Error::Protocol(format!(
-            "expected one {what}, found {affected}"
-        )))
     }
 }

@@ -14,6 +14,7 @@ pub struct TestApp {
     pub db_path: PathBuf,
     handle: ServerHandle,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    settings: Settings,
     _dir: tempfile::TempDir,
 }
 
@@ -26,8 +27,12 @@ pub fn test_settings(stage: StageKind, db: &std::path::Path) -> Settings {
     settings.payments.failure_rate = 0.0;
     settings.http_workers = 2;
     settings.arbiters = 2;
+    settings.admin_token = Some(ADMIN_TOKEN.into());
     settings
 }
+
+/// The admin token every test server is started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// Starts a server on `stage`; `tweak` adjusts the test settings first.
 pub async fn spawn_app(stage: StageKind, tweak: impl FnOnce(&mut Settings)) -> TestApp {
@@ -35,6 +40,11 @@ pub async fn spawn_app(stage: StageKind, tweak: impl FnOnce(&mut Settings)) -> T
     let db_path = dir.path().join("ticketflow.db");
     let mut settings = test_settings(stage, &db_path);
     tweak(&mut settings);
+    start_on(dir, db_path, settings).await
+}
+
+async fn start_on(dir: tempfile::TempDir, db_path: PathBuf, settings: Settings) -> TestApp {
+    let settings_copy = settings.clone();
     let server = Server::build(settings).await.expect("server starts");
     let base = format!("http://{}", server.addr());
     let handle = server.handle();
@@ -48,11 +58,27 @@ pub async fn spawn_app(stage: StageKind, tweak: impl FnOnce(&mut Settings)) -> T
         db_path,
         handle,
         task: Some(task),
+        settings: settings_copy,
         _dir: dir,
     }
 }
 
 impl TestApp {
+    /// Stops gracefully and starts again on the same database (a new port).
+    pub async fn restart(mut self) -> TestApp {
+        self.handle.stop(true).await;
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        let TestApp {
+            db_path,
+            settings,
+            _dir,
+            ..
+        } = self;
+        start_on(_dir, db_path, settings).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

@@ -6,5 +6,7 @@ mod helpers;
 mod contract;
 mod holds;
 mod inventory_model;
+mod locked;
 mod recovery;
 mod stampede;
+mod v2;

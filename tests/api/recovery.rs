@@ -175,7 +175,7 @@ async fn purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledge
     // at most one charge per ticket, and one completed payment per confirmed ticket
     assert_eq!(
         count(&db, "SELECT COUNT(*) FROM tickets t WHERE t.status = 'confirmed' AND
-                    (SELECT COUNT(*) FROM payments p WHERE p.ticket_id = t.id AND p.status = 'completed') != 1").await,
+                    (SELECT COUNT(*) FROM payments p WHERE p.order_id = t.order_id AND p.status = 'completed') != 1").await,
         0
     );
     // each buyer bought once, so holds at most one ticket that is not cancelled
@@ -231,10 +231,12 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
     for sql in [
         "INSERT INTO events (id, name, venue, date, total_tickets, available_tickets, price_cents, created_at)
          VALUES (1, 'Late', 'Hall', '2026-12-31T20:00:00Z', 1, 1, 1000, '2026-11-01T00:00:00Z')",
-        "INSERT INTO tickets (id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
-         VALUES ('00000000-0000-4000-8000-000000000001', 1, 'late', '2026-11-01T00:00:00Z', 1000, 'cancelled', 'hold_expired')",
-        "INSERT INTO payments (id, ticket_id, user_id, amount_cents, status, idempotency_key, created_at)
-         VALUES ('p1', '00000000-0000-4000-8000-000000000001', 'late', 1000, 'pending', 'ticket-late', '2026-11-01T00:00:00Z')",
+        "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, cancel_reason, created_at, updated_at)
+         VALUES ('00000000-0000-4000-8000-000000000002', 1, 'late', 1, 1000, 'cancelled', 'hold_expired', '2026-11-01T00:00:00Z', '2026-11-01T00:00:00Z')",
+        "INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
+         VALUES ('00000000-0000-4000-8000-000000000001', '00000000-0000-4000-8000-000000000002', 1, 'late', '2026-11-01T00:00:00Z', 1000, 'cancelled', 'hold_expired')",
+        "INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, created_at)
+         VALUES ('p1', '00000000-0000-4000-8000-000000000002', 'late', 1000, 'pending', 'order-late', '2026-11-01T00:00:00Z')",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }

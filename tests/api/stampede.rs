@@ -93,14 +93,14 @@ async fn stampede_on_actor(seed: u64) {
     assert_eq!(
         app.count(
             "SELECT COUNT(*) FROM tickets t WHERE t.status = 'confirmed' AND
-             (SELECT COUNT(*) FROM payments p WHERE p.ticket_id = t.id AND p.status = 'completed') != 1"
+             (SELECT COUNT(*) FROM payments p WHERE p.order_id = t.order_id AND p.status = 'completed') != 1"
         )
         .await,
         0,
         "seed {seed}: a confirmed ticket without exactly one completed payment"
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM payments p JOIN tickets t ON t.id = p.ticket_id WHERE t.status != 'confirmed' AND p.status = 'completed'").await,
+        app.count("SELECT COUNT(*) FROM payments p JOIN orders o ON o.id = p.order_id WHERE o.status != 'confirmed' AND p.status = 'completed'").await,
         0
     );
     let confirmed_ids = {

@@ -1,0 +1,640 @@
+//! API v2: discovery, users and tokens, searchable events with links, orders of N tickets
+//! answered `202 Accepted`, an availability stream, and Idempotency-Key on unsafe requests.
+
+use std::time::Duration;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::DateTime;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::auth::{require_admin, require_user};
+use super::{AppState, Problem};
+use crate::domain::{
+    parse_quantity, timestamp, DomainError, Event, EventId, Money, NewEvent, Order, OrderId,
+    OrderStatus, TicketId, UserId,
+};
+use crate::stages::OrderRequest;
+use crate::store::accounts::{sha256_hex, KeyState};
+use crate::store::{EventQuery, EventSort, Store, StoreResult};
+
+/// Largest page of events one request may ask for.
+pub const MAX_PAGE: u32 = 100;
+const DEFAULT_PAGE: u32 = 20;
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+// ---------- discovery ----------
+
+/// `GET /api`
+pub async fn root() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "name": "ticketflow",
+        "versions": [
+            { "version": "v1", "href": "/api/v1/events", "description": "the seed's API, kept compatible" },
+            { "version": "v2", "href": "/api/v2", "description": "orders, idempotency keys, pagination, tokens" },
+        ],
+        "links": { "openapi": "/api/openapi.json", "health": "/health" },
+    }))
+}
+
+/// `GET /api/v2`
+pub async fn index() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "version": "v2",
+        "links": {
+            "events": "/api/v2/events",
+            "orders": "/api/v2/orders",
+            "users": "/api/v2/users",
+            "myOrders": "/api/v2/users/me/orders",
+            "myTickets": "/api/v2/users/me/tickets",
+            "health": "/api/v2/health",
+            "openapi": "/api/openapi.json",
+        },
+    }))
+}
+
+// ---------- views ----------
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventView<'a> {
+    #[serde(flatten)]
+    event: &'a Event,
+    links: Value,
+}
+
+fn event_view(event: &Event) -> EventView<'_> {
+    EventView {
+        event,
+        links: json!({
+            "self": format!("/api/v2/events/{}", event.id),
+            "availability": format!("/api/v2/events/{}/availability", event.id),
+            "orders": "/api/v2/orders",
+        }),
+    }
+}
+
+/// An order as API v2 shows it. Rendering is deterministic (tickets sorted), so an answer
+/// replayed for an Idempotency-Key is byte-identical to the first.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderView {
+    id: OrderId,
+    event_id: EventId,
+    quantity: u32,
+    amount_cents: i64,
+    status: OrderStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancel_reason: Option<String>,
+    tickets: Vec<TicketId>,
+    created_at: String,
+    updated_at: String,
+    links: Value,
+}
+
+fn order_view(order: &Order) -> OrderView {
+    let mut tickets = order.tickets.clone();
+    tickets.sort_unstable();
+    OrderView {
+        id: order.id,
+        event_id: order.event_id,
+        quantity: order.quantity,
+        amount_cents: order.amount_cents,
+        status: order.status,
+        cancel_reason: order.cancel_reason.clone(),
+        tickets,
+        created_at: order.created_at.clone(),
+        updated_at: order.updated_at.clone(),
+        links: json!({
+            "self": format!("/api/v2/orders/{}", order.id),
+            "event": format!("/api/v2/events/{}", order.event_id),
+        }),
+    }
+}
+
+/// The `202 Accepted` body of a freshly placed order: the order as it was when accepted.
+fn accepted_body(order: &Order) -> Value {
+    let mut at_acceptance = order.clone();
+    at_acceptance.status = OrderStatus::Pending;
+    at_acceptance.cancel_reason = None;
+    at_acceptance.updated_at = at_acceptance.created_at.clone();
+    serde_json::to_value(order_view(&at_acceptance)).unwrap_or(Value::Null)
+}
+
+// ---------- request parsing ----------
+
+/// Parses a JSON value already read (size and content type checked) into `T`.
+fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> {
+    serde_json::from_value(body)
+        .map_err(|e| Problem::bad_request("invalid-body", format!("invalid request body: {e}")))
+}
+
+fn path_id(raw: &str, code: &'static str, what: &str) -> Result<i64, Problem> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Problem::not_found(code, format!("no {what} with id {raw}")))
+}
+
+/// The request's Idempotency-Key: 1 to 255 visible ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<String, Problem> {
+    let value = req.headers().get(IDEMPOTENCY_KEY).ok_or_else(|| {
+        Problem::bad_request(
+            "idempotency-key-missing",
+            "this request needs an `Idempotency-Key` header (e.g. a UUID) so it can be retried safely",
+        )
+    })?;
+    let key = value.to_str().unwrap_or_default();
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(Problem::bad_request(
+            "idempotency-key-invalid",
+            "the `Idempotency-Key` must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+/// What identifies "the same request" under one key: method, path and the body (as canonical
+/// JSON, so key order and whitespace do not matter).
+fn fingerprint(req: &HttpRequest, body: &Value) -> String {
+    sha256_hex(format!("{} {}\n{}", req.method(), req.path(), body).as_bytes())
+}
+
+/// An answer ready to be stored under an Idempotency-Key and sent.
+struct Answer {
+    status: StatusCode,
+    body: Value,
+}
+
+fn respond(status: StatusCode, body: &str, replayed: bool) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        "application/problem+json"
+    };
+    response.insert_header((header::CONTENT_TYPE, content_type));
+    if status == StatusCode::CREATED || status == StatusCode::ACCEPTED {
+        if let Some(location) = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v["links"]["self"].as_str().map(str::to_owned))
+        {
+            response.insert_header((header::LOCATION, location));
+        }
+    }
+    if replayed {
+        response.insert_header(("Idempotent-Replayed", "true"));
+    }
+    response.body(body.to_owned())
+}
+
+/// Runs `work` at most once per (user, key) and answers every retry with its stored answer.
+async fn idempotent<F, Fut>(
+    store: &Store,
+    user: &UserId,
+    key: &str,
+    fingerprint: &str,
+    work: F,
+) -> Result<HttpResponse, Problem>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Answer, Problem>>,
+{
+    match store.begin_idempotent(user, key, fingerprint).await? {
+        KeyState::InFlight => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-key-in-use",
+            "Request in progress",
+            "a request with this Idempotency-Key is still running; retry after it finishes",
+        )
+        .retry_after(1)),
+        KeyState::Mismatch => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was already used with a different request (method, path or body)",
+        )),
+        KeyState::Replay { status, body } => Ok(respond(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            &body,
+            true,
+        )),
+        KeyState::Proceed => match work().await {
+            Ok(answer) => {
+                let body = answer.body.to_string();
+                store
+                    .complete_idempotent(user, key, answer.status.as_u16(), &body)
+                    .await?;
+                Ok(respond(answer.status, &body, false))
+            }
+            // A server fault is not an answer: release the key so the client can retry.
+            Err(problem) if problem.status >= 500 => {
+                store.abandon_idempotent(user, key).await?;
+                Err(problem)
+            }
+            Err(problem) => {
+                let body = serde_json::to_string(&problem).unwrap_or_default();
+                store
+                    .complete_idempotent(user, key, problem.status, &body)
+                    .await?;
+                Err(problem)
+            }
+        },
+    }
+}
+
+/// Settles claims a stopped run left `in_flight`: one that created an order gets that order's
+/// `202` answer (the same bytes the client would have received); the others are released.
+pub async fn recover_claims(store: &Store) -> StoreResult<()> {
+    for (user, key, order) in store.interrupted_claims().await? {
+        let Ok(user) = UserId::parse(&user) else {
+            continue;
+        };
+        let order = match order.and_then(|id| uuid::Uuid::parse_str(&id).ok()) {
+            Some(id) => store.order(OrderId(id)).await?,
+            None => None,
+        };
+        match order {
+            Some(order) => {
+                let body = accepted_body(&order).to_string();
+                store.complete_idempotent(&user, &key, 202, &body).await?;
+            }
+            None => store.abandon_idempotent(&user, &key).await?,
+        }
+    }
+    store.purge_old_keys().await?;
+    Ok(())
+}
+
+// ---------- users ----------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUserBody {
+    name: String,
+}
+
+/// `POST /api/v2/users`: a user and its bearer token (shown once). Needs no Idempotency-Key:
+/// there is no user yet to scope one to, and a retry only makes another unused account.
+pub async fn create_user(
+    state: web::Data<AppState>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, Problem> {
+    let body: NewUserBody = parse_body(body.into_inner())?;
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(DomainError::invalid("name", "must be 1 to 200 characters").into());
+    }
+    let user = state.store.create_user(name).await?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, "/api/v2/users/me/orders"))
+        .json(json!({
+            "id": user.id,
+            "name": user.name,
+            "token": user.token,
+            "createdAt": user.created_at,
+            "links": { "orders": "/api/v2/users/me/orders", "tickets": "/api/v2/users/me/tickets" },
+        })))
+}
+
+/// `GET /api/v2/users/me/orders`
+pub async fn my_orders(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    let user = require_user(&req, &state).await?;
+    let orders = state.store.user_orders(&user).await?;
+    let items: Vec<OrderView> = orders.iter().map(order_view).collect();
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+}
+
+/// `GET /api/v2/users/me/tickets`
+pub async fn my_tickets(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    let user = require_user(&req, &state).await?;
+    Ok(HttpResponse::Ok().json(json!({ "items": state.store.user_tickets(&user).await? })))
+}
+
+// ---------- events ----------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventListQuery {
+    limit: Option<u32>,
+    offset: Option<u64>,
+    venue: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    available: Option<bool>,
+    sort: Option<String>,
+}
+
+fn parse_date(field: &'static str, raw: &str) -> Result<String, Problem> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|d| timestamp(d.with_timezone(&chrono::Utc)))
+        .map_err(|_| DomainError::invalid(field, "must be an RFC 3339 date-time").into())
+}
+
+impl EventListQuery {
+    fn parse(&self) -> Result<EventQuery, Problem> {
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(DomainError::invalid("limit", "must be between 1 and 100").into());
+        }
+        let sort_raw = self.sort.as_deref().unwrap_or("date");
+        let (descending, key) = match sort_raw.strip_prefix('-') {
+            Some(key) => (true, key),
+            None => (false, sort_raw),
+        };
+        let sort = match key {
+            "date" => EventSort::Date,
+            "name" => EventSort::Name,
+            "price" => EventSort::Price,
+            "available" => EventSort::Available,
+            "created" => EventSort::Created,
+            _ => return Err(DomainError::invalid(
+                "sort",
+                "must be one of date, name, price, available, created (prefix - for descending)",
+            )
+            .into()),
+        };
+        Ok(EventQuery {
+            venue: self.venue.clone(),
+            from: self
+                .from
+                .as_deref()
+                .map(|d| parse_date("from", d))
+                .transpose()?,
+            to: self
+                .to
+                .as_deref()
+                .map(|d| parse_date("to", d))
+                .transpose()?,
+            available: self.available,
+            sort,
+            descending,
+            limit,
+            offset: self.offset.unwrap_or(0),
+        })
+    }
+}
+
+/// `GET /api/v2/events`: filtered, sorted, paginated, with links.
+pub async fn list_events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<EventListQuery>,
+) -> Result<HttpResponse, Problem> {
+    let parsed = query.parse()?;
+    let (events, total) = state.store.search_events(&parsed).await?;
+    let page_link = |offset: u64| {
+        let mut pairs: Vec<(String, String)> = url_pairs(req.query_string())
+            .into_iter()
+            .filter(|(k, _)| k != "offset" && k != "limit")
+            .collect();
+        pairs.push(("limit".into(), parsed.limit.to_string()));
+        pairs.push(("offset".into(), offset.to_string()));
+        let qs: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("/api/v2/events?{}", qs.join("&"))
+    };
+    let mut links = json!({ "self": page_link(parsed.offset) });
+    let next = parsed.offset + u64::from(parsed.limit);
+    if (next as i64) < total {
+        links["next"] = json!(page_link(next));
+    }
+    if parsed.offset > 0 {
+        links["prev"] = json!(page_link(
+            parsed.offset.saturating_sub(u64::from(parsed.limit))
+        ));
+    }
+    let items: Vec<EventView> = events.iter().map(event_view).collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "items": items,
+        "total": total,
+        "limit": parsed.limit,
+        "offset": parsed.offset,
+        "links": links,
+    })))
+}
+
+/// The query string's pairs, still percent-encoded (they are echoed into links as they came).
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// `GET /api/v2/events/{id}`
+pub async fn get_event(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let id = EventId(path_id(&id, "unknown-event", "event")?);
+    match state.store.event(id).await? {
+        Some(event) => Ok(HttpResponse::Ok().json(event_view(&event))),
+        None => Err(Problem::not_found(
+            "unknown-event",
+            format!("no event with id {id}"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NewEventBody {
+    name: String,
+    venue: String,
+    date: String,
+    total_tickets: i64,
+    /// Exact price in minor units.
+    price_cents: i64,
+}
+
+/// `POST /api/v2/events` (admin, Idempotency-Key).
+pub async fn create_event(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    let key = idempotency_key(&req)?;
+    let body = body.into_inner();
+    let print = fingerprint(&req, &body);
+    let parsed: NewEventBody = parse_body(body)?;
+    let price = Money::from_cents(parsed.price_cents)
+        .ok()
+        .filter(|m| m.cents() <= crate::domain::MAX_PRICE_CENTS)
+        .ok_or_else(|| DomainError::invalid("priceCents", "must be between 0 and 100000000"))?;
+    let new = NewEvent::parse(
+        &parsed.name,
+        &parsed.venue,
+        &parsed.date,
+        parsed.total_tickets,
+        price,
+    )?;
+    let admin = UserId::parse("admin").expect("a valid id");
+    idempotent(&state.store, &admin, &key, &print, || async {
+        let event = state.stage.create_event(new).await?;
+        Ok(Answer {
+            status: StatusCode::CREATED,
+            body: serde_json::to_value(event_view(&event)).unwrap_or(Value::Null),
+        })
+    })
+    .await
+}
+
+/// `GET /api/v2/events/{id}/availability`: Server-Sent Events, one `availability` event at
+/// once and another whenever the count changes, with a comment every 15 s to keep proxies open.
+pub async fn availability_stream(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let id = EventId(path_id(&id, "unknown-event", "event")?);
+    let first = state
+        .store
+        .event(id)
+        .await?
+        .ok_or_else(|| Problem::not_found("unknown-event", format!("no event with id {id}")))?;
+    let store = state.store.clone();
+    let poll = Duration::from_millis(250);
+    let heartbeat_every = 60; // polls, i.e. 15 s
+    let stream = futures::stream::unfold(
+        (store, None::<u32>, 0u32, Some(first)),
+        move |(store, last, mut quiet, mut ready)| async move {
+            loop {
+                let event = match ready.take() {
+                    Some(event) => Some(event),
+                    None => {
+                        actix_rt::time::sleep(poll).await;
+                        store.event(id).await.ok().flatten()
+                    }
+                };
+                if let Some(event) = event.filter(|e| last != Some(e.available_tickets)) {
+                    let data = json!({
+                        "eventId": event.id,
+                        "availableTickets": event.available_tickets,
+                        "totalTickets": event.total_tickets,
+                    });
+                    let frame = format!("event: availability\ndata: {data}\n\n");
+                    let next = (store, Some(event.available_tickets), 0, None);
+                    return Some((Ok::<_, actix_web::Error>(web::Bytes::from(frame)), next));
+                }
+                quiet += 1;
+                if quiet >= heartbeat_every {
+                    let next = (store, last, 0, None);
+                    return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), next));
+                }
+            }
+        },
+    );
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(stream))
+}
+
+// ---------- orders ----------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NewOrderBody {
+    event_id: i64,
+    quantity: i64,
+}
+
+/// `POST /api/v2/orders` (user, Idempotency-Key): holds the seats and answers `202` with the
+/// order and its status URL; payment goes on in the background.
+pub async fn create_order(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse, Problem> {
+    let user = require_user(&req, &state).await?;
+    let key = idempotency_key(&req)?;
+    let body = body.into_inner();
+    let print = fingerprint(&req, &body);
+    let parsed: NewOrderBody = parse_body(body)?;
+    if parsed.event_id <= 0 {
+        return Err(DomainError::invalid("eventId", "must be a positive integer").into());
+    }
+    let request = OrderRequest {
+        event: EventId(parsed.event_id),
+        user: user.clone(),
+        quantity: parse_quantity(parsed.quantity)?,
+        per_user_limit: state.settings.per_user_limit,
+        idempotency_key: Some(key.clone()),
+    };
+    idempotent(&state.store, &user, &key, &print, || async {
+        let order = state.stage.place_order(request).await?;
+        Ok(Answer {
+            status: StatusCode::ACCEPTED,
+            body: accepted_body(&order),
+        })
+    })
+    .await
+}
+
+/// `GET /api/v2/orders/{id}`: the caller's own order; anyone else's is 404, like a missing one.
+pub async fn get_order(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let user = require_user(&req, &state).await?;
+    let missing = || Problem::not_found("unknown-order", format!("no order with id {id}"));
+    let order_id = uuid::Uuid::parse_str(&id).map_err(|_| missing())?;
+    match state.store.order(OrderId(order_id)).await? {
+        Some(order) if order.user_id == user.as_str() => {
+            Ok(HttpResponse::Ok().json(order_view(&order)))
+        }
+        _ => Err(missing()),
+    }
+}
+
+// ---------- health and admin ----------
+
+/// `GET /api/v2/health`: each dependency's state; 503 when one is down.
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let mut dependencies = serde_json::Map::new();
+    let mut healthy = true;
+    let sqlite = state.store.ping().await.is_ok();
+    healthy &= sqlite;
+    dependencies.insert("sqlite".into(), json!(if sqlite { "ok" } else { "down" }));
+    for (name, up) in state.stage.dependencies().await {
+        healthy &= up;
+        dependencies.insert(name.into(), json!(if up { "ok" } else { "down" }));
+    }
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "stage": state.stage.kind(),
+        "dependencies": dependencies,
+    });
+    if healthy {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /api/v2/admin/audit`
+pub async fn admin_audit(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    super::admin::audit(state).await
+}
+
+/// `GET /api/v2/admin/ledger`
+pub async fn admin_ledger(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    super::admin::ledger(state).await
+}

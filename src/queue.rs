@@ -1,0 +1,135 @@
+//! The `locked` stage's payment queue: jobs kept in Redis by apalis (`apalis-redis`), the Rust
+//! counterpart of the seed's Bull queue.
+//!
+//! A job survives the process that enqueued it and the worker that took it: a worker that dies
+//! mid-job stops sending heartbeats, and another worker puts its in-flight jobs back on the
+//! queue once the heartbeats are overdue. A job runs at most [`MAX_ATTEMPTS`] times in a row
+//! with exponential backoff between attempts (apalis' retry layer); after the last, the
+//! handler gives up and the job goes to the dead set, the queue's dead-letter set.
+
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_redis::{Config, RedisStorage};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{EventId, OrderId};
+
+/// How often a job runs before it is given up.
+pub const MAX_ATTEMPTS: usize = 3;
+/// How often the worker looks for new jobs when the queue is empty.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How often a worker says it is alive; after [`MISSED_HEARTBEATS`] missed ones, others take
+/// its jobs back.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+pub const MISSED_HEARTBEATS: usize = 2;
+
+/// Charge an order, then confirm it or give its seats back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentJob {
+    pub order: OrderId,
+    pub event: EventId,
+    pub quantity: u32,
+    pub amount_cents: i64,
+    /// The gateway deduplicates on it, so a job that runs twice charges once.
+    pub payment_key: String,
+}
+
+/// How many jobs are where, read from Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStats {
+    /// Queued, or waiting out a backoff before their next attempt.
+    pub waiting: u64,
+    /// Taken by a worker and not yet finished.
+    pub active: u64,
+    pub completed: u64,
+    /// Given up after their last attempt: the dead-letter set.
+    pub failed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("payment queue: {0}")]
+pub struct QueueError(String);
+
+impl From<redis::RedisError> for QueueError {
+    fn from(e: redis::RedisError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// A handle on the queue; cheap to clone.
+#[derive(Clone)]
+pub struct PaymentQueue {
+    storage: RedisStorage<PaymentJob>,
+    conn: ConnectionManager,
+    config: Config,
+}
+
+impl PaymentQueue {
+    /// The queue `{prefix}:payments` on `conn`.
+    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+        let config = Config::default()
+            .queue(format!("{prefix}:payments"))
+            .heartbeat_interval(HEARTBEAT_INTERVAL)
+            .missed_heartbeats(MISSED_HEARTBEATS)
+            .emit_events(false);
+        let storage = RedisStorage::new(conn.clone()).with_config(config.clone());
+        Self {
+            storage,
+            conn,
+            config,
+        }
+    }
+
+    /// Queues `job` once: a second push with the same payment key is dropped by the queue.
+    pub async fn enqueue(&self, job: PaymentJob) -> Result<(), QueueError> {
+        let task = TaskBuilder::new(job.clone())
+            .idempotency_key(&job.payment_key)
+            .max_attempts(MAX_ATTEMPTS)
+            .build();
+        self.storage
+            .clone()
+            .push_task(task)
+            .await
+            .map_err(|e| QueueError(e.to_string()))
+    }
+
+    /// The storage a worker polls.
+    pub fn storage(&self) -> RedisStorage<PaymentJob> {
+        self.storage.clone()
+    }
+
+    /// Counts read from the queue's Redis keys.
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let mut conn = self.conn.clone();
+        let workers: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.config.workers_set())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("LLEN")
+            .arg(self.config.active_jobs_list())
+            .cmd("ZCARD")
+            .arg(self.config.scheduled_jobs_set())
+            .cmd("SCARD")
+            .arg(self.config.done_jobs_set())
+            .cmd("SCARD")
+            .arg(self.config.dead_jobs_set());
+        for worker in &workers {
+            pipe.cmd("SCARD")
+                .arg(format!("{}:{worker}", self.config.inflight_jobs_set()));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(QueueStats {
+            waiting: counts[0] + counts[1],
+            active: counts[4..].iter().sum(),
+            completed: counts[2],
+            failed: counts[3],
+        })
+    }
+}

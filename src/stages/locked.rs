@@ -1,0 +1,718 @@
+//! Stage `locked`: the seed's step 2, on SQLite + Redis.
+//!
+//! A purchase takes the event's Redis lock ([`crate::lock`]), reads availability, writes the
+//! reservation (seats taken, order, tickets and payment `pending`) in one SQLite transaction
+//! whose inventory write carries the lock's fencing token, releases the lock, and queues a
+//! payment job ([`crate::queue`]). The lock is never held across the payment. A worker charges
+//! the order under its payment key, then confirms it, or gives its seats back (under the lock
+//! again, fenced), each in one transaction. API v1 waits for the job's outcome; API v2 answers
+//! as soon as the job is queued.
+//!
+//! The reservation reads availability outside its write transaction and writes back what it
+//! computed, trusting the lock to make that safe, as the seed's step 2 does. The fencing token
+//! is what makes the lock trustworthy: with fencing switched off
+//! ([`crate::config::LockedSettings::fencing`]), a holder paused past its lease overwrites its
+//! successor's write, and the last seat is sold twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
+use apalis::layers::retry::{HasherRng, RetryPolicy};
+use apalis::prelude::*;
+use async_trait::async_trait;
+use chrono::Utc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde_json::json;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
+use crate::config::StageKind;
+use crate::domain::{
+    timestamp, CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus,
+    PaymentStatus, Ticket, TicketId, UserId,
+};
+use crate::lock::{EventLocks, Lease, LockError};
+use crate::payments::{ChargeOutcome, RefundOutcome};
+use crate::queue::{PaymentJob, PaymentQueue, MAX_ATTEMPTS};
+use crate::store::{fenced, sql, NewOrder, StoreError};
+
+/// How often a reservation or a seat return retries after its write was refused as stale.
+const STALE_RETRIES: usize = 3;
+/// First and longest pause between two attempts of a payment job.
+const JOB_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const JOB_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+pub struct LockedStage {
+    inner: Arc<Inner>,
+}
+
+/// What became of an order's payment job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Confirmed,
+    Declined,
+    /// The job failed its last attempt; the order was cancelled (refunded if charged).
+    GaveUp,
+}
+
+struct Inner {
+    parts: StageParts,
+    locks: EventLocks,
+    queue: PaymentQueue,
+    fencing: bool,
+    /// API v1 purchases waiting for their job's outcome. A std `Mutex`: one insert or removal
+    /// at a time, never held across an `.await`.
+    waiters: Mutex<HashMap<OrderId, oneshot::Sender<Settled>>>,
+    /// The running payment worker's task, so shutdown can stop it.
+    worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stopping: AtomicBool,
+    /// Jobs being run right now by this process' worker.
+    running_jobs: AtomicU64,
+    paused_once: AtomicBool,
+    crashed_once: AtomicBool,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    confirmed: AtomicU64,
+    declined: AtomicU64,
+    gave_up: AtomicU64,
+    job_runs: AtomicU64,
+    job_failures: AtomicU64,
+    worker_restarts: AtomicU64,
+}
+
+/// Why a payment job's run failed (it is retried, up to [`MAX_ATTEMPTS`]).
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error("order {0} is not in the database")]
+    UnknownOrder(OrderId),
+    #[error("failpoint: attempt {0} fails after the charge")]
+    Failpoint(usize),
+    #[error("the seats could not be returned: the lock lease kept running out")]
+    Stale,
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Gateway(#[from] crate::payments::GatewayUnavailable),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for SettleError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+fn lock_refusal(e: LockError) -> PurchaseError {
+    match e {
+        LockError::Timeout(_) => PurchaseError::Overloaded,
+        LockError::Redis(error) => {
+            tracing::warn!(%error, "Redis did not answer the lock request");
+            PurchaseError::Unavailable("Redis")
+        }
+    }
+}
+
+impl LockedStage {
+    /// Connects to Redis (failing at once if it does not answer), seeds the fence counters from
+    /// the store, re-queues the payments a previous run left pending, and starts the worker.
+    pub async fn start(parts: StageParts) -> Result<Self, StartError> {
+        let settings = parts.settings.locked.clone();
+        let redis_error = |cause: String| StartError::Redis {
+            url: settings.redis_url.clone(),
+            cause,
+        };
+        let client = redis::Client::open(settings.redis_url.as_str())
+            .map_err(|e| redis_error(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let mut conn: ConnectionManager = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| redis_error(e.to_string()))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(e.to_string()))?;
+
+        let locks = EventLocks::new(
+            conn.clone(),
+            &settings.key_prefix,
+            settings.lock_ttl,
+            settings.lock_wait,
+        );
+        for (event, fence) in fenced::fences(parts.store.pool()).await? {
+            locks
+                .seed_fence(event, fence)
+                .await
+                .map_err(|e| redis_error(e.to_string()))?;
+        }
+        if !settings.fencing {
+            tracing::warn!("fencing is OFF: a lock holder paused past its lease can double-sell (unsafe; for the Redlock lesson only)");
+        }
+        let inner = Arc::new(Inner {
+            queue: PaymentQueue::new(conn, &settings.key_prefix),
+            locks,
+            fencing: settings.fencing,
+            waiters: Mutex::new(HashMap::new()),
+            worker: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            running_jobs: AtomicU64::new(0),
+            paused_once: AtomicBool::new(false),
+            crashed_once: AtomicBool::new(false),
+            counters: Counters::default(),
+            parts,
+        });
+        inner
+            .requeue_pending()
+            .await
+            .map_err(|e| redis_error(e.to_string()))?;
+        actix_rt::spawn(supervise(Arc::clone(&inner)));
+        Ok(Self { inner })
+    }
+}
+
+/// Keeps one payment worker running: a worker that stops (Redis went away) or dies (a panic
+/// mid-job) is replaced under a new name; the jobs it held go back on the queue once its
+/// heartbeats are overdue, and run again under the same payment key.
+async fn supervise(inner: Arc<Inner>) {
+    let prefix = inner.parts.settings.locked.key_prefix.clone();
+    let concurrency = inner.parts.settings.locked.worker_concurrency.max(1);
+    while !inner.stopping.load(Ordering::Acquire) {
+        let name = format!(
+            "{prefix}-payments-{}",
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        let backoff = ExponentialBackoffMaker::new(
+            JOB_BACKOFF_FIRST,
+            JOB_BACKOFF_MAX,
+            0.5,
+            HasherRng::default(),
+        )
+        .expect("valid backoff bounds")
+        .make_backoff();
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(
+                inner
+                    .queue
+                    .storage()
+                    .poll_with_interval(crate::queue::POLL_INTERVAL),
+            )
+            .data(Arc::clone(&inner))
+            .retry(RetryPolicy::retries(MAX_ATTEMPTS - 1).with_backoff(backoff))
+            .concurrency(concurrency)
+            .build(run_job);
+        let task = tokio::spawn(async move {
+            if let Err(error) = worker.run().await {
+                tracing::warn!(%error, "the payment worker stopped");
+            }
+        });
+        let abort = task.abort_handle();
+        *inner.worker.lock().expect("worker slot poisoned") = Some(task);
+        // Wait for the worker to end (stopped, failed or panicked), without holding the slot.
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if abort.is_finished() || inner.stopping.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        if inner.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        inner
+            .counters
+            .worker_restarts
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(worker = %name, "the payment worker ended; starting another");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One run of a payment job.
+async fn run_job(
+    job: PaymentJob,
+    attempt: Attempt,
+    inner: Data<Arc<Inner>>,
+) -> Result<(), BoxDynError> {
+    let attempt = attempt.current();
+    inner.running_jobs.fetch_add(1, Ordering::AcqRel);
+    inner.counters.job_runs.fetch_add(1, Ordering::Relaxed);
+    let result = inner.settle(&job, attempt).await;
+    inner.running_jobs.fetch_sub(1, Ordering::AcqRel);
+    match result {
+        Ok(settled) => {
+            inner.notify(job.order, settled);
+            Ok(())
+        }
+        Err(error) if attempt < MAX_ATTEMPTS => {
+            inner.counters.job_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(order = %job.order, attempt, %error, "payment job failed; it will be retried");
+            Err(error.into())
+        }
+        Err(error) => {
+            inner.counters.job_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(order = %job.order, attempt, %error, "payment job failed its last attempt; cancelling the order");
+            if let Err(cause) = inner.give_up(&job).await {
+                tracing::error!(order = %job.order, error = %cause, "could not cancel the order; the next start re-queues it");
+            }
+            inner.notify(job.order, Settled::GaveUp);
+            Err(AbortError::new(error).into())
+        }
+    }
+}
+
+impl Inner {
+    fn settings(&self) -> &crate::config::LockedSettings {
+        &self.parts.settings.locked
+    }
+
+    fn notify(&self, order: OrderId, settled: Settled) {
+        match settled {
+            Settled::Confirmed => &self.counters.confirmed,
+            Settled::Declined => &self.counters.declined,
+            Settled::GaveUp => &self.counters.gave_up,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let waiter = self
+            .waiters
+            .lock()
+            .expect("waiters poisoned")
+            .remove(&order);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(settled);
+        }
+    }
+
+    /// Holds `quantity` seats for `user`: the order and its tickets `pending`, written under
+    /// the event's lock with its fencing token. Returns the payment job to queue.
+    async fn reserve(
+        &self,
+        event: EventId,
+        user: &UserId,
+        quantity: u32,
+        per_user_limit: Option<u32>,
+        idempotency_key: Option<String>,
+    ) -> Result<PaymentJob, PurchaseError> {
+        // Refuse without the lock when there is plainly nothing to sell.
+        let seen = fenced::availability(self.parts.store.pool(), event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
+        if seen.available < i64::from(quantity) {
+            return Err(refusal(seen, quantity));
+        }
+        for _ in 0..STALE_RETRIES {
+            let lease = self.locks.acquire(event).await.map_err(lock_refusal)?;
+            let result = self
+                .reserve_under(
+                    &lease,
+                    user,
+                    quantity,
+                    per_user_limit,
+                    idempotency_key.clone(),
+                )
+                .await;
+            if let Err(error) = self.locks.release(lease).await {
+                tracing::warn!(%error, "could not release the lock; its lease runs out by itself");
+            }
+            match result {
+                Ok(Some(job)) => return Ok(job),
+                Ok(None) => {
+                    self.locks
+                        .stats()
+                        .stale_writes_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(event = %event, "reservation refused: a newer lock holder wrote first; retrying");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(PurchaseError::Overloaded)
+    }
+
+    /// The reservation proper; `Ok(None)` when the store refused the token as stale.
+    async fn reserve_under(
+        &self,
+        lease: &Lease,
+        user: &UserId,
+        quantity: u32,
+        per_user_limit: Option<u32>,
+        idempotency_key: Option<String>,
+    ) -> Result<Option<PaymentJob>, PurchaseError> {
+        let pool = self.parts.store.pool();
+        let event = lease.event;
+        let seen = fenced::availability(pool, event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
+        if seen.available < i64::from(quantity) {
+            return Err(refusal(seen, quantity));
+        }
+        if let Some(limit) = per_user_limit {
+            let owned = fenced::held_or_owned(pool, event, user.as_str()).await?;
+            if owned + i64::from(quantity) > i64::from(limit) {
+                return Err(PurchaseError::UserLimit { limit });
+            }
+        }
+        if let Some(pause) = self.settings().failpoints.pause_after_read_once {
+            if !self.paused_once.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    ?pause,
+                    token = lease.token,
+                    "failpoint: the lock holder pauses between its read and its write"
+                );
+                tokio::time::sleep(pause).await;
+            }
+        }
+        let order = OrderId(Uuid::new_v4());
+        let new = NewOrder {
+            order,
+            tickets: (0..quantity).map(|_| TicketId(Uuid::new_v4())).collect(),
+            event,
+            user: user.as_str().to_owned(),
+            unit_price: seen.price,
+            payment_key: format!("order-{order}"),
+            idempotency_key,
+            created_at: timestamp(Utc::now()),
+        };
+        let mut tx = pool.begin().await.map_err(StoreError::from)?;
+        let written = fenced::write_available(
+            &mut tx,
+            event,
+            seen.available - i64::from(quantity),
+            lease.token,
+            self.fencing,
+        )
+        .await?;
+        if !written {
+            tx.rollback().await.map_err(StoreError::from)?;
+            return Ok(None);
+        }
+        sql::insert_order(&mut tx, &new)
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(Some(PaymentJob {
+            order,
+            event,
+            quantity,
+            amount_cents: new.amount_cents(),
+            payment_key: new.payment_key,
+        }))
+    }
+
+    /// Queues the job; if Redis refuses, gives the seats back (or leaves the order pending
+    /// for the next start to re-queue, if even that fails).
+    async fn enqueue(&self, job: &PaymentJob) -> Result<(), PurchaseError> {
+        let Err(error) = self.queue.enqueue(job.clone()).await else {
+            return Ok(());
+        };
+        tracing::warn!(order = %job.order, %error, "could not queue the payment");
+        if let Err(cause) = self
+            .release(job, CancelReason::Interrupted, PaymentStatus::Failed)
+            .await
+        {
+            tracing::error!(order = %job.order, error = %cause, "could not return the seats either; the next start re-queues the payment");
+        }
+        Err(PurchaseError::Unavailable("Redis"))
+    }
+
+    /// Charges the order and settles it. Safe to run again for the same job: a settled order
+    /// is reported as it stands, and the gateway charges a payment key once.
+    async fn settle(&self, job: &PaymentJob, attempt: usize) -> Result<Settled, SettleError> {
+        let order = self
+            .parts
+            .store
+            .order(job.order)
+            .await?
+            .ok_or(SettleError::UnknownOrder(job.order))?;
+        match order.status {
+            OrderStatus::Confirmed => return Ok(Settled::Confirmed),
+            OrderStatus::Cancelled => return Ok(Settled::Declined),
+            OrderStatus::Pending => {}
+        }
+        let amount = Money::from_cents(job.amount_cents)
+            .map_err(|e| StoreError::Conflict(format!("order {}: {e}", job.order)))?;
+        let outcome = self.parts.payments.charge(&job.payment_key, amount).await?;
+        let failpoints = &self.settings().failpoints;
+        if failpoints.crash_worker_after_charge_once
+            && !self.crashed_once.swap(true, Ordering::AcqRel)
+        {
+            panic!(
+                "failpoint: the payment worker dies mid-job, after the charge and before settling"
+            );
+        }
+        if attempt <= failpoints.fail_job_attempts as usize {
+            return Err(SettleError::Failpoint(attempt));
+        }
+        match outcome {
+            ChargeOutcome::Approved { .. } => {
+                self.confirm(job.order).await?;
+                Ok(Settled::Confirmed)
+            }
+            ChargeOutcome::Declined => {
+                self.release(job, CancelReason::PaymentDeclined, PaymentStatus::Failed)
+                    .await?;
+                Ok(Settled::Declined)
+            }
+        }
+    }
+
+    /// The order and its tickets confirmed and the payment completed, in one transaction.
+    /// Inventory is untouched (the seats were taken at reservation), so no lock is needed.
+    async fn confirm(&self, order: OrderId) -> Result<(), SettleError> {
+        let now = timestamp(Utc::now());
+        let mut tx = self.parts.store.pool().begin().await?;
+        sql::finish_order(&mut tx, order, OrderStatus::Confirmed, None, &now).await?;
+        sql::settle_payment(&mut tx, order, PaymentStatus::Completed, &now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The seats back (under the lock, fenced), the order cancelled and the payment settled
+    /// as `payment`, in one transaction.
+    async fn release(
+        &self,
+        job: &PaymentJob,
+        reason: CancelReason,
+        payment: PaymentStatus,
+    ) -> Result<(), SettleError> {
+        for _ in 0..STALE_RETRIES {
+            let lease = self.locks.acquire(job.event).await?;
+            let result = self.release_under(&lease, job, reason, payment).await;
+            if let Err(error) = self.locks.release(lease).await {
+                tracing::warn!(%error, "could not release the lock; its lease runs out by itself");
+            }
+            match result {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    self.locks
+                        .stats()
+                        .stale_writes_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(SettleError::Stale)
+    }
+
+    async fn release_under(
+        &self,
+        lease: &Lease,
+        job: &PaymentJob,
+        reason: CancelReason,
+        payment: PaymentStatus,
+    ) -> Result<bool, SettleError> {
+        let now = timestamp(Utc::now());
+        let mut tx = self.parts.store.pool().begin().await?;
+        if !fenced::return_seats(&mut tx, job.event, job.quantity, lease.token, self.fencing)
+            .await?
+        {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sql::finish_order(
+            &mut tx,
+            job.order,
+            OrderStatus::Cancelled,
+            Some(reason),
+            &now,
+        )
+        .await?;
+        sql::settle_payment(&mut tx, job.order, payment, &now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// After the last attempt failed: refund whatever was charged and cancel the order.
+    async fn give_up(&self, job: &PaymentJob) -> Result<(), SettleError> {
+        let payment = match self.parts.payments.refund(&job.payment_key).await? {
+            RefundOutcome::Refunded | RefundOutcome::AlreadyRefunded => PaymentStatus::Refunded,
+            RefundOutcome::NothingToRefund => PaymentStatus::Failed,
+        };
+        self.release(job, CancelReason::Interrupted, payment).await
+    }
+
+    /// Queues again the payment of every order a previous run left pending (the queue drops
+    /// a job whose payment key it already holds).
+    async fn requeue_pending(&self) -> Result<(), SettleError> {
+        let pending = self.parts.store.pending_purchases().await?;
+        let mut queued = 0;
+        for purchase in pending.into_iter().filter(|p| !p.order_cancelled) {
+            let Some(order) = self.parts.store.order(purchase.order).await? else {
+                continue;
+            };
+            let job = PaymentJob {
+                order: order.id,
+                event: order.event_id,
+                quantity: order.quantity,
+                amount_cents: order.amount_cents,
+                payment_key: purchase.payment_key,
+            };
+            self.queue
+                .enqueue(job)
+                .await
+                .map_err(|e| StoreError::Conflict(e.to_string()))?;
+            queued += 1;
+        }
+        if queued > 0 {
+            tracing::warn!(queued, "re-queued payments a previous run left pending");
+        }
+        Ok(())
+    }
+
+    /// Waits for the job's outcome (API v1). Past the hold TTL the outcome is read from the
+    /// store; a purchase still pending then is answered 503 and settles later.
+    async fn wait_settled(
+        &self,
+        order: OrderId,
+        outcome: oneshot::Receiver<Settled>,
+    ) -> Result<Settled, PurchaseError> {
+        let wait = self.parts.settings.hold_ttl.max(Duration::from_secs(10));
+        if let Ok(Ok(settled)) = tokio::time::timeout(wait, outcome).await {
+            return Ok(settled);
+        }
+        self.waiters
+            .lock()
+            .expect("waiters poisoned")
+            .remove(&order);
+        match self.parts.store.order(order).await?.map(|o| o.status) {
+            Some(OrderStatus::Confirmed) => Ok(Settled::Confirmed),
+            Some(OrderStatus::Cancelled) => Ok(Settled::Declined),
+            _ => Err(PurchaseError::Unavailable("the payment queue")),
+        }
+    }
+
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let job = self.reserve(event, &user, 1, None, None).await?;
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters poisoned")
+            .insert(job.order, tx);
+        if let Err(error) = self.enqueue(&job).await {
+            self.waiters
+                .lock()
+                .expect("waiters poisoned")
+                .remove(&job.order);
+            return Err(error);
+        }
+        match self.wait_settled(job.order, rx).await? {
+            Settled::Confirmed => self
+                .parts
+                .store
+                .first_ticket(job.order)
+                .await?
+                .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into()),
+            Settled::Declined => Err(PurchaseError::PaymentDeclined),
+            Settled::GaveUp => Err(PurchaseError::Unavailable("the payment queue")),
+        }
+    }
+
+    async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
+        let job = self
+            .reserve(
+                request.event,
+                &request.user,
+                request.quantity,
+                Some(request.per_user_limit),
+                request.idempotency_key,
+            )
+            .await?;
+        self.enqueue(&job).await?;
+        self.parts
+            .store
+            .order(job.order)
+            .await?
+            .ok_or_else(|| StoreError::Conflict("placed order vanished".into()).into())
+    }
+}
+
+/// Why a reservation found too few seats.
+fn refusal(seen: fenced::Availability, quantity: u32) -> PurchaseError {
+    if seen.available > 0 {
+        PurchaseError::NotEnough {
+            available: seen.available as u32,
+        }
+    } else if seen.held > 0 {
+        PurchaseError::AllHeld
+    } else {
+        let _ = quantity;
+        PurchaseError::SoldOut
+    }
+}
+
+#[async_trait]
+impl Stage for LockedStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Locked
+    }
+
+    async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {
+        self.inner.parts.store.create_event(&new).await
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "locked"))]
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        // Detached: a client that hangs up cannot strand a reservation before its job is queued.
+        let task = actix_rt::spawn(async move { inner.purchase(event, user).await });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "locked", event = %request.event))]
+    async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        let task = actix_rt::spawn(async move { inner.place_order(request).await });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
+    async fn stats(&self) -> serde_json::Value {
+        let inner = &self.inner;
+        let queue = match inner.queue.stats().await {
+            Ok(stats) => json!(stats),
+            Err(error) => json!({ "error": error.to_string() }),
+        };
+        let c = &inner.counters;
+        json!({
+            "stage": StageKind::Locked,
+            "fencing": inner.fencing,
+            "lockTtlMs": inner.settings().lock_ttl.as_millis() as u64,
+            "lock": inner.locks.stats().report(),
+            "queue": queue,
+            "payments": {
+                "confirmed": c.confirmed.load(Ordering::Relaxed),
+                "declined": c.declined.load(Ordering::Relaxed),
+                "gaveUp": c.gave_up.load(Ordering::Relaxed),
+                "jobRuns": c.job_runs.load(Ordering::Relaxed),
+                "jobFailures": c.job_failures.load(Ordering::Relaxed),
+                "workerRestarts": c.worker_restarts.load(Ordering::Relaxed),
+            },
+        })
+    }
+
+    async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::Release);
+        // Let jobs under way finish (a job cut short is re-run by the next start, but
+        // finishing it now is kinder), then stop the worker.
+        for _ in 0..100 {
+            if inner.running_jobs.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(task) = inner.worker.lock().expect("worker slot poisoned").take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The `locked` stage against the real Redis (`REDIS_URL`, default 127.0.0.1:6379): the
+//! stampede, payment declines, retried and crashed payment jobs, Redis going away, and the
+//! Redlock lesson. Every test uses its own key prefix and deletes its keys afterwards.
+//! Without Redis these tests fail; they never skip.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::Value;
+use ticketflow::config::{LatencyModel, Settings, StageKind};
+use ticketflow::server::Server;
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::helpers::{spawn_app, test_settings, TestApp};
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A unique key prefix, and the clean-up of every key under it when dropped (even when the
+/// test panics).
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new() -> Self {
+        let url = redis_url();
+        let client = redis::Client::open(url.as_str()).expect("REDIS_URL is a valid URL");
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).unwrap_or_else(|e| {
+            panic!("Redis is not reachable at {url} ({e}): the `locked` tests need it; start redis-server or set REDIS_URL")
+        });
+        let _: String = redis::cmd("PING")
+            .query(&mut conn)
+            .expect("Redis answers PING");
+        Self {
+            prefix: format!("tftest-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    fn apply(&self, settings: &mut Settings) {
+        settings.locked.redis_url = redis_url();
+        settings.locked.key_prefix = self.prefix.clone();
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(redis_url().as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        for chunk in keys.chunks(500) {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+        // apalis registers every queue in one global set.
+        let _: Result<i64, _> = redis::cmd("ZREM")
+            .arg("core:apalis:queues:list")
+            .arg(format!("{}:payments:workers", self.prefix))
+            .query(&mut conn);
+    }
+}
+
+async fn locked_app(keys: &Keys, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app(StageKind::Locked, |s| {
+        keys.apply(s);
+        tweak(s);
+    })
+    .await
+}
+
+async fn stats(app: &TestApp) -> Value {
+    let (status, stats) = app.get_json("/api/v1/admin/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    stats
+}
+
+/// Ledger lines of `kind` under `key`.
+async fn ledger_count(app: &TestApp, key_prefix: &str, kind: &str) -> usize {
+    let (status, ledger) = app.get_json("/api/v1/admin/ledger").await;
+    assert_eq!(status, 200, "{ledger}");
+    ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind && e["key"].as_str().unwrap().starts_with(key_prefix))
+        .count()
+}
+
+const SEATS: u32 = 100;
+const BUYERS: usize = 1_000;
+
+/// A buyer who keeps trying until they hold a ticket or the event is sold out for good.
+async fn determined_buyer(app: Arc<TestApp>, event: i64, user: String) -> Option<String> {
+    for _ in 0..2_000 {
+        let (status, body) = app.purchase(event, &user).await;
+        match (status, body["code"].as_str()) {
+            (201, _) => {
+                assert_eq!(body["status"], "confirmed", "{body}");
+                return Some(body["id"].as_str().unwrap().to_owned());
+            }
+            (400, Some("sold-out")) => return None,
+            (402, _) | (400, Some("tickets-held")) | (503, _) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            other => panic!("unexpected answer {other:?}: {body}"),
+        }
+    }
+    panic!("buyer {user} gave up");
+}
+
+async fn stampede_on_locked(seed: u64) {
+    let keys = Keys::new();
+    let app = Arc::new(
+        locked_app(&keys, |s| {
+            s.seed = seed;
+            s.payments.latency =
+                LatencyModel::Uniform(Duration::from_millis(1), Duration::from_millis(20));
+            s.payments.failure_rate = 0.10;
+        })
+        .await,
+    );
+    let event = app.create_event(SEATS).await;
+
+    let started = Instant::now();
+    let buyers =
+        (0..BUYERS).map(|i| determined_buyer(Arc::clone(&app), event, format!("buyer-{i}")));
+    let tickets: Vec<String> = join_all(buyers).await.into_iter().flatten().collect();
+    let elapsed = started.elapsed();
+
+    assert_eq!(tickets.len(), SEATS as usize, "seed {seed}");
+    let distinct: HashSet<&String> = tickets.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        tickets.len(),
+        "seed {seed}: a ticket given twice"
+    );
+
+    let audit = app.audit().await;
+    assert_eq!(audit["ok"], true, "seed {seed}: {audit}");
+    let declines = ledger_count(&app, "order-", "decline").await;
+    assert!(
+        declines > 0,
+        "seed {seed}: payments never failed, the test lost its teeth"
+    );
+    assert_eq!(ledger_count(&app, "order-", "charge").await, SEATS as usize);
+
+    let stats = stats(&app).await;
+    let lock = &stats["lock"];
+    assert!(
+        lock["granted"].as_u64().unwrap() >= u64::from(SEATS),
+        "{stats}"
+    );
+    assert_eq!(stats["queue"]["failed"], 0, "{stats}");
+    assert_eq!(stats["queue"]["waiting"], 0, "{stats}");
+    assert_eq!(stats["queue"]["active"], 0, "{stats}");
+    println!(
+        "locked stampede seed {seed}: {SEATS} seats to {BUYERS} buyers in {elapsed:?} ({:.0} confirmed/s); lock grants {}, contended {}, wait p50 {} us, p99 {} us, max {} us; queue {}",
+        f64::from(SEATS) / elapsed.as_secs_f64(),
+        lock["granted"],
+        lock["contended"],
+        lock["waitP50Us"],
+        lock["waitP99Us"],
+        lock["waitMaxUs"],
+        stats["queue"],
+    );
+
+    let app = Arc::try_unwrap(app).ok().expect("buyers finished");
+    for (sql, expected) in [
+        (
+            "SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'",
+            i64::from(SEATS),
+        ),
+        ("SELECT COUNT(*) FROM tickets WHERE status = 'pending'", 0),
+        ("SELECT COUNT(*) FROM payments WHERE status = 'pending'", 0),
+        ("SELECT available_tickets FROM events", 0),
+    ] {
+        assert_eq!(app.count(sql).await, expected, "seed {seed}: {sql}");
+    }
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn the_locked_stage_sells_every_seat_exactly_once_under_a_stampede() {
+    for seed in [1, 2, 3] {
+        stampede_on_locked(seed).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_declined_payment_cancels_the_order_and_returns_the_seat() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| s.payments.failure_rate = 1.0).await;
+    let event = app.create_event(2).await;
+
+    for i in 0..5 {
+        let (status, body) = app.purchase(event, &format!("buyer-{i}")).await;
+        assert_eq!(status, 402, "{body}");
+        assert_eq!(body["code"], "payment-declined", "{body}");
+    }
+
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE status = 'cancelled' AND cancel_reason = 'payment_declined'")
+            .await,
+        5
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payments WHERE status = 'failed'")
+            .await,
+        5
+    );
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 0);
+    assert_eq!(app.audit().await["ok"], true);
+    let stats = stats(&app).await;
+    assert_eq!(stats["payments"]["declined"], 5, "{stats}");
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_payment_job_that_fails_is_retried_and_charges_once() {
+    let keys = Keys::new();
+    // Each job fails twice after charging, then succeeds on its third and last attempt.
+    let app = locked_app(&keys, |s| s.locked.failpoints.fail_job_attempts = 2).await;
+    let event = app.create_event(3).await;
+
+    let (status, body) = app.purchase(event, "alice").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["status"], "confirmed");
+
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(app.audit().await["ok"], true);
+    let stats = stats(&app).await;
+    assert_eq!(stats["payments"]["jobRuns"], 3, "{stats}");
+    assert_eq!(stats["payments"]["jobFailures"], 2, "{stats}");
+    assert_eq!(stats["queue"]["completed"], 1, "{stats}");
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_job_that_fails_its_last_attempt_is_dead_lettered_refunded_and_its_seat_returned() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| s.locked.failpoints.fail_job_attempts = 3).await;
+    let event = app.create_event(1).await;
+
+    let (status, body) = app.purchase(event, "alice").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "dependency-unavailable", "{body}");
+
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(ledger_count(&app, "order-", "refund").await, 1);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payments WHERE status = 'refunded'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(app.audit().await["ok"], true);
+    let stats = stats(&app).await;
+    assert_eq!(stats["queue"]["failed"], 1, "{stats}");
+    assert_eq!(stats["payments"]["gaveUp"], 1, "{stats}");
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_worker_that_dies_mid_job_loses_nothing_and_charges_once() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        s.locked.failpoints.crash_worker_after_charge_once = true
+    })
+    .await;
+    let event = app.create_event(2).await;
+
+    // The worker panics after the charge; a new worker takes the orphaned job once the dead
+    // one's heartbeats are overdue, and charges again under the same key.
+    let (status, body) = app.purchase(event, "alice").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["status"], "confirmed");
+
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(app.audit().await["ok"], true);
+    let stats = stats(&app).await;
+    assert!(
+        stats["payments"]["workerRestarts"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert_eq!(stats["payments"]["jobRuns"], 2, "{stats}");
+    app.stop().await;
+}
+
+/// A TCP proxy to Redis that the test can cut, as if Redis went down.
+struct RedisProxy {
+    url: String,
+    cut: watch::Sender<bool>,
+}
+
+impl RedisProxy {
+    async fn start() -> Self {
+        let target = redis_url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let (cut, cut_rx) = watch::channel(false);
+        actix_rt::spawn(async move {
+            let mut cut_accept = cut_rx.clone();
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    accepted = listener.accept() => accepted.unwrap(),
+                    _ = cut_accept.changed() => return,
+                };
+                let target = target.clone();
+                let mut cut_conn = cut_rx.clone();
+                actix_rt::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { url, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+#[actix_web::test]
+async fn redis_going_down_answers_503_with_a_problem_document_not_a_hang() {
+    let keys = Keys::new();
+    let proxy = RedisProxy::start().await;
+    let app = locked_app(&keys, |s| s.locked.redis_url = proxy.url.clone()).await;
+    let event = app.create_event(10).await;
+    let (status, body) = app.purchase(event, "alice").await;
+    assert_eq!(status, 201, "{body}");
+
+    proxy.cut();
+    let started = Instant::now();
+    let response = app
+        .client
+        .post(app.url("/api/v1/tickets/purchase"))
+        .json(&serde_json::json!({ "eventId": event, "userId": "bob" }))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "dependency-unavailable", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Nothing half-written: only alice's ticket exists, and every seat but hers is free.
+    assert_eq!(app.count("SELECT COUNT(*) FROM tickets").await, 1);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        9
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn an_unreachable_redis_at_start_is_an_error_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(StageKind::Locked, &dir.path().join("t.db"));
+    // A port nothing listens on: bind one, note it, close it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    settings.locked.redis_url = format!("redis://{closed}");
+    let Err(error) = Server::build(settings).await else {
+        panic!("the server started without Redis");
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("--redis-url"), "{message}");
+    assert!(!message.contains('\n'), "{message}");
+}
+
+/// The Redlock lesson: the holder of the lock pauses between its read and its write for
+/// longer than the lease; a second buyer takes the lock and the last seat meanwhile.
+async fn paused_holder_race(fencing: bool) -> (TestApp, Keys, u16, u16) {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        s.locked.fencing = fencing;
+        s.locked.lock_ttl = Duration::from_millis(100);
+        s.locked.failpoints.pause_after_read_once = Some(Duration::from_millis(600));
+    })
+    .await;
+    let event = app.create_event(1).await;
+    let app = Arc::new(app);
+    let first = {
+        let app = Arc::clone(&app);
+        actix_rt::spawn(async move { app.purchase(event, "paused-holder").await })
+    };
+    // Let the first buyer take the lock and reach its pause.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (second_status, second) = app.purchase(event, "second-holder").await;
+    let (first_status, first) = first.await.unwrap();
+    println!("fencing {fencing}: paused holder {first_status} {first}, second holder {second_status} {second}");
+    let app = Arc::try_unwrap(app).ok().expect("buyers finished");
+    (app, keys, first_status, second_status)
+}
+
+#[actix_web::test]
+async fn without_fencing_a_lock_holder_paused_past_its_lease_sells_the_last_seat_twice() {
+    let (app, _keys, first, second) = paused_holder_race(false).await;
+    assert_eq!(
+        (first, second),
+        (201, 201),
+        "both buyers were sold the one seat"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
+            .await,
+        2
+    );
+    let audit = app.audit().await;
+    assert_eq!(audit["ok"], false, "{audit}");
+    assert_eq!(audit["invariants"]["I1_no_oversell"], 1, "{audit}");
+    let stats = stats(&app).await;
+    assert!(stats["lock"]["expired"].as_u64().unwrap() >= 1, "{stats}");
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn with_fencing_the_paused_holders_late_write_is_refused_and_the_seat_sells_once() {
+    let (app, _keys, first, second) = paused_holder_race(true).await;
+    assert_eq!(second, 201);
+    assert_eq!(first, 400, "the paused holder must find the seat gone");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
+            .await,
+        1
+    );
+    assert_eq!(app.audit().await["ok"], true);
+    let stats = stats(&app).await;
+    assert!(
+        stats["lock"]["staleWritesRefused"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    app.stop().await;
+}
