@@ -18,12 +18,12 @@ pub fn html(report: &Report) -> String {
     let s = &report.settings;
     let mut body = String::new();
     body.push_str(&format!(
-        "<h1>loadgen {}: {}</h1><p class=meta>seed <code>{}</code> · {:?} model · bound {} · \
+        "<h1>loadgen {}: {}</h1><p class=meta>seed <code>{}</code> · {} model · bound {} · \
          started {} · {}</p>",
         esc(report.command),
         esc(s.scenario.as_str()),
         report.seed,
-        s.model,
+        model_name(s.model),
         esc(&s.bound()),
         esc(&report.started_at),
         esc(&report.tool)
@@ -314,4 +314,11 @@ fn table(report: &Report) -> String {
     }
     t.push_str("</table>");
     t
+}
+
+fn model_name(m: crate::scenario::ModelKind) -> &'static str {
+    match m {
+        crate::scenario::ModelKind::Closed => "closed",
+        crate::scenario::ModelKind::Open => "open",
+    }
 }

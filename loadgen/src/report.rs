@@ -55,6 +55,8 @@ pub struct Results {
     /// HTTP requests measured, and requests per second over the measured time.
     pub requests: u64,
     pub achieved_rps: f64,
+    /// Iterations (arrivals) per second over the measured time; compare with `offeredRps`.
+    pub achieved_iterations_per_s: f64,
     /// Open model: arrivals per second asked for.
     pub offered_rps: Option<f64>,
     /// Open model: arrivals that started more than 5 ms after their intended time.
@@ -131,6 +133,11 @@ impl Results {
             } else {
                 0.0
             }),
+            achieved_iterations_per_s: round1(if measured_s > 0.0 {
+                outcome.measured_iterations as f64 / measured_s
+            } else {
+                0.0
+            }),
             offered_rps: match settings.model {
                 ModelKind::Open => settings.rate,
                 ModelKind::Closed => None,
@@ -186,10 +193,14 @@ pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
         res(r).map_or("-".into(), |x| format!("{:.1}", x.achieved_rps))
     });
     if report.settings.model == ModelKind::Open {
-        row("offered (req/s)", &|r| {
-            res(r)
-                .and_then(|x| x.offered_rps)
-                .map_or("-".into(), |v| format!("{v:.1}"))
+        row("arrivals/s offered / achieved", &|r| {
+            res(r).map_or("-".into(), |x| {
+                format!(
+                    "{:.1} / {:.1}",
+                    x.offered_rps.unwrap_or(0.0),
+                    x.achieved_iterations_per_s
+                )
+            })
         });
         row("late / dropped", &|r| {
             res(r).map_or("-".into(), |x| format!("{} / {}", x.late, x.dropped))

@@ -238,6 +238,71 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
     assert!(table.contains("| monolith | actor | locked |"));
 }
 
+fn schema_validator() -> jsonschema::Validator {
+    let schema: Value =
+        serde_json::from_str(include_str!("../schema/report-v1.schema.json")).unwrap();
+    jsonschema::validator_for(&schema).expect("the schema compiles")
+}
+
+fn assert_conforms(validator: &jsonschema::Validator, report: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(report)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "schema violations: {errors:#?}");
+}
+
+#[test]
+fn an_open_model_run_reports_offered_and_achieved_rates_and_conforms_to_the_schema() {
+    let server = Server::start("actor");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = run(&[
+        "run",
+        "--target",
+        &server.url,
+        "--scenario",
+        "health",
+        "--model",
+        "open",
+        "--rate",
+        "400",
+        "--arrivals",
+        "poisson",
+        "--duration",
+        "1500ms",
+        "--warmup",
+        "500ms",
+        "--connections",
+        "16",
+        "--seed",
+        "9",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let report = read_json(&json);
+    assert_conforms(&schema_validator(), &report);
+    let res = &report["runs"][0]["results"];
+    assert_eq!(
+        report["runs"][0]["stage"], "actor",
+        "named by the server's /health"
+    );
+    assert_eq!(res["offeredRps"], 400.0);
+    let measured = res["measuredIterations"].as_u64().unwrap();
+    let all = res["iterations"].as_u64().unwrap();
+    assert!(
+        measured < all,
+        "the warm-up is left out: {measured} of {all}"
+    );
+    assert!(
+        (250..=550).contains(&measured),
+        "about one second at 400/s: {measured}"
+    );
+    assert_eq!(res["dropped"], 0);
+}
+
 #[test]
 fn the_same_seed_replays_the_same_workload() {
     // spread: which event each buyer picks is drawn from the seed; the actor stage sells
