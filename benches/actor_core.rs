@@ -206,16 +206,16 @@ fn actor_core(c: &mut Criterion) {
     // (c) The pure core alone.
     let mut inventory: Inventory<OrderId, UserId> =
         Inventory::new(SEATS, SEATS, HOLD_TTL.as_millis() as u64);
-    let mut next_ticket = 0u128;
+    let mut next_order = 0u128;
     group.bench_function("inventory_reserve_confirm", |b| {
         b.iter(|| {
-            next_ticket += 1;
-            let ticket = OrderId(Uuid::from_u128(next_ticket));
+            next_order += 1;
+            let order = OrderId(Uuid::from_u128(next_order));
             let now = 1;
             inventory
-                .reserve(ticket, user.clone(), 1, now)
+                .reserve(order, user.clone(), 1, now)
                 .expect("a seat is free");
-            std::hint::black_box(inventory.confirm(ticket, now).expect("the hold is live"));
+            std::hint::black_box(inventory.confirm(order, now).expect("the hold is live"));
         })
     });
     group.finish();

@@ -3,9 +3,9 @@
 //!
 //! Each iteration creates a fresh event of `PURCHASES` seats (untimed), then times `PURCHASES`
 //! concurrent purchases through the real group-commit writer: each purchase queues the `Hold` of
-//! a new ticket, waits until it is committed, then queues its `Confirm` and waits again, as the
-//! actor stage does. `max_batch = 512` lets one transaction carry every write that is waiting;
-//! `max_batch = 1` commits each write alone. Throughput counts purchases.
+//! a new one-ticket order, waits until it is committed, then queues its `Confirm` and waits
+//! again, as the actor stage does. `max_batch = 512` lets one transaction carry every write that
+//! is waiting; `max_batch = 1` commits each write alone. Throughput counts purchases.
 //!
 //! The database lives in a temporary directory on the default temp filesystem (`TMPDIR`); on a
 //! RAM-backed filesystem fsync is free and the comparison says nothing.
@@ -26,7 +26,7 @@ use ticketflow::domain::{timestamp, EventId, Money, NewEvent, OrderId, TicketId}
 use ticketflow::stages::event_actor::payment_key;
 use ticketflow::store::{NewOrder, Store, WriteHandle, WriteOp};
 
-/// Purchases in flight at once, each for a distinct ticket of the same event.
+/// Purchases in flight at once, each a new one-ticket order for the same event.
 const PURCHASES: usize = 256;
 /// Room in the writer's queue for every purchase in flight.
 const WRITER_CAPACITY: usize = 1024;
