@@ -12,7 +12,7 @@ use crate::payments::{LedgerEntry, LedgerKind};
 use crate::store::{PaymentRecord, StoredCounts};
 
 /// One event's counters and what is wrong with them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventAudit {
     #[serde(flatten)]
@@ -24,7 +24,7 @@ pub struct EventAudit {
 }
 
 /// Violation counts per invariant; all zero means the run was correct.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Invariants {
     /// I1: tickets confirmed or held beyond total, summed over events.
     #[serde(rename = "I1_no_oversell")]
@@ -53,7 +53,7 @@ impl Invariants {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditReport {
     pub ok: bool,

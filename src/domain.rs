@@ -7,6 +7,7 @@ use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Largest number of tickets one event may offer.
@@ -17,7 +18,9 @@ pub const MAX_PRICE_CENTS: i64 = 100_000_000;
 pub const MAX_TEXT_CHARS: usize = 200;
 
 /// An event's id: the row id SQLite gives it, as in the seed (`/api/v1/events/1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
 pub struct EventId(pub i64);
 
@@ -29,7 +32,9 @@ impl fmt::Display for EventId {
 
 /// A ticket's id. Event actors mint them from a seeded generator so a replayed run sees the
 /// same ids, and so the same payment outcomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
 pub struct TicketId(pub Uuid);
 
@@ -40,7 +45,9 @@ impl fmt::Display for TicketId {
 }
 
 /// An order's id: one purchase of 1..=N tickets of one event, all or nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
 pub struct OrderId(pub Uuid);
 
@@ -164,7 +171,7 @@ impl Money {
 
 /// A ticket's life: `pending` while its seat is held and payment runs, then `confirmed` or
 /// `cancelled` (with a [`CancelReason`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TicketStatus {
     Pending,
@@ -236,28 +243,31 @@ impl PaymentStatus {
 }
 
 /// An event as stored and as served by API v1 (camelCase, like the seed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
     pub id: EventId,
     pub name: String,
     pub venue: String,
+    #[schema(format = DateTime)]
     pub date: String,
     pub total_tickets: u32,
     pub available_tickets: u32,
     /// Price in major units, for the seed's clients. `price_cents` is the exact value.
     pub price: f64,
     pub price_cents: i64,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
 /// A ticket as stored and as served by API v1.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Ticket {
     pub id: TicketId,
     pub event_id: EventId,
     pub user_id: String,
+    #[schema(format = DateTime)]
     pub purchase_date: String,
     pub price: f64,
     pub price_cents: i64,

@@ -47,7 +47,7 @@ pub enum RefundOutcome {
 pub struct GatewayUnavailable;
 
 /// One line of the gateway's ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LedgerEntry {
     pub key: String,
@@ -56,7 +56,7 @@ pub struct LedgerEntry {
     pub at: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LedgerKind {
     Charge,

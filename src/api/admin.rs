@@ -7,6 +7,16 @@ use super::{AppState, Problem};
 use crate::audit;
 
 /// `GET /health`: 200 when the database answers, 503 otherwise.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    operation_id = "health",
+    responses(
+        (status = 200, description = "The database answers.", body = super::openapi::Health),
+        (status = 503, description = "The database does not answer.", body = super::openapi::Health),
+    ),
+)]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let database = state.store.ping().await;
     let body = json!({
@@ -22,12 +32,32 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `GET /api/v1/admin/ledger`: every charge, decline and refund the gateway made.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/ledger",
+    tag = "v1",
+    operation_id = "v1AdminLedger",
+    responses(
+        (status = 200, description = "The gateway's ledger (this process).", body = super::openapi::Ledger),
+        (status = 503, description = "The payment gateway is unavailable (`payment-gateway-unavailable`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn ledger(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
     let entries = state.payments.ledger().await?;
     Ok(HttpResponse::Ok().json(json!({ "entries": entries })))
 }
 
 /// `GET /api/v1/admin/audit`: the invariants I1-I6 checked against storage and the ledger.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/audit",
+    tag = "v1",
+    operation_id = "v1AdminAudit",
+    responses(
+        (status = 200, description = "Violation counts per invariant, per event.", body = audit::AuditReport),
+        (status = 503, description = "The payment gateway is unavailable (`payment-gateway-unavailable`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
     let counts = state.store.event_counts().await?;
     let payments = state.store.payment_records().await?;
@@ -36,6 +66,15 @@ pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> 
 }
 
 /// `GET /api/v1/admin/stats`: the stage's own figures (for `locked`: lock waits and the queue).
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/stats",
+    tag = "v1",
+    operation_id = "v1AdminStats",
+    responses(
+        (status = 200, description = "The stage's own figures; their shape depends on the stage.", body = Object),
+    ),
+)]
 pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(state.stage.stats().await)
 }

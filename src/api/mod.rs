@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod openapi;
 pub mod problem;
 pub mod v1;
 pub mod v2;
@@ -30,7 +31,8 @@ pub struct AppState {
 /// Registers every route, with problem documents for bad bodies, paths and methods. API v2 is
 /// served only when `serve_v2` (the monolith, like the seed's step 1, serves v1 only).
 pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: bool) {
-    cfg.service(resource("/api").route(web::get().to(v2::root)));
+    cfg.service(resource("/api").route(web::get().to(v2::root)))
+        .service(resource(openapi::PATH).route(web::get().to(openapi::openapi_json)));
     if serve_v2 {
         cfg.service(resource("/api/v2").route(web::get().to(v2::index)))
             .service(resource("/api/v2/users").route(web::post().to(v2::create_user)))

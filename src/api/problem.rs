@@ -10,8 +10,9 @@ use crate::stages::PurchaseError;
 use crate::store::StoreError;
 
 /// An error answer. `code` is stable and documented; `detail` is for humans.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// A URI reference naming the problem: `/problems/{code}`.
     #[serde(rename = "type")]
     pub kind: String,
     pub title: &'static str,

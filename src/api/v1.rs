@@ -2,25 +2,41 @@
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use super::{AppState, Problem};
-use crate::domain::{EventId, Money, NewEvent, UserId};
+use crate::domain::{Event, EventId, Money, NewEvent, Ticket, UserId};
 
 /// `POST /api/v1/events`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateEventBody {
+    /// 1 to 200 characters after trimming, no control characters.
     #[serde(deserialize_with = "field::name")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
+    /// 1 to 200 characters after trimming, no control characters.
     #[serde(deserialize_with = "field::venue")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub venue: String,
     /// RFC 3339 date-time.
     #[serde(deserialize_with = "field::date")]
+    #[schema(format = DateTime, example = "2026-12-31T20:00:00Z")]
     pub date: String,
     #[serde(deserialize_with = "field::total_tickets")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub total_tickets: i64,
     /// Major units with at most two decimals, as in the seed (e.g. `49.99`).
     #[serde(deserialize_with = "field::price")]
+    #[schema(minimum = 0, maximum = 1_000_000, multiple_of = 0.01, example = 49.99)]
     pub price: f64,
 }
 
@@ -108,10 +124,12 @@ mod field {
 }
 
 /// `POST /api/v1/tickets/purchase`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PurchaseBody {
+    #[schema(schema_with = super::openapi::event_id_input)]
     pub event_id: IdInput,
+    #[schema(schema_with = super::openapi::user_id_input)]
     pub user_id: UserId,
 }
 
@@ -150,10 +168,30 @@ fn path_event_id(raw: &str) -> Result<EventId, Problem> {
         .ok_or_else(|| Problem::not_found("unknown-event", format!("no event with id {raw}")))
 }
 
+/// Every event, as in the seed.
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "v1",
+    operation_id = "v1ListEvents",
+    responses((status = 200, description = "All events.", body = Vec<Event>)),
+)]
 pub async fn list_events(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
     Ok(HttpResponse::Ok().json(state.store.list_events().await?))
 }
 
+/// One event.
+#[utoipa::path(
+    get,
+    path = "/api/v1/events/{id}",
+    tag = "v1",
+    operation_id = "v1GetEvent",
+    params(("id" = i64, Path, minimum = 1, description = "The event's id; anything else is a 404.")),
+    responses(
+        (status = 200, description = "The event.", body = Event),
+        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn get_event(
     state: web::Data<AppState>,
     id: web::Path<String>,
@@ -168,6 +206,22 @@ pub async fn get_event(
     }
 }
 
+/// Creates an event (no authentication in v1, as in the seed).
+#[utoipa::path(
+    post,
+    path = "/api/v1/events",
+    tag = "v1",
+    operation_id = "v1CreateEvent",
+    request_body = CreateEventBody,
+    responses(
+        (status = 201, description = "Created.", body = Event,
+            headers(("Location" = String, description = "The event's URL."))),
+        (status = 400, description = "Malformed JSON, a wrong or missing field, or a value out of range (`malformed-json`, `invalid-body`, `validation-failed` with `field`).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Refused by a storage constraint (`conflict`).", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn create_event(
     state: web::Data<AppState>,
     body: web::Json<CreateEventBody>,
@@ -186,6 +240,24 @@ pub async fn create_event(
         .json(event))
 }
 
+/// Buys one ticket; answers once payment has settled.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tickets/purchase",
+    tag = "v1",
+    operation_id = "v1Purchase",
+    request_body = PurchaseBody,
+    responses(
+        (status = 201, description = "A confirmed ticket.", body = Ticket),
+        (status = 400, description = "No tickets left (`sold-out`, the seed's code), all remaining seats held (`tickets-held`, with `Retry-After`), or a bad body.", body = Problem, content_type = "application/problem+json"),
+        (status = 402, description = "Payment failed; the ticket is cancelled and the seat returned (`payment-declined`).", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The per-user limit is reached (`user-limit`), or the hold expired during payment (`hold-expired`).", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded or a dependency is down (`overloaded`, `dependency-unavailable`, `payment-gateway-unavailable`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn purchase(
     state: web::Data<AppState>,
     body: web::Json<PurchaseBody>,
@@ -196,6 +268,18 @@ pub async fn purchase(
     Ok(HttpResponse::Created().json(ticket))
 }
 
+/// A user's tickets (any status).
+#[utoipa::path(
+    get,
+    path = "/api/v1/tickets/user/{userId}",
+    tag = "v1",
+    operation_id = "v1UserTickets",
+    params(("userId" = String, Path, min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$", description = "The buyer's id as sent at purchase.")),
+    responses(
+        (status = 200, description = "The user's tickets.", body = Vec<Ticket>),
+        (status = 400, description = "The id is blank, too long or has control characters (`validation-failed`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn user_tickets(
     state: web::Data<AppState>,
     user: web::Path<String>,

@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{require_admin, require_user};
 use super::{AppState, Problem};
@@ -27,6 +28,13 @@ const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 // ---------- discovery ----------
 
 /// `GET /api`
+#[utoipa::path(
+    get,
+    path = "/api",
+    tag = "discovery",
+    operation_id = "apiRoot",
+    responses((status = 200, description = "The API's versions and links.", body = super::openapi::Discovery)),
+)]
 pub async fn root() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "ticketflow",
@@ -39,6 +47,13 @@ pub async fn root() -> HttpResponse {
 }
 
 /// `GET /api/v2`
+#[utoipa::path(
+    get,
+    path = "/api/v2",
+    tag = "discovery",
+    operation_id = "v2Index",
+    responses((status = 200, description = "API v2's links.", body = super::openapi::V2Index)),
+)]
 pub async fn index() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "version": "v2",
@@ -56,11 +71,13 @@ pub async fn index() -> HttpResponse {
 
 // ---------- views ----------
 
-#[derive(Serialize)]
+/// An event with its links.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct EventView<'a> {
+pub(crate) struct EventView<'a> {
     #[serde(flatten)]
     event: &'a Event,
+    #[schema(value_type = super::openapi::EventLinks)]
     links: Value,
 }
 
@@ -77,9 +94,9 @@ fn event_view(event: &Event) -> EventView<'_> {
 
 /// An order as API v2 shows it. Rendering is deterministic (tickets sorted), so an answer
 /// replayed for an Idempotency-Key is byte-identical to the first.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct OrderView {
+pub(crate) struct OrderView {
     id: OrderId,
     event_id: EventId,
     quantity: u32,
@@ -88,8 +105,11 @@ struct OrderView {
     #[serde(skip_serializing_if = "Option::is_none")]
     cancel_reason: Option<String>,
     tickets: Vec<TicketId>,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     updated_at: String,
+    #[schema(value_type = super::openapi::OrderLinks)]
     links: Value,
 }
 
@@ -269,14 +289,34 @@ pub async fn recover_claims(store: &Store) -> StoreResult<()> {
 
 // ---------- users ----------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUserBody {
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     name: String,
 }
 
 /// `POST /api/v2/users`: a user and its bearer token (shown once). Needs no Idempotency-Key:
 /// there is no user yet to scope one to, and a retry only makes another unused account.
+#[utoipa::path(
+    post,
+    path = "/api/v2/users",
+    tag = "v2",
+    operation_id = "v2CreateUser",
+    request_body = NewUserBody,
+    responses(
+        (status = 201, description = "The user and its bearer token, shown once.", body = super::openapi::UserCreated,
+            headers(("Location" = String, description = "The user's orders."))),
+        (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, or a bad name (`malformed-json`, `invalid-body`, `validation-failed`).", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn create_user(
     state: web::Data<AppState>,
     body: web::Json<Value>,
@@ -299,6 +339,18 @@ pub async fn create_user(
 }
 
 /// `GET /api/v2/users/me/orders`
+#[utoipa::path(
+    get,
+    path = "/api/v2/users/me/orders",
+    tag = "v2",
+    operation_id = "v2MyOrders",
+    security(("user_token" = [])),
+    responses(
+        (status = 200, description = "The caller's orders.", body = super::openapi::OrderList),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The admin token cannot act as a buyer (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn my_orders(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -310,6 +362,18 @@ pub async fn my_orders(
 }
 
 /// `GET /api/v2/users/me/tickets`
+#[utoipa::path(
+    get,
+    path = "/api/v2/users/me/tickets",
+    tag = "v2",
+    operation_id = "v2MyTickets",
+    security(("user_token" = [])),
+    responses(
+        (status = 200, description = "The caller's tickets.", body = super::openapi::TicketList),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The admin token cannot act as a buyer (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn my_tickets(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -320,15 +384,28 @@ pub async fn my_tickets(
 
 // ---------- events ----------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventListQuery {
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// Events to skip (default 0).
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_u64)]
     offset: Option<u64>,
+    /// Only events at this venue (exact match).
     venue: Option<String>,
+    /// Only events on or after this RFC 3339 date-time.
+    #[param(format = DateTime)]
     from: Option<String>,
+    /// Only events on or before this RFC 3339 date-time.
+    #[param(format = DateTime)]
     to: Option<String>,
+    /// `true`: only events with tickets left; `false`: only sold-out ones.
     available: Option<bool>,
+    /// `date` (default), `name`, `price`, `available` or `created`; prefix `-` for descending.
+    #[param(pattern = "^-?(date|name|price|available|created)$")]
     sort: Option<String>,
 }
 
@@ -383,6 +460,17 @@ impl EventListQuery {
 }
 
 /// `GET /api/v2/events`: filtered, sorted, paginated, with links.
+#[utoipa::path(
+    get,
+    path = "/api/v2/events",
+    tag = "v2",
+    operation_id = "v2ListEvents",
+    params(EventListQuery),
+    responses(
+        (status = 200, description = "One page of events.", body = super::openapi::EventPage),
+        (status = 400, description = "A query parameter out of range or unknown (`validation-failed` with `field`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn list_events(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -430,6 +518,17 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 }
 
 /// `GET /api/v2/events/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v2/events/{id}",
+    tag = "v2",
+    operation_id = "v2GetEvent",
+    params(("id" = i64, Path, minimum = 1, description = "The event's id; anything else is a 404.")),
+    responses(
+        (status = 200, description = "The event with its links.", body = EventView),
+        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn get_event(
     state: web::Data<AppState>,
     id: web::Path<String>,
@@ -444,18 +543,54 @@ pub async fn get_event(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct NewEventBody {
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     name: String,
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     venue: String,
+    /// RFC 3339 date-time.
+    #[schema(format = DateTime, example = "2026-12-31T20:00:00Z")]
     date: String,
+    #[schema(minimum = 1, maximum = 1_000_000)]
     total_tickets: i64,
     /// Exact price in minor units.
+    #[schema(minimum = 0, maximum = 100_000_000)]
     price_cents: i64,
 }
 
 /// `POST /api/v2/events` (admin, Idempotency-Key).
+#[utoipa::path(
+    post,
+    path = "/api/v2/events",
+    tag = "v2",
+    operation_id = "v2CreateEvent",
+    security(("admin_token" = [])),
+    params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "1 to 255 visible ASCII characters, e.g. a UUID. A retry with the same key and request gets the stored answer (with `Idempotent-Replayed: true`).")),
+    request_body = NewEventBody,
+    responses(
+        (status = 201, description = "Created.", body = EventView,
+            headers(("Location" = String, description = "The event's URL."), ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key."))),
+        (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, a value out of range, or a missing or invalid Idempotency-Key.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A user's token (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with this Idempotency-Key is still running (`idempotency-key-in-use`, with `Retry-After`).", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "This Idempotency-Key was used with a different request (`idempotency-key-reused`).", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn create_event(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -490,6 +625,18 @@ pub async fn create_event(
 
 /// `GET /api/v2/events/{id}/availability`: Server-Sent Events, one `availability` event at
 /// once and another whenever the count changes, with a comment every 15 s to keep proxies open.
+#[utoipa::path(
+    get,
+    path = "/api/v2/events/{id}/availability",
+    tag = "v2",
+    operation_id = "v2AvailabilityStream",
+    params(("id" = i64, Path, minimum = 1, description = "The event's id; anything else is a 404.")),
+    responses(
+        (status = 200, description = "A stream that does not end: `event: availability` frames whose `data` is an `Availability` object, and `: keep-alive` comments.",
+            body = String, content_type = "text/event-stream"),
+        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn availability_stream(
     state: web::Data<AppState>,
     id: web::Path<String>,
@@ -540,15 +687,40 @@ pub async fn availability_stream(
 
 // ---------- orders ----------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct NewOrderBody {
+    #[schema(minimum = 1)]
     event_id: i64,
+    /// Tickets in the order, all or nothing.
+    #[schema(minimum = 1, maximum = 100)]
     quantity: i64,
 }
 
 /// `POST /api/v2/orders` (user, Idempotency-Key): holds the seats and answers `202` with the
 /// order and its status URL; payment goes on in the background.
+#[utoipa::path(
+    post,
+    path = "/api/v2/orders",
+    tag = "v2",
+    operation_id = "v2CreateOrder",
+    security(("user_token" = [])),
+    params(("Idempotency-Key" = String, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "1 to 255 visible ASCII characters, e.g. a UUID. A retry with the same key and request gets the stored answer (with `Idempotent-Replayed: true`).")),
+    request_body = NewOrderBody,
+    responses(
+        (status = 202, description = "Accepted: the seats are held and payment runs; poll the order's URL.", body = OrderView,
+            headers(("Location" = String, description = "The order's status URL."), ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key."))),
+        (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, a value out of range, a missing or invalid Idempotency-Key, or no tickets left (`sold-out`, `tickets-held`).", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The admin token cannot act as a buyer (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not enough tickets left (`not-enough-tickets`), the per-user limit (`user-limit`), or a request with this Idempotency-Key still running (`idempotency-key-in-use`).", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "This Idempotency-Key was used with a different request (`idempotency-key-reused`).", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded or a dependency is down (`overloaded`, `dependency-unavailable`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn create_order(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -580,6 +752,20 @@ pub async fn create_order(
 }
 
 /// `GET /api/v2/orders/{id}`: the caller's own order; anyone else's is 404, like a missing one.
+#[utoipa::path(
+    get,
+    path = "/api/v2/orders/{id}",
+    tag = "v2",
+    operation_id = "v2GetOrder",
+    security(("user_token" = [])),
+    params(("id" = String, Path, format = Uuid, description = "The order's id.")),
+    responses(
+        (status = 200, description = "The order, its status and tickets.", body = OrderView),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The admin token cannot act as a buyer (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order, or another user's (`unknown-order`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn get_order(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -599,6 +785,16 @@ pub async fn get_order(
 // ---------- health and admin ----------
 
 /// `GET /api/v2/health`: each dependency's state; 503 when one is down.
+#[utoipa::path(
+    get,
+    path = "/api/v2/health",
+    tag = "health",
+    operation_id = "v2Health",
+    responses(
+        (status = 200, description = "Every dependency answers.", body = super::openapi::Health),
+        (status = 503, description = "A dependency is down.", body = super::openapi::Health),
+    ),
+)]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let mut dependencies = serde_json::Map::new();
     let mut healthy = true;
@@ -622,6 +818,19 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `GET /api/v2/admin/audit`
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/audit",
+    tag = "v2",
+    operation_id = "v2AdminAudit",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Violation counts per invariant, per event.", body = crate::audit::AuditReport),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A user's token (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The payment gateway is unavailable (`payment-gateway-unavailable`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn admin_audit(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -631,6 +840,19 @@ pub async fn admin_audit(
 }
 
 /// `GET /api/v2/admin/ledger`
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/ledger",
+    tag = "v2",
+    operation_id = "v2AdminLedger",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The gateway's ledger (this process).", body = super::openapi::Ledger),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A user's token (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The payment gateway is unavailable (`payment-gateway-unavailable`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn admin_ledger(
     req: HttpRequest,
     state: web::Data<AppState>,

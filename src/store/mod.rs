@@ -112,7 +112,7 @@ impl EventSort {
 }
 
 /// Per-event counters as stored, for recovery and the audit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredCounts {
     pub event: EventId,

@@ -1,0 +1,304 @@
+//! The OpenAPI 3.1 document for API v1 and v2, served at `GET /api/openapi.json`.
+//!
+//! The operations are described next to their handlers (`#[utoipa::path]`) and the bodies on
+//! their types (`ToSchema`); this module assembles them and names the answers that handlers
+//! build with `json!` so the document can describe them too.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use actix_web::HttpResponse;
+use serde::Serialize;
+use utoipa::openapi::schema::{
+    KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::{admin, v1, v2};
+use crate::domain::Ticket;
+use crate::payments::LedgerEntry;
+
+/// Where the document is served.
+pub const PATH: &str = "/api/openapi.json";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Ticketflow",
+        description = "An event-ticketing server built as a concurrency lab. API v1 is the seed's \
+            API, kept compatible; API v2 adds users and tokens, orders of N tickets answered \
+            `202 Accepted`, Idempotency-Key on unsafe requests, searchable events and an \
+            availability stream. Every error is an `application/problem+json` document with a \
+            stable `code`.",
+    ),
+    paths(
+        openapi_json,
+        admin::health,
+        v2::root,
+        v1::list_events,
+        v1::create_event,
+        v1::get_event,
+        v1::purchase,
+        v1::user_tickets,
+        admin::ledger,
+        admin::audit,
+        admin::stats,
+        v2::index,
+        v2::create_user,
+        v2::my_orders,
+        v2::my_tickets,
+        v2::list_events,
+        v2::create_event,
+        v2::get_event,
+        v2::availability_stream,
+        v2::create_order,
+        v2::get_order,
+        v2::health,
+        v2::admin_audit,
+        v2::admin_ledger,
+    ),
+    components(schemas(Availability)),
+    modifiers(&BearerTokens),
+    tags(
+        (name = "discovery", description = "Where to start: versions and links."),
+        (name = "health", description = "Liveness and each dependency's state."),
+        (name = "v1", description = "The seed's API, kept compatible (camelCase, no tokens)."),
+        (name = "v2", description = "Users and tokens, orders, idempotency keys, pagination."),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The two bearer tokens: a user's (from `POST /api/v2/users`) and the admin's.
+struct BearerTokens;
+
+impl Modify for BearerTokens {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = |description: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(description))
+                    .build(),
+            )
+        };
+        components.add_security_scheme(
+            "user_token",
+            bearer("A user's token, returned once by `POST /api/v2/users`."),
+        );
+        components.add_security_scheme(
+            "admin_token",
+            bearer("The admin token (`--admin-token`, or made at start and logged)."),
+        );
+    }
+}
+
+/// The document as JSON, rendered once.
+pub fn document() -> &'static str {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .expect("the OpenAPI document serializes")
+    })
+}
+
+/// `GET /api/openapi.json`: this document.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "discovery",
+    operation_id = "openapi",
+    responses((status = 200, description = "The OpenAPI 3.1 document.", body = Object)),
+)]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(document())
+}
+
+// ---------- answers built with `json!`, named for the document ----------
+
+const TEXT_PATTERN: &str = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$";
+
+/// `eventId` in API v1: a positive integer, or a string of its digits.
+pub fn event_id_input() -> Schema {
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(1))
+                .maximum(Some(i64::MAX)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^0*[1-9][0-9]{0,17}$")),
+        )
+        .description(Some("A positive integer, or a string of its digits."))
+        .into()
+}
+
+/// A buyer's id in API v1: a string (1 to 200 characters after trimming, no control characters)
+/// or a non-negative integer.
+pub fn user_id_input() -> Schema {
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(200))
+                .pattern(Some(TEXT_PATTERN)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0))
+                .maximum(Some(i64::MAX)),
+        )
+        .description(Some(
+            "A string (1 to 200 characters after trimming, no control characters) or a \
+             non-negative integer.",
+        ))
+        .into()
+}
+
+/// `"ok"`, or `"down"` for a dependency and `"degraded"` overall.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `degraded`.
+    #[schema(pattern = "^(ok|degraded)$")]
+    status: String,
+    /// The purchase stage this server runs.
+    stage: String,
+    /// Each dependency's state: `ok` or `down`.
+    dependencies: BTreeMap<String, String>,
+}
+
+/// The payment gateway's ledger.
+#[derive(Serialize, ToSchema)]
+pub struct Ledger {
+    entries: Vec<LedgerEntry>,
+}
+
+/// `GET /api`
+#[derive(Serialize, ToSchema)]
+pub struct Discovery {
+    name: String,
+    versions: Vec<ApiVersion>,
+    links: RootLinks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiVersion {
+    version: String,
+    href: String,
+    description: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RootLinks {
+    openapi: String,
+    health: String,
+}
+
+/// `GET /api/v2`
+#[derive(Serialize, ToSchema)]
+pub struct V2Index {
+    version: String,
+    links: V2Links,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct V2Links {
+    events: String,
+    orders: String,
+    users: String,
+    my_orders: String,
+    my_tickets: String,
+    health: String,
+    openapi: String,
+}
+
+/// An event's links.
+#[derive(Serialize, ToSchema)]
+pub struct EventLinks {
+    #[serde(rename = "self")]
+    this: String,
+    availability: String,
+    orders: String,
+}
+
+/// An order's links.
+#[derive(Serialize, ToSchema)]
+pub struct OrderLinks {
+    #[serde(rename = "self")]
+    this: String,
+    event: String,
+}
+
+/// A new user and its bearer token (shown once).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserCreated {
+    id: String,
+    name: String,
+    /// Send as `Authorization: Bearer <token>`.
+    token: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+    links: UserLinks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserLinks {
+    orders: String,
+    tickets: String,
+}
+
+/// The caller's orders.
+#[derive(Serialize, ToSchema)]
+pub struct OrderList {
+    items: Vec<v2::OrderView>,
+}
+
+/// The caller's tickets.
+#[derive(Serialize, ToSchema)]
+pub struct TicketList {
+    items: Vec<Ticket>,
+}
+
+/// One page of events.
+#[derive(Serialize, ToSchema)]
+pub struct EventPage<'a> {
+    items: Vec<v2::EventView<'a>>,
+    /// Events matching the filters, over all pages.
+    total: i64,
+    limit: u32,
+    offset: u64,
+    links: PageLinks,
+}
+
+/// A page's links; `next` and `prev` only when there is such a page.
+#[derive(Serialize, ToSchema)]
+pub struct PageLinks {
+    #[serde(rename = "self")]
+    this: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev: Option<String>,
+}
+
+/// The `data` of an `availability` frame on `GET /api/v2/events/{id}/availability`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Availability {
+    event_id: i64,
+    available_tickets: u32,
+    total_tickets: u32,
+}
