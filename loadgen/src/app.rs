@@ -105,20 +105,17 @@ async fn execute(
         let stage = check_reachable(addr, &url)
             .await?
             .unwrap_or_else(|| "external".into());
-        runs.push(match settings.scenario.unsupported_reason() {
-            Some(why) => skipped(&stage, why.into(), Some(url)),
-            None => {
-                let (results, audit) = measure(addr, &settings, &stage, quiet).await?;
-                RunReport {
-                    stage,
-                    status: "completed",
-                    skip_reason: None,
-                    target: Some(url),
-                    server_args: None,
-                    results: Some(results),
-                    audit: Some(audit),
-                }
-            }
+        runs.push(match measure(addr, &settings, &stage, quiet).await? {
+            Err(why) => skipped(&stage, why, Some(url)),
+            Ok((results, audit)) => RunReport {
+                stage,
+                status: "completed",
+                skip_reason: None,
+                target: Some(url),
+                server_args: None,
+                results: Some(results),
+                audit: Some(audit),
+            },
         });
     } else {
         let bin = server::locate_server(common.server_bin.as_deref());
@@ -160,9 +157,6 @@ async fn run_stage(
     common: &Common,
     quiet: bool,
 ) -> anyhow::Result<RunReport> {
-    if let Some(why) = settings.scenario.unsupported_reason() {
-        return Ok(skipped(stage, why.into(), None));
-    }
     let bin = match bin {
         Ok(b) => b,
         Err(why) => return Ok(skipped(stage, why.clone(), None)),
@@ -181,7 +175,17 @@ async fn run_stage(
     };
     let measured = measure(spawned.addr, settings, stage, quiet).await;
     spawned.stop().await;
-    let (results, audit) = measured?;
+    let (results, audit) = match measured? {
+        Ok(done) => done,
+        Err(why) => {
+            if !quiet {
+                eprintln!("loadgen: stage {stage} skipped: {why}");
+            }
+            let mut run = skipped(stage, why, Some(format!("http://{}", spawned.addr)));
+            run.server_args = Some(spawned.args.clone());
+            return Ok(run);
+        }
+    };
     Ok(RunReport {
         stage: stage.to_owned(),
         status: "completed",
@@ -223,16 +227,23 @@ async fn check_reachable(addr: SocketAddr, url: &str) -> anyhow::Result<Option<S
     }
 }
 
-/// Setup, load, audit against one server.
+/// Setup, load, audit against one server; `Ok(Err(reason))` when the stage does not serve
+/// what the scenario needs.
 async fn measure(
     addr: SocketAddr,
     settings: &Settings,
     label: &str,
     quiet: bool,
-) -> anyhow::Result<(Results, audit::Audit)> {
-    let fixture = driver::setup(addr, settings)
-        .await
-        .with_context(|| format!("stage {label}"))?;
+) -> anyhow::Result<Result<(Results, audit::Audit), String>> {
+    let fixture = match driver::setup(addr, settings).await {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(u) = e.downcast_ref::<driver::Unsupported>() {
+                return Ok(Err(u.0.clone()));
+            }
+            return Err(e.context(format!("stage {label}")));
+        }
+    };
     let progress = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(settings, label, quiet);
     let ticker = {
@@ -264,7 +275,7 @@ async fn measure(
         eprintln!("loadgen: {label}: load done, auditing");
     }
     let audit = audit::audit(addr, &fixture, &outcome.buyers, settings.settle).await;
-    Ok((Results::from_outcome(&outcome, settings), audit))
+    Ok(Ok((Results::from_outcome(&outcome, settings), audit)))
 }
 
 fn progress_bar(settings: &Settings, label: &str, quiet: bool) -> indicatif::ProgressBar {

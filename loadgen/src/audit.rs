@@ -57,6 +57,12 @@ pub struct ClientView {
     pub unknown_resolved_nothing: u64,
     /// Buyers whose tickets could not be read back.
     pub unreadable_buyers: u64,
+    /// I8 (API v2): idempotency keys used, one per buyer.
+    pub idempotency_keys: u64,
+    /// I8: orders stored beyond one per key.
+    pub extra_orders: u64,
+    /// I8: answers to a resent request that named another order or contradicted the `202`.
+    pub disagreeing_answers: u64,
 }
 
 /// Everything the audit found.
@@ -152,12 +158,26 @@ pub async fn audit(
             client.unknown_resolved_nothing
         ),
     });
-    invariants.push(Invariant {
-        id: "I8",
-        name: NAMES[7].1,
-        status: "not-applicable",
-        violations: None,
-        detail: "not applicable: no idempotency keys in API v1".into(),
+    invariants.push(if client.idempotency_keys == 0 {
+        Invariant {
+            id: "I8",
+            name: NAMES[7].1,
+            status: "not-applicable",
+            violations: None,
+            detail: "not applicable: this scenario sends no idempotency keys (API v1)".into(),
+        }
+    } else {
+        let n = (client.extra_orders + client.disagreeing_answers) as i64;
+        Invariant {
+            id: "I8",
+            name: NAMES[7].1,
+            status: if n == 0 { "pass" } else { "fail" },
+            violations: Some(n),
+            detail: format!(
+                "{} keys: {} orders beyond one per key, {} answers disagreeing with the first 202",
+                client.idempotency_keys, client.extra_orders, client.disagreeing_answers
+            ),
+        }
     });
     let ok = invariants.iter().all(|i| i.status != "fail");
     Audit {
@@ -289,8 +309,21 @@ async fn check_client(
             let mut view = ClientView::default();
             let mut errors = BTreeMap::new();
             for b in &part {
-                match stored_confirmed(&mut conn, &b.user_id, &events).await {
-                    Ok(stored) => compare(b, &stored, &mut view),
+                let stored = match &b.token {
+                    Some(token) => stored_orders(&mut conn, token, &events).await,
+                    None => stored_confirmed(&mut conn, &b.user_id, &events)
+                        .await
+                        .map(|confirmed| (confirmed, 0)),
+                };
+                match stored {
+                    Ok((stored, orders)) => {
+                        compare(b, &stored, &mut view);
+                        if b.token.is_some() {
+                            view.idempotency_keys += 1;
+                            view.extra_orders += orders.saturating_sub(1);
+                            view.disagreeing_answers += u64::from(b.disagreeing_answers);
+                        }
+                    }
                     Err(e) => {
                         view.unreadable_buyers += 1;
                         *errors.entry(e).or_insert(0u64) += 1;
@@ -311,6 +344,9 @@ async fn check_client(
                 view.unknown_resolved_confirmed += v.unknown_resolved_confirmed;
                 view.unknown_resolved_nothing += v.unknown_resolved_nothing;
                 view.unreadable_buyers += v.unreadable_buyers;
+                view.idempotency_keys += v.idempotency_keys;
+                view.extra_orders += v.extra_orders;
+                view.disagreeing_answers += v.disagreeing_answers;
                 for (e, n) in errors {
                     notes.push(format!("reading back tickets: {e} ({n} buyers)"));
                 }
@@ -337,6 +373,57 @@ fn compare(b: &BuyerRecord, stored: &[String], view: &mut ClientView) {
     view.unexplained_confirmed += extra - explained;
     view.unknown_resolved_confirmed += explained;
     view.unknown_resolved_nothing += u64::from(b.unknown) - explained;
+}
+
+/// API v2: the ids of the buyer's confirmed orders on this run's events, and how many orders
+/// it has there in all.
+async fn stored_orders(
+    conn: &mut Conn,
+    token: &str,
+    events: &HashSet<i64>,
+) -> Result<(Vec<String>, u64), String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Order {
+        id: String,
+        event_id: i64,
+        status: String,
+    }
+    #[derive(Deserialize)]
+    struct Orders {
+        items: Vec<Order>,
+    }
+    let auth = format!("Bearer {token}");
+    let answer = conn
+        .send(
+            "GET",
+            "/api/v2/users/me/orders",
+            &[("Authorization", &auth)],
+            None,
+        )
+        .await
+        .map_err(|f| f.as_str().to_owned())?;
+    if answer.status != 200 {
+        return Err(format!(
+            "GET /api/v2/users/me/orders answered {}",
+            answer.status
+        ));
+    }
+    let orders: Orders =
+        serde_json::from_slice(&answer.body).map_err(|e| format!("unexpected order list: {e}"))?;
+    let ours: Vec<Order> = orders
+        .items
+        .into_iter()
+        .filter(|o| events.contains(&o.event_id))
+        .collect();
+    let count = ours.len() as u64;
+    Ok((
+        ours.into_iter()
+            .filter(|o| o.status == "confirmed")
+            .map(|o| o.id)
+            .collect(),
+        count,
+    ))
 }
 
 /// The ids of the user's tickets that are confirmed, on this run's events.
@@ -381,6 +468,9 @@ mod tests {
             user_id: "u".into(),
             event_id: 1,
             tickets: tickets.iter().map(|t| t.to_string()).collect(),
+            token: None,
+            orders_seen: vec![],
+            disagreeing_answers: 0,
             definite_failures: 1,
             unknown,
             end: BuyerEnd::Confirmed,

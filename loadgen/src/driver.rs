@@ -31,6 +31,23 @@ pub const OP_TO_CONFIRMED: &str = "purchase-to-confirmed";
 pub const OP_LIST_EVENTS: &str = "list-events";
 pub const OP_GET_EVENT: &str = "get-event";
 pub const OP_HEALTH: &str = "health";
+pub const OP_CREATE_USER: &str = "create-user";
+pub const OP_ORDER: &str = "order";
+pub const OP_ORDER_RESERVED: &str = "order-reserved";
+pub const OP_ORDER_STATUS: &str = "order-status";
+pub const OP_ORDER_TO_CONFIRMED: &str = "order-to-confirmed";
+
+/// The stage does not serve what the scenario needs (e.g. API v2): the run is skipped.
+#[derive(Debug)]
+pub struct Unsupported(pub String);
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unsupported {}
 
 /// What the scenario created on the server before the load.
 #[derive(Debug, Clone)]
@@ -52,8 +69,14 @@ pub enum BuyerEnd {
 pub struct BuyerRecord {
     pub user_id: String,
     pub event_id: i64,
-    /// Ids of the tickets answered `201`.
+    /// Ids of the tickets answered `201` (v1), or of the orders seen confirmed (v2).
     pub tickets: Vec<String>,
+    /// v2: the buyer's bearer token, to read its orders back.
+    pub token: Option<String>,
+    /// v2: distinct order ids the `202` answers named (more than one breaks I8).
+    pub orders_seen: Vec<String>,
+    /// v2: answers to a resent request that contradict the first `202` (I8).
+    pub disagreeing_answers: u32,
     /// Answers that say nothing was bought (4xx, `503 overloaded`).
     pub definite_failures: u32,
     /// Requests without a trustworthy answer (timeout, transport error, other 5xx).
@@ -76,11 +99,25 @@ pub struct Outcome {
 }
 
 /// Creates the events the scenario needs.
+///
+/// Fails with [`Unsupported`] when the stage does not serve what the scenario needs.
 pub async fn setup(addr: SocketAddr, settings: &Settings) -> anyhow::Result<Fixture> {
     if !settings.scenario.buys() {
         return Ok(Fixture { event_ids: vec![] });
     }
     let mut conn = Conn::new(addr, Duration::from_secs(10));
+    if settings.scenario == ScenarioKind::RetryStorm {
+        match conn.get("/api/v2").await {
+            Ok(r) if r.status == 200 => {}
+            answer => {
+                let said = outcome_label(&answer);
+                return Err(Unsupported(format!(
+                    "needs API v2 (Idempotency-Key), not served by this stage (GET /api/v2 answered {said})"
+                ))
+                .into());
+            }
+        }
+    }
     let mut event_ids = Vec::with_capacity(settings.events as usize);
     for k in 0..settings.events {
         let body = serde_json::json!({
@@ -320,7 +357,9 @@ async fn iterate(shared: &Shared, conn: &mut Conn, out: &mut WorkerOut, i: u64, 
         ScenarioKind::Stampede | ScenarioKind::Spread | ScenarioKind::PaymentChaos => {
             buy(shared, conn, out, i, intended, measured, &mut rng).await;
         }
-        ScenarioKind::RetryStorm => unreachable!("retry-storm is skipped before the load"),
+        ScenarioKind::RetryStorm => {
+            storm(shared, conn, out, i, intended, measured, &mut rng).await;
+        }
     }
     shared.progress.fetch_add(1, Ordering::Relaxed);
 }
@@ -394,14 +433,7 @@ async fn buy(
     let event_id = pick_event(shared, rng);
     let user_id = format!("lg-{}-{i}", s.seed);
     let body = format!(r#"{{"eventId":{event_id},"userId":"{user_id}"}}"#);
-    let mut buyer = BuyerRecord {
-        user_id,
-        event_id,
-        tickets: vec![],
-        definite_failures: 0,
-        unknown: 0,
-        end: BuyerEnd::GaveUp,
-    };
+    let mut buyer = BuyerRecord::new(user_id, event_id);
     let mut sent_at = intended;
     for attempt in 0..s.max_attempts {
         let answer = conn
@@ -460,6 +492,158 @@ async fn buy(
         }
         tokio::time::sleep(pause).await;
         sent_at = Instant::now();
+    }
+    out.buyers.push(buyer);
+}
+
+impl BuyerRecord {
+    fn new(user_id: String, event_id: i64) -> Self {
+        Self {
+            user_id,
+            event_id,
+            tickets: vec![],
+            token: None,
+            orders_seen: vec![],
+            disagreeing_answers: 0,
+            definite_failures: 0,
+            unknown: 0,
+            end: BuyerEnd::GaveUp,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct IdAnswer {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct StatusAnswer {
+    status: String,
+}
+
+/// A `retry-storm` buyer (API v2): a user, one order resent `resends` times with the same
+/// Idempotency-Key (a few ms apart, whatever the answers), then polled until final.
+async fn storm(
+    shared: &Shared,
+    conn: &mut Conn,
+    out: &mut WorkerOut,
+    i: u64,
+    intended: Instant,
+    measured: bool,
+    rng: &mut StdRng,
+) {
+    let s = &shared.settings;
+    let event_id = pick_event(shared, rng);
+    let name = format!("lg-{}-{i}", s.seed);
+    let mut buyer = BuyerRecord::new(name.clone(), event_id);
+    let answer = conn
+        .post_json(
+            "/api/v2/users",
+            format!(r#"{{"name":"{name}"}}"#).as_bytes(),
+        )
+        .await;
+    record(out, measured, OP_CREATE_USER, intended, &answer);
+    let token = match &answer {
+        Ok(r) if r.status == 201 => serde_json::from_slice::<TokenAnswer>(&r.body)
+            .ok()
+            .map(|t| t.token),
+        _ => None,
+    };
+    let Some(token) = token else {
+        buyer.definite_failures += 1;
+        out.buyers.push(buyer);
+        return;
+    };
+    let auth = format!("Bearer {token}");
+    buyer.token = Some(token);
+    let key = format!("lg-{}-{i}", s.seed);
+    let body = format!(r#"{{"eventId":{event_id},"quantity":1}}"#);
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Idempotency-Key", key.as_str()),
+    ];
+    let first_sent = Instant::now();
+    let mut sent_at = first_sent;
+    for copy in 0..s.resends {
+        let answer = conn
+            .send("POST", "/api/v2/orders", &headers, Some(body.as_bytes()))
+            .await;
+        record(out, measured, OP_ORDER, sent_at, &answer);
+        let first_seen = buyer.orders_seen.first().cloned();
+        match &answer {
+            Ok(r) if r.status == 202 => match serde_json::from_slice::<IdAnswer>(&r.body) {
+                Ok(order) => match first_seen {
+                    None => {
+                        if measured {
+                            out.recorder
+                                .record_latency(OP_ORDER_RESERVED, first_sent.elapsed());
+                        }
+                        buyer.orders_seen.push(order.id);
+                    }
+                    Some(first) if first != order.id => {
+                        buyer.disagreeing_answers += 1;
+                        buyer.orders_seen.push(order.id);
+                    }
+                    Some(_) => {}
+                },
+                Err(_) => buyer.unknown += 1,
+            },
+            // the first request of this key is still running: not an answer yet
+            Ok(r)
+                if r.status == 409
+                    && problem_code(r).as_deref() == Some("idempotency-key-in-use") => {}
+            Ok(r) if r.status < 500 => {
+                if first_seen.is_some() {
+                    buyer.disagreeing_answers += 1;
+                } else {
+                    buyer.definite_failures += 1;
+                    if problem_code(r).as_deref() == Some("sold-out") {
+                        buyer.end = BuyerEnd::SoldOut;
+                    }
+                }
+            }
+            _ => buyer.unknown += 1,
+        }
+        if copy + 1 < s.resends {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(1..=5))).await;
+        }
+        sent_at = Instant::now();
+    }
+    if let Some(order) = buyer.orders_seen.first().cloned() {
+        let path = format!("/api/v2/orders/{order}");
+        let give_up = Instant::now() + s.settle.max(Duration::from_secs(1)) + s.timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let polled_at = Instant::now();
+            let answer = conn.send("GET", &path, &headers[..1], None).await;
+            record(out, measured, OP_ORDER_STATUS, polled_at, &answer);
+            let status = match &answer {
+                Ok(r) if r.status == 200 => serde_json::from_slice::<StatusAnswer>(&r.body)
+                    .map(|a| a.status)
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            if status == "confirmed" {
+                if measured {
+                    out.recorder
+                        .record_latency(OP_ORDER_TO_CONFIRMED, intended.elapsed());
+                }
+                buyer.tickets.push(order);
+                buyer.end = BuyerEnd::Confirmed;
+                break;
+            }
+            if status == "cancelled" || Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
     }
     out.buyers.push(buyer);
 }

@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 pub struct Response {
     pub status: u16,
     pub retry_after_secs: Option<u64>,
+    /// `Idempotent-Replayed: true`: the stored answer to an earlier request with the same key.
+    pub replayed: bool,
     pub body: Vec<u8>,
 }
 
@@ -63,22 +65,24 @@ impl Conn {
     }
 
     pub async fn get(&mut self, path: &str) -> Result<Response, Failure> {
-        self.send("GET", path, None).await
+        self.send("GET", path, &[], None).await
     }
 
     pub async fn post_json(&mut self, path: &str, body: &[u8]) -> Result<Response, Failure> {
-        self.send("POST", path, Some(body)).await
+        self.send("POST", path, &[], Some(body)).await
     }
 
-    /// Sends one request and reads its answer within the timeout. On any failure the
-    /// connection is dropped and the next request reconnects.
+    /// Sends one request (with extra headers, e.g. `Authorization`) and reads its answer within
+    /// the timeout. On any failure the connection is dropped and the next request reconnects.
     pub async fn send(
         &mut self,
         method: &str,
         path: &str,
+        headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<Response, Failure> {
-        match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.exchange(method, path, headers, body)).await {
             Ok(Ok((response, keep_alive))) => {
                 if !keep_alive {
                     self.stream = None;
@@ -100,6 +104,7 @@ impl Conn {
         &mut self,
         method: &str,
         path: &str,
+        headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<(Response, bool), Failure> {
         if self.stream.is_none() {
@@ -110,7 +115,7 @@ impl Conn {
             self.stream = Some(stream);
             self.read_buf.clear();
         }
-        self.encode(method, path, body);
+        self.encode(method, path, headers, body);
         let stream = self.stream.as_mut().expect("connected above");
         stream
             .write_all(&self.write_buf)
@@ -121,11 +126,14 @@ impl Conn {
             .map_err(|_| Failure::Transport)
     }
 
-    fn encode(&mut self, method: &str, path: &str, body: Option<&[u8]>) {
+    fn encode(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) {
         use std::io::Write;
         let buf = &mut self.write_buf;
         buf.clear();
         let _ = write!(buf, "{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        for (name, value) in headers {
+            let _ = write!(buf, "{name}: {value}\r\n");
+        }
         match body {
             Some(body) => {
                 let _ = write!(
@@ -153,6 +161,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
                 let mut chunked = false;
                 let mut keep_alive = parsed.version == Some(1);
                 let mut retry_after_secs = None;
+                let mut replayed = false;
                 for h in parsed.headers.iter() {
                     let value = std::str::from_utf8(h.value).unwrap_or("").trim();
                     if h.name.eq_ignore_ascii_case("content-length") {
@@ -168,6 +177,8 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
                         };
                     } else if h.name.eq_ignore_ascii_case("retry-after") {
                         retry_after_secs = value.parse().ok();
+                    } else if h.name.eq_ignore_ascii_case("idempotent-replayed") {
+                        replayed = value.eq_ignore_ascii_case("true");
                     }
                 }
                 let body = if chunked {
@@ -185,6 +196,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
                                 Response {
                                     status,
                                     retry_after_secs,
+                                    replayed,
                                     body,
                                 },
                                 false,
@@ -202,6 +214,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<
                     Response {
                         status,
                         retry_after_secs,
+                        replayed,
                         body,
                     },
                     keep_alive,

@@ -100,6 +100,20 @@ pub const PURCHASE_NOTE: &str = "API v1 answers a purchase only once it is confi
     and payment together) and `purchase-to-confirmed` is a buyer's arrival to its 201, retries \
     and back-off included.";
 
+/// API v2 (`retry-storm`): orders are answered `202` once the seats are held.
+pub const ORDER_NOTE: &str = "API v2 answers an order `202 Accepted` once its seats are held: \
+    `order` is each POST /api/v2/orders (resends with the same Idempotency-Key included), \
+    `order-reserved` the buyer's first send to its first 202 (the reservation latency), and \
+    `order-to-confirmed` is a buyer's arrival to its \
+    order polled `confirmed` (user creation, resends and polling included).";
+
+fn purchase_note(settings: &Settings) -> &'static str {
+    match settings.scenario {
+        crate::scenario::ScenarioKind::RetryStorm => ORDER_NOTE,
+        _ => PURCHASE_NOTE,
+    }
+}
+
 impl Results {
     pub fn from_outcome(outcome: &Outcome, settings: &Settings) -> Self {
         let r = &outcome.recorder;
@@ -118,8 +132,12 @@ impl Results {
                 confirmed: count(BuyerEnd::Confirmed),
                 sold_out: count(BuyerEnd::SoldOut),
                 gave_up: count(BuyerEnd::GaveUp),
-                attempts: r.latency.get(driver::OP_PURCHASE).map_or(0, |h| h.len()),
-                note: PURCHASE_NOTE.into(),
+                attempts: r
+                    .latency
+                    .get(driver::OP_PURCHASE)
+                    .or(r.latency.get(driver::OP_ORDER))
+                    .map_or(0, |h| h.len()),
+                note: purchase_note(settings).into(),
             }
         });
         Self {
@@ -157,8 +175,10 @@ impl Results {
 
     /// The operation a scenario is about: purchases if any, else the first one measured.
     pub fn primary_op(&self) -> Option<&str> {
-        if self.latency.contains_key(driver::OP_PURCHASE) {
-            return Some(driver::OP_PURCHASE);
+        for op in [driver::OP_PURCHASE, driver::OP_ORDER] {
+            if self.latency.contains_key(op) {
+                return Some(op);
+            }
         }
         self.latency.keys().next().map(String::as_str)
     }
@@ -316,7 +336,7 @@ pub fn terminal(report: &Report) -> String {
         }
     }
     if s.scenario.buys() {
-        out.push_str(&format!("note: {PURCHASE_NOTE}\n"));
+        out.push_str(&format!("note: {}\n", purchase_note(s)));
     }
     for r in &report.runs {
         if let Some(a) = &r.audit {
@@ -413,7 +433,7 @@ pub fn markdown(report: &Report) -> String {
         ));
     }
     if s.scenario.buys() {
-        out.push_str(&format!("\n{PURCHASE_NOTE}\n"));
+        out.push_str(&format!("\n{}\n", purchase_note(s)));
     }
     for r in &report.runs {
         if let Some(a) = &r.audit {

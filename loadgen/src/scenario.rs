@@ -22,8 +22,9 @@ pub enum ScenarioKind {
     /// Buyers against a server started with payment declines, slow (log-normal) payments and a
     /// short hold TTL; client timeouts make unknown outcomes that the audit resolves.
     PaymentChaos,
-    /// Clients resend with the same idempotency key. Needs API v2 (`Idempotency-Key`), which no
-    /// stage serves yet: reported as skipped, never faked.
+    /// API v2: each buyer places one order and resends it `resends` times with the same
+    /// `Idempotency-Key`, then polls it until confirmed. A stage without API v2 is reported as
+    /// skipped, never faked.
     RetryStorm,
     /// `GET /health` only: the raw request rate, for comparing with wrk.
     Health,
@@ -52,17 +53,6 @@ impl ScenarioKind {
         ]
     }
 
-    /// Why this scenario cannot run against any stage served today, if so.
-    pub fn unsupported_reason(self) -> Option<&'static str> {
-        match self {
-            Self::RetryStorm => Some(
-                "needs API v2 (Idempotency-Key), not served by this stage; \
-                 retry-storm runs once a stage offers idempotency keys",
-            ),
-            _ => None,
-        }
-    }
-
     pub fn describe(self) -> &'static str {
         match self {
             Self::Stampede => {
@@ -82,7 +72,7 @@ impl ScenarioKind {
 
     /// Whether iterations buy tickets (and so the client keeps a record for I7).
     pub fn buys(self) -> bool {
-        !matches!(self, Self::Health | Self::RetryStorm)
+        !matches!(self, Self::Health)
     }
 }
 
@@ -174,6 +164,9 @@ pub struct Overrides {
     /// Purchase attempts per buyer before it gives up.
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Copies of each order a `retry-storm` buyer sends with the same Idempotency-Key.
+    #[arg(long)]
+    pub resends: Option<u32>,
     /// Longest pause between a buyer's attempts; `Retry-After` is honoured up to this.
     #[arg(long, value_parser = parse_duration_arg)]
     #[serde(default, deserialize_with = "de_duration")]
@@ -220,6 +213,7 @@ pub struct Settings {
     pub zipf_s: f64,
     pub reads_per_purchase: u32,
     pub max_attempts: u32,
+    pub resends: u32,
     #[serde(serialize_with = "ser_ms", rename = "maxBackoffMs")]
     pub max_backoff: Duration,
     #[serde(serialize_with = "ser_ms", rename = "settleMs")]
@@ -267,6 +261,7 @@ impl Overrides {
             zipf_s,
             reads_per_purchase,
             max_attempts,
+            resends,
             max_backoff,
             settle,
             payment_latency,
@@ -306,6 +301,7 @@ impl Overrides {
             zipf_s: self.zipf_s.unwrap_or(1.1),
             reads_per_purchase: self.reads_per_purchase.unwrap_or(100),
             max_attempts: self.max_attempts.unwrap_or(p.max_attempts),
+            resends: self.resends.unwrap_or(3),
             max_backoff: self.max_backoff.unwrap_or(Duration::from_millis(250)),
             settle: self.settle.unwrap_or(Duration::from_secs(5)),
             payment_latency: self
@@ -347,6 +343,9 @@ impl Settings {
         }
         if self.max_attempts == 0 {
             bail!("--max-attempts must be at least 1");
+        }
+        if self.resends == 0 {
+            bail!("--resends must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.payment_failure_rate) {
             bail!(
@@ -398,7 +397,12 @@ fn preset(kind: ScenarioKind) -> Preset {
         hold_ttl: "30s",
     };
     match kind {
-        ScenarioKind::Stampede | ScenarioKind::RetryStorm => base,
+        ScenarioKind::Stampede => base,
+        ScenarioKind::RetryStorm => Preset {
+            requests: Some(500),
+            tickets: 100,
+            ..base
+        },
         ScenarioKind::Spread => Preset {
             requests: Some(3000),
             tickets: 50,

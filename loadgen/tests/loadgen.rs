@@ -181,7 +181,7 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
     let out = run(&[
         "compare",
         "--stages",
-        "monolith,actor,locked",
+        "monolith,actor,no-such-stage",
         "--scenario",
         "spread",
         "--events",
@@ -224,9 +224,12 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
     );
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);
-    assert_eq!(runs[2]["stage"], "locked");
+    assert_eq!(runs[2]["stage"], "no-such-stage");
     assert_eq!(runs[2]["status"], "skipped");
-    assert!(runs[2]["skipReason"].as_str().unwrap().contains("locked"));
+    assert!(runs[2]["skipReason"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-stage"));
 
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("monolith") && page.contains("I1"));
@@ -235,7 +238,7 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
         "the HTML report must not fetch anything"
     );
     let table = std::fs::read_to_string(&md).unwrap();
-    assert!(table.contains("| monolith | actor | locked |"));
+    assert!(table.contains("| monolith | actor | no-such-stage |"));
 }
 
 fn schema_validator() -> jsonschema::Validator {
@@ -413,7 +416,7 @@ fn a_scenario_file_sets_what_flags_do_not() {
 }
 
 #[test]
-fn retry_storm_is_reported_as_needing_api_v2_not_faked() {
+fn retry_storm_keeps_one_order_per_key_on_actor_and_is_skipped_where_api_v2_is_not_served() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let out = run(&[
@@ -422,15 +425,53 @@ fn retry_storm_is_reported_as_needing_api_v2_not_faked() {
         "monolith,actor",
         "--scenario",
         "retry-storm",
+        "--requests",
+        "60",
+        "--tickets",
+        "20",
+        "--vus",
+        "16",
+        "--resends",
+        "3",
+        "--payment-latency",
+        "10ms",
+        "--seed",
+        "4",
         "--quiet",
+        "--max-violations",
+        "0",
         "--json",
         json.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(4), "nothing was measured");
-    for r in read_json(&json)["runs"].as_array().unwrap() {
-        assert_eq!(r["status"], "skipped");
-        assert!(r["skipReason"].as_str().unwrap().contains("needs API v2"));
-    }
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let report = read_json(&json);
+    assert_conforms(&schema_validator(), &report);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs[0]["status"], "skipped");
+    assert!(
+        runs[0]["skipReason"]
+            .as_str()
+            .unwrap()
+            .contains("needs API v2"),
+        "{}",
+        runs[0]
+    );
+    let actor = &runs[1];
+    assert_eq!(actor["status"], "completed");
+    assert_eq!(invariant(actor, "I8"), 0, "{actor}");
+    assert_eq!(invariant(actor, "I7"), 0, "{actor}");
+    assert_eq!(actor["audit"]["client"]["idempotencyKeys"], 60);
+    assert_eq!(
+        actor["results"]["purchases"]["confirmed"], 20,
+        "every seat sells once"
+    );
+    let replays = actor["results"]["statuses"]["order"]["202"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        replays > 20,
+        "resends were answered with the stored 202: {replays}"
+    );
 }
 
 #[test]
