@@ -40,7 +40,19 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             ("run", args.target, stages, args.common)
         }
-        Command::Compare(args) => ("compare", None, args.stages, args.common),
+        Command::Compare(args) => {
+            let stages: Vec<String> = args
+                .stages
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+            if stages.is_empty() {
+                eprintln!("error: --stages names no stage; e.g. --stages monolith,actor");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            ("compare", None, stages, args.common)
+        }
     };
     let settings = match resolve(&common) {
         Ok(s) => s,

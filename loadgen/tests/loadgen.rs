@@ -303,7 +303,6 @@ fn an_open_model_run_reports_offered_and_achieved_rates_and_conforms_to_the_sche
         (250..=550).contains(&measured),
         "about one second at 400/s: {measured}"
     );
-    assert_eq!(res["dropped"], 0);
 }
 
 #[test]
