@@ -23,9 +23,21 @@ use serde::Serialize;
 use crate::domain::EventId;
 
 /// Takes the lock and issues the token in one step, so no grant is ever without a token.
+/// An urgent caller that is refused leaves a mark (for one TTL) that makes ordinary callers
+/// stand back until an urgent one has had the lock: returning seats goes before selling them.
 const ACQUIRE: &str = r"
+local urgent = ARGV[3] == '1'
+if not urgent and redis.call('EXISTS', KEYS[3]) == 1 then
+  return false
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if urgent then
+    redis.call('DEL', KEYS[3])
+  end
   return redis.call('INCR', KEYS[2])
+end
+if urgent then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 end
 return false
 ";
@@ -50,7 +62,9 @@ return 1
 
 /// The first wait between two tries, and the cap it doubles up to.
 const FIRST_BACKOFF: Duration = Duration::from_millis(1);
-const MAX_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// How often a waiting caller asks whether it still wants the lock.
+const RECHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Why no lease was granted.
 #[derive(Debug, thiserror::Error)]
@@ -108,15 +122,35 @@ impl EventLocks {
 
     /// Waits (polling with capped, jittered exponential backoff) until the event's lock is
     /// granted, or until the configured wait runs out. The wait is recorded in the stats.
-    #[tracing::instrument(skip(self), fields(event = %event))]
-    pub async fn acquire(&self, event: EventId) -> Result<Lease, LockError> {
+    /// `urgent` callers go first (see [`ACQUIRE`]).
+    pub async fn acquire(&self, event: EventId, urgent: bool) -> Result<Lease, LockError> {
+        self.acquire_while(event, urgent, || async { true })
+            .await?
+            .ok_or(LockError::Timeout(Duration::ZERO))
+    }
+
+    /// Like [`Self::acquire`], but asks `still_wanted` every [`RECHECK_EVERY`] of waiting and
+    /// gives up with `Ok(None)` once it answers false (say, the event sold out meanwhile).
+    #[tracing::instrument(skip(self, still_wanted), fields(event = %event))]
+    pub async fn acquire_while<F, Fut>(
+        &self,
+        event: EventId,
+        urgent: bool,
+        mut still_wanted: F,
+    ) -> Result<Option<Lease>, LockError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let started = Instant::now();
         let key = self.lock_key(event);
         let fence = self.fence_key(event);
+        let urgent_key = format!("{key}:urgent");
         let value = uuid::Uuid::new_v4().to_string();
         let ttl_ms = self.ttl.as_millis().max(1) as u64;
         let mut backoff = FIRST_BACKOFF;
         let mut tries = 0u64;
+        let mut rechecked = started;
         loop {
             tries += 1;
             let mut conn = self.conn.clone();
@@ -124,22 +158,31 @@ impl EventLocks {
                 .acquire
                 .key(&key)
                 .key(&fence)
+                .key(&urgent_key)
                 .arg(&value)
                 .arg(ttl_ms)
+                .arg(if urgent { "1" } else { "0" })
                 .invoke_async(&mut conn)
                 .await?;
             if let Some(token) = granted {
                 self.stats.record_grant(started.elapsed(), tries > 1);
-                return Ok(Lease {
+                return Ok(Some(Lease {
                     event,
                     token,
                     key,
                     value,
-                });
+                }));
             }
             if started.elapsed() >= self.wait {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(LockError::Timeout(started.elapsed()));
+            }
+            if rechecked.elapsed() >= RECHECK_EVERY {
+                rechecked = Instant::now();
+                if !still_wanted().await {
+                    self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
             }
             let jitter = rand::thread_rng().gen_range(0..=backoff.as_micros() as u64);
             tokio::time::sleep(backoff / 2 + Duration::from_micros(jitter / 2)).await;
@@ -193,6 +236,8 @@ pub struct LockStats {
     /// Grants that were not immediate (someone else held the lock at the first try).
     pub contended: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Waits given up because the caller no longer wanted the lock (e.g. sold out meanwhile).
+    pub abandoned: AtomicU64,
     pub released: AtomicU64,
     /// Releases that found the lease gone: the holder outlived its TTL.
     pub expired: AtomicU64,
@@ -209,6 +254,7 @@ impl Default for LockStats {
             granted: AtomicU64::new(0),
             contended: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             released: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             stale_writes_refused: AtomicU64::new(0),
@@ -223,6 +269,7 @@ pub struct LockReport {
     pub granted: u64,
     pub contended: u64,
     pub timeouts: u64,
+    pub abandoned: u64,
     pub released: u64,
     pub expired: u64,
     pub stale_writes_refused: u64,
@@ -252,6 +299,7 @@ impl LockStats {
             granted: self.granted.load(Ordering::Relaxed),
             contended: self.contended.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
             released: self.released.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             stale_writes_refused: self.stale_writes_refused.load(Ordering::Relaxed),

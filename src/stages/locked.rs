@@ -254,6 +254,13 @@ async fn run_job(
             inner.notify(job.order, settled);
             Ok(())
         }
+        // A job for an order this database never had (another database behind the same key
+        // prefix): nothing to settle or give back; dead-letter it at once.
+        Err(error @ SettleError::UnknownOrder(_)) => {
+            inner.counters.job_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(order = %job.order, %error, "payment job for an unknown order; dead-lettered");
+            Err(AbortError::new(error).into())
+        }
         Err(error) if attempt < MAX_ATTEMPTS => {
             inner.counters.job_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(order = %job.order, attempt, %error, "payment job failed; it will be retried");
@@ -310,8 +317,30 @@ impl Inner {
         if seen.available < i64::from(quantity) {
             return Err(refusal(seen, quantity));
         }
+        let pool = self.parts.store.pool().clone();
+        let worth_waiting = || {
+            let pool = pool.clone();
+            async move {
+                matches!(fenced::availability(&pool, event).await,
+                    Ok(Some(seen)) if seen.available >= i64::from(quantity))
+            }
+        };
         for _ in 0..STALE_RETRIES {
-            let lease = self.locks.acquire(event).await.map_err(lock_refusal)?;
+            let lease = self
+                .locks
+                .acquire_while(event, false, worth_waiting)
+                .await
+                .map_err(lock_refusal)?;
+            let Some(lease) = lease else {
+                // Sold (or held) out while this buyer waited: no need for the lock to say so.
+                let seen = fenced::availability(&pool, event)
+                    .await?
+                    .ok_or(PurchaseError::UnknownEvent)?;
+                if seen.available < i64::from(quantity) {
+                    return Err(refusal(seen, quantity));
+                }
+                continue;
+            };
             let result = self
                 .reserve_under(
                     &lease,
@@ -486,7 +515,7 @@ impl Inner {
         payment: PaymentStatus,
     ) -> Result<(), SettleError> {
         for _ in 0..STALE_RETRIES {
-            let lease = self.locks.acquire(job.event).await?;
+            let lease = self.locks.acquire(job.event, true).await?;
             let result = self.release_under(&lease, job, reason, payment).await;
             if let Err(error) = self.locks.release(lease).await {
                 tracing::warn!(%error, "could not release the lock; its lease runs out by itself");

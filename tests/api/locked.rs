@@ -85,6 +85,19 @@ async fn stats(app: &TestApp) -> Value {
     stats
 }
 
+/// The stats once `ready` holds for them, or the last read after about five seconds: the queue
+/// acknowledges a job just after its outcome has been answered.
+async fn stats_when(app: &TestApp, ready: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let stats = stats(app).await;
+        if ready(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stats(app).await
+}
+
 /// Ledger lines of `kind` under `key`.
 async fn ledger_count(app: &TestApp, key_prefix: &str, kind: &str) -> usize {
     let (status, ledger) = app.get_json("/api/v1/admin/ledger").await;
@@ -111,7 +124,7 @@ async fn determined_buyer(app: Arc<TestApp>, event: i64, user: String) -> Option
             }
             (400, Some("sold-out")) => return None,
             (402, _) | (400, Some("tickets-held")) | (503, _) => {
-                tokio::time::sleep(Duration::from_millis(5)).await
+                tokio::time::sleep(Duration::from_millis(10)).await
             }
             other => panic!("unexpected answer {other:?}: {body}"),
         }
@@ -155,7 +168,10 @@ async fn stampede_on_locked(seed: u64) {
     );
     assert_eq!(ledger_count(&app, "order-", "charge").await, SEATS as usize);
 
-    let stats = stats(&app).await;
+    let stats = stats_when(&app, |s| {
+        s["queue"]["waiting"] == 0 && s["queue"]["active"] == 0
+    })
+    .await;
     let lock = &stats["lock"];
     assert!(
         lock["granted"].as_u64().unwrap() >= u64::from(SEATS),
@@ -246,7 +262,7 @@ async fn a_payment_job_that_fails_is_retried_and_charges_once() {
 
     assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
     assert_eq!(app.audit().await["ok"], true);
-    let stats = stats(&app).await;
+    let stats = stats_when(&app, |s| s["queue"]["completed"] == 1).await;
     assert_eq!(stats["payments"]["jobRuns"], 3, "{stats}");
     assert_eq!(stats["payments"]["jobFailures"], 2, "{stats}");
     assert_eq!(stats["queue"]["completed"], 1, "{stats}");
@@ -278,7 +294,7 @@ async fn a_job_that_fails_its_last_attempt_is_dead_lettered_refunded_and_its_sea
         1
     );
     assert_eq!(app.audit().await["ok"], true);
-    let stats = stats(&app).await;
+    let stats = stats_when(&app, |s| s["queue"]["failed"] == 1).await;
     assert_eq!(stats["queue"]["failed"], 1, "{stats}");
     assert_eq!(stats["payments"]["gaveUp"], 1, "{stats}");
     app.stop().await;
