@@ -293,3 +293,64 @@ pub fn parse_target(raw: &str) -> anyhow::Result<SocketAddr> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("--target {raw}: `{authority}` resolves to no address"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Serves the given raw answers, one per request read, on one connection.
+    async fn serve(answers: Vec<&'static str>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            for answer in answers {
+                let _ = socket.read(&mut buf).await.unwrap();
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn content_length_chunked_and_headers_are_read_on_one_kept_alive_connection() {
+        let addr = serve(vec![
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\nRetry-After: 1\r\n\r\n{}",
+            "HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\nIdempotent-Replayed: true\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        ])
+        .await;
+        let mut conn = Conn::new(addr, Duration::from_secs(2));
+        let first = conn.get("/a").await.unwrap();
+        assert_eq!((first.status, first.retry_after_secs), (400, Some(1)));
+        assert_eq!(first.body, b"{}");
+        let second = conn.post_json("/b", b"{}").await.unwrap();
+        assert_eq!(second.status, 202);
+        assert!(second.replayed);
+        assert_eq!(second.body, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_a_transport_failure_and_a_silent_server_a_timeout() {
+        let addr = serve(vec![]).await;
+        let mut conn = Conn::new(addr, Duration::from_secs(2));
+        assert_eq!(conn.get("/").await.unwrap_err(), Failure::Transport);
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _hold = tokio::spawn(async move {
+            let (_socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut conn = Conn::new(addr, Duration::from_millis(100));
+        assert_eq!(conn.get("/").await.unwrap_err(), Failure::Timeout);
+    }
+
+    #[test]
+    fn targets_are_plain_http_roots() {
+        assert!(parse_target("http://127.0.0.1:8080/").is_ok());
+        assert!(parse_target("127.0.0.1:8080").is_err());
+        assert!(parse_target("http://127.0.0.1:8080/api").is_err());
+    }
+}
