@@ -23,7 +23,7 @@ pub fn html(report: &Report) -> String {
         esc(report.command),
         esc(s.scenario.as_str()),
         report.seed,
-        model_name(s.model),
+        s.model.as_str(),
         esc(&s.bound()),
         esc(&report.started_at),
         esc(&report.tool)
@@ -314,11 +314,4 @@ fn table(report: &Report) -> String {
     }
     t.push_str("</table>");
     t
-}
-
-fn model_name(m: crate::scenario::ModelKind) -> &'static str {
-    match m {
-        crate::scenario::ModelKind::Closed => "closed",
-        crate::scenario::ModelKind::Open => "open",
-    }
 }

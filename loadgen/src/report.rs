@@ -304,10 +304,7 @@ pub fn terminal(report: &Report) -> String {
         report.command,
         s.scenario,
         report.seed,
-        match s.model {
-            ModelKind::Closed => "closed",
-            ModelKind::Open => "open",
-        },
+        s.model.as_str(),
         match s.model {
             ModelKind::Closed => format!("{} virtual users", s.vus),
             ModelKind::Open => format!(
