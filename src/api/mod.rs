@@ -61,6 +61,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: 
             .limit(max_body_bytes)
             .error_handler(problem::json_error),
     )
+    .app_data(web::QueryConfig::default().error_handler(problem::query_error))
     .service(resource("/health").route(web::get().to(admin::health)))
     .service(
         resource("/api/v1/events")
@@ -94,13 +95,27 @@ async fn not_found(req: HttpRequest) -> Problem {
     )
 }
 
-async fn method_not_allowed(req: HttpRequest) -> Problem {
-    Problem::new(
+/// A 405 with the `Allow` header RFC 9110 requires, read from the OpenAPI document (which lists
+/// every route, as a test checks).
+async fn method_not_allowed(req: HttpRequest) -> actix_web::HttpResponse {
+    let problem = Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         "Method not allowed",
         format!("{} is not allowed on {}", req.method(), req.path()),
-    )
+    );
+    let mut response = actix_web::ResponseError::error_response(&problem);
+    if let Some(allow) = req
+        .match_pattern()
+        .and_then(|pattern| openapi::allowed_methods(&pattern))
+    {
+        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(allow) {
+            response
+                .headers_mut()
+                .insert(actix_web::http::header::ALLOW, value);
+        }
+    }
+    response
 }
 
 impl actix_web::Responder for Problem {

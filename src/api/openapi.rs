@@ -4,7 +4,7 @@
 //! their types (`ToSchema`); this module assembles them and names the answers that handlers
 //! build with `json!` so the document can describe them too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 use actix_web::HttpResponse;
@@ -102,6 +102,39 @@ pub fn document() -> &'static str {
             .to_json()
             .expect("the OpenAPI document serializes")
     })
+}
+
+/// The methods the document lists for a route pattern (`/api/v2/events/{id}`), as an `Allow`
+/// header's value.
+pub fn allowed_methods(pattern: &str) -> Option<&'static str> {
+    static ALLOW: OnceLock<HashMap<String, String>> = OnceLock::new();
+    ALLOW
+        .get_or_init(|| {
+            ApiDoc::openapi()
+                .paths
+                .paths
+                .into_iter()
+                .map(|(path, item)| {
+                    let methods = [
+                        ("GET", item.get.is_some()),
+                        ("HEAD", item.head.is_some()),
+                        ("POST", item.post.is_some()),
+                        ("PUT", item.put.is_some()),
+                        ("PATCH", item.patch.is_some()),
+                        ("DELETE", item.delete.is_some()),
+                        ("OPTIONS", item.options.is_some()),
+                    ];
+                    let allow: Vec<&str> = methods
+                        .iter()
+                        .filter(|(_, present)| *present)
+                        .map(|(method, _)| *method)
+                        .collect();
+                    (path, allow.join(", "))
+                })
+                .collect()
+        })
+        .get(pattern)
+        .map(String::as_str)
 }
 
 /// `GET /api/openapi.json`: this document.

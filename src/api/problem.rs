@@ -1,7 +1,8 @@
 //! The one place errors become HTTP: `application/problem+json` (RFC 9457) with a stable `code`.
 
+use actix_web::error::{JsonPayloadError, QueryPayloadError};
 use actix_web::http::{header, StatusCode};
-use actix_web::{error::JsonPayloadError, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::domain::DomainError;
@@ -211,4 +212,10 @@ pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         other => Problem::bad_request("invalid-body", format!("could not read the body: {other}")),
     };
     problem.into()
+}
+
+/// Maps a query string the server could not take (an unknown parameter, a wrong type) to a 400
+/// problem, like a bad body, instead of actix's plain-text answer.
+pub fn query_error(err: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    Problem::bad_request("invalid-query", format!("invalid query string: {err}")).into()
 }

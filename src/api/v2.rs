@@ -421,6 +421,15 @@ impl EventListQuery {
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(DomainError::invalid("limit", "must be between 1 and 100").into());
         }
+        // Storage takes an i64, and `offset + limit` must not overflow.
+        let offset = self.offset.unwrap_or(0);
+        if offset > i64::MAX as u64 {
+            return Err(DomainError::invalid(
+                "offset",
+                "must be between 0 and 9223372036854775807",
+            )
+            .into());
+        }
         let sort_raw = self.sort.as_deref().unwrap_or("date");
         let (descending, key) = match sort_raw.strip_prefix('-') {
             Some(key) => (true, key),
@@ -454,7 +463,7 @@ impl EventListQuery {
             sort,
             descending,
             limit,
-            offset: self.offset.unwrap_or(0),
+            offset,
         })
     }
 }
@@ -468,7 +477,7 @@ impl EventListQuery {
     params(EventListQuery),
     responses(
         (status = 200, description = "One page of events.", body = super::openapi::EventPage),
-        (status = 400, description = "A query parameter out of range or unknown (`validation-failed` with `field`).", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A query parameter out of range (`validation-failed` with `field`), unknown or of the wrong type (`invalid-query`).", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn list_events(
