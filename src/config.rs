@@ -192,9 +192,10 @@ impl Default for LockedSettings {
 /// Faults the `locked` stage can inject on purpose (tests and the Redlock lesson).
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints {
-    /// The first reservation sleeps this long between reading availability and writing it,
-    /// as a holder paused by GC or SIGSTOP would.
-    pub pause_after_read_once: Option<Duration>,
+    /// The n-th reservation (counting from 0) sleeps `pauses_after_read[n]` between reading
+    /// availability and writing it, as a holder paused by GC or SIGSTOP would; later ones
+    /// do not pause.
+    pub pauses_after_read: Vec<Duration>,
     /// The payment worker dies (panics) right after its first charge, mid-job.
     pub crash_worker_after_charge_once: bool,
     /// Every payment job fails its first `n` attempts after charging.

@@ -15,7 +15,7 @@
 //! successor's write, and the last seat is sold twice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,7 +72,8 @@ struct Inner {
     stopping: AtomicBool,
     /// Jobs being run right now by this process' worker.
     running_jobs: AtomicU64,
-    paused_once: AtomicBool,
+    /// Reservations that reached the pause failpoint.
+    reads: AtomicUsize,
     crashed_once: AtomicBool,
     counters: Counters,
 }
@@ -168,7 +169,7 @@ impl LockedStage {
             worker: Mutex::new(None),
             stopping: AtomicBool::new(false),
             running_jobs: AtomicU64::new(0),
-            paused_once: AtomicBool::new(false),
+            reads: AtomicUsize::new(0),
             crashed_once: AtomicBool::new(false),
             counters: Counters::default(),
             parts,
@@ -379,6 +380,11 @@ impl Inner {
     ) -> Result<Option<PaymentJob>, PurchaseError> {
         let pool = self.parts.store.pool();
         let event = lease.event;
+        // Claim the event with our token before reading it: a stale holder's write that lands
+        // after this is refused, and one that landed before is in what we read.
+        if self.fencing && !fenced::claim(pool, event, lease.token).await? {
+            return Ok(None);
+        }
         let seen = fenced::availability(pool, event)
             .await?
             .ok_or(PurchaseError::UnknownEvent)?;
@@ -391,15 +397,14 @@ impl Inner {
                 return Err(PurchaseError::UserLimit { limit });
             }
         }
-        if let Some(pause) = self.settings().failpoints.pause_after_read_once {
-            if !self.paused_once.swap(true, Ordering::AcqRel) {
-                tracing::warn!(
-                    ?pause,
-                    token = lease.token,
-                    "failpoint: the lock holder pauses between its read and its write"
-                );
-                tokio::time::sleep(pause).await;
-            }
+        let nth = self.reads.fetch_add(1, Ordering::AcqRel);
+        if let Some(pause) = self.settings().failpoints.pauses_after_read.get(nth) {
+            tracing::warn!(
+                ?pause,
+                token = lease.token,
+                "failpoint: the lock holder pauses between its read and its write"
+            );
+            tokio::time::sleep(*pause).await;
         }
         let order = OrderId(Uuid::new_v4());
         let new = NewOrder {

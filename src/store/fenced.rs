@@ -1,10 +1,13 @@
 //! The `locked` stage's inventory writes, each guarded by the fencing token of the Redis lock
 //! it was made under (`events.fence`, migration 0002).
 //!
-//! A write carries its token; it succeeds only if no newer token has written the event
-//! (`fence <= token`) and records its own. Zero rows touched means a holder with a newer lease
-//! has written since: the caller's lease ran out, and its write is refused before anything
-//! else in its transaction commits.
+//! A holder first claims the event with its token ([`claim`]), then reads it; a write carries
+//! the token and succeeds only if no newer token has claimed or written the event
+//! (`fence <= token`). Claiming before reading matters: a stale holder whose write lands
+//! between a new holder's read and its write would otherwise pass the check and be
+//! overwritten. Zero rows touched means a holder with a newer lease has claimed the event
+//! since: the caller's lease ran out, and its write is refused before anything else in its
+//! transaction commits.
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
@@ -43,6 +46,20 @@ pub async fn availability(pool: &SqlitePool, event: EventId) -> StoreResult<Opti
         })
     })
     .transpose()
+}
+
+/// Records `token` as the event's newest before its holder reads, so that a holder with an
+/// older token can no longer write (its lease ran out). Returns false if a newer token has
+/// already claimed or written the event.
+pub async fn claim(pool: &SqlitePool, event: EventId, token: i64) -> StoreResult<bool> {
+    let affected = sqlx::query("UPDATE events SET fence = ? WHERE id = ? AND fence <= ?")
+        .bind(token)
+        .bind(event.0)
+        .bind(token)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(affected == 1)
 }
 
 /// Writes `available` as the holder of `token` computed it. Without `fencing` the token is

@@ -431,13 +431,15 @@ async fn an_unreachable_redis_at_start_is_an_error_naming_the_setting() {
 }
 
 /// The Redlock lesson: the holder of the lock pauses between its read and its write for
-/// longer than the lease; a second buyer takes the lock and the last seat meanwhile.
-async fn paused_holder_race(fencing: bool) -> (TestApp, Keys, u16, u16) {
+/// longer than the lease (100 ms); a second buyer takes the lock meanwhile. `pauses` are the
+/// pauses of the first and second reservations to read.
+async fn paused_holder_race(fencing: bool, pauses: &[u64]) -> (TestApp, Keys, u16, u16) {
     let keys = Keys::new();
     let app = locked_app(&keys, |s| {
         s.locked.fencing = fencing;
         s.locked.lock_ttl = Duration::from_millis(100);
-        s.locked.failpoints.pause_after_read_once = Some(Duration::from_millis(600));
+        s.locked.failpoints.pauses_after_read =
+            pauses.iter().map(|ms| Duration::from_millis(*ms)).collect();
     })
     .await;
     let event = app.create_event(1).await;
@@ -446,8 +448,8 @@ async fn paused_holder_race(fencing: bool) -> (TestApp, Keys, u16, u16) {
         let app = Arc::clone(&app);
         actix_rt::spawn(async move { app.purchase(event, "paused-holder").await })
     };
-    // Let the first buyer take the lock and reach its pause.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Let the first buyer take the lock (it pauses right after its read).
+    stats_when(&app, |s| s["lock"]["granted"] == 1).await;
     let (second_status, second) = app.purchase(event, "second-holder").await;
     let (first_status, first) = first.await.unwrap();
     println!("fencing {fencing}: paused holder {first_status} {first}, second holder {second_status} {second}");
@@ -457,7 +459,7 @@ async fn paused_holder_race(fencing: bool) -> (TestApp, Keys, u16, u16) {
 
 #[actix_web::test]
 async fn without_fencing_a_lock_holder_paused_past_its_lease_sells_the_last_seat_twice() {
-    let (app, _keys, first, second) = paused_holder_race(false).await;
+    let (app, _keys, first, second) = paused_holder_race(false, &[600]).await;
     assert_eq!(
         (first, second),
         (201, 201),
@@ -478,7 +480,7 @@ async fn without_fencing_a_lock_holder_paused_past_its_lease_sells_the_last_seat
 
 #[actix_web::test]
 async fn with_fencing_the_paused_holders_late_write_is_refused_and_the_seat_sells_once() {
-    let (app, _keys, first, second) = paused_holder_race(true).await;
+    let (app, _keys, first, second) = paused_holder_race(true, &[600]).await;
     assert_eq!(second, 201);
     assert_eq!(first, 400, "the paused holder must find the seat gone");
     assert_eq!(
@@ -490,6 +492,29 @@ async fn with_fencing_the_paused_holders_late_write_is_refused_and_the_seat_sell
     let stats = stats(&app).await;
     assert!(
         stats["lock"]["staleWritesRefused"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn with_fencing_a_stale_write_between_the_successors_read_and_write_is_refused() {
+    // The paused holder wakes while its successor (also paused) sits between its read and its
+    // write. The successor claimed the event with its token before reading, so the stale write
+    // is refused even though the successor has not written yet; one seat, one sale.
+    let (app, _keys, first, second) = paused_holder_race(true, &[300, 400]).await;
+    let mut statuses = [first, second];
+    statuses.sort();
+    assert_eq!(statuses, [201, 400], "exactly one buyer gets the seat");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
+            .await,
+        1
+    );
+    assert_eq!(app.audit().await["ok"], true);
+    let stats = stats(&app).await;
+    assert!(
+        stats["lock"]["staleWritesRefused"].as_u64().unwrap() >= 2,
         "{stats}"
     );
     app.stop().await;
