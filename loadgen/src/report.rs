@@ -398,11 +398,11 @@ fn aligned(headers: &[String], rows: &[(String, Vec<String>)]) -> String {
 pub fn markdown(report: &Report) -> String {
     let s = &report.settings;
     let mut out = format!(
-        "# loadgen {}: {}\n\nseed `{}` · {:?} model · bound {} · started {}\n\n",
+        "# loadgen {}: {}\n\nseed `{}` · {} model · bound {} · started {}\n\n",
         report.command,
         s.scenario,
         report.seed,
-        s.model,
+        s.model.as_str(),
         s.bound(),
         report.started_at
     );
