@@ -7,6 +7,7 @@ mod contract;
 mod holds;
 mod inventory_model;
 mod locked;
+mod openapi;
 mod recovery;
 mod stampede;
 mod v2;
