@@ -222,6 +222,17 @@ impl EventLocks {
         Ok(())
     }
 
+    /// Whether Redis answers a PING within a second.
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        let answer = ping.query_async::<String>(&mut conn);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), answer).await,
+            Ok(Ok(_))
+        )
+    }
+
     pub fn stats(&self) -> &LockStats {
         &self.stats
     }

@@ -734,6 +734,10 @@ impl Stage for LockedStage {
         })
     }
 
+    async fn dependencies(&self) -> Vec<(&'static str, bool)> {
+        vec![("redis", self.inner.locks.ping().await)]
+    }
+
     async fn shutdown(&self) {
         let inner = &self.inner;
         inner.stopping.store(true, Ordering::Release);

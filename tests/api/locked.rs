@@ -377,6 +377,12 @@ async fn redis_going_down_answers_503_with_a_problem_document_not_a_hang() {
     let event = app.create_event(10).await;
     let (status, body) = app.purchase(event, "alice").await;
     assert_eq!(status, 201, "{body}");
+    let (status, health) = app.get_json("/api/v2/health").await;
+    assert_eq!(
+        (status, &health["dependencies"]["redis"]),
+        (200, &Value::from("ok")),
+        "{health}"
+    );
 
     proxy.cut();
     let started = Instant::now();
@@ -399,6 +405,12 @@ async fn redis_going_down_answers_503_with_a_problem_document_not_a_hang() {
         started.elapsed() < Duration::from_secs(10),
         "took {:?}",
         started.elapsed()
+    );
+    let (status, health) = app.get_json("/api/v2/health").await;
+    assert_eq!(
+        (status, &health["dependencies"]["redis"]),
+        (503, &Value::from("down")),
+        "{health}"
     );
     // Nothing half-written: only alice's ticket exists, and every seat but hers is free.
     assert_eq!(app.count("SELECT COUNT(*) FROM tickets").await, 1);
