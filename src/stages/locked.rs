@@ -55,6 +55,8 @@ pub struct LockedStage {
 enum Settled {
     Confirmed,
     Declined,
+    /// The hold ran out before the payment succeeded: seats returned, any charge refunded.
+    Expired,
     /// The job failed its last attempt; the order was cancelled (refunded if charged).
     GaveUp,
 }
@@ -82,6 +84,7 @@ struct Inner {
 struct Counters {
     confirmed: AtomicU64,
     declined: AtomicU64,
+    expired: AtomicU64,
     gave_up: AtomicU64,
     job_runs: AtomicU64,
     job_failures: AtomicU64,
@@ -288,6 +291,7 @@ impl Inner {
         match settled {
             Settled::Confirmed => &self.counters.confirmed,
             Settled::Declined => &self.counters.declined,
+            Settled::Expired => &self.counters.expired,
             Settled::GaveUp => &self.counters.gave_up,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -473,6 +477,16 @@ impl Inner {
             OrderStatus::Cancelled => return Ok(Settled::Declined),
             OrderStatus::Pending => {}
         }
+        let hold_ends = chrono::DateTime::parse_from_rfc3339(&order.created_at)
+            .map_err(|e| StoreError::Conflict(format!("order {}: created_at: {e}", job.order)))?
+            .with_timezone(&Utc)
+            + self.parts.settings.hold_ttl;
+        if Utc::now() >= hold_ends {
+            // Too late to start charging (the queue or its worker was down): give the seats back.
+            self.release(job, CancelReason::HoldExpired, PaymentStatus::Failed)
+                .await?;
+            return Ok(Settled::Expired);
+        }
         let amount = Money::from_cents(job.amount_cents)
             .map_err(|e| StoreError::Conflict(format!("order {}: {e}", job.order)))?;
         let outcome = self.parts.payments.charge(&job.payment_key, amount).await?;
@@ -488,6 +502,13 @@ impl Inner {
             return Err(SettleError::Failpoint(attempt));
         }
         match outcome {
+            ChargeOutcome::Approved { .. } if Utc::now() >= hold_ends => {
+                // The charge came back after the hold ran out: refund it, return the seats.
+                self.parts.payments.refund(&job.payment_key).await?;
+                self.release(job, CancelReason::HoldExpired, PaymentStatus::Refunded)
+                    .await?;
+                Ok(Settled::Expired)
+            }
             ChargeOutcome::Approved { .. } => {
                 self.confirm(job.order).await?;
                 Ok(Settled::Confirmed)
@@ -648,6 +669,7 @@ impl Inner {
                 .await?
                 .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into()),
             Settled::Declined => Err(PurchaseError::PaymentDeclined),
+            Settled::Expired => Err(PurchaseError::HoldExpired),
             Settled::GaveUp => Err(PurchaseError::Unavailable("the payment queue")),
         }
     }
@@ -726,6 +748,7 @@ impl Stage for LockedStage {
             "payments": {
                 "confirmed": c.confirmed.load(Ordering::Relaxed),
                 "declined": c.declined.load(Ordering::Relaxed),
+                "expired": c.expired.load(Ordering::Relaxed),
                 "gaveUp": c.gave_up.load(Ordering::Relaxed),
                 "jobRuns": c.job_runs.load(Ordering::Relaxed),
                 "jobFailures": c.job_failures.load(Ordering::Relaxed),

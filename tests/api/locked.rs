@@ -531,3 +531,35 @@ async fn with_fencing_a_stale_write_between_the_successors_read_and_write_is_ref
     );
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn a_payment_that_succeeds_after_the_hold_ran_out_is_refunded_and_the_seat_returned() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        s.hold_ttl = Duration::from_millis(200);
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(400));
+    })
+    .await;
+    let event = app.create_event(1).await;
+
+    let (status, body) = app.purchase(event, "slow-payer").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "hold-expired", "{body}");
+
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(ledger_count(&app, "order-", "refund").await, 1);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE cancel_reason = 'hold_expired'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(app.audit().await["ok"], true);
+    app.stop().await;
+}
