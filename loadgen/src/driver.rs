@@ -96,6 +96,23 @@ pub struct Outcome {
     pub dropped: u64,
     pub elapsed: Duration,
     pub measured_elapsed: Duration,
+    /// CPU time this process used during the load (user + system), to show whether the load
+    /// generator itself was busy.
+    pub cpu: Duration,
+}
+
+/// CPU time used by this process so far (user + system).
+pub fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return Duration::ZERO;
+        }
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Creates the events the scenario needs.
@@ -191,6 +208,7 @@ pub async fn drive(
         None
     };
     let start = Instant::now() + Duration::from_millis(5);
+    let cpu_before = process_cpu();
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         fixture,
@@ -238,6 +256,7 @@ pub async fn drive(
         dropped: total.dropped,
         elapsed: end.saturating_duration_since(start),
         measured_elapsed: end.saturating_duration_since(shared.warmup_end.min(end)),
+        cpu: process_cpu().saturating_sub(cpu_before),
     })
 }
 

@@ -65,6 +65,10 @@ pub struct Results {
     pub dropped: u64,
     /// Requests with no HTTP answer or a 5xx.
     pub errors: u64,
+    /// CPU seconds the load generator used during the load, and that as a share of the cores
+    /// its worker threads could use (near 100 % means loadgen may be the bottleneck).
+    pub loadgen_cpu_s: f64,
+    pub loadgen_cpu_pct: f64,
     /// Latency per operation, from the intended send time.
     pub latency: BTreeMap<String, LatencySummary>,
     /// Answers per operation: `"201"`, `"400 sold-out"`, `"timeout"`, ...
@@ -163,6 +167,19 @@ impl Results {
             late: outcome.late,
             dropped: outcome.dropped,
             errors: r.errors,
+            loadgen_cpu_s: round3(outcome.cpu.as_secs_f64()),
+            loadgen_cpu_pct: round1({
+                let cores = settings
+                    .threads
+                    .min(std::thread::available_parallelism().map_or(settings.threads, |n| n.get()))
+                    as f64;
+                let wall = outcome.elapsed.as_secs_f64() * cores;
+                if wall > 0.0 {
+                    100.0 * outcome.cpu.as_secs_f64() / wall
+                } else {
+                    0.0
+                }
+            }),
             latency: r
                 .latency
                 .iter()
@@ -228,6 +245,11 @@ pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
     }
     row("errors (no answer or 5xx)", &|r| {
         res(r).map_or("-".into(), |x| x.errors.to_string())
+    });
+    row("loadgen CPU (s, % of its cores)", &|r| {
+        res(r).map_or("-".into(), |x| {
+            format!("{:.2} s, {:.0} %", x.loadgen_cpu_s, x.loadgen_cpu_pct)
+        })
     });
     let ops: Vec<String> = {
         let mut ops: Vec<String> = runs
