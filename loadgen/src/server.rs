@@ -83,7 +83,17 @@ pub async fn start(
     args.extend(extra_args.iter().cloned());
     let log = std::fs::File::create(dir.join("server.log"))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let child = Command::new(bin)
+    let mut command = Command::new(bin);
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to send SIGTERM to the server
+    // if loadgen dies first (killed, Ctrl-C'd in a script), so no server outlives a run.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = command
         .args(&args)
         .env("TICKETFLOW_LOG_FORMAT", "human")
         .env("RUST_LOG", "warn")
