@@ -177,11 +177,15 @@ impl LockedStage {
             counters: Counters::default(),
             parts,
         });
-        inner
-            .requeue_pending()
+        let queued = inner
+            .requeue_pending(Duration::ZERO)
             .await
             .map_err(|e| redis_error(e.to_string()))?;
+        if queued > 0 {
+            tracing::warn!(queued, "re-queued payments a previous run left pending");
+        }
         actix_rt::spawn(supervise(Arc::clone(&inner)));
+        actix_rt::spawn(sweep(Arc::clone(&inner)));
         Ok(Self { inner })
     }
 }
@@ -239,6 +243,21 @@ async fn supervise(inner: Arc<Inner>) {
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(worker = %name, "the payment worker ended; starting another");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every hold TTL, queues again the payment of orders pending for longer than a hold: their
+/// job was never queued (Redis refused it, and the seats could not be returned either). The
+/// queue drops the push if the job is there after all; the job expires the hold.
+async fn sweep(inner: Arc<Inner>) {
+    let every = inner.parts.settings.hold_ttl.max(Duration::from_secs(1));
+    while !inner.stopping.load(Ordering::Acquire) {
+        tokio::time::sleep(every).await;
+        match inner.requeue_pending(inner.parts.settings.hold_ttl).await {
+            Ok(0) => {}
+            Ok(queued) => tracing::warn!(queued, "re-queued payments of holds past their TTL"),
+            Err(error) => tracing::warn!(%error, "could not sweep holds past their TTL"),
+        }
     }
 }
 
@@ -599,13 +618,21 @@ impl Inner {
 
     /// Queues again the payment of every order a previous run left pending (the queue drops
     /// a job whose payment key it already holds).
-    async fn requeue_pending(&self) -> Result<(), SettleError> {
+    /// Only orders placed at least `min_age` ago are looked at.
+    async fn requeue_pending(&self, min_age: Duration) -> Result<usize, SettleError> {
         let pending = self.parts.store.pending_purchases().await?;
+        let placed_before = Utc::now() - min_age;
         let mut queued = 0;
         for purchase in pending.into_iter().filter(|p| !p.order_cancelled) {
             let Some(order) = self.parts.store.order(purchase.order).await? else {
                 continue;
             };
+            let placed = chrono::DateTime::parse_from_rfc3339(&order.created_at)
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or(placed_before);
+            if placed > placed_before {
+                continue;
+            }
             let job = PaymentJob {
                 order: order.id,
                 event: order.event_id,
@@ -619,10 +646,7 @@ impl Inner {
                 .map_err(|e| StoreError::Conflict(e.to_string()))?;
             queued += 1;
         }
-        if queued > 0 {
-            tracing::warn!(queued, "re-queued payments a previous run left pending");
-        }
-        Ok(())
+        Ok(queued)
     }
 
     /// Waits for the job's outcome (API v1). Past the hold TTL the outcome is read from the

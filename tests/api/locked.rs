@@ -326,21 +326,33 @@ async fn a_worker_that_dies_mid_job_loses_nothing_and_charges_once() {
     app.stop().await;
 }
 
-/// A TCP proxy to Redis that the test can cut, as if Redis went down.
+/// A TCP proxy to Redis that the test can cut, as if Redis went down, and restore.
 struct RedisProxy {
     url: String,
+    addr: std::net::SocketAddr,
     cut: watch::Sender<bool>,
 }
 
 impl RedisProxy {
     async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, _) = watch::channel(false);
+        let proxy = Self {
+            url: format!("redis://{addr}"),
+            addr,
+            cut,
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: TcpListener) {
         let target = redis_url()
             .trim_start_matches("redis://")
             .trim_end_matches('/')
             .to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("redis://{}", listener.local_addr().unwrap());
-        let (cut, cut_rx) = watch::channel(false);
+        let cut_rx = self.cut.subscribe();
         actix_rt::spawn(async move {
             let mut cut_accept = cut_rx.clone();
             loop {
@@ -361,11 +373,18 @@ impl RedisProxy {
                 });
             }
         });
-        Self { url, cut }
     }
 
+    /// Closes the listener and every connection through it.
     fn cut(&self) {
         self.cut.send_replace(true);
+    }
+
+    /// Listens again on the same address.
+    async fn restore(&self) {
+        self.cut.send_replace(false);
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
     }
 }
 
@@ -562,4 +581,58 @@ async fn a_payment_that_succeeds_after_the_hold_ran_out_is_refunded_and_the_seat
     );
     assert_eq!(app.audit().await["ok"], true);
     app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_hold_stranded_while_redis_was_down_is_swept_once_redis_is_back() {
+    let keys = Keys::new();
+    let proxy = RedisProxy::start().await;
+    let app = locked_app(&keys, |s| {
+        s.locked.redis_url = proxy.url.clone();
+        s.hold_ttl = Duration::from_secs(1);
+        // Redis goes down while the buyer sits between its read and its write: the seat is
+        // taken in SQLite, then neither the job nor the seat's return reaches Redis.
+        s.locked.failpoints.pauses_after_read = vec![Duration::from_millis(300)];
+    })
+    .await;
+    let event = app.create_event(1).await;
+    let app = Arc::new(app);
+    let buyer = {
+        let app = Arc::clone(&app);
+        actix_rt::spawn(async move { app.purchase(event, "stranded").await })
+    };
+    stats_when(&app, |s| s["lock"]["granted"] == 1).await;
+    proxy.cut();
+    let (status, body) = buyer.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "dependency-unavailable", "{body}");
+    let held = format!("SELECT available_tickets FROM events WHERE id = {event}");
+    assert_eq!(
+        app.count(&held).await,
+        0,
+        "the seat is stranded in a pending order"
+    );
+
+    proxy.restore().await;
+    let mut available = 0;
+    for _ in 0..100 {
+        available = app.count(&held).await;
+        if available == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(available, 1, "the sweep never gave the seat back");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE cancel_reason = 'hold_expired'")
+            .await,
+        1
+    );
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 0);
+    assert_eq!(app.audit().await["ok"], true);
+    Arc::try_unwrap(app)
+        .ok()
+        .expect("buyer finished")
+        .stop()
+        .await;
 }
