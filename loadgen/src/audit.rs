@@ -59,7 +59,8 @@ pub struct ClientView {
     pub unreadable_buyers: u64,
     /// I8 (API v2): idempotency keys used, one per buyer.
     pub idempotency_keys: u64,
-    /// I8: orders stored beyond one per key.
+    /// I8: stored orders that no `202` named and no unknown outcome explains (a key that made
+    /// two orders, or an order from a refused request).
     pub extra_orders: u64,
     /// I8: answers to a resent request that named another order or contradicted the `202`.
     pub disagreeing_answers: u64,
@@ -164,7 +165,7 @@ pub async fn audit(
             name: NAMES[7].1,
             status: "not-applicable",
             violations: None,
-            detail: "not applicable: this scenario sends no idempotency keys (API v1)".into(),
+            detail: "not applicable: no idempotency keys sent (API v1)".into(),
         }
     } else {
         let n = (client.extra_orders + client.disagreeing_answers) as i64;
@@ -174,7 +175,7 @@ pub async fn audit(
             status: if n == 0 { "pass" } else { "fail" },
             violations: Some(n),
             detail: format!(
-                "{} keys: {} orders beyond one per key, {} answers disagreeing with the first 202",
+                "{} keys: {} stored orders no 202 named, {} answers disagreeing with their key's first 202",
                 client.idempotency_keys, client.extra_orders, client.disagreeing_answers
             ),
         }
@@ -319,8 +320,11 @@ async fn check_client(
                     Ok((stored, orders)) => {
                         compare(b, &stored, &mut view);
                         if b.token.is_some() {
-                            view.idempotency_keys += 1;
-                            view.extra_orders += orders.saturating_sub(1);
+                            // every stored order must be one a 202 named, or one whose
+                            // answer was lost (an unknown outcome)
+                            let explained = b.orders_seen.len() as u64 + u64::from(b.unknown);
+                            view.idempotency_keys += u64::from(b.keys_used);
+                            view.extra_orders += orders.saturating_sub(explained);
                             view.disagreeing_answers += u64::from(b.disagreeing_answers);
                         }
                     }
@@ -471,6 +475,7 @@ mod tests {
             token: None,
             orders_seen: vec![],
             disagreeing_answers: 0,
+            keys_used: 0,
             definite_failures: 1,
             unknown,
             end: BuyerEnd::Confirmed,

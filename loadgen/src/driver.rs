@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::http::{Conn, Failure, Response};
 use crate::metrics::Recorder;
-use crate::scenario::{Arrivals, ModelKind, ScenarioKind, Settings};
+use crate::scenario::{ApiVersion, Arrivals, ModelKind, ScenarioKind, Settings};
 
 /// An open-model arrival that starts this much after its intended time counts as late. Tokio's
 /// timer has a 1 ms resolution, so a punctual arrival may start up to about 1 ms after its time.
@@ -73,10 +73,12 @@ pub struct BuyerRecord {
     pub tickets: Vec<String>,
     /// v2: the buyer's bearer token, to read its orders back.
     pub token: Option<String>,
-    /// v2: distinct order ids the `202` answers named (more than one breaks I8).
+    /// v2: distinct order ids the `202` answers named, one per Idempotency-Key at most.
     pub orders_seen: Vec<String>,
-    /// v2: answers to a resent request that contradict the first `202` (I8).
+    /// v2: answers to a resent request that contradict the first `202` for its key (I8).
     pub disagreeing_answers: u32,
+    /// v2: Idempotency-Keys this buyer used (one per attempt).
+    pub keys_used: u32,
     /// Answers that say nothing was bought (4xx, `503 overloaded`).
     pub definite_failures: u32,
     /// Requests without a trustworthy answer (timeout, transport error, other 5xx).
@@ -123,7 +125,7 @@ pub async fn setup(addr: SocketAddr, settings: &Settings) -> anyhow::Result<Fixt
         return Ok(Fixture { event_ids: vec![] });
     }
     let mut conn = Conn::new(addr, Duration::from_secs(10));
-    if settings.scenario == ScenarioKind::RetryStorm {
+    if settings.api == ApiVersion::V2 {
         match conn.get("/api/v2").await {
             Ok(r) if r.status == 200 => {}
             answer => {
@@ -363,7 +365,7 @@ async fn iterate(shared: &Shared, conn: &mut Conn, out: &mut WorkerOut, i: u64, 
         ScenarioKind::Browse => {
             let reads = shared.settings.reads_per_purchase;
             if rng.gen_range(0..=reads) == 0 {
-                buy(shared, conn, out, i, intended, measured, &mut rng).await;
+                buyer(shared, conn, out, i, intended, measured, &mut rng).await;
             } else if rng.gen_ratio(1, 10) {
                 let answer = conn.get("/api/v1/events").await;
                 record(out, measured, OP_LIST_EVENTS, intended, &answer);
@@ -373,14 +375,30 @@ async fn iterate(shared: &Shared, conn: &mut Conn, out: &mut WorkerOut, i: u64, 
                 record(out, measured, OP_GET_EVENT, intended, &answer);
             }
         }
-        ScenarioKind::Stampede | ScenarioKind::Spread | ScenarioKind::PaymentChaos => {
-            buy(shared, conn, out, i, intended, measured, &mut rng).await;
-        }
-        ScenarioKind::RetryStorm => {
-            storm(shared, conn, out, i, intended, measured, &mut rng).await;
+        ScenarioKind::Stampede
+        | ScenarioKind::Spread
+        | ScenarioKind::PaymentChaos
+        | ScenarioKind::RetryStorm => {
+            buyer(shared, conn, out, i, intended, measured, &mut rng).await;
         }
     }
     shared.progress.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A buyer on the API version the run uses.
+async fn buyer(
+    shared: &Shared,
+    conn: &mut Conn,
+    out: &mut WorkerOut,
+    i: u64,
+    intended: Instant,
+    measured: bool,
+    rng: &mut StdRng,
+) {
+    match shared.settings.api {
+        ApiVersion::V1 => buy(shared, conn, out, i, intended, measured, rng).await,
+        ApiVersion::V2 => buy_v2(shared, conn, out, i, intended, measured, rng).await,
+    }
 }
 
 fn pick_event(shared: &Shared, rng: &mut StdRng) -> i64 {
@@ -524,6 +542,7 @@ impl BuyerRecord {
             token: None,
             orders_seen: vec![],
             disagreeing_answers: 0,
+            keys_used: 0,
             definite_failures: 0,
             unknown: 0,
             end: BuyerEnd::GaveUp,
@@ -546,9 +565,19 @@ struct StatusAnswer {
     status: String,
 }
 
-/// A `retry-storm` buyer (API v2): a user, one order resent `resends` times with the same
-/// Idempotency-Key (a few ms apart, whatever the answers), then polled until final.
-async fn storm(
+/// How one attempt (one Idempotency-Key, sent `resends` times) ended.
+enum Attempt {
+    Accepted(String),
+    Retry(Option<u64>),
+    SoldOut,
+    Final,
+}
+
+/// An API v2 buyer: a user, then orders of one ticket until one is confirmed. Each attempt has
+/// its own Idempotency-Key and is sent `resends` times (1–5 ms apart, whatever the answers: the
+/// retry storm); an accepted order is polled until `confirmed` or `cancelled` (then the buyer
+/// tries again with a new key), like a v1 buyer on `tickets-held`, `503` or no answer.
+async fn buy_v2(
     shared: &Shared,
     conn: &mut Conn,
     out: &mut WorkerOut,
@@ -581,90 +610,140 @@ async fn storm(
     };
     let auth = format!("Bearer {token}");
     buyer.token = Some(token);
-    let key = format!("lg-{}-{i}", s.seed);
     let body = format!(r#"{{"eventId":{event_id},"quantity":1}}"#);
-    let headers = [
-        ("Authorization", auth.as_str()),
-        ("Idempotency-Key", key.as_str()),
-    ];
     let first_sent = Instant::now();
-    let mut sent_at = first_sent;
-    for copy in 0..s.resends {
-        let answer = conn
-            .send("POST", "/api/v2/orders", &headers, Some(body.as_bytes()))
-            .await;
-        record(out, measured, OP_ORDER, sent_at, &answer);
-        let first_seen = buyer.orders_seen.first().cloned();
-        match &answer {
-            Ok(r) if r.status == 202 => match serde_json::from_slice::<IdAnswer>(&r.body) {
-                Ok(order) => match first_seen {
-                    None => {
-                        if measured {
-                            out.recorder
-                                .record_latency(OP_ORDER_RESERVED, first_sent.elapsed());
+    let mut reserved = false;
+    for attempt in 0..s.max_attempts {
+        let key = format!("lg-{}-{i}-{attempt}", s.seed);
+        buyer.keys_used += 1;
+        let headers = [
+            ("Authorization", auth.as_str()),
+            ("Idempotency-Key", key.as_str()),
+        ];
+        let mut accepted: Option<String> = None;
+        let mut outcome = Attempt::Retry(None);
+        for copy in 0..s.resends {
+            let sent_at = Instant::now();
+            let answer = conn
+                .send("POST", "/api/v2/orders", &headers, Some(body.as_bytes()))
+                .await;
+            record(out, measured, OP_ORDER, sent_at, &answer);
+            match &answer {
+                Ok(r) if r.status == 202 => match serde_json::from_slice::<IdAnswer>(&r.body) {
+                    Ok(order) => match &accepted {
+                        None => {
+                            if !reserved && measured {
+                                out.recorder
+                                    .record_latency(OP_ORDER_RESERVED, first_sent.elapsed());
+                            }
+                            reserved = true;
+                            buyer.orders_seen.push(order.id.clone());
+                            accepted = Some(order.id.clone());
+                            outcome = Attempt::Accepted(order.id);
                         }
-                        buyer.orders_seen.push(order.id);
-                    }
-                    Some(first) if first != order.id => {
-                        buyer.disagreeing_answers += 1;
-                        buyer.orders_seen.push(order.id);
-                    }
-                    Some(_) => {}
+                        Some(first) if *first != order.id => {
+                            buyer.disagreeing_answers += 1;
+                            buyer.orders_seen.push(order.id);
+                        }
+                        Some(_) => {}
+                    },
+                    Err(_) => buyer.unknown += 1,
                 },
-                Err(_) => buyer.unknown += 1,
-            },
-            // the first request of this key is still running: not an answer yet
-            Ok(r)
-                if r.status == 409
-                    && problem_code(r).as_deref() == Some("idempotency-key-in-use") => {}
-            Ok(r) if r.status < 500 => {
-                if first_seen.is_some() {
-                    buyer.disagreeing_answers += 1;
-                } else {
+                // the first request of this key is still running: not an answer yet
+                Ok(r)
+                    if r.status == 409
+                        && problem_code(r).as_deref() == Some("idempotency-key-in-use") => {}
+                Ok(r) if r.status < 500 && accepted.is_some() => buyer.disagreeing_answers += 1,
+                Ok(r) if r.status == 503 || r.status == 402 || r.status == 409 => {
                     buyer.definite_failures += 1;
-                    if problem_code(r).as_deref() == Some("sold-out") {
-                        buyer.end = BuyerEnd::SoldOut;
+                    outcome = Attempt::Retry(r.retry_after_secs);
+                }
+                Ok(r) if r.status < 500 => {
+                    buyer.definite_failures += 1;
+                    outcome = match problem_code(r).as_deref() {
+                        Some("sold-out") => Attempt::SoldOut,
+                        Some("tickets-held") => Attempt::Retry(r.retry_after_secs),
+                        _ => Attempt::Final,
+                    };
+                }
+                _ => {
+                    buyer.unknown += 1;
+                    if accepted.is_none() {
+                        outcome = Attempt::Retry(None);
                     }
                 }
             }
-            _ => buyer.unknown += 1,
+            if copy + 1 < s.resends {
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1..=5))).await;
+            }
         }
-        if copy + 1 < s.resends {
-            tokio::time::sleep(Duration::from_millis(rng.gen_range(1..=5))).await;
-        }
-        sent_at = Instant::now();
-    }
-    if let Some(order) = buyer.orders_seen.first().cloned() {
-        let path = format!("/api/v2/orders/{order}");
-        let give_up = Instant::now() + s.settle.max(Duration::from_secs(1)) + s.timeout;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let polled_at = Instant::now();
-            let answer = conn.send("GET", &path, &headers[..1], None).await;
-            record(out, measured, OP_ORDER_STATUS, polled_at, &answer);
-            let status = match &answer {
-                Ok(r) if r.status == 200 => serde_json::from_slice::<StatusAnswer>(&r.body)
-                    .map(|a| a.status)
-                    .unwrap_or_default(),
-                _ => String::new(),
-            };
-            if status == "confirmed" {
-                if measured {
-                    out.recorder
-                        .record_latency(OP_ORDER_TO_CONFIRMED, intended.elapsed());
+        let retry_after = match outcome {
+            Attempt::Accepted(order) => {
+                let status = poll_order(shared, conn, out, measured, &auth, &order).await;
+                if status == "confirmed" {
+                    if measured {
+                        out.recorder
+                            .record_latency(OP_ORDER_TO_CONFIRMED, intended.elapsed());
+                    }
+                    buyer.tickets.push(order);
+                    buyer.end = BuyerEnd::Confirmed;
+                    break;
                 }
-                buyer.tickets.push(order);
-                buyer.end = BuyerEnd::Confirmed;
+                if status != "cancelled" {
+                    break; // still pending when the buyer stopped waiting
+                }
+                None
+            }
+            Attempt::Retry(after) => after,
+            Attempt::SoldOut => {
+                buyer.end = BuyerEnd::SoldOut;
                 break;
             }
-            if status == "cancelled" || Instant::now() >= give_up {
-                break;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            Attempt::Final => break,
+        };
+        if attempt + 1 == s.max_attempts {
+            break;
         }
+        let pause = backoff(attempt, retry_after, s.max_backoff, rng);
+        if shared.deadline.is_some_and(|d| Instant::now() + pause >= d) {
+            break;
+        }
+        tokio::time::sleep(pause).await;
     }
     out.buyers.push(buyer);
+}
+
+/// Polls an order until it is final or the buyer stops waiting; returns its last status.
+async fn poll_order(
+    shared: &Shared,
+    conn: &mut Conn,
+    out: &mut WorkerOut,
+    measured: bool,
+    auth: &str,
+    order: &str,
+) -> String {
+    let s = &shared.settings;
+    let path = format!("/api/v2/orders/{order}");
+    let give_up = Instant::now() + s.settle.max(Duration::from_secs(1)) + s.timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let polled_at = Instant::now();
+        let answer = conn
+            .send("GET", &path, &[("Authorization", auth)], None)
+            .await;
+        record(out, measured, OP_ORDER_STATUS, polled_at, &answer);
+        let status = match &answer {
+            Ok(r) if r.status == 200 => serde_json::from_slice::<StatusAnswer>(&r.body)
+                .map(|a| a.status)
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        if status == "confirmed" || status == "cancelled" || Instant::now() >= give_up {
+            return status;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
 }
 
 /// Exponential backoff from 5 ms with full jitter, `Retry-After` honoured up to the cap.

@@ -112,9 +112,9 @@ pub const ORDER_NOTE: &str = "API v2 answers an order `202 Accepted` once its se
     order polled `confirmed` (user creation, resends and polling included).";
 
 fn purchase_note(settings: &Settings) -> &'static str {
-    match settings.scenario {
-        crate::scenario::ScenarioKind::RetryStorm => ORDER_NOTE,
-        _ => PURCHASE_NOTE,
+    match settings.api {
+        crate::scenario::ApiVersion::V2 => ORDER_NOTE,
+        crate::scenario::ApiVersion::V1 => PURCHASE_NOTE,
     }
 }
 
@@ -322,9 +322,10 @@ fn ms(v: f64) -> String {
 pub fn terminal(report: &Report) -> String {
     let s = &report.settings;
     let mut out = format!(
-        "loadgen {} · scenario {} · seed {} · {} model ({}) · bound {}\n",
+        "loadgen {} · scenario {} (API {}) · seed {} · {} model ({}) · bound {}\n",
         report.command,
         s.scenario,
+        s.api.as_str(),
         report.seed,
         s.model.as_str(),
         match s.model {

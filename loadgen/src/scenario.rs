@@ -91,6 +91,15 @@ pub enum ModelKind {
     Open,
 }
 
+impl ApiVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
 impl ModelKind {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -98,6 +107,18 @@ impl ModelKind {
             Self::Open => "open",
         }
     }
+}
+
+/// Which API the buyers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiVersion {
+    /// `POST /api/v1/tickets/purchase`, answered once confirmed or failed; every stage.
+    V1,
+    /// Users with tokens, `POST /api/v2/orders` with an Idempotency-Key answered `202` once the
+    /// seats are held, then polled: reservation and confirmation measured apart. Stages without
+    /// it are skipped.
+    V2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -116,6 +137,10 @@ pub struct Overrides {
     /// Scenario to run (default `stampede`).
     #[arg(long, value_enum)]
     pub scenario: Option<ScenarioKind>,
+    /// API the buyers use: `v1` (every stage) or `v2` (orders, idempotency keys; stages without
+    /// it are skipped). `retry-storm` is always `v2`.
+    #[arg(long, value_enum)]
+    pub api: Option<ApiVersion>,
     /// Seed of the workload (user ids, event choices, arrivals, jitter) and of the spawned
     /// server; random when not given, always printed and recorded.
     #[arg(long)]
@@ -173,7 +198,8 @@ pub struct Overrides {
     /// Purchase attempts per buyer before it gives up.
     #[arg(long)]
     pub max_attempts: Option<u32>,
-    /// Copies of each order a `retry-storm` buyer sends with the same Idempotency-Key.
+    /// API v2: copies of each order sent with the same Idempotency-Key (3 for `retry-storm`,
+    /// else 1).
     #[arg(long)]
     pub resends: Option<u32>,
     /// Longest pause between a buyer's attempts; `Retry-After` is honoured up to this.
@@ -201,6 +227,7 @@ pub struct Overrides {
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
     pub scenario: ScenarioKind,
+    pub api: ApiVersion,
     pub seed: u64,
     pub model: ModelKind,
     pub vus: u32,
@@ -253,6 +280,7 @@ impl Overrides {
         }
         pick!(
             scenario,
+            api,
             seed,
             model,
             vus,
@@ -289,8 +317,16 @@ impl Overrides {
         if duration.is_none() && requests.is_none() {
             (duration, requests) = (p.duration, p.requests);
         }
+        let api = match (scenario, self.api) {
+            (ScenarioKind::RetryStorm, Some(ApiVersion::V1)) => {
+                bail!("--api v1: retry-storm needs idempotency keys, which only API v2 has")
+            }
+            (ScenarioKind::RetryStorm, _) => ApiVersion::V2,
+            (_, api) => api.unwrap_or(ApiVersion::V1),
+        };
         let s = Settings {
             scenario,
+            api,
             seed,
             model,
             vus: self.vus.unwrap_or(p.vus),
@@ -310,7 +346,13 @@ impl Overrides {
             zipf_s: self.zipf_s.unwrap_or(1.1),
             reads_per_purchase: self.reads_per_purchase.unwrap_or(100),
             max_attempts: self.max_attempts.unwrap_or(p.max_attempts),
-            resends: self.resends.unwrap_or(3),
+            resends: self
+                .resends
+                .unwrap_or(if scenario == ScenarioKind::RetryStorm {
+                    3
+                } else {
+                    1
+                }),
             max_backoff: self.max_backoff.unwrap_or(Duration::from_millis(250)),
             settle: self.settle.unwrap_or(Duration::from_secs(5)),
             payment_latency: self
