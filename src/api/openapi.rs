@@ -30,7 +30,8 @@ pub const PATH: &str = "/api/openapi.json";
             API, kept compatible; API v2 adds users and tokens, orders of N tickets answered \
             `202 Accepted`, Idempotency-Key on unsafe requests, searchable events and an \
             availability stream. Every error is an `application/problem+json` document with a \
-            stable `code`.",
+            stable `code`. Integer fields take JSON integers only: `5.0` is refused as the wrong \
+            type (400 `invalid-body`), although JSON Schema's `integer` admits it.",
     ),
     paths(
         openapi_json,
@@ -188,9 +189,8 @@ pub fn user_id_input() -> Schema {
         .item(
             ObjectBuilder::new()
                 .schema_type(Type::Integer)
-                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
                 .minimum(Some(0))
-                .maximum(Some(i64::MAX)),
+                .maximum(Some(utoipa::Number::UInt(u64::MAX as usize))),
         )
         .description(Some(
             "A string (1 to 200 characters after trimming, no control characters) or a \
@@ -325,6 +325,17 @@ pub struct PageLinks {
     next: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prev: Option<String>,
+}
+
+/// One Server-Sent Event of `GET /api/v2/events/{id}/availability` (`: keep-alive` comments
+/// between them are not events).
+#[derive(Serialize, ToSchema)]
+pub struct AvailabilityFrame {
+    #[schema(pattern = "^availability$")]
+    event: String,
+    /// An [`Availability`] as JSON.
+    #[schema(content_media_type = "application/json")]
+    data: String,
 }
 
 /// The `data` of an `availability` frame on `GET /api/v2/events/{id}/availability`.

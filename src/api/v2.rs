@@ -642,7 +642,7 @@ pub async fn create_event(
     params(("id" = i64, Path, minimum = 1, description = "The event's id; anything else is a 404.")),
     responses(
         (status = 200, description = "A stream that does not end: `event: availability` frames whose `data` is an `Availability` object, and `: keep-alive` comments.",
-            body = String, content_type = "text/event-stream"),
+            body = super::openapi::AvailabilityFrame, content_type = "text/event-stream"),
         (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
     ),
 )]
