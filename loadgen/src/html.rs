@@ -18,10 +18,11 @@ pub fn html(report: &Report) -> String {
     let s = &report.settings;
     let mut body = String::new();
     body.push_str(&format!(
-        "<h1>loadgen {}: {}</h1><p class=meta>seed <code>{}</code> · {} model · bound {} · \
+        "<h1>loadgen {}: {}</h1><p class=meta>API {} · seed <code>{}</code> · {} model · bound {} · \
          started {} · {}</p>",
         esc(report.command),
         esc(s.scenario.as_str()),
+        s.api.as_str(),
         report.seed,
         s.model.as_str(),
         esc(&s.bound()),
@@ -34,9 +35,14 @@ pub fn html(report: &Report) -> String {
         .enumerate()
         .map(|(i, r)| {
             format!(
-                "<span class=key><i style=\"background:{}\"></i>{}</span>",
+                "<span class=key><i style=\"background:{}\"></i>{}{}</span>",
                 COLORS[i % COLORS.len()],
-                esc(&r.stage)
+                esc(&r.stage),
+                if r.status == "skipped" {
+                    " (skipped)"
+                } else {
+                    ""
+                }
             )
         })
         .collect();
