@@ -414,8 +414,9 @@ struct ProblemCode {
     code: Option<String>,
 }
 
+/// The `id` of a created ticket (v1) or order (v2).
 #[derive(Deserialize)]
-struct TicketAnswer {
+struct IdAnswer {
     id: String,
 }
 
@@ -479,7 +480,7 @@ async fn buy(
         record(out, measured, OP_PURCHASE, sent_at, &answer);
         let retry_after = match &answer {
             Ok(r) if r.status == 201 => {
-                match serde_json::from_slice::<TicketAnswer>(&r.body) {
+                match serde_json::from_slice::<IdAnswer>(&r.body) {
                     Ok(t) => buyer.tickets.push(t.id),
                     Err(_) => buyer.unknown += 1,
                 }
@@ -548,11 +549,6 @@ impl BuyerRecord {
             end: BuyerEnd::GaveUp,
         }
     }
-}
-
-#[derive(Deserialize)]
-struct IdAnswer {
-    id: String,
 }
 
 #[derive(Deserialize)]
