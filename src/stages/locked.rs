@@ -131,10 +131,13 @@ impl LockedStage {
         let settings = parts.settings.locked.clone();
         let redis_error = |cause: String| StartError::Redis {
             url: settings.redis_url.clone(),
-            cause,
+            cause: format!("cannot reach Redis ({cause})"),
         };
-        let client = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| redis_error(e.to_string()))?;
+        let client =
+            redis::Client::open(settings.redis_url.as_str()).map_err(|e| StartError::Redis {
+                url: settings.redis_url.clone(),
+                cause: format!("not a Redis URL ({e}); write redis://HOST:PORT"),
+            })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(2)))

@@ -112,7 +112,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Redis did not answer at start (`locked`).
-    #[error("--redis-url {url}: cannot reach Redis ({cause}); start Redis or point --redis-url (REDIS_URL) at it")]
+    #[error("--redis-url {url}: {cause}; start Redis or point --redis-url (REDIS_URL) at it")]
     Redis { url: String, cause: String },
 }
 
