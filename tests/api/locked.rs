@@ -15,7 +15,7 @@ use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::helpers::{spawn_app, test_settings, TestApp};
+use crate::helpers::{spawn_app, test_settings, Reply, TestApp};
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -635,4 +635,81 @@ async fn a_hold_stranded_while_redis_was_down_is_swept_once_redis_is_back() {
         .expect("buyer finished")
         .stop()
         .await;
+}
+
+/// API v2 on `locked`: a user, then an order with an Idempotency-Key.
+async fn v2_user(app: &TestApp, name: &str) -> String {
+    let reply = app
+        .post_json("/api/v2/users", &serde_json::json!({ "name": name }))
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    reply.body["token"].as_str().unwrap().to_owned()
+}
+
+async fn v2_order(app: &TestApp, token: &str, key: &str, event: i64, quantity: i64) -> Reply {
+    let response = app
+        .client
+        .post(app.url("/api/v2/orders"))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(&serde_json::json!({ "eventId": event, "quantity": quantity }))
+        .send()
+        .await
+        .unwrap();
+    Reply::read(response).await
+}
+
+#[actix_web::test]
+async fn api_v2_orders_are_accepted_at_once_and_settle_through_the_queue() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(50));
+        s.per_user_limit = 4;
+    })
+    .await;
+    let event = app.create_event(10).await;
+    let alice = v2_user(&app, "alice").await;
+
+    let placed = v2_order(&app, &alice, "locked-1", event, 3).await;
+    assert_eq!(placed.status, 202, "{:?}", placed.body);
+    assert_eq!(placed.body["status"], "pending");
+    assert_eq!(placed.body["tickets"].as_array().unwrap().len(), 3);
+    let replay = v2_order(&app, &alice, "locked-1", event, 3).await;
+    assert_eq!(replay.status, 202);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.body["id"], placed.body["id"]);
+    let over = v2_order(&app, &alice, "locked-2", event, 2).await;
+    assert_eq!(
+        (over.status, over.body["code"].as_str()),
+        (409, Some("user-limit"))
+    );
+
+    let location = placed.headers["location"].to_str().unwrap().to_owned();
+    let mut status = Value::Null;
+    for _ in 0..200 {
+        let reply = app
+            .client
+            .get(app.url(&location))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+        status = Reply::read(reply).await.body["status"].clone();
+        if status != "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, "confirmed");
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        7
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(app.audit().await["ok"], true);
+    app.stop().await;
 }
