@@ -24,6 +24,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// its jobs back.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MISSED_HEARTBEATS: usize = 2;
+/// How long a finished job's data stays in Redis (and a payment key blocks a second push).
+pub const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600);
 
 /// Charge an order, then confirm it or give its seats back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +77,10 @@ impl PaymentQueue {
             .queue(format!("{prefix}:payments"))
             .heartbeat_interval(HEARTBEAT_INTERVAL)
             .missed_heartbeats(MISSED_HEARTBEATS)
-            .emit_events(false);
+            .emit_events(false)
+            // Without a TTL, apalis-redis 1.0 sends `EXPIRE key 0`, which deletes the key at
+            // once: pushes would never be deduplicated.
+            .idempotency_ttl(Some(KEEP_FINISHED));
         let storage = RedisStorage::new(conn.clone()).with_config(config.clone());
         Self {
             storage,
@@ -84,15 +89,24 @@ impl PaymentQueue {
         }
     }
 
-    /// Queues `job` once: a second push with the same payment key is dropped by the queue.
-    pub async fn enqueue(&self, job: PaymentJob) -> Result<(), QueueError> {
-        let task = TaskBuilder::new(job.clone())
-            .idempotency_key(&job.payment_key)
+    /// Queues `job` once: a second push under the same `idempotency_key` within
+    /// [`KEEP_FINISHED`] is dropped by the queue.
+    pub async fn enqueue(&self, job: PaymentJob, idempotency_key: &str) -> Result<(), QueueError> {
+        let task = TaskBuilder::new(job)
+            .idempotency_key(idempotency_key)
             .max_attempts(MAX_ATTEMPTS)
             .build();
         self.storage
             .clone()
             .push_task(task)
+            .await
+            .map_err(|e| QueueError(e.to_string()))
+    }
+
+    /// Deletes the data of jobs finished more than [`KEEP_FINISHED`] ago (their counts stay),
+    /// so Redis does not grow with every purchase ever made.
+    pub async fn vacuum(&self) -> Result<usize, QueueError> {
+        apalis_core::backend::Vacuum::vacuum_before(&mut self.storage.clone(), KEEP_FINISHED)
             .await
             .map_err(|e| QueueError(e.to_string()))
     }

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
 use apalis::layers::retry::{HasherRng, RetryPolicy};
@@ -45,6 +45,8 @@ const STALE_RETRIES: usize = 3;
 /// First and longest pause between two attempts of a payment job.
 const JOB_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const JOB_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often finished payment jobs older than a day are deleted from Redis.
+const VACUUM_EVERY: Duration = Duration::from_secs(600);
 
 pub struct LockedStage {
     inner: Arc<Inner>,
@@ -254,12 +256,20 @@ async fn supervise(inner: Arc<Inner>) {
 /// queue drops the push if the job is there after all; the job expires the hold.
 async fn sweep(inner: Arc<Inner>) {
     let every = inner.parts.settings.hold_ttl.max(Duration::from_secs(1));
+    let mut last_vacuum = Instant::now();
     while !inner.stopping.load(Ordering::Acquire) {
         tokio::time::sleep(every).await;
         match inner.requeue_pending(inner.parts.settings.hold_ttl).await {
             Ok(0) => {}
             Ok(queued) => tracing::warn!(queued, "re-queued payments of holds past their TTL"),
             Err(error) => tracing::warn!(%error, "could not sweep holds past their TTL"),
+        }
+        // The vacuum scans every job Redis holds (one Lua call), so not too often.
+        if last_vacuum.elapsed() >= VACUUM_EVERY {
+            last_vacuum = Instant::now();
+            if let Err(error) = inner.queue.vacuum().await {
+                tracing::warn!(%error, "could not vacuum finished payment jobs");
+            }
         }
     }
 }
@@ -472,7 +482,7 @@ impl Inner {
     /// Queues the job; if Redis refuses, gives the seats back (or leaves the order pending
     /// for the next start to re-queue, if even that fails).
     async fn enqueue(&self, job: &PaymentJob) -> Result<(), PurchaseError> {
-        let Err(error) = self.queue.enqueue(job.clone()).await else {
+        let Err(error) = self.queue.enqueue(job.clone(), &job.payment_key).await else {
             return Ok(());
         };
         tracing::warn!(order = %job.order, %error, "could not queue the payment");
@@ -496,7 +506,12 @@ impl Inner {
             .ok_or(SettleError::UnknownOrder(job.order))?;
         match order.status {
             OrderStatus::Confirmed => return Ok(Settled::Confirmed),
-            OrderStatus::Cancelled => return Ok(Settled::Declined),
+            OrderStatus::Cancelled => {
+                // Cancelled by another run of this job, or by a sweep that expired the hold
+                // while this run was charging: whatever this key charged goes back.
+                self.parts.payments.refund(&job.payment_key).await?;
+                return Ok(Settled::Declined);
+            }
             OrderStatus::Pending => {}
         }
         let hold_ends = chrono::DateTime::parse_from_rfc3339(&order.created_at)
@@ -619,9 +634,12 @@ impl Inner {
         self.release(job, CancelReason::Interrupted, payment).await
     }
 
-    /// Queues again the payment of every order a previous run left pending (the queue drops
-    /// a job whose payment key it already holds).
-    /// Only orders placed at least `min_age` ago are looked at.
+    /// Queues again the payment of every order still pending that was placed at least
+    /// `min_age` ago. At start (`min_age` zero) the push carries the payment key, so the queue
+    /// drops it when the job is still there (waiting, or held by a dead worker). A sweep
+    /// (`min_age` one hold) pushes under a fresh key, so an order whose job is gone for good
+    /// (dead-lettered without its cancellation landing) still gets one; a duplicate run is
+    /// harmless, and the run expires the hold.
     async fn requeue_pending(&self, min_age: Duration) -> Result<usize, SettleError> {
         let pending = self.parts.store.pending_purchases().await?;
         let placed_before = Utc::now() - min_age;
@@ -643,8 +661,17 @@ impl Inner {
                 amount_cents: order.amount_cents,
                 payment_key: purchase.payment_key,
             };
+            let key = if min_age.is_zero() {
+                job.payment_key.clone()
+            } else {
+                format!(
+                    "{}:swept:{}",
+                    job.payment_key,
+                    Utc::now().timestamp_millis()
+                )
+            };
             self.queue
-                .enqueue(job)
+                .enqueue(job, &key)
                 .await
                 .map_err(|e| StoreError::Conflict(e.to_string()))?;
             queued += 1;

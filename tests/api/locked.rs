@@ -713,3 +713,26 @@ async fn api_v2_orders_are_accepted_at_once_and_settle_through_the_queue() {
     assert_eq!(app.audit().await["ok"], true);
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn the_payment_queue_drops_a_second_push_under_the_same_key() {
+    use ticketflow::domain::{EventId, OrderId};
+    use ticketflow::queue::{PaymentJob, PaymentQueue};
+
+    let keys = Keys::new();
+    let client = redis::Client::open(redis_url().as_str()).unwrap();
+    let queue = PaymentQueue::new(client.get_connection_manager().await.unwrap(), &keys.prefix);
+    let job = PaymentJob {
+        order: OrderId(uuid::Uuid::new_v4()),
+        event: EventId(1),
+        quantity: 1,
+        amount_cents: 100,
+        payment_key: "order-x".into(),
+    };
+
+    queue.enqueue(job.clone(), "order-x").await.unwrap();
+    queue.enqueue(job.clone(), "order-x").await.unwrap();
+    assert_eq!(queue.stats().await.unwrap().waiting, 1);
+    queue.enqueue(job, "order-x:swept:1").await.unwrap();
+    assert_eq!(queue.stats().await.unwrap().waiting, 2);
+}
