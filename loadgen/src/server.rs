@@ -51,8 +51,27 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts `stage`, waits for `GET /health`, or says why it could not.
+/// Starts `stage`, waits for `GET /health`, or says why it could not. A port taken between
+/// choosing it and the server binding it (another run starting at the same moment) is retried
+/// on another port.
 pub async fn start(
+    bin: &Path,
+    stage: &str,
+    settings: &Settings,
+    extra_args: &[String],
+) -> Result<Spawned, String> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match start_once(bin, stage, settings, extra_args).await {
+            Ok(spawned) => return Ok(spawned),
+            Err(why) if why.to_ascii_lowercase().contains("in use") => last = why,
+            Err(why) => return Err(why),
+        }
+    }
+    Err(last)
+}
+
+async fn start_once(
     bin: &Path,
     stage: &str,
     settings: &Settings,
@@ -118,8 +137,13 @@ pub async fn start(
             return Err(format!("{reason} (the server exited, {status})"));
         }
         if let Ok(r) = conn.get("/health").await {
+            // healthy, and still ours: a server that lost the port to another exits at once
             if r.status == 200 {
-                return Ok(spawned);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Ok(None) = spawned.child.try_wait() {
+                    return Ok(spawned);
+                }
+                continue;
             }
         }
         if Instant::now() >= give_up {

@@ -69,35 +69,57 @@ struct Server {
 }
 
 impl Server {
+    /// Starts a stage and waits for its `GET /health`; a port taken meanwhile by another test's
+    /// server makes ours exit, and it is started again on another port.
     fn start(stage: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(server_bin())
-            .args(["serve", "--stage", stage, "--bind"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--db")
-            .arg(dir.path().join("t.db"))
-            .args(["--payment-latency", "10ms", "--payment-failure-rate", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the server starts");
-        let url = format!("http://127.0.0.1:{port}");
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < give_up, "the server did not come up");
-            std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new(server_bin())
+                .args(["serve", "--stage", stage, "--bind"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--db")
+                .arg(dir.path().join(format!("t{port}.db")))
+                .args(["--payment-latency", "10ms", "--payment-failure-rate", "0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("the server starts");
+            let give_up = Instant::now() + Duration::from_secs(20);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break; // exited: most likely the port was taken; try another
+                }
+                if healthy(port) {
+                    return Self {
+                        child,
+                        url: format!("http://127.0.0.1:{port}"),
+                        _dir: dir,
+                    };
+                }
+                assert!(Instant::now() < give_up, "the server did not come up");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        Self {
-            child,
-            url,
-            _dir: dir,
-        }
+        panic!("the server exited three times at start");
     }
+}
+
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut answer = String::new();
+    s.write_all(request.as_bytes()).is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 impl Drop for Server {
