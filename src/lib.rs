@@ -9,7 +9,8 @@
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
 //! - [`stages`]: the purchase contract ([`stages::Stage`]) and one module per stage.
 //! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
-//! - [`api`]: the thin actix-web front, API v1 and admin routes, problem documents.
+//! - [`api`]: the thin actix-web front, API v1 and v2, admin routes, problem documents, and
+//!   the OpenAPI document ([`api::openapi`]).
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
 
