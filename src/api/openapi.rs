@@ -199,7 +199,7 @@ pub fn user_id_input() -> Schema {
         .into()
 }
 
-/// `"ok"`, or `"down"` for a dependency and `"degraded"` overall.
+/// The server's health: overall, its stage, and each dependency.
 #[derive(Serialize, ToSchema)]
 pub struct Health {
     /// `ok` or `degraded`.
@@ -333,7 +333,7 @@ pub struct PageLinks {
 pub struct AvailabilityFrame {
     #[schema(pattern = "^availability$")]
     event: String,
-    /// An [`Availability`] as JSON.
+    /// An `Availability` object as JSON.
     #[schema(content_media_type = "application/json")]
     data: String,
 }
