@@ -112,6 +112,14 @@ async fn start_once(
             Ok(())
         });
     }
+    // Each fresh stage gets its own Redis key prefix (the `locked` stage's locks, fences and
+    // queue), so runs never see one another's keys; an explicit setting wins.
+    if std::env::var_os("TICKETFLOW_REDIS_PREFIX").is_none() {
+        command.env(
+            "TICKETFLOW_REDIS_PREFIX",
+            format!("loadgen-{}-{stage}-{port}", std::process::id()),
+        );
+    }
     let child = command
         .args(&args)
         .env("TICKETFLOW_LOG_FORMAT", "human")
