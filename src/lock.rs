@@ -7,8 +7,9 @@
 //!
 //! A lease alone is not safe: a holder paused (GC, SIGSTOP, a slow disk) past its TTL still
 //! believes it holds the lock while a second holder has taken it. The token is what makes it
-//! safe: the store refuses any inventory write whose token is older than the newest it has
-//! seen (`events.fence`), so the paused holder's late write fails instead of overwriting.
+//! safe: a holder records its token on the event before reading it, and the store refuses any
+//! inventory write whose token is older than the newest it has seen (`events.fence`,
+//! [`crate::store::fenced`]), so the paused holder's late write fails instead of overwriting.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
