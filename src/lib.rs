@@ -7,6 +7,7 @@
 //! - [`store`]: SQLite storage, migrations and the group-commit writer.
 //! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
+//! - [`cache`]: the `locked` stage's read-through Redis cache of event reads.
 //! - [`stages`]: the purchase contract ([`stages::Stage`]) and one module per stage.
 //! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
 //! - [`api`]: the thin actix-web front, API v1 and v2, admin routes, problem documents, and
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod demo;

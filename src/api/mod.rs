@@ -52,7 +52,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: 
             .service(resource("/api/v2/orders/{id}").route(web::get().to(v2::get_order)))
             .service(resource("/api/v2/health").route(web::get().to(v2::health)))
             .service(resource("/api/v2/admin/audit").route(web::get().to(v2::admin_audit)))
-            .service(resource("/api/v2/admin/ledger").route(web::get().to(v2::admin_ledger)));
+            .service(resource("/api/v2/admin/ledger").route(web::get().to(v2::admin_ledger)))
+            .service(resource("/api/v2/admin/stats").route(web::get().to(v2::admin_stats)))
+            .service(
+                resource("/api/v2/admin/queue-stats").route(web::get().to(v2::admin_queue_stats)),
+            );
     } else {
         cfg.service(web::scope("/api/v2").default_service(web::to(v2_not_served)));
     }

@@ -58,6 +58,8 @@ pub const PATH: &str = "/api/openapi.json";
         v2::health,
         v2::admin_audit,
         v2::admin_ledger,
+        v2::admin_stats,
+        v2::admin_queue_stats,
     ),
     components(schemas(Availability)),
     modifiers(&BearerTokens),

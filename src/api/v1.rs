@@ -177,7 +177,7 @@ fn path_event_id(raw: &str) -> Result<EventId, Problem> {
     responses((status = 200, description = "All events.", body = Vec<Event>)),
 )]
 pub async fn list_events(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
-    Ok(HttpResponse::Ok().json(state.store.list_events().await?))
+    Ok(HttpResponse::Ok().json(state.stage.events(&state.store).await?))
 }
 
 /// One event.
@@ -197,7 +197,7 @@ pub async fn get_event(
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let id = path_event_id(&id)?;
-    match state.store.event(id).await? {
+    match state.stage.event(&state.store, id).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event)),
         None => Err(Problem::not_found(
             "unknown-event",

@@ -543,7 +543,7 @@ pub async fn get_event(
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let id = EventId(path_id(&id, "unknown-event", "event")?);
-    match state.store.event(id).await? {
+    match state.stage.event(&state.store, id).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event_view(&event))),
         None => Err(Problem::not_found(
             "unknown-event",
@@ -868,4 +868,57 @@ pub async fn admin_ledger(
 ) -> Result<HttpResponse, Problem> {
     require_admin(&req, &state).await?;
     super::admin::ledger(state).await
+}
+
+/// `GET /api/v2/admin/stats`: the stage's own figures (lock waits, queue, cache for `locked`).
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/stats",
+    tag = "v2",
+    operation_id = "v2AdminStats",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The stage's figures; their shape depends on the stage.", body = Object),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A user's token (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn admin_stats(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    Ok(HttpResponse::Ok().json(state.stage.stats().await))
+}
+
+/// `GET /api/v2/admin/queue-stats`: the payment queue's counts (waiting, active, completed,
+/// failed). Only a stage with a job queue has one (`locked`); the others answer 404.
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/queue-stats",
+    tag = "v2",
+    operation_id = "v2AdminQueueStats",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Jobs waiting, active, completed and failed (dead-lettered).", body = Object),
+        (status = 401, description = "No token, or one that matches nobody (`unauthenticated`).", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A user's token (`forbidden`).", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "This stage has no job queue (`no-queue`).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn admin_queue_stats(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    match state.stage.stats().await.get("queue") {
+        Some(queue) => Ok(HttpResponse::Ok().json(queue)),
+        None => Err(Problem::not_found(
+            "no-queue",
+            format!(
+                "the {} stage has no job queue; the locked stage has one",
+                state.stage.kind()
+            ),
+        )),
+    }
 }

@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
+use crate::cache::EventCache;
 use crate::config::StageKind;
 use crate::domain::{
     timestamp, CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus,
@@ -38,7 +39,7 @@ use crate::domain::{
 use crate::lock::{EventLocks, Lease, LockError};
 use crate::payments::{ChargeOutcome, RefundOutcome};
 use crate::queue::{PaymentJob, PaymentQueue, MAX_ATTEMPTS};
-use crate::store::{fenced, sql, NewOrder, StoreError};
+use crate::store::{fenced, sql, NewOrder, Store, StoreError};
 
 /// How often a reservation or a seat return retries after its write was refused as stale.
 const STALE_RETRIES: usize = 3;
@@ -66,6 +67,7 @@ enum Settled {
 struct Inner {
     parts: StageParts,
     locks: EventLocks,
+    cache: EventCache,
     queue: PaymentQueue,
     fencing: bool,
     /// API v1 purchases waiting for their job's outcome. A std `Mutex`: one insert or removal
@@ -170,6 +172,7 @@ impl LockedStage {
             tracing::warn!("fencing is OFF: a lock holder paused past its lease can double-sell (unsafe; for the Redlock lesson only)");
         }
         let inner = Arc::new(Inner {
+            cache: EventCache::new(conn.clone(), &settings.key_prefix),
             queue: PaymentQueue::new(conn, &settings.key_prefix),
             locks,
             fencing: settings.fencing,
@@ -470,6 +473,7 @@ impl Inner {
             .await
             .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.cache.invalidate(Some(event)).await;
         Ok(Some(PaymentJob {
             order,
             event,
@@ -622,6 +626,7 @@ impl Inner {
         .await?;
         sql::settle_payment(&mut tx, job.order, payment, &now).await?;
         tx.commit().await?;
+        self.cache.invalidate(Some(job.event)).await;
         Ok(true)
     }
 
@@ -768,7 +773,17 @@ impl Stage for LockedStage {
     }
 
     async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {
-        self.inner.parts.store.create_event(&new).await
+        let event = self.inner.parts.store.create_event(&new).await?;
+        self.inner.cache.invalidate(None).await;
+        Ok(event)
+    }
+
+    async fn event(&self, store: &Store, id: EventId) -> Result<Option<Event>, StoreError> {
+        self.inner.cache.event(store, id).await
+    }
+
+    async fn events(&self, store: &Store) -> Result<Vec<Event>, StoreError> {
+        self.inner.cache.events(store).await
     }
 
     #[tracing::instrument(skip(self), fields(stage = "locked"))]
@@ -798,6 +813,7 @@ impl Stage for LockedStage {
             "fencing": inner.fencing,
             "lockTtlMs": inner.settings().lock_ttl.as_millis() as u64,
             "lock": inner.locks.stats().report(),
+            "cache": inner.cache.stats(),
             "queue": queue,
             "payments": {
                 "confirmed": c.confirmed.load(Ordering::Relaxed),

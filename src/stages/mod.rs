@@ -77,6 +77,16 @@ pub trait Stage: Send + Sync + 'static {
         serde_json::json!({ "stage": self.kind() })
     }
 
+    /// One event, for reads. A stage may serve it from a cache (`locked` does).
+    async fn event(&self, store: &Store, id: EventId) -> Result<Option<Event>, StoreError> {
+        store.event(id).await
+    }
+
+    /// Every event, for API v1's list. A stage may serve it from a cache.
+    async fn events(&self, store: &Store) -> Result<Vec<Event>, StoreError> {
+        store.list_events().await
+    }
+
     /// The stage's own dependencies beyond SQLite (e.g. Redis) and whether each answers.
     async fn dependencies(&self) -> Vec<(&'static str, bool)> {
         Vec::new()

@@ -736,3 +736,63 @@ async fn the_payment_queue_drops_a_second_push_under_the_same_key() {
     queue.enqueue(job, "order-x:swept:1").await.unwrap();
     assert_eq!(queue.stats().await.unwrap().waiting, 2);
 }
+
+#[actix_web::test]
+async fn event_reads_are_served_from_the_redis_cache_and_a_purchase_invalidates_them() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |_| {}).await;
+    let event = app.create_event(10).await;
+    let path = format!("/api/v1/events/{event}");
+
+    let (_, first) = app.get_json(&path).await;
+    let (_, second) = app.get_json(&path).await;
+    let cache = stats(&app).await["cache"].clone();
+    assert_eq!(first, second);
+    assert_eq!(cache["misses"], 1, "{cache}");
+    assert_eq!(cache["hits"], 1, "{cache}");
+
+    // the purchase's reservation deletes the cached copy, so the next read sees it
+    assert_eq!(app.purchase(event, "reader").await.0, 201);
+    let (_, after) = app.get_json(&path).await;
+    assert_eq!(after["availableTickets"], 9);
+    let cache = stats(&app).await["cache"].clone();
+    assert_eq!(cache["misses"], 2, "{cache}");
+    assert_eq!(cache["errors"], 0, "{cache}");
+
+    // the list is cached and invalidated too
+    let (_, list) = app.get_json("/api/v1/events").await;
+    assert_eq!(list[0]["availableTickets"], 9);
+    app.create_event(5).await;
+    let (_, list) = app.get_json("/api/v1/events").await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn queue_stats_are_served_to_the_admin_only() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |_| {}).await;
+    let event = app.create_event(10).await;
+    assert_eq!(app.purchase(event, "queued").await.0, 201);
+
+    let admin = app
+        .client
+        .get(app.url("/api/v2/admin/queue-stats"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    let queue: Value = admin.json().await.unwrap();
+    for field in ["waiting", "active", "completed", "failed"] {
+        assert!(queue[field].is_number(), "{field} missing in {queue}");
+    }
+    let anonymous = app
+        .client
+        .get(app.url("/api/v2/admin/queue-stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    app.stop().await;
+}

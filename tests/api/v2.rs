@@ -526,3 +526,32 @@ async fn the_monolith_serves_api_v1_only_and_discovery_says_so() {
     assert_eq!(api["versions"][0]["version"], "v1");
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn the_actor_stage_has_no_job_queue_to_report() {
+    let app = spawn_app(StageKind::Actor, |_| {}).await;
+    let reply = send(
+        &app,
+        reqwest::Method::GET,
+        "/api/v2/admin/queue-stats",
+        Some(ADMIN_TOKEN),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (reply.status, reply.json()["code"].clone()),
+        (404, json!("no-queue"))
+    );
+    let stats = send(
+        &app,
+        reqwest::Method::GET,
+        "/api/v2/admin/stats",
+        Some(ADMIN_TOKEN),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(stats.status, 200);
+    app.stop().await;
+}
