@@ -196,6 +196,8 @@ pub struct Reply {
     pub content_type: String,
     pub headers: reqwest::header::HeaderMap,
     pub body: Value,
+    /// The body exactly as sent.
+    pub text: String,
 }
 
 impl Reply {
@@ -214,6 +216,7 @@ impl Reply {
             content_type,
             headers,
             body,
+            text,
         }
     }
 }

@@ -796,3 +796,45 @@ async fn queue_stats_are_served_to_the_admin_only() {
     assert_eq!(anonymous.status(), 401);
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn a_retry_storm_on_locked_makes_one_order_and_one_charge_with_identical_replays() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(30));
+    })
+    .await;
+    let event = app.create_event(10).await;
+    let bob = v2_user(&app, "bob").await;
+
+    // the same key three times at once, then twice after the answer
+    let first_three = join_all((0..3).map(|_| v2_order(&app, &bob, "storm", event, 2))).await;
+    let later = [
+        v2_order(&app, &bob, "storm", event, 2).await,
+        v2_order(&app, &bob, "storm", event, 2).await,
+    ];
+
+    let statuses: Vec<u16> = first_three.iter().map(|r| r.status).collect();
+    assert!(
+        statuses.iter().all(|s| [202, 409].contains(s)),
+        "{statuses:?}"
+    );
+    let original = first_three
+        .iter()
+        .find(|r| r.status == 202 && !r.headers.contains_key("idempotent-replayed"))
+        .expect("one request ran");
+    for replay in &later {
+        assert_eq!(replay.status, 202);
+        assert_eq!(replay.headers["idempotent-replayed"], "true");
+        assert_eq!(
+            replay.text, original.text,
+            "a replay differs from the original"
+        );
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
+    let settled = stats_when(&app, |s| s["payments"]["confirmed"] == 1).await;
+    assert_eq!(settled["payments"]["confirmed"], 1, "{settled}");
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(app.audit().await["ok"], true);
+    app.stop().await;
+}
