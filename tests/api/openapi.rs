@@ -168,6 +168,8 @@ async fn the_document_declares_security_and_problem_answers() {
         ("POST", "/api/v2/events", "admin_token"),
         ("GET", "/api/v2/admin/audit", "admin_token"),
         ("GET", "/api/v2/admin/ledger", "admin_token"),
+        ("GET", "/api/v2/admin/stats", "admin_token"),
+        ("GET", "/api/v2/admin/queue-stats", "admin_token"),
     ];
     for (method, path, scheme) in secured {
         let op = operation(&doc, method, path);
