@@ -38,6 +38,9 @@ use ticketflow::stages::event_actor::{
 use ticketflow::store::{writer, WriteHandle};
 
 /// Purchases in flight at once; enough to keep the answering thread busy.
+/// An order's placing time, as the stage formats it before sending `Reserve`.
+const CREATED_AT: &str = "2026-11-24T12:00:00.000Z";
+
 const BUYERS: usize = 256;
 /// Bounds both sides alike: the actor's mailbox and gauge, and the bare mpsc channel.
 const MAILBOX_CAPACITY: usize = 1024;
@@ -151,6 +154,8 @@ fn actor_core(c: &mut Criterion) {
                         quantity: 1,
                         per_user_limit: None,
                         idempotency_key: None,
+                        // the stage formats this on the buyer's side, not the actor's
+                        created_at: CREATED_AT.to_owned(),
                         reply,
                     });
                     match answer.await.expect("the actor answers") {
@@ -183,6 +188,7 @@ fn actor_core(c: &mut Criterion) {
                 quantity: 1,
                 per_user_limit: None,
                 idempotency_key: None,
+                created_at: CREATED_AT.to_owned(),
                 reply,
             });
             let grant = match answer.await.expect("the actor answers") {

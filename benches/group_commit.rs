@@ -23,7 +23,6 @@ use uuid::Uuid;
 
 use ticketflow::config::Durability;
 use ticketflow::domain::{timestamp, EventId, Money, NewEvent, OrderId, TicketId};
-use ticketflow::stages::event_actor::payment_key;
 use ticketflow::store::{NewOrder, Store, WriteHandle, WriteOp};
 
 /// Purchases in flight at once, each a new one-ticket order for the same event.
@@ -40,7 +39,6 @@ async fn purchase(writer: &WriteHandle, event: EventId, price: Money) {
             event,
             user: "bench-buyer".to_owned(),
             unit_price: price,
-            payment_key: payment_key(order),
             idempotency_key: None,
             created_at: timestamp(Utc::now()),
         })))

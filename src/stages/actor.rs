@@ -17,17 +17,20 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::event_actor::{
-    EventActor, HoldGrant, MailboxGauge, PaymentResult, ReadCounts, Reserve, ReserveRefusal,
-    Settle, Settlement,
+    EventActor, MailboxGauge, PaymentResult, ReadCounts, Reserve, ReserveRefusal, Settle,
+    Settlement,
 };
 use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
+use chrono::Utc;
+
 use crate::domain::{
-    CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus, PaymentStatus,
-    Ticket, TicketStatus, UserId,
+    timestamp, CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus,
+    PaymentStatus, Ticket, TicketId, TicketStatus, UserId,
 };
 use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
+use crate::store::sql::payment_key;
 use crate::store::{StoreError, WriteHandle, WriteOp};
 
 /// How to reach one event's actor.
@@ -39,6 +42,15 @@ struct EventHandle {
 
 pub struct ActorStage {
     inner: Arc<Inner>,
+}
+
+/// Seats held durably for a purchase.
+struct Held {
+    order: OrderId,
+    tickets: Vec<TicketId>,
+    amount: Money,
+    payment_key: String,
+    created_at: String,
 }
 
 struct Inner {
@@ -214,12 +226,13 @@ impl Inner {
         quantity: u32,
         per_user_limit: Option<u32>,
         idempotency_key: Option<String>,
-    ) -> Result<(Addr<EventActor>, HoldGrant), PurchaseError> {
+    ) -> Result<(Addr<EventActor>, Held), PurchaseError> {
         let EventHandle { addr, queued } = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
         if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
             return Err(PurchaseError::Overloaded);
         }
         let (reply, answer) = oneshot::channel();
+        let created_at = timestamp(Utc::now());
         // `do_send` ignores actix's per-sender bound; the gauge above is the bound. If the
         // actor has stopped (shutdown), `reply` is dropped and the answer below is an error.
         addr.do_send(Reserve {
@@ -227,6 +240,7 @@ impl Inner {
             quantity,
             per_user_limit,
             idempotency_key,
+            created_at: created_at.clone(),
             reply,
         });
         let grant = match answer.await.map_err(|_| PurchaseError::Overloaded)? {
@@ -244,25 +258,21 @@ impl Inner {
             }
         };
         // The hold must be on disk before money moves, or a crash could leave a charge that
-        // no record explains. The future is taken out so the grant's data can be returned.
-        let HoldGrant {
-            order,
-            tickets,
-            amount,
-            payment_key,
-            created_at,
-            durable,
-        } = grant;
-        durable.await?;
-        let grant = HoldGrant {
-            order,
-            tickets,
-            amount,
-            payment_key,
-            created_at,
-            durable: Box::pin(async { Ok(()) }),
-        };
-        Ok((addr, grant))
+        // no record explains.
+        grant
+            .durable
+            .await
+            .map_err(|_| StoreError::WriterClosed)??;
+        Ok((
+            addr,
+            Held {
+                payment_key: payment_key(grant.order),
+                order: grant.order,
+                tickets: grant.tickets,
+                amount: grant.amount,
+                created_at,
+            },
+        ))
     }
 
     /// Charges a durable hold and settles it: confirmed, released, or refunded if it expired.

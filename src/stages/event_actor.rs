@@ -16,11 +16,7 @@ use futures::future::BoxFuture;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::sync::oneshot;
 
-use chrono::Utc;
-
-use crate::domain::{
-    timestamp, CancelReason, EventId, Money, OrderId, PaymentStatus, TicketId, UserId,
-};
+use crate::domain::{CancelReason, EventId, Money, OrderId, PaymentStatus, TicketId, UserId};
 use crate::inventory::{Counts, HoldError, Inventory, Millis, ReserveError};
 use crate::payments::fnv1a;
 use crate::store::{NewOrder, StoreError, StoreResult, WriteHandle, WriteOp};
@@ -141,14 +137,12 @@ fn durable(writer: &WriteHandle, op: WriteOp) -> Durable {
     }
 }
 
-/// Seats held for a buyer; `durable` resolves once the hold is on disk.
+/// Seats held for a buyer; `durable` answers once the hold is on disk.
 pub struct HoldGrant {
     pub order: OrderId,
     pub tickets: Vec<TicketId>,
     pub amount: Money,
-    pub payment_key: String,
-    pub created_at: String,
-    pub durable: Durable,
+    pub durable: oneshot::Receiver<StoreResult<()>>,
 }
 
 /// Why the actor refused a reservation.
@@ -169,6 +163,9 @@ pub struct Reserve {
     /// API v2 caps what one user may hold or own; API v1 does not.
     pub per_user_limit: Option<u32>,
     pub idempotency_key: Option<String>,
+    /// When the order was placed (RFC 3339), formatted by the sender so that the actor's
+    /// thread, which every purchase of the event goes through, does not.
+    pub created_at: String,
     pub reply: oneshot::Sender<Result<HoldGrant, ReserveRefusal>>,
 }
 
@@ -198,25 +195,15 @@ impl Handler<Reserve> for EventActor {
                     event: self.event,
                     user: msg.user.as_str().to_owned(),
                     unit_price: self.price,
-                    payment_key: payment_key(order),
                     idempotency_key: msg.idempotency_key,
-                    created_at: timestamp(Utc::now()),
+                    created_at: msg.created_at,
                 };
-                let (amount, payment_key, created_at) = (
-                    self.price.times(msg.quantity),
-                    hold.payment_key.clone(),
-                    hold.created_at.clone(),
-                );
                 match self.writer.try_submit(WriteOp::Hold(Box::new(hold))) {
-                    Ok(done) => Ok(HoldGrant {
+                    Ok(durable) => Ok(HoldGrant {
                         order,
                         tickets,
-                        amount,
-                        payment_key,
-                        created_at,
-                        durable: Box::pin(async move {
-                            done.await.map_err(|_| StoreError::WriterClosed)?
-                        }),
+                        amount: self.price.times(msg.quantity),
+                        durable,
                     }),
                     Err(_) => {
                         let _ = self.inventory.release(order);
@@ -238,11 +225,6 @@ impl Handler<Reserve> for EventActor {
             actix::spawn(durable(&self.writer, op));
         }
     }
-}
-
-/// The gateway key an order's payment uses.
-pub fn payment_key(order: OrderId) -> String {
-    format!("order-{order}")
 }
 
 /// What the payment gateway said about a held order.

@@ -452,7 +452,6 @@ impl Inner {
             event,
             user: user.as_str().to_owned(),
             unit_price: seen.price,
-            payment_key: format!("order-{order}"),
             idempotency_key,
             created_at: timestamp(Utc::now()),
         };
@@ -479,7 +478,7 @@ impl Inner {
             event,
             quantity,
             amount_cents: new.amount_cents(),
-            payment_key: new.payment_key,
+            payment_key: new.payment_key(),
         }))
     }
 

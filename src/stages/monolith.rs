@@ -58,7 +58,6 @@ impl Stage for Monolith {
             event,
             user: user.as_str().to_owned(),
             unit_price: price,
-            payment_key: format!("order-{order}"),
             idempotency_key: None,
             created_at: timestamp(Utc::now()),
         };
@@ -67,7 +66,7 @@ impl Stage for Monolith {
         match self
             .parts
             .payments
-            .charge(&pending.payment_key, price)
+            .charge(&pending.payment_key(), price)
             .await?
         {
             ChargeOutcome::Approved { .. } => {

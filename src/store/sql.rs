@@ -15,14 +15,22 @@ pub struct NewOrder {
     pub event: EventId,
     pub user: String,
     pub unit_price: Money,
-    /// The key the payment gateway deduplicates on.
-    pub payment_key: String,
     /// The client's Idempotency-Key (API v2), if the order came with one.
     pub idempotency_key: Option<String>,
     pub created_at: String,
 }
 
+/// The key an order's payment uses with the gateway, which deduplicates on it.
+pub fn payment_key(order: OrderId) -> String {
+    format!("order-{order}")
+}
+
 impl NewOrder {
+    /// The key the payment gateway deduplicates on.
+    pub fn payment_key(&self) -> String {
+        payment_key(self.order)
+    }
+
     pub fn amount_cents(&self) -> i64 {
         self.unit_price.cents() * self.tickets.len() as i64
     }
@@ -66,7 +74,7 @@ pub async fn insert_order(conn: &mut SqliteConnection, o: &NewOrder) -> Result<(
     .bind(o.order.0.to_string())
     .bind(&o.user)
     .bind(o.amount_cents())
-    .bind(&o.payment_key)
+    .bind(o.payment_key())
     .bind(&o.created_at)
     .execute(&mut *conn)
     .await?;
