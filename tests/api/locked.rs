@@ -838,3 +838,63 @@ async fn a_retry_storm_on_locked_makes_one_order_and_one_charge_with_identical_r
     assert_eq!(app.audit().await["ok"], true);
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn key_misuse_and_authorization_answer_the_same_on_locked() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |_| {}).await;
+    let event = app.create_event(10).await;
+    let (alice, mallory) = (v2_user(&app, "alice").await, v2_user(&app, "mallory").await);
+
+    let missing_key = app
+        .client
+        .post(app.url("/api/v2/orders"))
+        .bearer_auth(&alice)
+        .json(&serde_json::json!({ "eventId": event, "quantity": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing_key.status(), 400);
+    let too_long = v2_order(&app, &alice, &"k".repeat(256), event, 1).await;
+    assert_eq!(too_long.body["code"], "idempotency-key-invalid");
+    assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 0);
+
+    let placed = v2_order(&app, &alice, "same", event, 1).await;
+    assert_eq!(placed.status, 202);
+    let other_body = v2_order(&app, &alice, "same", event, 2).await;
+    assert_eq!(
+        (other_body.status, other_body.body["code"].as_str()),
+        (422, Some("idempotency-key-reused"))
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
+
+    let location = placed.headers["location"].to_str().unwrap().to_owned();
+    let theirs = app
+        .client
+        .get(app.url(&location))
+        .bearer_auth(&mallory)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), 404);
+    let admin_route = app
+        .client
+        .get(app.url("/api/v2/admin/queue-stats"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin_route.status(), 403);
+    let extra_field = app
+        .client
+        .post(app.url("/api/v2/orders"))
+        .bearer_auth(&mallory)
+        .header("Idempotency-Key", "x")
+        .json(&serde_json::json!({ "eventId": event, "quantity": 1, "price": 0 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(extra_field.status(), 400);
+    assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
+    app.stop().await;
+}
