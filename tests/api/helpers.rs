@@ -31,6 +31,29 @@ pub fn test_settings(stage: StageKind, db: &std::path::Path) -> Settings {
     settings
 }
 
+/// A buyer who keeps trying (pausing `backoff` after a decline, seats held by others or load
+/// shed) until they hold a ticket or the event is sold out for good. Returns their ticket id.
+pub async fn determined_buyer(
+    app: std::sync::Arc<TestApp>,
+    event: i64,
+    user: String,
+    backoff: std::time::Duration,
+) -> Option<String> {
+    for _ in 0..2_000 {
+        let (status, body) = app.purchase(event, &user).await;
+        match (status, body["code"].as_str()) {
+            (201, _) => {
+                assert_eq!(body["status"], "confirmed", "{body}");
+                return Some(body["id"].as_str().unwrap().to_owned());
+            }
+            (400, Some("sold-out")) => return None,
+            (402, _) | (400, Some("tickets-held")) | (503, _) => tokio::time::sleep(backoff).await,
+            other => panic!("unexpected answer {other:?}: {body}"),
+        }
+    }
+    panic!("buyer {user} gave up");
+}
+
 /// The admin token every test server is started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 

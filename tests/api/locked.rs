@@ -15,7 +15,7 @@ use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::helpers::{spawn_app, test_settings, Reply, TestApp};
+use crate::helpers::{determined_buyer, spawn_app, test_settings, Reply, TestApp};
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -113,25 +113,6 @@ async fn ledger_count(app: &TestApp, key_prefix: &str, kind: &str) -> usize {
 const SEATS: u32 = 100;
 const BUYERS: usize = 1_000;
 
-/// A buyer who keeps trying until they hold a ticket or the event is sold out for good.
-async fn determined_buyer(app: Arc<TestApp>, event: i64, user: String) -> Option<String> {
-    for _ in 0..2_000 {
-        let (status, body) = app.purchase(event, &user).await;
-        match (status, body["code"].as_str()) {
-            (201, _) => {
-                assert_eq!(body["status"], "confirmed", "{body}");
-                return Some(body["id"].as_str().unwrap().to_owned());
-            }
-            (400, Some("sold-out")) => return None,
-            (402, _) | (400, Some("tickets-held")) | (503, _) => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            other => panic!("unexpected answer {other:?}: {body}"),
-        }
-    }
-    panic!("buyer {user} gave up");
-}
-
 async fn stampede_on_locked(seed: u64) {
     let keys = Keys::new();
     let app = Arc::new(
@@ -146,8 +127,14 @@ async fn stampede_on_locked(seed: u64) {
     let event = app.create_event(SEATS).await;
 
     let started = Instant::now();
-    let buyers =
-        (0..BUYERS).map(|i| determined_buyer(Arc::clone(&app), event, format!("buyer-{i}")));
+    let buyers = (0..BUYERS).map(|i| {
+        determined_buyer(
+            Arc::clone(&app),
+            event,
+            format!("buyer-{i}"),
+            Duration::from_millis(10),
+        )
+    });
     let tickets: Vec<String> = join_all(buyers).await.into_iter().flatten().collect();
     let elapsed = started.elapsed();
 

@@ -7,31 +7,10 @@ use std::time::Duration;
 use futures::future::join_all;
 use ticketflow::config::{LatencyModel, StageKind};
 
-use crate::helpers::{spawn_app, TestApp};
+use crate::helpers::{determined_buyer, spawn_app};
 
 const SEATS: u32 = 100;
 const BUYERS: usize = 2_000;
-
-/// A buyer who keeps trying until they hold a ticket or the event is sold out for good.
-/// Returns the ticket id they were given, if any.
-async fn determined_buyer(app: Arc<TestApp>, event: i64, user: String) -> Option<String> {
-    for _ in 0..2_000 {
-        let (status, body) = app.purchase(event, &user).await;
-        match (status, body["code"].as_str()) {
-            (201, _) => {
-                assert_eq!(body["status"], "confirmed", "{body}");
-                return Some(body["id"].as_str().unwrap().to_owned());
-            }
-            (400, Some("sold-out")) => return None,
-            // declined payment, seats held by others, or load shed: try again
-            (402, _) | (400, Some("tickets-held")) | (503, _) => {
-                tokio::time::sleep(Duration::from_millis(2)).await
-            }
-            other => panic!("unexpected answer {other:?}: {body}"),
-        }
-    }
-    panic!("buyer {user} gave up");
-}
 
 async fn stampede_on_actor(seed: u64) {
     let app = Arc::new(
@@ -45,8 +24,14 @@ async fn stampede_on_actor(seed: u64) {
     );
     let event = app.create_event(SEATS).await;
 
-    let buyers =
-        (0..BUYERS).map(|i| determined_buyer(Arc::clone(&app), event, format!("buyer-{i}")));
+    let buyers = (0..BUYERS).map(|i| {
+        determined_buyer(
+            Arc::clone(&app),
+            event,
+            format!("buyer-{i}"),
+            Duration::from_millis(2),
+        )
+    });
     let tickets: Vec<String> = join_all(buyers).await.into_iter().flatten().collect();
 
     // every seat sold exactly once, and each buyer saw a distinct ticket (I1, I2, I4)
