@@ -396,6 +396,22 @@ impl Stage for ActorStage {
         })
     }
 
+    async fn stats(&self) -> serde_json::Value {
+        let mailboxes: serde_json::Map<String, serde_json::Value> = self
+            .inner
+            .actors
+            .read()
+            .expect("actor registry poisoned")
+            .iter()
+            .map(|(event, handle)| (event.to_string(), handle.queued.depth().into()))
+            .collect();
+        serde_json::json!({
+            "stage": StageKind::Actor,
+            "writer": self.inner.writer.stats().report(),
+            "mailboxDepth": mailboxes,
+        })
+    }
+
     async fn shutdown(&self) {
         self.inner
             .actors

@@ -7,6 +7,9 @@
 //! refused it), the batch is rolled back and every write retried in a transaction of its own, so
 //! one bad write never takes its neighbours down with it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use chrono::Utc;
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
@@ -50,9 +53,37 @@ pub struct WriterFull(pub WriteOp);
 #[derive(Clone)]
 pub struct WriteHandle {
     tx: mpsc::Sender<(WriteOp, Ack)>,
+    stats: Arc<WriterStats>,
+}
+
+/// What the writer has done, for stats and tests. Atomics: written by the writer task, read
+/// by anyone, no invariant between them.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed as one group.
+    pub batches: AtomicU64,
+    /// Writes in those groups.
+    pub writes: AtomicU64,
+    /// Groups that failed as a whole and were retried write by write.
+    pub fallbacks: AtomicU64,
+}
+
+impl WriterStats {
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "batches": self.batches.load(Ordering::Relaxed),
+            "writes": self.writes.load(Ordering::Relaxed),
+            "fallbacks": self.fallbacks.load(Ordering::Relaxed),
+        })
+    }
 }
 
 impl WriteHandle {
+    /// The writer's counters.
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
     /// Queues `op` without waiting for room; the receiver answers once it is committed.
     pub fn try_submit(
         &self,
@@ -89,8 +120,9 @@ pub(super) fn start(
     capacity: usize,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let task = tokio::spawn(run(conn, rx, max_batch.max(1)));
-    (WriteHandle { tx }, task)
+    let stats = Arc::new(WriterStats::default());
+    let task = tokio::spawn(run(conn, rx, max_batch.max(1), Arc::clone(&stats)));
+    (WriteHandle { tx, stats }, task)
 }
 
 /// Starts a writer that stores nothing and acknowledges every write as soon as it arrives, for
@@ -111,33 +143,42 @@ pub fn start_acknowledging(
             }
         }
     });
-    (WriteHandle { tx }, task)
+    let stats = Arc::new(WriterStats::default());
+    (WriteHandle { tx, stats }, task)
 }
 
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<(WriteOp, Ack)>, max_batch: usize) {
+async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<(WriteOp, Ack)>,
+    max_batch: usize,
+    stats: Arc<WriterStats>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut conn, &mut batch).await;
+        commit(&mut conn, &mut batch, &stats).await;
     }
     let _ = conn.close().await;
 }
 
-async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<(WriteOp, Ack)>) {
+async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<(WriteOp, Ack)>, stats: &WriterStats) {
     let together = async {
         let mut tx = conn.begin().await?;
-        for (op, _) in batch.iter() {
-            apply(&mut tx, op).await?;
-        }
+        apply_batch(&mut tx, batch).await?;
         tx.commit().await
     }
     .await;
     match together {
         Ok(()) => {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .writes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             for (_, ack) in batch.drain(..) {
                 let _ = ack.send(Ok(()));
             }
         }
         Err(error) => {
+            stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, writes = batch.len(), "group commit failed; retrying writes one by one");
             for (op, ack) in batch.drain(..) {
                 let alone = async {
@@ -156,6 +197,69 @@ async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<(WriteOp, Ack)>) {
     }
 }
 
+/// Applies a whole batch in a few multi-row statements: every hold inserted, every confirmation
+/// made, then cancellations and late payment outcomes one by one, and last each event's
+/// `available` moved once by its net change. The net change is what the event actor decided
+/// in sequence, so it is valid; moving seats op by op in another order than the actor's could
+/// cross `0 <= available <= total` on the way (a seat returned and taken again in one batch).
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    batch: &[(WriteOp, Ack)],
+) -> Result<(), sqlx::Error> {
+    let now = timestamp(Utc::now());
+    let mut holds = Vec::new();
+    let mut confirms = Vec::new();
+    let mut cancelled = Vec::new();
+    for (op, _) in batch {
+        match op {
+            WriteOp::Hold(order) => holds.push(order.as_ref()),
+            WriteOp::Confirm { order } => confirms.push(*order),
+            _ => {}
+        }
+    }
+    sql::insert_orders(conn, &holds).await?;
+    sql::confirm_orders(conn, &confirms, &now).await?;
+    for (op, _) in batch {
+        match op {
+            WriteOp::Cancel {
+                order,
+                reason,
+                payment,
+                ..
+            } => {
+                sql::finish_order(conn, *order, OrderStatus::Cancelled, Some(*reason), &now)
+                    .await?;
+                if let Some(status) = payment {
+                    sql::settle_payment(conn, *order, *status, &now).await?;
+                }
+                cancelled.push(*order);
+            }
+            WriteOp::SettlePayment { order, status } => {
+                sql::settle_payment(conn, *order, *status, &now).await?;
+            }
+            WriteOp::Hold(_) | WriteOp::Confirm { .. } | WriteOp::Barrier => {}
+        }
+    }
+    let mut net: Vec<(EventId, i64)> = Vec::new();
+    let mut add = |event: EventId, delta: i64| match net.iter_mut().find(|(e, _)| *e == event) {
+        Some((_, total)) => *total += delta,
+        None => net.push((event, delta)),
+    };
+    for hold in &holds {
+        add(hold.event, -(hold.tickets.len() as i64));
+    }
+    for (event, seats) in sql::seats_per_event(conn, &cancelled).await? {
+        add(event, seats);
+    }
+    for (event, delta) in net {
+        if delta != 0 {
+            sql::add_available(conn, event, delta).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies one write on its own (the path a batch falls back to when it fails as a whole).
 async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<(), sqlx::Error> {
     let now = timestamp(Utc::now());
     match op {

@@ -45,6 +45,14 @@ async fn stampede_on_actor(seed: u64) {
 
     let audit = app.audit().await;
     assert_eq!(audit["ok"], true, "seed {seed}: {audit}");
+    // the writer grouped the writes and never had to fall back to one transaction per write
+    let (_, stats) = app.get_json("/api/v1/admin/stats").await;
+    let writer = &stats["writer"];
+    assert_eq!(writer["fallbacks"], 0, "seed {seed}: {stats}");
+    assert!(
+        writer["writes"].as_u64().unwrap() > writer["batches"].as_u64().unwrap(),
+        "seed {seed}: no write shared a commit: {stats}"
+    );
     let declines = audit["ledgerEntries"].as_i64().unwrap() - i64::from(SEATS);
     assert!(
         declines > 0,
