@@ -74,17 +74,7 @@ async fn send(
     key: Option<&str>,
     body: Option<&Value>,
 ) -> Reply {
-    let mut request = app.client.request(method, app.url(path));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    Reply::read(request.send().await.unwrap()).await
+    app.send(method, path, token, key, body).await
 }
 
 /// Asserts that `reply` is an answer the document declares for (method, path): its status

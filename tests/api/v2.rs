@@ -4,24 +4,10 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 use ticketflow::config::{LatencyModel, StageKind};
 
-use crate::helpers::{spawn_app, TestApp, ADMIN_TOKEN};
-
-/// A raw answer: status, headers and the exact bytes of the body.
-struct Raw {
-    status: u16,
-    headers: HeaderMap,
-    bytes: Vec<u8>,
-}
-
-impl Raw {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.bytes).unwrap_or(Value::Null)
-    }
-}
+use crate::helpers::{spawn_app, Reply, TestApp, ADMIN_TOKEN};
 
 async fn send(
     app: &TestApp,
@@ -30,23 +16,8 @@ async fn send(
     token: Option<&str>,
     key: Option<&str>,
     body: Option<&Value>,
-) -> Raw {
-    let mut request = app.client.request(method, app.url(path));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().await.unwrap();
-    Raw {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        bytes: response.bytes().await.unwrap().to_vec(),
-    }
+) -> Reply {
+    app.send(method, path, token, key, body).await
 }
 
 async fn new_user(app: &TestApp, name: &str) -> String {
@@ -59,11 +30,11 @@ async fn new_user(app: &TestApp, name: &str) -> String {
         Some(&json!({ "name": name })),
     )
     .await;
-    assert_eq!(reply.status, 201, "{:?}", reply.json());
-    reply.json()["token"].as_str().unwrap().to_owned()
+    assert_eq!(reply.status, 201, "{:?}", reply.body.clone());
+    reply.body.clone()["token"].as_str().unwrap().to_owned()
 }
 
-async fn order(app: &TestApp, token: &str, key: &str, event: i64, quantity: i64) -> Raw {
+async fn order(app: &TestApp, token: &str, key: &str, event: i64, quantity: i64) -> Reply {
     send(
         app,
         reqwest::Method::POST,
@@ -75,7 +46,7 @@ async fn order(app: &TestApp, token: &str, key: &str, event: i64, quantity: i64)
     .await
 }
 
-async fn admin_event(app: &TestApp, key: &str, body: Value) -> Raw {
+async fn admin_event(app: &TestApp, key: &str, body: Value) -> Reply {
     send(
         app,
         reqwest::Method::POST,
@@ -96,8 +67,8 @@ async fn settled(app: &TestApp, token: &str, location: &str) -> Value {
     for _ in 0..200 {
         let reply = send(app, reqwest::Method::GET, location, Some(token), None, None).await;
         assert_eq!(reply.status, 200);
-        if reply.json()["status"] != "pending" {
-            return reply.json();
+        if reply.body.clone()["status"] != "pending" {
+            return reply.body.clone();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -115,8 +86,8 @@ async fn an_order_is_accepted_with_a_status_url_and_confirms_in_the_background()
 
     let reply = order(&app, &alice, "order-1", event, 3).await;
 
-    assert_eq!(reply.status, 202, "{:?}", reply.json());
-    let body = reply.json();
+    assert_eq!(reply.status, 202, "{:?}", reply.body.clone());
+    let body = reply.body.clone();
     assert_eq!(body["status"], "pending");
     assert_eq!(body["quantity"], 3);
     assert_eq!(body["amountCents"], 3 * 2550);
@@ -136,7 +107,7 @@ async fn an_order_is_accepted_with_a_status_url_and_confirms_in_the_background()
         None,
     )
     .await;
-    assert_eq!(mine.json()["items"].as_array().unwrap().len(), 3);
+    assert_eq!(mine.body.clone()["items"].as_array().unwrap().len(), 3);
     assert_eq!(app.audit().await["ok"], true);
     app.stop().await;
 }
@@ -158,7 +129,7 @@ async fn a_retry_storm_makes_one_order_and_one_charge_and_every_replay_is_identi
         order(&app, &bob, "storm-key", event, 2).await,
     ];
 
-    let accepted: Vec<&Raw> = first_three
+    let accepted: Vec<&Reply> = first_three
         .iter()
         .chain(&later)
         .filter(|r| r.status == 202)
@@ -171,7 +142,7 @@ async fn a_retry_storm_makes_one_order_and_one_charge_and_every_replay_is_identi
         first_three.iter().map(|r| r.status).collect::<Vec<_>>()
     );
     for busy in first_three.iter().filter(|r| r.status == 409) {
-        assert_eq!(busy.json()["code"], "idempotency-key-in-use");
+        assert_eq!(busy.body.clone()["code"], "idempotency-key-in-use");
         assert!(busy.headers.contains_key("retry-after"));
     }
     let original = accepted
@@ -182,7 +153,7 @@ async fn a_retry_storm_makes_one_order_and_one_charge_and_every_replay_is_identi
         assert_eq!(replay.status, 202);
         assert_eq!(replay.headers["idempotent-replayed"], "true");
         assert_eq!(
-            replay.bytes, original.bytes,
+            replay.text, original.text,
             "a replay differs from the original answer"
         );
     }
@@ -219,17 +190,17 @@ async fn idempotency_key_misuse_gets_the_documented_codes_and_writes_nothing() {
 
     let missing = post(None, body.clone()).await;
     assert_eq!(
-        (missing.status, missing.json()["code"].clone()),
+        (missing.status, missing.body.clone()["code"].clone()),
         (400, json!("idempotency-key-missing"))
     );
     let empty = post(Some(String::new()), body.clone()).await;
     assert_eq!(
-        (empty.status, empty.json()["code"].clone()),
+        (empty.status, empty.body.clone()["code"].clone()),
         (400, json!("idempotency-key-invalid"))
     );
     let too_long = post(Some("k".repeat(256)), body.clone()).await;
     assert_eq!(
-        (too_long.status, too_long.json()["code"].clone()),
+        (too_long.status, too_long.body.clone()["code"].clone()),
         (400, json!("idempotency-key-invalid"))
     );
     assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 0);
@@ -242,7 +213,7 @@ async fn idempotency_key_misuse_gets_the_documented_codes_and_writes_nothing() {
     )
     .await;
     assert_eq!(
-        (other_body.status, other_body.json()["code"].clone()),
+        (other_body.status, other_body.body.clone()["code"].clone()),
         (422, json!("idempotency-key-reused"))
     );
     // the same key on another path is another request too (admin scope)
@@ -282,7 +253,7 @@ async fn answers_stored_under_a_key_survive_a_restart() {
 
     assert_eq!(again.status, 202);
     assert_eq!(again.headers["idempotent-replayed"], "true");
-    assert_eq!(again.bytes, first.bytes);
+    assert_eq!(again.text, first.text);
     assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
     app.stop().await;
 }
@@ -327,7 +298,7 @@ async fn users_see_only_their_own_orders_and_buyers_cannot_use_admin_routes() {
     .await;
     assert_eq!(own.status, 200);
     assert_eq!(other.status, 404);
-    assert_eq!(other.json()["code"], missing.json()["code"]);
+    assert_eq!(other.body.clone()["code"], missing.body.clone()["code"]);
     assert_eq!(missing.status, 404);
     let mallorys = send(
         &app,
@@ -338,7 +309,7 @@ async fn users_see_only_their_own_orders_and_buyers_cannot_use_admin_routes() {
         None,
     )
     .await;
-    assert_eq!(mallorys.json()["items"].as_array().unwrap().len(), 0);
+    assert_eq!(mallorys.body.clone()["items"].as_array().unwrap().len(), 0);
 
     let anonymous = send(&app, reqwest::Method::GET, &location, None, None, None).await;
     assert_eq!(anonymous.status, 401);
@@ -404,7 +375,7 @@ async fn users_see_only_their_own_orders_and_buyers_cannot_use_admin_routes() {
             Some(&extra),
         )
         .await;
-        assert_eq!(reply.status, 400, "{:?}", reply.json());
+        assert_eq!(reply.status, 400, "{:?}", reply.body.clone());
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
     assert_eq!(app.count("SELECT COUNT(*) FROM events").await, 1);
@@ -419,7 +390,7 @@ async fn the_per_user_limit_holds_across_orders() {
 
     let too_many = order(&app, &frank, "l1", event, 5).await;
     assert_eq!(
-        (too_many.status, too_many.json()["code"].clone()),
+        (too_many.status, too_many.body.clone()["code"].clone()),
         (409, json!("user-limit"))
     );
     assert_eq!(order(&app, &frank, "l2", event, 3).await.status, 202);
@@ -540,7 +511,7 @@ async fn the_actor_stage_has_no_job_queue_to_report() {
     )
     .await;
     assert_eq!(
-        (reply.status, reply.json()["code"].clone()),
+        (reply.status, reply.body.clone()["code"].clone()),
         (404, json!("no-queue"))
     );
     let stats = send(
