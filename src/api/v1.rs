@@ -160,7 +160,8 @@ impl IdInput {
     }
 }
 
-fn path_event_id(raw: &str) -> Result<EventId, Problem> {
+/// An event id from a path: a positive integer; anything else is the same 404 as an unknown id.
+pub(super) fn path_event_id(raw: &str) -> Result<EventId, Problem> {
     raw.parse::<i64>()
         .ok()
         .filter(|n| *n > 0)

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{require_admin, require_user};
+use super::v1::path_event_id;
 use super::{AppState, Problem};
 use crate::domain::{
     parse_quantity, timestamp, DomainError, Event, EventId, Money, NewEvent, Order, OrderId,
@@ -148,13 +149,6 @@ fn accepted_body(order: &Order) -> Value {
 fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Problem> {
     serde_json::from_value(body)
         .map_err(|e| Problem::bad_request("invalid-body", format!("invalid request body: {e}")))
-}
-
-fn path_id(raw: &str, code: &'static str, what: &str) -> Result<i64, Problem> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| Problem::not_found(code, format!("no {what} with id {raw}")))
 }
 
 /// The request's Idempotency-Key: 1 to 255 visible ASCII characters.
@@ -542,7 +536,7 @@ pub async fn get_event(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
-    let id = EventId(path_id(&id, "unknown-event", "event")?);
+    let id = path_event_id(&id)?;
     match state.stage.event(&state.store, id).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event_view(&event))),
         None => Err(Problem::not_found(
@@ -650,7 +644,7 @@ pub async fn availability_stream(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
-    let id = EventId(path_id(&id, "unknown-event", "event")?);
+    let id = path_event_id(&id)?;
     let first = state
         .store
         .event(id)
