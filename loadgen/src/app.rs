@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::backend::{Backend, StageSpec, TempDatabase};
 use crate::cli::{Cli, Command, Common, Thresholds};
 use crate::report::{Report, Results, RunReport, ThresholdResult, SCHEMA_VERSION};
 use crate::scenario::{Overrides, ScenarioKind, Settings};
@@ -31,7 +32,18 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Run(args) => {
-            let stages = args.stage.map(|s| vec![s]).unwrap_or_default();
+            let stages = match args
+                .stage
+                .as_deref()
+                .map(|s| StageSpec::parse(s, "--stage"))
+            {
+                None => vec![],
+                Some(Ok(spec)) => vec![spec],
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
             if args.target.is_none() && stages.is_empty() {
                 eprintln!(
                     "error: give --target URL (a running server) or --stage NAME (started fresh)"
@@ -41,12 +53,19 @@ pub fn main(cli: Cli) -> ExitCode {
             ("run", args.target, stages, args.common)
         }
         Command::Compare(args) => {
-            let stages: Vec<String> = args
+            let parsed: Result<Vec<StageSpec>, String> = args
                 .stages
                 .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| StageSpec::parse(s, "--stages"))
                 .collect();
+            let stages = match parsed {
+                Ok(stages) => stages,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
             if stages.is_empty() {
                 eprintln!("error: --stages names no stage; e.g. --stages monolith,actor");
                 return ExitCode::from(EXIT_USAGE);
@@ -54,6 +73,12 @@ pub fn main(cli: Cli) -> ExitCode {
             ("compare", None, stages, args.common)
         }
     };
+    if stages.iter().any(|s| s.backend == Backend::Postgres) {
+        if let Err(e) = crate::backend::check_url(&common.postgres_url) {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let settings = match resolve(&common) {
         Ok(s) => s,
         Err(e) => {
@@ -99,7 +124,7 @@ fn resolve(common: &Common) -> anyhow::Result<Settings> {
 async fn execute(
     kind: &'static str,
     target: Option<SocketAddr>,
-    stages: &[String],
+    stages: &[StageSpec],
     common: &Common,
     settings: Settings,
 ) -> anyhow::Result<u8> {
@@ -114,13 +139,14 @@ async fn execute(
     let mut runs = Vec::new();
     if let Some(addr) = target {
         let url = format!("http://{addr}");
-        let stage = check_reachable(addr, &url)
-            .await?
-            .unwrap_or_else(|| "external".into());
-        runs.push(match measure(addr, &settings, &stage, quiet).await? {
-            Err(why) => skipped(&stage, why, Some(url)),
+        let (stage, backend) = check_reachable(addr, &url).await?;
+        let stage = stage.unwrap_or_else(|| "external".into());
+        let label = crate::backend::label(&stage, backend);
+        runs.push(match measure(addr, &settings, &label, quiet).await? {
+            Err(why) => skipped(&stage, backend, why, Some(url)),
             Ok((results, audit)) => RunReport {
                 stage,
+                backend,
                 status: "completed",
                 skip_reason: None,
                 target: Some(url),
@@ -131,8 +157,11 @@ async fn execute(
         });
     } else {
         let bin = server::locate_server(common.server_bin.as_deref());
-        for stage in stages {
-            runs.push(run_stage(stage, bin.as_deref(), &settings, common, quiet).await?);
+        let mut interrupts = Interrupts::new();
+        for spec in stages {
+            let bin = bin.as_deref();
+            let run = run_interruptible(spec, bin, &settings, common, quiet, &mut interrupts);
+            runs.push(run.await?);
         }
     }
     let thresholds = check_thresholds(&common.thresholds, &runs);
@@ -162,56 +191,151 @@ async fn execute(
     })
 }
 
+/// Starts one stage fresh on its backend, measures, stops it. A PostgreSQL database made for
+/// it is left in `database`, for [`run_interruptible`] to drop whatever happened here.
 async fn run_stage(
-    stage: &str,
+    spec: &StageSpec,
     bin: Result<&Path, &String>,
     settings: &Settings,
     common: &Common,
     quiet: bool,
+    database: &mut Option<TempDatabase>,
 ) -> anyhow::Result<RunReport> {
+    let label = spec.label();
+    let skip = |why: String, target: Option<String>| {
+        if !quiet {
+            eprintln!("loadgen: stage {label} skipped: {why}");
+        }
+        skipped(&spec.stage, Some(spec.backend), why, target)
+    };
     let bin = match bin {
         Ok(b) => b,
-        Err(why) => return Ok(skipped(stage, why.clone(), None)),
+        Err(why) => return Ok(skipped(&spec.stage, Some(spec.backend), why.clone(), None)),
     };
-    if !quiet {
-        eprintln!("loadgen: starting stage {stage} ({})", bin.display());
-    }
-    let mut spawned = match server::start(bin, stage, settings, &common.server_args).await {
-        Ok(s) => s,
-        Err(why) => {
-            if !quiet {
-                eprintln!("loadgen: stage {stage} skipped: {why}");
+    if spec.backend == Backend::Postgres {
+        match TempDatabase::create(&common.postgres_url).await {
+            Ok(db) => {
+                if !quiet {
+                    eprintln!("loadgen: {label}: created database {}", db.shown_url);
+                }
+                *database = Some(db);
             }
-            return Ok(skipped(stage, why, None));
+            Err(why) => return Ok(skip(why, None)),
+        }
+    }
+    if !quiet {
+        eprintln!("loadgen: starting stage {label} ({})", bin.display());
+    }
+    let started = server::start(
+        bin,
+        &spec.stage,
+        database.as_ref(),
+        settings,
+        &common.server_args,
+    )
+    .await;
+    let mut spawned = match started {
+        Ok(s) => s,
+        Err(failure) => {
+            let mut run = skip(failure.reason, None);
+            run.server_args = failure.args;
+            return Ok(run);
         }
     };
-    let measured = measure(spawned.addr, settings, stage, quiet).await;
+    let measured = measure(spawned.addr, settings, &label, quiet).await;
     spawned.stop().await;
+    let target = Some(format!("http://{}", spawned.addr));
     let (results, audit) = match measured? {
         Ok(done) => done,
         Err(why) => {
-            if !quiet {
-                eprintln!("loadgen: stage {stage} skipped: {why}");
-            }
-            let mut run = skipped(stage, why, Some(format!("http://{}", spawned.addr)));
+            let mut run = skip(why, target);
             run.server_args = Some(spawned.args.clone());
             return Ok(run);
         }
     };
     Ok(RunReport {
-        stage: stage.to_owned(),
+        stage: spec.stage.clone(),
+        backend: Some(spec.backend),
         status: "completed",
         skip_reason: None,
-        target: Some(format!("http://{}", spawned.addr)),
+        target,
         server_args: Some(spawned.args.clone()),
         results: Some(results),
         audit: Some(audit),
     })
 }
 
-fn skipped(stage: &str, why: String, target: Option<String>) -> RunReport {
+/// Runs a stage until it ends or loadgen gets SIGINT or SIGTERM; either way, drops the
+/// PostgreSQL database made for it. Interrupted, the server is killed (dropping the run drops
+/// it) and the command ends with an error.
+async fn run_interruptible(
+    spec: &StageSpec,
+    bin: Result<&Path, &String>,
+    settings: &Settings,
+    common: &Common,
+    quiet: bool,
+    interrupts: &mut Interrupts,
+) -> anyhow::Result<RunReport> {
+    let mut database = None;
+    let outcome = tokio::select! {
+        run = run_stage(spec, bin, settings, common, quiet, &mut database) => run,
+        signal = interrupts.next() => Err(anyhow::anyhow!(
+            "interrupted by {signal}: stage {} stopped", spec.label()
+        )),
+    };
+    if let Some(db) = database {
+        match db.drop_database().await {
+            Ok(()) if !quiet => {
+                eprintln!("loadgen: {}: dropped database {}", spec.label(), db.name)
+            }
+            Ok(()) => {}
+            Err(why) => eprintln!("loadgen: warning: {why}"),
+        }
+    }
+    outcome
+}
+
+/// SIGINT and SIGTERM, listened to while stages run so their databases can be dropped.
+struct Interrupts {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupts {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next signal's name; pending forever when none can be listened to.
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.int) => "SIGINT",
+            _ = recv(&mut self.term) => "SIGTERM",
+        }
+    }
+}
+
+fn skipped(
+    stage: &str,
+    backend: Option<Backend>,
+    why: String,
+    target: Option<String>,
+) -> RunReport {
     RunReport {
         stage: stage.to_owned(),
+        backend,
         status: "skipped",
         skip_reason: Some(why),
         target,
@@ -221,13 +345,22 @@ fn skipped(stage: &str, why: String, target: Option<String>) -> RunReport {
     }
 }
 
-/// Checks `GET /health` and returns the stage the server says it runs, if it says.
-async fn check_reachable(addr: SocketAddr, url: &str) -> anyhow::Result<Option<String>> {
+/// Checks `GET /health` and returns the stage and the backend the server says it runs, if it
+/// says.
+async fn check_reachable(
+    addr: SocketAddr,
+    url: &str,
+) -> anyhow::Result<(Option<String>, Option<Backend>)> {
     let mut conn = http::Conn::new(addr, Duration::from_secs(5));
     match conn.get("/health").await {
-        Ok(r) if r.status == 200 => Ok(serde_json::from_slice::<serde_json::Value>(&r.body)
-            .ok()
-            .and_then(|v| v.get("stage")?.as_str().map(str::to_owned))),
+        Ok(r) if r.status == 200 => {
+            let health = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap_or_default();
+            let stage = health
+                .get("stage")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned);
+            Ok((stage, Backend::from_health(&health)))
+        }
         Ok(r) => anyhow::bail!(
             "{url}/health answered {}: the server is not healthy",
             r.status
@@ -323,6 +456,7 @@ fn check_thresholds(t: &Thresholds, runs: &[RunReport]) -> Vec<ThresholdResult> 
                 out.push(ThresholdResult {
                     name: name.into(),
                     stage: r.stage.clone(),
+                    backend: r.backend,
                     limit,
                     actual,
                     passed,

@@ -35,8 +35,9 @@ pub struct RunArgs {
     /// Root URL of a running server, e.g. `http://127.0.0.1:8080`.
     #[arg(long, conflicts_with = "stage")]
     pub target: Option<String>,
-    /// Start this stage of the server binary fresh instead (as `compare` does).
-    #[arg(long)]
+    /// Start this stage of the server binary fresh instead (as `compare` does):
+    /// `STAGE` or `STAGE@BACKEND` (`actor@postgres`; a bare `actor` is `actor@sqlite`).
+    #[arg(long, value_name = "STAGE[@BACKEND]")]
     pub stage: Option<String>,
     #[command(flatten)]
     pub common: Common,
@@ -44,8 +45,14 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Stages to compare, comma-separated; each is started fresh from the server binary.
-    #[arg(long, value_delimiter = ',', default_value = "monolith,actor")]
+    /// Stages to compare, comma-separated, each `STAGE` or `STAGE@BACKEND` (`actor@postgres`;
+    /// a bare `actor` is `actor@sqlite`); each is started fresh from the server binary.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "monolith,actor",
+        value_name = "STAGE[@BACKEND],..."
+    )]
     pub stages: Vec<String>,
     #[command(flatten)]
     pub common: Common,
@@ -64,6 +71,10 @@ pub struct Common {
     /// Extra argument for started servers, repeatable (e.g. `--server-arg=--workers=2`).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+    /// PostgreSQL server for `STAGE@postgres`: each such stage gets a fresh database there
+    /// (`loadgen_<hex>`), dropped when the stage stops.
+    #[arg(long, env = "POSTGRES_URL", default_value = crate::backend::DEFAULT_POSTGRES_URL)]
+    pub postgres_url: String,
     #[command(flatten)]
     pub output: Output,
     #[command(flatten)]

@@ -37,7 +37,7 @@ pub fn html(report: &Report) -> String {
             format!(
                 "<span class=key><i style=\"background:{}\"></i>{}{}</span>",
                 COLORS[i % COLORS.len()],
-                esc(&r.stage),
+                esc(&r.label()),
                 if r.status == "skipped" {
                     " (skipped)"
                 } else {
@@ -64,7 +64,7 @@ pub fn html(report: &Report) -> String {
     body.push_str(&table(report));
     for r in &report.runs {
         if let Some(a) = &r.audit {
-            body.push_str(&format!("<h3>Invariants: {}</h3><ul>", esc(&r.stage)));
+            body.push_str(&format!("<h3>Invariants: {}</h3><ul>", esc(&r.label())));
             for inv in &a.invariants {
                 body.push_str(&format!(
                     "<li class={}><b>{} {}</b>: {}{} — {}</li>",
@@ -112,7 +112,7 @@ fn ops(report: &Report) -> Vec<String> {
 /// Grouped bars per percentile, one bar per stage, on a log scale (p50 and max both visible).
 fn latency_chart(report: &Report, op: &str) -> String {
     let labels = ["p50", "p90", "p99", "p99.9", "max"];
-    let series: Vec<(usize, &str, [f64; 5])> = report
+    let series: Vec<(usize, String, [f64; 5])> = report
         .runs
         .iter()
         .enumerate()
@@ -120,7 +120,7 @@ fn latency_chart(report: &Report, op: &str) -> String {
             let l = r.results.as_ref()?.latency.get(op)?;
             Some((
                 i,
-                r.stage.as_str(),
+                r.label(),
                 [l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms],
             ))
         })
@@ -201,20 +201,14 @@ fn trim_num(v: f64) -> String {
 
 /// Horizontal bars: achieved requests per second per stage.
 fn throughput_chart(report: &Report) -> String {
-    let rows: Vec<(usize, &str, Option<f64>)> = report
+    let rows: Vec<(usize, String, Option<f64>)> = report
         .runs
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            (
-                i,
-                r.stage.as_str(),
-                r.results.as_ref().map(|x| x.achieved_rps),
-            )
-        })
+        .map(|(i, r)| (i, r.label(), r.results.as_ref().map(|x| x.achieved_rps)))
         .collect();
     let max = rows.iter().filter_map(|r| r.2).fold(1.0f64, f64::max);
-    let (w, row_h, left) = (720.0, 28.0, 110.0);
+    let (w, row_h, left) = (720.0, 28.0, 140.0);
     let h = row_h * rows.len() as f64 + 10.0;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=img \
@@ -252,7 +246,7 @@ fn throughput_chart(report: &Report) -> String {
 
 /// A grid: invariants across, stages down; green 0, red with the count, grey n/a.
 fn audit_chart(report: &Report) -> String {
-    let (cell_w, cell_h, left, top) = (74.0, 30.0, 110.0, 24.0);
+    let (cell_w, cell_h, left, top) = (74.0, 30.0, 140.0, 24.0);
     let w = left + cell_w * 8.0 + 10.0;
     let h = top + cell_h * report.runs.len() as f64 + 10.0;
     let mut svg = format!(
@@ -271,7 +265,7 @@ fn audit_chart(report: &Report) -> String {
             "<text x=\"{}\" y=\"{:.1}\" text-anchor=end>{}</text>",
             left - 6.0,
             yy + 19.0,
-            esc(&r.stage)
+            esc(&r.label())
         ));
         for i in 1..=8 {
             let id = format!("I{i}");

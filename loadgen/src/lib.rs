@@ -9,11 +9,14 @@
 //! - `metrics`  — per-worker HDR histograms and answer counts, merged at the end.
 //! - `audit`    — I1-I8: the server's audit, the ledger, and the client's record (I7).
 //! - `server`   — starting a stage fresh on a free port with a fresh database; SIGTERM.
+//! - `backend`  — `STAGE@BACKEND`, and the PostgreSQL database made for (and dropped after)
+//!   each `STAGE@postgres` started.
 //! - `report`   — the versioned report: terminal table, JSON, Markdown.
 //! - `html`     — the self-contained HTML report with inline SVG charts.
 
 pub mod app;
 pub mod audit;
+pub mod backend;
 pub mod cli;
 pub mod driver;
 pub mod html;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::audit::Audit;
+use crate::backend::{self, Backend};
 use crate::driver::{self, BuyerEnd, Outcome};
 use crate::metrics::LatencySummary;
 use crate::scenario::{ModelKind, Settings};
@@ -34,6 +35,9 @@ pub struct Report {
 pub struct RunReport {
     /// The stage's name; for `--target`, the stage its `/health` names, else `external`.
     pub stage: String,
+    /// The storage it ran on: `sqlite` or `postgres`; for `--target`, the one its `/health`
+    /// names, else null.
+    pub backend: Option<Backend>,
     /// `completed` or `skipped`.
     pub status: &'static str,
     pub skip_reason: Option<String>,
@@ -42,6 +46,20 @@ pub struct RunReport {
     pub server_args: Option<Vec<String>>,
     pub results: Option<Results>,
     pub audit: Option<Audit>,
+}
+
+impl RunReport {
+    /// `STAGE@BACKEND` (the bare stage when the backend is not known): the run's name in
+    /// every table, chart and line.
+    pub fn label(&self) -> String {
+        backend::label(&self.stage, self.backend)
+    }
+}
+
+impl ThresholdResult {
+    pub fn label(&self) -> String {
+        backend::label(&self.stage, self.backend)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +112,7 @@ pub struct Purchases {
 pub struct ThresholdResult {
     pub name: String,
     pub stage: String,
+    pub backend: Option<Backend>,
     pub limit: f64,
     pub actual: Option<f64>,
     pub passed: bool,
@@ -340,7 +359,7 @@ pub fn terminal(report: &Report) -> String {
         },
         s.bound(),
     );
-    let headers: Vec<String> = report.runs.iter().map(|r| r.stage.clone()).collect();
+    let headers: Vec<String> = report.runs.iter().map(RunReport::label).collect();
     let mut rows = table_rows(report);
     for (_, cells) in &mut rows {
         for c in cells.iter_mut() {
@@ -352,7 +371,7 @@ pub fn terminal(report: &Report) -> String {
     out.push_str(&aligned(&headers, &rows));
     for r in &report.runs {
         if let Some(why) = &r.skip_reason {
-            out.push_str(&format!("skipped {}: {why}\n", r.stage));
+            out.push_str(&format!("skipped {}: {why}\n", r.label()));
         }
     }
     if s.scenario.buys() {
@@ -361,7 +380,7 @@ pub fn terminal(report: &Report) -> String {
     for r in &report.runs {
         if let Some(a) = &r.audit {
             for n in &a.notes {
-                out.push_str(&format!("note ({}): {n}\n", r.stage));
+                out.push_str(&format!("note ({}): {n}\n", r.label()));
             }
         }
     }
@@ -372,7 +391,7 @@ pub fn terminal(report: &Report) -> String {
             if t.passed { "held" } else { "BREACHED" },
             t.limit,
             t.actual.map_or("-".into(), |a| format!("{a}")),
-            t.stage
+            t.label()
         ));
     }
     out.push_str(&format!(
@@ -434,7 +453,7 @@ pub fn markdown(report: &Report) -> String {
         &report
             .runs
             .iter()
-            .map(|r| r.stage.clone())
+            .map(RunReport::label)
             .collect::<Vec<_>>()
             .join(" | "),
     );
@@ -457,7 +476,7 @@ pub fn markdown(report: &Report) -> String {
     }
     for r in &report.runs {
         if let Some(a) = &r.audit {
-            out.push_str(&format!("\n## Audit: {}\n\n", r.stage));
+            out.push_str(&format!("\n## Audit: {}\n\n", r.label()));
             for inv in &a.invariants {
                 out.push_str(&format!(
                     "- **{} {}**: {}{} — {}\n",
@@ -479,7 +498,7 @@ pub fn markdown(report: &Report) -> String {
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
                 t.name,
-                t.stage,
+                t.label(),
                 t.limit,
                 t.actual.map_or("-".into(), |a| a.to_string()),
                 if t.passed { "held" } else { "breached" }
@@ -496,7 +515,7 @@ fn md_escape(s: &str) -> String {
 /// The table's column headers and rows (for the HTML report).
 pub fn markdown_cells(report: &Report) -> (Vec<String>, Vec<(String, Vec<String>)>) {
     (
-        report.runs.iter().map(|r| r.stage.clone()).collect(),
+        report.runs.iter().map(RunReport::label).collect(),
         table_rows(report),
     )
 }

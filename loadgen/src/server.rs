@@ -1,5 +1,6 @@
 //! Starting a stage fresh for `compare` (or `run --stage`): the server binary on a free port,
-//! a fresh database in a temporary directory, the run's seed; stopped with SIGTERM.
+//! a fresh database (a SQLite file in a temporary directory, or the PostgreSQL database
+//! `backend::TempDatabase` made for it), the run's seed; stopped with SIGTERM.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -8,15 +9,18 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use crate::backend::TempDatabase;
 use crate::http::Conn;
 use crate::scenario::Settings;
 
 /// How long a stage may take to answer `GET /health` before it is reported as skipped.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running server this process started.
+/// A running server this process started. Dropped without [`Spawned::stop`] (an interrupted
+/// run), it is killed and its temporary directory removed.
 pub struct Spawned {
     pub addr: SocketAddr,
+    /// Its command line as reported (a password in a `--db` URL hidden).
     pub args: Vec<String>,
     child: Child,
     dir: PathBuf,
@@ -51,20 +55,34 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts `stage`, waits for `GET /health`, or says why it could not. A port taken between
-/// choosing it and the server binding it (another run starting at the same moment) is retried
-/// on another port.
+/// Why a stage did not start, and the command line it was started with if it got that far.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub reason: String,
+    pub args: Option<Vec<String>>,
+}
+
+impl From<String> for StartFailure {
+    fn from(reason: String) -> Self {
+        Self { reason, args: None }
+    }
+}
+
+/// Starts `stage` on `database` (`None`: a fresh SQLite file in the temporary directory),
+/// waits for `GET /health`, or says why it could not. A port taken between choosing it and
+/// the server binding it (another run starting at the same moment) is retried on another port.
 pub async fn start(
     bin: &Path,
     stage: &str,
+    database: Option<&TempDatabase>,
     settings: &Settings,
     extra_args: &[String],
-) -> Result<Spawned, String> {
-    let mut last = String::new();
+) -> Result<Spawned, StartFailure> {
+    let mut last = StartFailure::from(String::new());
     for _ in 0..3 {
-        match start_once(bin, stage, settings, extra_args).await {
+        match start_once(bin, stage, database, settings, extra_args).await {
             Ok(spawned) => return Ok(spawned),
-            Err(why) if why.to_ascii_lowercase().contains("in use") => last = why,
+            Err(why) if why.reason.to_ascii_lowercase().contains("in use") => last = why,
             Err(why) => return Err(why),
         }
     }
@@ -74,32 +92,43 @@ pub async fn start(
 async fn start_once(
     bin: &Path,
     stage: &str,
+    database: Option<&TempDatabase>,
     settings: &Settings,
     extra_args: &[String],
-) -> Result<Spawned, String> {
+) -> Result<Spawned, StartFailure> {
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let dir = std::env::temp_dir().join(format!("loadgen-{}-{stage}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let db = dir.join("ticketflow.db");
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--stage".into(),
-        stage.into(),
-        "--bind".into(),
-        addr.to_string(),
-        "--db".into(),
-        db.display().to_string(),
-        "--seed".into(),
-        settings.seed.to_string(),
-        "--payment-latency".into(),
-        settings.payment_latency.clone(),
-        "--payment-failure-rate".into(),
-        settings.payment_failure_rate.to_string(),
-        "--hold-ttl".into(),
-        settings.hold_ttl.clone(),
-    ];
-    args.extend(extra_args.iter().cloned());
+    let (db, shown_db) = match database {
+        Some(pg) => (pg.url.clone(), pg.shown_url.clone()),
+        None => {
+            let file = dir.join("ticketflow.db").display().to_string();
+            (file.clone(), file)
+        }
+    };
+    let command_line = |db: String| {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--stage".into(),
+            stage.into(),
+            "--bind".into(),
+            addr.to_string(),
+            "--db".into(),
+            db,
+            "--seed".into(),
+            settings.seed.to_string(),
+            "--payment-latency".into(),
+            settings.payment_latency.clone(),
+            "--payment-failure-rate".into(),
+            settings.payment_failure_rate.to_string(),
+            "--hold-ttl".into(),
+            settings.hold_ttl.clone(),
+        ];
+        args.extend(extra_args.iter().cloned());
+        args
+    };
+    let (args, shown_args) = (command_line(db), command_line(shown_db));
     let log = std::fs::File::create(dir.join("server.log"))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut command = Command::new(bin);
@@ -132,7 +161,7 @@ async fn start_once(
         .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
     let mut spawned = Spawned {
         addr,
-        args,
+        args: shown_args,
         child,
         dir,
     };
@@ -142,7 +171,10 @@ async fn start_once(
         if let Ok(Some(status)) = spawned.child.try_wait() {
             let reason = spawned.log_reason();
             spawned.cleanup();
-            return Err(format!("{reason} (the server exited, {status})"));
+            return Err(StartFailure {
+                reason: format!("{reason} (the server exited, {status})"),
+                args: Some(spawned.args.clone()),
+            });
         }
         if let Ok(r) = conn.get("/health").await {
             // healthy, and still ours: a server that lost the port to another exits at once
@@ -157,10 +189,13 @@ async fn start_once(
         if Instant::now() >= give_up {
             let reason = spawned.log_reason();
             spawned.stop().await;
-            return Err(format!(
-                "no healthy answer on {addr} within {}s: {reason}",
-                STARTUP_TIMEOUT.as_secs()
-            ));
+            return Err(StartFailure {
+                reason: format!(
+                    "no healthy answer on {addr} within {}s: {reason}",
+                    STARTUP_TIMEOUT.as_secs()
+                ),
+                args: Some(spawned.args.clone()),
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -197,6 +232,14 @@ impl Spawned {
 
     fn cleanup(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // after `stop` the child is reaped and the directory gone: both are no-ops then
+        let _ = self.child.start_kill();
+        self.cleanup();
     }
 }
 

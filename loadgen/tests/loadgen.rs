@@ -3,7 +3,9 @@
 //! These tests start `ticketflow` (the workspace's server binary) themselves. They find it next
 //! to the `loadgen` binary in the same target directory, which `cargo test --workspace` builds
 //! (it is a workspace member's binary); with `cargo test -p loadgen` build it first with
-//! `cargo build -p ticketflow`, or point `LOADGEN_SERVER_BIN` at one.
+//! `cargo build -p ticketflow`, or point `LOADGEN_SERVER_BIN` at one. The `@postgres` test needs
+//! PostgreSQL at `POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); it does
+//! not skip without it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -246,6 +248,12 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
     );
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);
+    for run in runs {
+        assert_eq!(
+            run["backend"], "sqlite",
+            "a bare stage runs on SQLite: {run}"
+        );
+    }
     assert_eq!(runs[2]["stage"], "no-such-stage");
     assert_eq!(runs[2]["status"], "skipped");
     assert!(runs[2]["skipReason"]
@@ -254,13 +262,13 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
         .contains("no-such-stage"));
 
     let page = std::fs::read_to_string(&html).unwrap();
-    assert!(page.contains("<svg") && page.contains("monolith") && page.contains("I1"));
+    assert!(page.contains("<svg") && page.contains("monolith@sqlite") && page.contains("I1"));
     assert!(
         !page.contains("src=") && !page.contains("href=") && !page.contains("@import"),
         "the HTML report must not fetch anything"
     );
     let table = std::fs::read_to_string(&md).unwrap();
-    assert!(table.contains("| monolith | actor | no-such-stage |"));
+    assert!(table.contains("| monolith@sqlite | actor@sqlite | no-such-stage@sqlite |"));
 }
 
 fn schema_validator() -> jsonschema::Validator {
@@ -597,6 +605,24 @@ fn bad_flags_are_refused_with_a_clear_error_and_exit_two() {
             vec!["compare", "--stages", "actor", "--scenario", "nope"],
             "invalid value 'nope'",
         ),
+        (
+            vec!["compare", "--stages", "actor,actor@mysql"],
+            "--stages actor@mysql: unknown backend 'mysql'",
+        ),
+        (
+            vec!["run", "--stage", "monolith@postgres"],
+            "--stage monolith@postgres: the monolith stage runs on SQLite only",
+        ),
+        (
+            vec![
+                "compare",
+                "--stages",
+                "actor@postgres",
+                "--postgres-url",
+                "127.0.0.1:5432",
+            ],
+            "--postgres-url 127.0.0.1:5432: give a postgres:// URL",
+        ),
     ] {
         let out = run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
@@ -604,4 +630,144 @@ fn bad_flags_are_refused_with_a_clear_error_and_exit_two() {
         assert!(err.starts_with("error:"), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// The PostgreSQL server the tests use (trust authentication on this project's machines).
+fn postgres_url() -> String {
+    std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The `loadgen_%` databases on that server now. Without PostgreSQL this fails: the tests that
+/// need it never skip.
+fn loadgen_databases() -> Vec<String> {
+    use sqlx::Connection;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&postgres_url())
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {} is needed: {e}", postgres_url()));
+        let names: Vec<String> =
+            sqlx::query_scalar(r"SELECT datname FROM pg_database WHERE datname LIKE 'loadgen\_%'")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let _ = conn.close().await;
+        names
+    })
+}
+
+#[test]
+fn compare_names_the_backend_of_each_stage_and_drops_the_postgres_database_it_made() {
+    let before = loadgen_databases();
+    let dir = tempfile::tempdir().unwrap();
+    let (json, md) = (dir.path().join("r.json"), dir.path().join("r.md"));
+    let url = postgres_url();
+    let mut args = vec![
+        "compare",
+        "--stages",
+        "actor,actor@postgres",
+        "--postgres-url",
+        &url,
+        "--max-violations",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+        "--markdown",
+        md.to_str().unwrap(),
+    ];
+    args.extend_from_slice(STAMPEDE);
+    let out = run(&args);
+    let report = read_json(&json);
+    assert_conforms(&schema_validator(), &report);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(
+        (&runs[0]["stage"], &runs[0]["backend"]),
+        (&"actor".into(), &"sqlite".into())
+    );
+    assert_eq!(
+        (&runs[1]["stage"], &runs[1]["backend"]),
+        (&"actor".into(), &"postgres".into())
+    );
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        table.contains("| actor@sqlite | actor@postgres |"),
+        "{table}"
+    );
+
+    // the server got a database of its own, named in its command line, and it is gone now
+    let server_args: Vec<&str> = runs[1]["serverArgs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the server was started: {}", runs[1]))
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let db_url = server_args[server_args.iter().position(|a| *a == "--db").unwrap() + 1];
+    let name = db_url.rsplit('/').next().unwrap();
+    assert!(
+        db_url.starts_with("postgres://") && name.starts_with("loadgen_"),
+        "{db_url}"
+    );
+    let after = loadgen_databases();
+    assert!(!after.iter().any(|d| d == name), "{name} was not dropped");
+    let left: Vec<&String> = after.iter().filter(|d| !before.contains(d)).collect();
+    assert!(left.is_empty(), "databases left behind: {left:?}");
+
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    for run in runs {
+        assert_eq!(run["status"], "completed", "{run}");
+        for id in ["I1", "I2", "I3", "I4", "I5", "I6", "I7"] {
+            assert_eq!(invariant(run, id), 0, "{id} on {}: {run}", run["backend"]);
+        }
+        assert_eq!(
+            run["results"]["purchases"]["confirmed"], 20,
+            "every seat sells"
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_postgres_makes_its_stage_skipped_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = run(&[
+        "compare",
+        "--stages",
+        "actor@postgres",
+        "--postgres-url",
+        "postgres://postgres@127.0.0.1:1/postgres",
+        "--scenario",
+        "health",
+        "--requests",
+        "10",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "nothing measured: {}",
+        stderr(&out)
+    );
+    let report = read_json(&json);
+    assert_conforms(&schema_validator(), &report);
+    let run = &report["runs"][0];
+    assert_eq!(run["status"], "skipped");
+    assert_eq!(run["backend"], "postgres");
+    let why = run["skipReason"].as_str().unwrap();
+    assert!(
+        why.starts_with(
+            "--postgres-url postgres://postgres@127.0.0.1:1/postgres: cannot reach PostgreSQL"
+        ),
+        "{why}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("skipped actor@postgres: {why}")),
+        "the terminal names it: {stdout}"
+    );
 }
