@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use ticketflow::config::Durability;
 use ticketflow::domain::{timestamp, EventId, Money, NewEvent, OrderId, TicketId};
-use ticketflow::store::{NewOrder, Store, WriteHandle, WriteOp};
+use ticketflow::store::{Catalog, NewOrder, Store, WriteHandle, WriteOp};
 
 /// Purchases in flight at once, each a new one-ticket order for the same event.
 const PURCHASES: usize = 256;

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::domain::{Event, EventId};
-use crate::store::{Store, StoreResult};
+use crate::store::{Catalog, StoreResult};
 
 /// Longest time a cached event read may outlive the value it copied.
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
@@ -51,7 +51,7 @@ impl EventCache {
     }
 
     /// One event, from the cache or else from the store (then cached).
-    pub async fn event(&self, store: &Store, id: EventId) -> StoreResult<Option<Event>> {
+    pub async fn event(&self, store: &dyn Catalog, id: EventId) -> StoreResult<Option<Event>> {
         let key = self.event_key(id);
         if let Some(event) = self.get::<Event>(&key).await {
             return Ok(Some(event));
@@ -64,7 +64,7 @@ impl EventCache {
     }
 
     /// Every event, from the cache or else from the store (then cached).
-    pub async fn events(&self, store: &Store) -> StoreResult<Vec<Event>> {
+    pub async fn events(&self, store: &dyn Catalog) -> StoreResult<Vec<Event>> {
         let key = self.list_key();
         if let Some(events) = self.get::<Vec<Event>>(&key).await {
             return Ok(events);

@@ -39,10 +39,12 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct DbArgs {
-    /// SQLite database: a file path or a `sqlite:` URL. Created if missing.
+    /// Database: a SQLite file path or `sqlite://PATH` (created if missing), or PostgreSQL as
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE` (the database is created if missing).
     #[arg(long = "db", env = "DATABASE_URL", default_value = "ticketflow.db")]
     pub database: String,
-    /// SQLite durability: `normal` survives a killed process, `full` also a power cut.
+    /// Durability: `normal` survives a killed process, `full` also a power cut (SQLite
+    /// `synchronous`; PostgreSQL `synchronous_commit` off or on).
     #[arg(long, value_enum, default_value_t = Durability::Normal)]
     pub synchronous: Durability,
 }

@@ -4,11 +4,11 @@ use chrono::{Duration, Utc};
 
 use crate::domain::{Money, NewEvent};
 use crate::stages::Stage;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// Creates the demo events unless the database already has events.
-pub async fn load(stage: &dyn Stage, store: &Store) -> Result<(), StoreError> {
-    if !store.list_events().await?.is_empty() {
+pub async fn load(stage: &dyn Stage) -> Result<(), StoreError> {
+    if !stage.events().await?.is_empty() {
         tracing::info!("--demo-data: the database already has events; leaving it as it is");
         return Ok(());
     }

@@ -4,7 +4,9 @@
 //! - [`domain`]: events, tickets, payments and the value types that keep them valid.
 //! - [`inventory`]: the pure inventory core, a state machine with the time passed in.
 //! - [`payments`]: the simulated payment gateway, a pool of payment actors with a ledger.
-//! - [`store`]: SQLite storage, migrations and the group-commit writer.
+//! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
+//!   the migrations of each, and the group-commit writer.
+//! - [`idempotency`]: the Idempotency-Key protocol (claim, run once, store, replay, recover).
 //! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
 //! - [`cache`]: the `locked` stage's read-through Redis cache of event reads.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod idempotency;
 pub mod inventory;
 pub mod lock;
 pub mod payments;

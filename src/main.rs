@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ticketflow::cli::{Cli, Command};
 use ticketflow::server::Server;
-use ticketflow::store::Store;
+use ticketflow::store::{backend, Store};
 
 #[actix_web::main]
 async fn main() -> ExitCode {
@@ -45,14 +45,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate(db) => {
             let store = Store::open(&db.database, db.synchronous)
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "--db {}: cannot open and migrate the database: {e}",
-                        db.database
-                    )
-                })?;
+                .map_err(|e| anyhow::anyhow!(backend::open_failure(&db.database, &e)))?;
             store.close().await;
-            println!("database {} is up to date", db.database);
+            println!(
+                "database {} ({}) is up to date",
+                backend::redacted(&db.database),
+                store.backend()
+            );
             Ok(())
         }
         Command::Serve(args) => {
@@ -61,7 +60,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tracing::info!(
                 addr = %server.addr(),
                 stage = %settings.stage,
-                db = %settings.database,
+                db = %backend::redacted(&settings.database),
                 seed = settings.seed,
                 payment_latency = %settings.payments.latency,
                 "ticketflow listening; Ctrl-C stops it gracefully"

@@ -11,7 +11,7 @@ use crate::config::{cores, Settings};
 use crate::demo;
 use crate::payments::PaymentGateway;
 use crate::stages::{self, Stage, StageParts};
-use crate::store::Store;
+use crate::store::{backend, Store};
 
 /// A bound server, not yet running. Must be built and run inside an actix `System`.
 pub struct Server {
@@ -26,12 +26,7 @@ impl Server {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Store::open(&settings.database, settings.durability)
             .await
-            .with_context(|| {
-                format!(
-                    "--db {}: cannot open the database (check the path exists and is writable)",
-                    settings.database
-                )
-            })?;
+            .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
         let payments = PaymentGateway::start(&settings.payments, settings.seed, &[]);
         let parts = StageParts {
             store: store.clone(),
@@ -41,7 +36,7 @@ impl Server {
         let stage = stages::build(parts)
             .await
             .context("starting the stage failed")?;
-        api::v2::recover_claims(&store)
+        crate::idempotency::recover_claims(stage.as_ref(), api::v2::accepted_answer)
             .await
             .context("settling Idempotency-Key claims left by the previous run failed")?;
         let admin_token = match &settings.admin_token {
@@ -56,7 +51,7 @@ impl Server {
             }
         };
         if settings.demo_data {
-            demo::load(stage.as_ref(), &store)
+            demo::load(stage.as_ref())
                 .await
                 .context("--demo-data: loading the demo events failed")?;
         }
@@ -69,7 +64,6 @@ impl Server {
         let addr = listener.local_addr()?;
         let state = web::Data::new(AppState {
             stage: Arc::clone(&stage),
-            store: store.clone(),
             payments,
             settings: settings.clone(),
             admin_token,

@@ -6,7 +6,7 @@ use serde_json::json;
 use super::{AppState, Problem};
 use crate::audit;
 
-/// `GET /health`: 200 when the database answers, 503 otherwise.
+/// `GET /health`: 200 when every dependency (the database first) answers, 503 otherwise.
 #[utoipa::path(
     get,
     path = "/health",
@@ -18,13 +18,17 @@ use crate::audit;
     ),
 )]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    let database = state.store.ping().await;
+    let dependencies = state.stage.dependencies().await;
+    let healthy = dependencies.iter().all(|(_, up)| *up);
     let body = json!({
-        "status": if database.is_ok() { "ok" } else { "degraded" },
+        "status": if healthy { "ok" } else { "degraded" },
         "stage": state.stage.kind(),
-        "dependencies": { "sqlite": if database.is_ok() { "ok" } else { "down" } },
+        "dependencies": dependencies
+            .iter()
+            .map(|(name, up)| (name.to_string(), json!(if *up { "ok" } else { "down" })))
+            .collect::<serde_json::Map<_, _>>(),
     });
-    if database.is_ok() {
+    if healthy {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -59,8 +63,9 @@ pub async fn ledger(state: web::Data<AppState>) -> Result<HttpResponse, Problem>
     ),
 )]
 pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
-    let counts = state.store.event_counts().await?;
-    let payments = state.store.payment_records().await?;
+    let records = state.stage.records();
+    let counts = records.event_counts().await?;
+    let payments = records.payment_records().await?;
     let ledger = state.payments.ledger().await?;
     Ok(HttpResponse::Ok().json(audit::audit(&counts, &payments, &ledger)))
 }

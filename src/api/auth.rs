@@ -42,7 +42,7 @@ pub async fn caller(req: &HttpRequest, state: &AppState) -> Result<Caller, Probl
     if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) {
         return Ok(Caller::Admin);
     }
-    match state.store.user_by_token(token).await? {
+    match state.stage.records().user_by_token(token).await? {
         Some(user) => Ok(Caller::User(user)),
         None => Err(unauthenticated("the bearer token is not valid")),
     }

@@ -14,14 +14,12 @@ use actix_web::{http::StatusCode, web, HttpRequest};
 use crate::config::Settings;
 use crate::payments::PaymentGateway;
 use crate::stages::Stage;
-use crate::store::Store;
 pub use problem::Problem;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub stage: Arc<dyn Stage>,
-    pub store: Store,
     pub payments: PaymentGateway,
     pub settings: Settings,
     /// The admin's bearer token (configured, or made at start and logged).

@@ -178,7 +178,7 @@ pub(super) fn path_event_id(raw: &str) -> Result<EventId, Problem> {
     responses((status = 200, description = "All events.", body = Vec<Event>)),
 )]
 pub async fn list_events(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
-    Ok(HttpResponse::Ok().json(state.stage.events(&state.store).await?))
+    Ok(HttpResponse::Ok().json(state.stage.events().await?))
 }
 
 /// One event.
@@ -198,7 +198,7 @@ pub async fn get_event(
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let id = path_event_id(&id)?;
-    match state.stage.event(&state.store, id).await? {
+    match state.stage.event(id).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event)),
         None => Err(Problem::not_found(
             "unknown-event",
@@ -286,5 +286,5 @@ pub async fn user_tickets(
     user: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let user = UserId::parse(&user)?;
-    Ok(HttpResponse::Ok().json(state.store.user_tickets(&user).await?))
+    Ok(HttpResponse::Ok().json(state.stage.user_tickets(&user).await?))
 }

@@ -1,6 +1,7 @@
 //! API v2: discovery, users and tokens, searchable events with links, orders of N tickets
 //! answered `202 Accepted`, an availability stream, and Idempotency-Key on unsafe requests.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::{header, StatusCode};
@@ -17,9 +18,10 @@ use crate::domain::{
     parse_quantity, timestamp, DomainError, Event, EventId, Money, NewEvent, Order, OrderId,
     OrderStatus, TicketId, UserId,
 };
+use crate::idempotency::{self, Claim};
 use crate::stages::OrderRequest;
-use crate::store::accounts::{sha256_hex, KeyState};
-use crate::store::{EventQuery, EventSort, Store, StoreResult};
+use crate::store::accounts::sha256_hex;
+use crate::store::{EventQuery, EventSort};
 
 /// Largest page of events one request may ask for.
 pub const MAX_PAGE: u32 = 100;
@@ -203,82 +205,70 @@ fn respond(status: StatusCode, body: &str, replayed: bool) -> HttpResponse {
     response.body(body.to_owned())
 }
 
+/// What a request run under an Idempotency-Key produced: the answer to store and send, or a
+/// problem (stored too, unless it is a server fault).
+type Outcome = Result<Answer, Problem>;
+
+/// What to store for an outcome; `None` (a server fault) releases the key so the client can
+/// retry.
+fn stored_answer(outcome: &Outcome) -> Option<(u16, String)> {
+    match outcome {
+        Ok(answer) => Some((answer.status.as_u16(), answer.body.to_string())),
+        Err(problem) if problem.status >= 500 => None,
+        Err(problem) => Some((
+            problem.status,
+            serde_json::to_string(problem).unwrap_or_default(),
+        )),
+    }
+}
+
 /// Runs `work` at most once per (user, key) and answers every retry with its stored answer.
-async fn idempotent<F, Fut>(
-    store: &Store,
+async fn idempotent<Fut>(
+    state: &AppState,
     user: &UserId,
     key: &str,
-    fingerprint: &str,
-    work: F,
+    fingerprint: String,
+    work: Fut,
 ) -> Result<HttpResponse, Problem>
 where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<Answer, Problem>>,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
-    match store.begin_idempotent(user, key, fingerprint).await? {
-        KeyState::InFlight => Err(Problem::new(
+    let claim = idempotency::run_once(
+        Arc::clone(&state.stage),
+        user.clone(),
+        key.to_owned(),
+        fingerprint,
+        work,
+        stored_answer,
+    )
+    .await?;
+    match claim {
+        Claim::InFlight => Err(Problem::new(
             StatusCode::CONFLICT,
             "idempotency-key-in-use",
             "Request in progress",
             "a request with this Idempotency-Key is still running; retry after it finishes",
         )
         .retry_after(1)),
-        KeyState::Mismatch => Err(Problem::new(
+        Claim::Mismatch => Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency-key-reused",
             "Idempotency-Key reused",
             "this Idempotency-Key was already used with a different request (method, path or body)",
         )),
-        KeyState::Replay { status, body } => Ok(respond(
+        Claim::Replay { status, body } => Ok(respond(
             StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
             &body,
             true,
         )),
-        KeyState::Proceed => match work().await {
-            Ok(answer) => {
-                let body = answer.body.to_string();
-                store
-                    .complete_idempotent(user, key, answer.status.as_u16(), &body)
-                    .await?;
-                Ok(respond(answer.status, &body, false))
-            }
-            // A server fault is not an answer: release the key so the client can retry.
-            Err(problem) if problem.status >= 500 => {
-                store.abandon_idempotent(user, key).await?;
-                Err(problem)
-            }
-            Err(problem) => {
-                let body = serde_json::to_string(&problem).unwrap_or_default();
-                store
-                    .complete_idempotent(user, key, problem.status, &body)
-                    .await?;
-                Err(problem)
-            }
-        },
+        Claim::Ran(Ok(answer)) => Ok(respond(answer.status, &answer.body.to_string(), false)),
+        Claim::Ran(Err(problem)) => Err(problem),
     }
 }
 
-/// Settles claims a stopped run left `in_flight`: one that created an order gets that order's
-/// `202` answer (the same bytes the client would have received); the others are released.
-pub async fn recover_claims(store: &Store) -> StoreResult<()> {
-    for (user, key, order) in store.interrupted_claims().await? {
-        let Ok(user) = UserId::parse(&user) else {
-            continue;
-        };
-        let order = match order.and_then(|id| uuid::Uuid::parse_str(&id).ok()) {
-            Some(id) => store.order(OrderId(id)).await?,
-            None => None,
-        };
-        match order {
-            Some(order) => {
-                let body = accepted_body(&order).to_string();
-                store.complete_idempotent(&user, &key, 202, &body).await?;
-            }
-            None => store.abandon_idempotent(&user, &key).await?,
-        }
-    }
-    store.purge_old_keys().await?;
-    Ok(())
+/// The stored answer of an order's `202 Accepted`, for claims a stopped run left open.
+pub fn accepted_answer(order: &Order) -> String {
+    accepted_body(order).to_string()
 }
 
 // ---------- users ----------
@@ -320,7 +310,7 @@ pub async fn create_user(
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(DomainError::invalid("name", "must be 1 to 200 characters").into());
     }
-    let user = state.store.create_user(name).await?;
+    let user = state.stage.records().create_user(name).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, "/api/v2/users/me/orders"))
         .json(json!({
@@ -350,7 +340,7 @@ pub async fn my_orders(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Problem> {
     let user = require_user(&req, &state).await?;
-    let orders = state.store.user_orders(&user).await?;
+    let orders = state.stage.user_orders(&user).await?;
     let items: Vec<OrderView> = orders.iter().map(order_view).collect();
     Ok(HttpResponse::Ok().json(json!({ "items": items })))
 }
@@ -373,7 +363,7 @@ pub async fn my_tickets(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Problem> {
     let user = require_user(&req, &state).await?;
-    Ok(HttpResponse::Ok().json(json!({ "items": state.store.user_tickets(&user).await? })))
+    Ok(HttpResponse::Ok().json(json!({ "items": state.stage.user_tickets(&user).await? })))
 }
 
 // ---------- events ----------
@@ -480,7 +470,7 @@ pub async fn list_events(
     query: web::Query<EventListQuery>,
 ) -> Result<HttpResponse, Problem> {
     let parsed = query.parse()?;
-    let (events, total) = state.store.search_events(&parsed).await?;
+    let (events, total) = state.stage.search_events(&parsed).await?;
     let page_link = |offset: u64| {
         let mut pairs: Vec<(String, String)> = url_pairs(req.query_string())
             .into_iter()
@@ -537,7 +527,7 @@ pub async fn get_event(
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let id = path_event_id(&id)?;
-    match state.stage.event(&state.store, id).await? {
+    match state.stage.event(id).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event_view(&event))),
         None => Err(Problem::not_found(
             "unknown-event",
@@ -616,8 +606,9 @@ pub async fn create_event(
         price,
     )?;
     let admin = UserId::parse("admin").expect("a valid id");
-    idempotent(&state.store, &admin, &key, &print, || async {
-        let event = state.stage.create_event(new).await?;
+    let stage = Arc::clone(&state.stage);
+    idempotent(&state, &admin, &key, print, async move {
+        let event = stage.create_event(new).await?;
         Ok(Answer {
             status: StatusCode::CREATED,
             body: serde_json::to_value(event_view(&event)).unwrap_or(Value::Null),
@@ -646,22 +637,22 @@ pub async fn availability_stream(
 ) -> Result<HttpResponse, Problem> {
     let id = path_event_id(&id)?;
     let first = state
-        .store
+        .stage
         .event(id)
         .await?
         .ok_or_else(|| Problem::not_found("unknown-event", format!("no event with id {id}")))?;
-    let store = state.store.clone();
+    let stage = Arc::clone(&state.stage);
     let poll = Duration::from_millis(250);
     let heartbeat_every = 60; // polls, i.e. 15 s
     let stream = futures::stream::unfold(
-        (store, None::<u32>, 0u32, Some(first)),
-        move |(store, last, mut quiet, mut ready)| async move {
+        (stage, None::<u32>, 0u32, Some(first)),
+        move |(stage, last, mut quiet, mut ready)| async move {
             loop {
                 let event = match ready.take() {
                     Some(event) => Some(event),
                     None => {
                         actix_rt::time::sleep(poll).await;
-                        store.event(id).await.ok().flatten()
+                        stage.event(id).await.ok().flatten()
                     }
                 };
                 if let Some(event) = event.filter(|e| last != Some(e.available_tickets)) {
@@ -671,12 +662,12 @@ pub async fn availability_stream(
                         "totalTickets": event.total_tickets,
                     });
                     let frame = format!("event: availability\ndata: {data}\n\n");
-                    let next = (store, Some(event.available_tickets), 0, None);
+                    let next = (stage, Some(event.available_tickets), 0, None);
                     return Some((Ok::<_, actix_web::Error>(web::Bytes::from(frame)), next));
                 }
                 quiet += 1;
                 if quiet >= heartbeat_every {
-                    let next = (store, last, 0, None);
+                    let next = (stage, last, 0, None);
                     return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), next));
                 }
             }
@@ -744,8 +735,9 @@ pub async fn create_order(
         per_user_limit: state.settings.per_user_limit,
         idempotency_key: Some(key.clone()),
     };
-    idempotent(&state.store, &user, &key, &print, || async {
-        let order = state.stage.place_order(request).await?;
+    let stage = Arc::clone(&state.stage);
+    idempotent(&state, &user, &key, print, async move {
+        let order = stage.place_order(request).await?;
         Ok(Answer {
             status: StatusCode::ACCEPTED,
             body: accepted_body(&order),
@@ -777,7 +769,7 @@ pub async fn get_order(
     let user = require_user(&req, &state).await?;
     let missing = || Problem::not_found("unknown-order", format!("no order with id {id}"));
     let order_id = uuid::Uuid::parse_str(&id).map_err(|_| missing())?;
-    match state.store.order(OrderId(order_id)).await? {
+    match state.stage.order(OrderId(order_id)).await? {
         Some(order) if order.user_id == user.as_str() => {
             Ok(HttpResponse::Ok().json(order_view(&order)))
         }
@@ -799,25 +791,7 @@ pub async fn get_order(
     ),
 )]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    let mut dependencies = serde_json::Map::new();
-    let mut healthy = true;
-    let sqlite = state.store.ping().await.is_ok();
-    healthy &= sqlite;
-    dependencies.insert("sqlite".into(), json!(if sqlite { "ok" } else { "down" }));
-    for (name, up) in state.stage.dependencies().await {
-        healthy &= up;
-        dependencies.insert(name.into(), json!(if up { "ok" } else { "down" }));
-    }
-    let body = json!({
-        "status": if healthy { "ok" } else { "degraded" },
-        "stage": state.stage.kind(),
-        "dependencies": dependencies,
-    });
-    if healthy {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    }
+    super::admin::health(state).await
 }
 
 /// `GET /api/v2/admin/audit`

@@ -31,7 +31,7 @@ use crate::domain::{
 use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::sql::payment_key;
-use crate::store::{StoreError, WriteHandle, WriteOp};
+use crate::store::{AuditReads, Catalog, Records, StoreError, WriteHandle, WriteOp};
 
 /// How to reach one event's actor.
 #[derive(Clone)]
@@ -117,7 +117,7 @@ impl Inner {
 
     async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
         let price = Money::from_cents(event.price_cents)
-            .map_err(|e| StoreError::Conflict(format!("event {}: {e}", event.id)))?;
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
         let issued = self.parts.store.tickets_issued(event.id).await? as u64;
         let settings = &self.parts.settings;
         let hold_ttl_ms = settings.hold_ttl.as_millis() as u64;
@@ -165,7 +165,7 @@ impl Inner {
         let resolutions = pending.into_iter().map(|p| async move {
             let gateway = &self.parts.payments;
             let unavailable =
-                |e: crate::payments::GatewayUnavailable| StoreError::Conflict(e.to_string());
+                |e: crate::payments::GatewayUnavailable| StoreError::Unavailable(e.to_string());
             let outcome = gateway
                 .charge(&p.payment_key, p.amount)
                 .await
@@ -339,6 +339,10 @@ impl Inner {
 impl Stage for ActorStage {
     fn kind(&self) -> StageKind {
         StageKind::Actor
+    }
+
+    fn records(&self) -> &dyn Records {
+        &self.inner.parts.store
     }
 
     async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {

@@ -39,7 +39,8 @@ use crate::domain::{
 use crate::lock::{EventLocks, Lease, LockError};
 use crate::payments::{ChargeOutcome, RefundOutcome};
 use crate::queue::{PaymentJob, PaymentQueue, MAX_ATTEMPTS};
-use crate::store::{fenced, sql, NewOrder, Store, StoreError};
+use crate::store::fenced::{Availability, Fence};
+use crate::store::{Catalog, NewOrder, OrderBook, Records, StoreError, StoreResult};
 
 /// How often a reservation or a seat return retries after its write was refused as stale.
 const STALE_RETRIES: usize = 3;
@@ -112,12 +113,6 @@ enum SettleError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for SettleError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Store(e.into())
-    }
-}
-
 fn lock_refusal(e: LockError) -> PurchaseError {
     match e {
         LockError::Timeout(_) => PurchaseError::Overloaded,
@@ -162,7 +157,7 @@ impl LockedStage {
             settings.lock_ttl,
             settings.lock_wait,
         );
-        for (event, fence) in fenced::fences(parts.store.pool()).await? {
+        for (event, fence) in parts.store.fences().await? {
             locks
                 .seed_fence(event, fence)
                 .await
@@ -351,19 +346,17 @@ impl Inner {
         idempotency_key: Option<String>,
     ) -> Result<PaymentJob, PurchaseError> {
         // Refuse without the lock when there is plainly nothing to sell.
-        let seen = fenced::availability(self.parts.store.pool(), event)
+        let store = &self.parts.store;
+        let seen = store
+            .availability(event)
             .await?
             .ok_or(PurchaseError::UnknownEvent)?;
         if seen.available < i64::from(quantity) {
             return Err(refusal(seen, quantity));
         }
-        let pool = self.parts.store.pool().clone();
-        let worth_waiting = || {
-            let pool = pool.clone();
-            async move {
-                matches!(fenced::availability(&pool, event).await,
-                    Ok(Some(seen)) if seen.available >= i64::from(quantity))
-            }
+        let worth_waiting = || async move {
+            matches!(store.availability(event).await,
+                Ok(Some(seen)) if seen.available >= i64::from(quantity))
         };
         for _ in 0..STALE_RETRIES {
             let lease = self
@@ -373,7 +366,8 @@ impl Inner {
                 .map_err(lock_refusal)?;
             let Some(lease) = lease else {
                 // Sold (or held) out while this buyer waited: no need for the lock to say so.
-                let seen = fenced::availability(&pool, event)
+                let seen = store
+                    .availability(event)
                     .await?
                     .ok_or(PurchaseError::UnknownEvent)?;
                 if seen.available < i64::from(quantity) {
@@ -417,21 +411,22 @@ impl Inner {
         per_user_limit: Option<u32>,
         idempotency_key: Option<String>,
     ) -> Result<Option<PaymentJob>, PurchaseError> {
-        let pool = self.parts.store.pool();
+        let store = &self.parts.store;
         let event = lease.event;
         // Claim the event with our token before reading it: a stale holder's write that lands
         // after this is refused, and one that landed before is in what we read.
-        if self.fencing && !fenced::claim(pool, event, lease.token).await? {
+        if self.fencing && !store.claim_fence(event, lease.token).await? {
             return Ok(None);
         }
-        let seen = fenced::availability(pool, event)
+        let seen = store
+            .availability(event)
             .await?
             .ok_or(PurchaseError::UnknownEvent)?;
         if seen.available < i64::from(quantity) {
             return Err(refusal(seen, quantity));
         }
         if let Some(limit) = per_user_limit {
-            let owned = fenced::held_or_owned(pool, event, user.as_str()).await?;
+            let owned = store.held_or_owned(event, user.as_str()).await?;
             if owned + i64::from(quantity) > i64::from(limit) {
                 return Err(PurchaseError::UserLimit { limit });
             }
@@ -455,23 +450,13 @@ impl Inner {
             idempotency_key,
             created_at: timestamp(Utc::now()),
         };
-        let mut tx = pool.begin().await.map_err(StoreError::from)?;
-        let written = fenced::write_available(
-            &mut tx,
-            event,
-            seen.available - i64::from(quantity),
-            lease.token,
-            self.fencing,
-        )
-        .await?;
-        if !written {
-            tx.rollback().await.map_err(StoreError::from)?;
+        let available = seen.available - i64::from(quantity);
+        if !store
+            .reserve_fenced(&new, available, self.fence(lease))
+            .await?
+        {
             return Ok(None);
         }
-        sql::insert_order(&mut tx, &new)
-            .await
-            .map_err(StoreError::from)?;
-        tx.commit().await.map_err(StoreError::from)?;
         self.cache.invalidate(Some(event)).await;
         Ok(Some(PaymentJob {
             order,
@@ -564,12 +549,14 @@ impl Inner {
     /// The order and its tickets confirmed and the payment completed, in one transaction.
     /// Inventory is untouched (the seats were taken at reservation), so no lock is needed.
     async fn confirm(&self, order: OrderId) -> Result<(), SettleError> {
-        let now = timestamp(Utc::now());
-        let mut tx = self.parts.store.pool().begin().await?;
-        sql::finish_order(&mut tx, order, OrderStatus::Confirmed, None, &now).await?;
-        sql::settle_payment(&mut tx, order, PaymentStatus::Completed, &now).await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(self.parts.store.confirm_paid(order).await?)
+    }
+
+    fn fence(&self, lease: &Lease) -> Fence {
+        Fence {
+            token: lease.token,
+            checked: self.fencing,
+        }
     }
 
     /// The seats back (under the lock, fenced), the order cancelled and the payment settled
@@ -607,24 +594,21 @@ impl Inner {
         reason: CancelReason,
         payment: PaymentStatus,
     ) -> Result<bool, SettleError> {
-        let now = timestamp(Utc::now());
-        let mut tx = self.parts.store.pool().begin().await?;
-        if !fenced::return_seats(&mut tx, job.event, job.quantity, lease.token, self.fencing)
-            .await?
-        {
-            tx.rollback().await?;
+        let released = self
+            .parts
+            .store
+            .release_fenced(
+                job.order,
+                job.event,
+                job.quantity,
+                reason,
+                payment,
+                self.fence(lease),
+            )
+            .await?;
+        if !released {
             return Ok(false);
         }
-        sql::finish_order(
-            &mut tx,
-            job.order,
-            OrderStatus::Cancelled,
-            Some(reason),
-            &now,
-        )
-        .await?;
-        sql::settle_payment(&mut tx, job.order, payment, &now).await?;
-        tx.commit().await?;
         self.cache.invalidate(Some(job.event)).await;
         Ok(true)
     }
@@ -752,7 +736,7 @@ impl Inner {
 }
 
 /// Why a reservation found too few seats.
-fn refusal(seen: fenced::Availability, quantity: u32) -> PurchaseError {
+fn refusal(seen: Availability, quantity: u32) -> PurchaseError {
     if seen.available > 0 {
         PurchaseError::NotEnough {
             available: seen.available as u32,
@@ -777,12 +761,16 @@ impl Stage for LockedStage {
         Ok(event)
     }
 
-    async fn event(&self, store: &Store, id: EventId) -> Result<Option<Event>, StoreError> {
-        self.inner.cache.event(store, id).await
+    fn records(&self) -> &dyn Records {
+        &self.inner.parts.store
     }
 
-    async fn events(&self, store: &Store) -> Result<Vec<Event>, StoreError> {
-        self.inner.cache.events(store).await
+    async fn event(&self, id: EventId) -> StoreResult<Option<Event>> {
+        self.inner.cache.event(&self.inner.parts.store, id).await
+    }
+
+    async fn events(&self) -> StoreResult<Vec<Event>> {
+        self.inner.cache.events(&self.inner.parts.store).await
     }
 
     #[tracing::instrument(skip(self), fields(stage = "locked"))]
@@ -827,7 +815,10 @@ impl Stage for LockedStage {
     }
 
     async fn dependencies(&self) -> Vec<(&'static str, bool)> {
-        vec![("redis", self.inner.locks.ping().await)]
+        vec![
+            super::database_health(self.records()).await,
+            ("redis", self.inner.locks.ping().await),
+        ]
     }
 
     async fn shutdown(&self) {

@@ -1,7 +1,9 @@
 //! The stages: interchangeable back ends behind one purchase contract, [`Stage`].
 //!
-//! Reads (event lists, a user's tickets) go straight to the shared [`Store`]; what differs
-//! between stages is how an event is created and, above all, how a purchase is decided.
+//! The stage owns every domain read as well: the API asks the stage for events, orders,
+//! tickets, accounts and Idempotency-Key records ([`Stage::records`]), never the database, so
+//! a stage whose truth lives elsewhere can serve the same API. What differs most between
+//! stages is how a purchase is decided.
 
 pub mod actor;
 pub mod event_actor;
@@ -13,9 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::{Settings, StageKind};
-use crate::domain::{Event, EventId, NewEvent, Order, Ticket, UserId};
+use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
-use crate::store::{Store, StoreError};
+use crate::store::{EventQuery, Records, Store, StoreError, StoreResult};
 
 /// Why a purchase did not end with a confirmed ticket.
 #[derive(Debug, thiserror::Error)]
@@ -77,23 +79,51 @@ pub trait Stage: Send + Sync + 'static {
         serde_json::json!({ "stage": self.kind() })
     }
 
+    /// Where this stage keeps its records: events, orders, tickets, accounts,
+    /// Idempotency-Key records and what the audit reads.
+    fn records(&self) -> &dyn Records;
+
     /// One event, for reads. A stage may serve it from a cache (`locked` does).
-    async fn event(&self, store: &Store, id: EventId) -> Result<Option<Event>, StoreError> {
-        store.event(id).await
+    async fn event(&self, id: EventId) -> StoreResult<Option<Event>> {
+        self.records().event(id).await
     }
 
     /// Every event, for API v1's list. A stage may serve it from a cache.
-    async fn events(&self, store: &Store) -> Result<Vec<Event>, StoreError> {
-        store.list_events().await
+    async fn events(&self) -> StoreResult<Vec<Event>> {
+        self.records().list_events().await
     }
 
-    /// The stage's own dependencies beyond SQLite (e.g. Redis) and whether each answers.
+    /// One page of events (API v2's search), and how many match in all.
+    async fn search_events(&self, query: &EventQuery) -> StoreResult<(Vec<Event>, i64)> {
+        self.records().search_events(query).await
+    }
+
+    async fn order(&self, id: OrderId) -> StoreResult<Option<Order>> {
+        self.records().order(id).await
+    }
+
+    /// A user's orders, newest first.
+    async fn user_orders(&self, user: &UserId) -> StoreResult<Vec<Order>> {
+        self.records().user_orders(user).await
+    }
+
+    /// A user's tickets, oldest first.
+    async fn user_tickets(&self, user: &UserId) -> StoreResult<Vec<Ticket>> {
+        self.records().user_tickets(user).await
+    }
+
+    /// What the stage depends on (its database, and e.g. Redis) and whether each answers.
     async fn dependencies(&self) -> Vec<(&'static str, bool)> {
-        Vec::new()
+        vec![database_health(self.records()).await]
     }
 
     /// Stops background work after the HTTP server has drained its requests.
     async fn shutdown(&self) {}
+}
+
+/// The database's name and whether it answers, for health.
+pub async fn database_health(records: &dyn Records) -> (&'static str, bool) {
+    (records.engine(), records.ping().await.is_ok())
 }
 
 /// An API v2 order, validated.
@@ -121,6 +151,9 @@ pub struct StageParts {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The stage cannot run on this database (the monolith is SQLite-only).
+    #[error("{0}")]
+    Unsupported(String),
     /// Redis did not answer at start (`locked`).
     #[error("--redis-url {url}: {cause}; start Redis or point --redis-url (REDIS_URL) at it")]
     Redis { url: String, cause: String },
@@ -129,7 +162,7 @@ pub enum StartError {
 /// Builds the stage `settings.stage` asks for (recovering interrupted purchases first).
 pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
     Ok(match parts.settings.stage {
-        StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
+        StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)?),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
     })

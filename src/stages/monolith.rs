@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{PurchaseError, Stage, StageParts};
+use super::{PurchaseError, Stage, StageParts, StartError};
 use crate::config::StageKind;
 use chrono::Utc;
 
@@ -17,15 +17,23 @@ use crate::domain::{
     timestamp, CancelReason, Event, EventId, NewEvent, OrderId, Ticket, TicketId, UserId,
 };
 use crate::payments::ChargeOutcome;
-use crate::store::{NewOrder, StoreError};
+use crate::store::{Backend, Catalog, NewOrder, Records, StoreError};
 
 pub struct Monolith {
     parts: StageParts,
 }
 
 impl Monolith {
-    pub fn new(parts: StageParts) -> Self {
-        Self { parts }
+    /// The monolith runs on SQLite only, as the seed's step 1 did.
+    pub fn new(parts: StageParts) -> Result<Self, StartError> {
+        if parts.store.backend() != Backend::Sqlite {
+            return Err(StartError::Unsupported(
+                "--stage monolith runs on SQLite only, like the seed's step 1: give --db a file \
+                 path, or run --stage actor or locked on PostgreSQL"
+                    .into(),
+            ));
+        }
+        Ok(Self { parts })
     }
 }
 
@@ -33,6 +41,10 @@ impl Monolith {
 impl Stage for Monolith {
     fn kind(&self) -> StageKind {
         StageKind::Monolith
+    }
+
+    fn records(&self) -> &dyn Records {
+        &self.parts.store
     }
 
     async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {

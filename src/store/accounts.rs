@@ -1,11 +1,12 @@
 //! API v2's users (bearer tokens, stored hashed) and Idempotency-Key records.
 
+use async_trait::async_trait;
 use chrono::{Duration, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreResult};
+use super::{Accounts, IdempotencyRecords, Store, StoreResult};
 use crate::domain::{timestamp, UserId};
 
 /// A user just created; `token` is shown once.
@@ -38,19 +39,19 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-impl Store {
-    /// Creates a user with a fresh random bearer token.
-    pub async fn create_user(&self, name: &str) -> StoreResult<NewUser> {
+#[async_trait]
+impl Accounts for Store {
+    async fn create_user(&self, name: &str) -> StoreResult<NewUser> {
         let id = Uuid::new_v4().to_string();
         let token =
             format!("tf_{}", Uuid::new_v4().simple()) + &Uuid::new_v4().simple().to_string();
         let created_at = timestamp(Utc::now());
-        sqlx::query("INSERT INTO users (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO users (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)")
             .bind(&id)
             .bind(name)
             .bind(sha256_hex(token.as_bytes()))
             .bind(&created_at)
-            .execute(self.pool())
+            .execute(&self.pool)
             .await?;
         Ok(NewUser {
             id,
@@ -60,17 +61,18 @@ impl Store {
         })
     }
 
-    /// The user a bearer token belongs to.
-    pub async fn user_by_token(&self, token: &str) -> StoreResult<Option<UserId>> {
-        let id: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE token_hash = ?")
+    async fn user_by_token(&self, token: &str) -> StoreResult<Option<UserId>> {
+        let id: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE token_hash = $1")
             .bind(sha256_hex(token.as_bytes()))
-            .fetch_optional(self.pool())
+            .fetch_optional(&self.pool)
             .await?;
         Ok(id.and_then(|id| UserId::parse(&id).ok()))
     }
+}
 
-    /// Claims `(user, key)` for a request with `fingerprint`, or says why it cannot run.
-    pub async fn begin_idempotent(
+#[async_trait]
+impl IdempotencyRecords for Store {
+    async fn begin_idempotent(
         &self,
         user: &UserId,
         key: &str,
@@ -78,41 +80,40 @@ impl Store {
     ) -> StoreResult<KeyState> {
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (user_id, key, fingerprint, state, created_at)
-             VALUES (?, ?, ?, 'in_flight', ?) ON CONFLICT (user_id, key) DO NOTHING",
+             VALUES ($1, $2, $3, 'in_flight', $4) ON CONFLICT (user_id, key) DO NOTHING",
         )
         .bind(user.as_str())
         .bind(key)
         .bind(fingerprint)
         .bind(timestamp(Utc::now()))
-        .execute(self.pool())
+        .execute(&self.pool)
         .await?
         .rows_affected();
         if inserted == 1 {
             return Ok(KeyState::Proceed);
         }
         let row = sqlx::query(
-            "SELECT fingerprint, state, status, body FROM idempotency_keys WHERE user_id = ? AND key = ?",
+            "SELECT fingerprint, state, status, body FROM idempotency_keys WHERE user_id = $1 AND key = $2",
         )
         .bind(user.as_str())
         .bind(key)
-        .fetch_one(self.pool())
+        .fetch_one(&self.pool)
         .await?;
-        let stored: String = row.get(0);
+        let stored: String = row.try_get(0)?;
         if stored != fingerprint {
             return Ok(KeyState::Mismatch);
         }
-        let state: String = row.get(1);
+        let state: String = row.try_get(1)?;
         if state == "in_flight" {
             return Ok(KeyState::InFlight);
         }
         Ok(KeyState::Replay {
-            status: row.get::<i64, _>(2) as u16,
-            body: row.get(3),
+            status: row.try_get::<i64, _>(2)? as u16,
+            body: row.try_get(3)?,
         })
     }
 
-    /// Stores the final answer of a request that claimed `(user, key)`.
-    pub async fn complete_idempotent(
+    async fn complete_idempotent(
         &self,
         user: &UserId,
         key: &str,
@@ -120,53 +121,52 @@ impl Store {
         body: &str,
     ) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE idempotency_keys SET state = 'done', status = ?, body = ?, completed_at = ?
-             WHERE user_id = ? AND key = ? AND state = 'in_flight'",
+            "UPDATE idempotency_keys SET state = 'done', status = $1, body = $2, completed_at = $3
+             WHERE user_id = $4 AND key = $5 AND state = 'in_flight'",
         )
         .bind(i64::from(status))
         .bind(body)
         .bind(timestamp(Utc::now()))
         .bind(user.as_str())
         .bind(key)
-        .execute(self.pool())
+        .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Releases a claim whose request failed on the server's side, so the client may retry.
-    pub async fn abandon_idempotent(&self, user: &UserId, key: &str) -> StoreResult<()> {
+    async fn abandon_idempotent(&self, user: &UserId, key: &str) -> StoreResult<()> {
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE user_id = ? AND key = ? AND state = 'in_flight'",
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND state = 'in_flight'",
         )
         .bind(user.as_str())
         .bind(key)
-        .execute(self.pool())
+        .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Claims left `in_flight` by a run that stopped, with the order each one created, if any.
-    pub async fn interrupted_claims(&self) -> StoreResult<Vec<(String, String, Option<String>)>> {
-        let rows = sqlx::query(
-            "SELECT k.user_id, k.key, o.id FROM idempotency_keys k
-             LEFT JOIN orders o ON o.user_id = k.user_id AND o.idempotency_key = k.key
-             WHERE k.state = 'in_flight'",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+    async fn interrupted_claims(&self) -> StoreResult<Vec<(UserId, String)>> {
+        let rows =
+            sqlx::query("SELECT user_id, key FROM idempotency_keys WHERE state = 'in_flight'")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut claims = Vec::with_capacity(rows.len());
+        for row in rows {
+            let user: String = row.try_get(0)?;
+            // Every key was claimed by a parsed user id; one that does not parse was not.
+            if let Ok(user) = UserId::parse(&user) {
+                claims.push((user, row.try_get(1)?));
+            }
+        }
+        Ok(claims)
     }
 
-    /// Forgets keys older than the retention period.
-    pub async fn purge_old_keys(&self) -> StoreResult<u64> {
+    async fn purge_old_keys(&self) -> StoreResult<u64> {
         let cutoff = timestamp(Utc::now() - Duration::hours(KEY_RETENTION_HOURS));
         Ok(
-            sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+            sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
                 .bind(cutoff)
-                .execute(self.pool())
+                .execute(&self.pool)
                 .await?
                 .rows_affected(),
         )

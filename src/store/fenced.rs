@@ -1,19 +1,20 @@
 //! The `locked` stage's inventory writes, each guarded by the fencing token of the Redis lock
 //! it was made under (`events.fence`, migration 0002).
 //!
-//! A holder first claims the event with its token ([`claim`]), then reads it; a write carries
-//! the token and succeeds only if no newer token has claimed or written the event
-//! (`fence <= token`). Claiming before reading matters: a stale holder whose write lands
+//! A holder first claims the event with its token ([`Store::claim_fence`]), then reads it; a
+//! write carries the token and succeeds only if no newer token has claimed or written the
+//! event (`fence <= token`). Claiming before reading matters: a stale holder whose write lands
 //! between a new holder's read and its write would otherwise pass the check and be
 //! overwritten. Zero rows touched means a holder with a newer lease has claimed the event
 //! since: the caller's lease ran out, and its write is refused before anything else in its
 //! transaction commits.
 
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use chrono::Utc;
+use sqlx::{AnyConnection, Row};
 
-use crate::domain::{EventId, Money};
-
-use super::{StoreError, StoreResult};
+use super::sql::{self, NewOrder};
+use super::{money, Store, StoreResult};
+use crate::domain::{timestamp, CancelReason, EventId, Money, OrderId, OrderStatus, PaymentStatus};
 
 /// An event's inventory as read under the lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,107 +27,152 @@ pub struct Availability {
     pub fence: i64,
 }
 
-/// Reads an event's availability (`None` if there is no such event).
-pub async fn availability(pool: &SqlitePool, event: EventId) -> StoreResult<Option<Availability>> {
-    let row = sqlx::query(
-        "SELECT e.available_tickets, e.price_cents, e.fence,
-                (SELECT COUNT(*) FROM tickets t WHERE t.event_id = e.id AND t.status = 'pending')
-         FROM events e WHERE e.id = ?",
-    )
-    .bind(event.0)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|r| {
-        Ok(Availability {
-            available: r.get(0),
-            price: Money::from_cents(r.get(1))
-                .map_err(|e| StoreError::Conflict(format!("stored price invalid: {e}")))?,
-            fence: r.get(2),
-            held: r.get(3),
-        })
-    })
-    .transpose()
+/// The lock token a write was made under, and whether the store checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub token: i64,
+    /// `false` records the token without checking it (unsafe: the Redlock lesson).
+    pub checked: bool,
 }
 
-/// Records `token` as the event's newest before its holder reads, so that a holder with an
-/// older token can no longer write (its lease ran out). Returns false if a newer token has
-/// already claimed or written the event.
-pub async fn claim(pool: &SqlitePool, event: EventId, token: i64) -> StoreResult<bool> {
-    let affected = sqlx::query("UPDATE events SET fence = ? WHERE id = ? AND fence <= ?")
-        .bind(token)
+impl Store {
+    /// Reads an event's availability (`None` if there is no such event).
+    pub async fn availability(&self, event: EventId) -> StoreResult<Option<Availability>> {
+        let row = sqlx::query(
+            "SELECT e.available_tickets, e.price_cents, e.fence,
+                    (SELECT COUNT(*) FROM tickets t WHERE t.event_id = e.id AND t.status = 'pending')
+             FROM events e WHERE e.id = $1",
+        )
         .bind(event.0)
-        .bind(token)
-        .execute(pool)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Availability {
+                available: r.try_get(0)?,
+                price: money(r.try_get(1)?)?,
+                fence: r.try_get(2)?,
+                held: r.try_get(3)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records `token` as the event's newest before its holder reads, so that a holder with an
+    /// older token can no longer write (its lease ran out). Returns false if a newer token has
+    /// already claimed or written the event.
+    pub async fn claim_fence(&self, event: EventId, token: i64) -> StoreResult<bool> {
+        let affected = sqlx::query("UPDATE events SET fence = $1 WHERE id = $2 AND fence <= $1")
+            .bind(token)
+            .bind(event.0)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(affected == 1)
+    }
+
+    /// Holds seats for `order`: `available` written as the lock holder computed it, and the
+    /// order, its tickets and payment inserted `pending`, in one transaction. Returns false
+    /// (and writes nothing) if the fence refused the token as stale.
+    pub async fn reserve_fenced(
+        &self,
+        order: &NewOrder,
+        available: i64,
+        fence: Fence,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let written = sqlx::query(&format!(
+            "UPDATE events SET available_tickets = $1, {FENCE_RAISED} WHERE id = $3 AND {FENCE_HOLDS}"
+        ))
+        .bind(available)
+        .bind(fence.token)
+        .bind(order.event.0)
+        .bind(i64::from(fence.checked))
+        .execute(&mut *tx)
         .await?
         .rows_affected();
-    Ok(affected == 1)
+        if written != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sql::insert_order(&mut tx, order).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Gives an order's `quantity` seats back under `fence`, cancels the order for `reason` and
+    /// settles its payment as `payment`, in one transaction. Returns false (and writes
+    /// nothing) if the fence refused the token as stale.
+    pub async fn release_fenced(
+        &self,
+        order: OrderId,
+        event: EventId,
+        quantity: u32,
+        reason: CancelReason,
+        payment: PaymentStatus,
+        fence: Fence,
+    ) -> StoreResult<bool> {
+        let now = timestamp(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        let written = sqlx::query(&format!(
+            "UPDATE events SET available_tickets = available_tickets + $1, {FENCE_RAISED} WHERE id = $3 AND {FENCE_HOLDS}"
+        ))
+        .bind(i64::from(quantity))
+        .bind(fence.token)
+        .bind(event.0)
+        .bind(i64::from(fence.checked))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if written != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sql::finish_order(&mut tx, order, OrderStatus::Cancelled, Some(reason), &now).await?;
+        sql::settle_payment(&mut tx, order, payment, &now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The order and its tickets confirmed and the payment completed, in one transaction.
+    /// Inventory is untouched (the seats were taken at reservation), so no fence is needed.
+    pub async fn confirm_paid(&self, order: OrderId) -> StoreResult<()> {
+        let now = timestamp(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        confirm_one(&mut tx, order, &now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every event's newest token, to seed Redis' counters at start.
+    pub async fn fences(&self) -> StoreResult<Vec<(EventId, i64)>> {
+        let rows = sqlx::query("SELECT id, fence FROM events WHERE fence > 0")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| Ok((EventId(r.try_get(0)?), r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Tickets `user` holds or owns for `event` (for the per-user limit).
+    pub async fn held_or_owned(&self, event: EventId, user: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tickets WHERE event_id = $1 AND user_id = $2 AND status IN ('pending', 'confirmed')",
+        )
+        .bind(event.0)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await?)
+    }
 }
 
-/// Writes `available` as the holder of `token` computed it. Without `fencing` the token is
-/// recorded but not checked (unsafe: the Redlock lesson). Returns false if refused.
-pub async fn write_available(
-    conn: &mut SqliteConnection,
-    event: EventId,
-    available: i64,
-    token: i64,
-    fencing: bool,
-) -> StoreResult<bool> {
-    let affected = sqlx::query(
-        "UPDATE events SET available_tickets = ?, fence = max(fence, ?)
-         WHERE id = ? AND (? = 0 OR fence <= ?)",
-    )
-    .bind(available)
-    .bind(token)
-    .bind(event.0)
-    .bind(fencing)
-    .bind(token)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(affected == 1)
-}
+/// `fence` raised to the writer's token ($2), written without `max()`/`GREATEST()`, which the
+/// two engines spell differently.
+const FENCE_RAISED: &str = "fence = CASE WHEN fence > $2 THEN fence ELSE $2 END";
+/// The write goes through if fencing is off ($4 = 0) or no newer token has claimed the event.
+const FENCE_HOLDS: &str = "($4 = 0 OR fence <= $2)";
 
-/// Gives `quantity` seats back under `token`. Returns false if refused.
-pub async fn return_seats(
-    conn: &mut SqliteConnection,
-    event: EventId,
-    quantity: u32,
-    token: i64,
-    fencing: bool,
-) -> StoreResult<bool> {
-    let affected = sqlx::query(
-        "UPDATE events SET available_tickets = available_tickets + ?, fence = max(fence, ?)
-         WHERE id = ? AND (? = 0 OR fence <= ?)",
-    )
-    .bind(i64::from(quantity))
-    .bind(token)
-    .bind(event.0)
-    .bind(fencing)
-    .bind(token)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(affected == 1)
-}
-
-/// Every event's newest token, to seed Redis' counters at start.
-pub async fn fences(pool: &SqlitePool) -> StoreResult<Vec<(EventId, i64)>> {
-    let rows = sqlx::query("SELECT id, fence FROM events WHERE fence > 0")
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (EventId(r.get(0)), r.get(1)))
-        .collect())
-}
-
-/// Tickets `user` holds or owns for `event` (for the per-user limit).
-pub async fn held_or_owned(pool: &SqlitePool, event: EventId, user: &str) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM tickets WHERE event_id = ? AND user_id = ? AND status IN ('pending', 'confirmed')",
-    )
-    .bind(event.0)
-    .bind(user)
-    .fetch_one(pool)
-    .await?)
+async fn confirm_one(conn: &mut AnyConnection, order: OrderId, now: &str) -> StoreResult<()> {
+    sql::finish_order(conn, order, OrderStatus::Confirmed, None, now).await?;
+    sql::settle_payment(conn, order, PaymentStatus::Completed, now).await?;
+    Ok(())
 }

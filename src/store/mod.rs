@@ -1,19 +1,26 @@
-//! SQLite storage shared by the stages: the schema (`migrations/sqlite`), reads, the monolith's
-//! step-by-step writes, and the group-commit [`writer`] the actor stage uses.
+//! Storage shared by the stages, on SQLite (embedded, the default) or PostgreSQL, chosen by the
+//! database URL ([`backend`]). Both run the same SQL, written in the subset the two share
+//! (`$N` parameters, `CASE` rather than `max()`/`GREATEST()`, explicit casts on sums), over
+//! sqlx's `Any` driver; the schema of each lives in `migrations/sqlite` and
+//! `migrations/postgres`, with the same CHECKs and unique indexes.
+//!
+//! What the stages and the API may ask of storage is a set of traits, one per capability:
+//! [`Catalog`] (events), [`OrderBook`] (orders and tickets), [`Accounts`] (API v2 users),
+//! [`IdempotencyRecords`] (stored answers for Idempotency-Key) and [`AuditReads`] (what the
+//! audit reconciles), together [`Records`]. A stage whose truth lives elsewhere implements them
+//! its own way. They speak domain types and [`StoreError`], never a driver's types. The
+//! group-commit [`writer`], the monolith's racy steps and the `locked` stage's fenced writes
+//! ([`fenced`]) are the stages' own, on [`Store`].
 
 pub mod accounts;
+pub mod backend;
 pub mod fenced;
 pub mod sql;
 pub mod writer;
 
-use std::str::FromStr;
-use std::time::Duration;
-
+use async_trait::async_trait;
 use chrono::Utc;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, FromRow, Row};
+use sqlx::{AnyPool, FromRow, Row};
 use uuid::Uuid;
 
 use crate::config::Durability;
@@ -22,44 +29,163 @@ use crate::domain::{
     PaymentStatus, Ticket, TicketId, TicketStatus, UserId,
 };
 
+pub use accounts::{KeyState, NewUser};
+pub use backend::{Backend, DatabaseUrl};
 pub use sql::NewOrder;
 pub use writer::{WriteHandle, WriteOp, WriterFull};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in storage, said in the domain's terms rather than a driver's.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database cannot be reached, refused the credentials, or kept every connection busy.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A CHECK, UNIQUE or FOREIGN KEY constraint refused the write.
+    #[error("a constraint refused the write: {0}")]
+    Constraint(String),
     /// A write found the row in another state than the caller expected.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A stored value does not read back as a domain value (a bug, or a database edited by hand).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// Applying the schema failed.
+    #[error("migration failed: {0}")]
+    Migrate(String),
     /// The group-commit writer has stopped (the server is shutting down).
     #[error("the database writer has stopped")]
     WriterClosed,
+    /// Anything else the database said.
+    #[error("database error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
-    /// True when a CHECK, UNIQUE or FOREIGN KEY constraint refused the write.
+    /// True when the write was refused by a constraint or found the row changed under it.
     pub fn is_constraint(&self) -> bool {
-        match self {
-            Self::Database(sqlx::Error::Database(e)) => e.kind() != sqlx::error::ErrorKind::Other,
-            Self::Conflict(_) => true,
-            _ => false,
+        matches!(self, Self::Constraint(_) | Self::Conflict(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::error::ErrorKind;
+        match &e {
+            sqlx::Error::Database(db) => match db.kind() {
+                ErrorKind::UniqueViolation
+                | ErrorKind::ForeignKeyViolation
+                | ErrorKind::NotNullViolation
+                | ErrorKind::CheckViolation => Self::Constraint(db.message().to_owned()),
+                _ => Self::Internal(db.message().to_owned()),
+            },
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Configuration(_) => Self::Unavailable(describe(&e)),
+            sqlx::Error::RowNotFound => Self::Conflict("expected a row, found none".into()),
+            sqlx::Error::Protocol(message) => Self::Conflict(message.clone()),
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                Self::Corrupt(e.to_string())
+            }
+            _ => Self::Internal(e.to_string()),
         }
+    }
+}
+
+/// A driver's error as one line, without its type names.
+fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
     }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Events: created, read, listed and searched.
+#[async_trait]
+pub trait Catalog: Send + Sync {
+    async fn create_event(&self, new: &NewEvent) -> StoreResult<Event>;
+    async fn event(&self, id: EventId) -> StoreResult<Option<Event>>;
+    /// Every event, by id.
+    async fn list_events(&self) -> StoreResult<Vec<Event>>;
+    /// One page of events matching `query`, and how many match in all.
+    async fn search_events(&self, query: &EventQuery) -> StoreResult<(Vec<Event>, i64)>;
+}
+
+/// Orders and their tickets, as buyers see them.
+#[async_trait]
+pub trait OrderBook: Send + Sync {
+    async fn order(&self, id: OrderId) -> StoreResult<Option<Order>>;
+    /// A user's orders, newest first.
+    async fn user_orders(&self, user: &UserId) -> StoreResult<Vec<Order>>;
+    /// A user's tickets, oldest first.
+    async fn user_tickets(&self, user: &UserId) -> StoreResult<Vec<Ticket>>;
+    /// The order a user placed under an Idempotency-Key, if any.
+    async fn order_by_key(&self, user: &UserId, key: &str) -> StoreResult<Option<Order>>;
+}
+
+/// API v2's users and their bearer tokens (stored hashed).
+#[async_trait]
+pub trait Accounts: Send + Sync {
+    /// Creates a user with a fresh random bearer token, shown once.
+    async fn create_user(&self, name: &str) -> StoreResult<NewUser>;
+    /// The user a bearer token belongs to.
+    async fn user_by_token(&self, token: &str) -> StoreResult<Option<UserId>>;
+}
+
+/// Stored answers for Idempotency-Key, scoped to (user, key).
+#[async_trait]
+pub trait IdempotencyRecords: Send + Sync {
+    /// Claims `(user, key)` for a request with `fingerprint`, or says why it cannot run.
+    async fn begin_idempotent(
+        &self,
+        user: &UserId,
+        key: &str,
+        fingerprint: &str,
+    ) -> StoreResult<KeyState>;
+    /// Stores the final answer of a request that claimed `(user, key)`.
+    async fn complete_idempotent(
+        &self,
+        user: &UserId,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> StoreResult<()>;
+    /// Releases a claim whose request did not reach an answer, so the client may retry.
+    async fn abandon_idempotent(&self, user: &UserId, key: &str) -> StoreResult<()>;
+    /// Claims still `in_flight` (left by a run that stopped).
+    async fn interrupted_claims(&self) -> StoreResult<Vec<(UserId, String)>>;
+    /// Forgets keys older than the retention period; returns how many.
+    async fn purge_old_keys(&self) -> StoreResult<u64>;
+}
+
+/// What the audit reconciles: stored counters and payments.
+#[async_trait]
+pub trait AuditReads: Send + Sync {
+    /// Counters per event: the stored `available` beside counts of tickets by status.
+    async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>>;
+    /// Every payment row with its order's status.
+    async fn payment_records(&self) -> StoreResult<Vec<PaymentRecord>>;
+}
+
+/// Every read capability a stage serves the API from, and the database's health.
+#[async_trait]
+pub trait Records: Catalog + OrderBook + Accounts + IdempotencyRecords + AuditReads {
+    /// The engine's name, for health (`sqlite`, `postgres`).
+    fn engine(&self) -> &'static str;
+    /// Checks the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
 /// A handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
-    options: SqliteConnectOptions,
+    pool: AnyPool,
+    url: DatabaseUrl,
 }
 
 /// An order whose payment was left `pending` by a run that stopped (found at start-up).
@@ -69,8 +195,10 @@ pub struct PendingPurchase {
     pub order_cancelled: bool,
     pub order: OrderId,
     pub event: EventId,
+    pub quantity: u32,
     pub amount: Money,
     pub payment_key: String,
+    pub created_at: String,
 }
 
 /// A search over events (API v2): filters, sort, one page.
@@ -133,156 +261,44 @@ pub struct PaymentRecord {
 }
 
 impl Store {
-    /// Opens (creating if missing) the database at `database`, a path or `sqlite:` URL, and
-    /// applies the migrations.
+    /// Opens the database `database` names (a path or `sqlite:` URL, or a `postgres://` URL),
+    /// creating it if missing, and applies the migrations.
     pub async fn open(database: &str, durability: Durability) -> StoreResult<Self> {
-        let options = connect_options(database, durability)?;
-        let pool = SqlitePoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
-            .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool, options })
+        let url = DatabaseUrl::parse(database, durability)?;
+        let pool = url.open_pool().await?;
+        Ok(Self { pool, url })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// Which engine this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.url.backend
     }
 
-    /// Starts the group-commit writer on its own connection.
+    /// Starts the group-commit writer on a connection of its own.
     /// The task ends once every handle is dropped and the queue is drained.
     pub async fn start_writer(
         &self,
         max_batch: usize,
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
-        let conn = self.options.clone().connect().await?;
+        let conn = self.url.connect().await?;
         Ok(writer::start(conn, max_batch, capacity))
-    }
-
-    /// Checks the database answers (for health).
-    pub async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
-    pub async fn create_event(&self, new: &NewEvent) -> StoreResult<Event> {
-        let created_at = timestamp(Utc::now());
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO events (name, venue, date, total_tickets, available_tickets, price_cents, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&new.name)
-        .bind(&new.venue)
-        .bind(timestamp(new.date))
-        .bind(i64::from(new.total_tickets))
-        .bind(i64::from(new.total_tickets))
-        .bind(new.price.cents())
-        .bind(&created_at)
-        .fetch_one(&self.pool)
-        .await?;
-        self.event(EventId(id))
-            .await?
-            .ok_or_else(|| StoreError::Conflict("event vanished after insert".into()))
-    }
-
-    pub async fn list_events(&self) -> StoreResult<Vec<Event>> {
-        let rows: Vec<EventRow> = sqlx::query_as(&format!("{EVENT_COLUMNS} ORDER BY id"))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(Event::from).collect())
-    }
-
-    /// One page of events matching `query`, and how many match in all.
-    pub async fn search_events(&self, query: &EventQuery) -> StoreResult<(Vec<Event>, i64)> {
-        let mut filters = Vec::new();
-        if query.venue.is_some() {
-            filters.push("lower(venue) = lower(?)");
-        }
-        if query.from.is_some() {
-            filters.push("date >= ?");
-        }
-        if query.to.is_some() {
-            filters.push("date <= ?");
-        }
-        match query.available {
-            Some(true) => filters.push("available_tickets > 0"),
-            Some(false) => filters.push("available_tickets = 0"),
-            None => {}
-        }
-        let filter = if filters.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", filters.join(" AND "))
-        };
-        let order = format!(
-            " ORDER BY {} {}, id ASC LIMIT ? OFFSET ?",
-            query.sort.column(),
-            if query.descending { "DESC" } else { "ASC" }
-        );
-        let count_sql = format!("SELECT COUNT(*) FROM events{filter}");
-        let page_sql = format!("{EVENT_COLUMNS}{filter}{order}");
-        let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
-        let mut page = sqlx::query_as::<_, EventRow>(&page_sql);
-        for value in [&query.venue, &query.from, &query.to].into_iter().flatten() {
-            count = count.bind(value.clone());
-            page = page.bind(value.clone());
-        }
-        let total = count.fetch_one(&self.pool).await?;
-        let rows = page
-            .bind(i64::from(query.limit))
-            .bind(query.offset as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok((rows.into_iter().map(Event::from).collect(), total))
-    }
-
-    pub async fn event(&self, id: EventId) -> StoreResult<Option<Event>> {
-        let row: Option<EventRow> = sqlx::query_as(&format!("{EVENT_COLUMNS} WHERE id = ?"))
-            .bind(id.0)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(Event::from))
-    }
-
-    pub async fn user_tickets(&self, user: &UserId) -> StoreResult<Vec<Ticket>> {
-        let rows: Vec<TicketRow> = sqlx::query_as(&format!(
-            "{TICKET_COLUMNS} WHERE user_id = ? ORDER BY purchase_date, id"
-        ))
-        .bind(user.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(Ticket::try_from).collect()
-    }
-
-    pub async fn ticket(&self, id: TicketId) -> StoreResult<Option<Ticket>> {
-        let row: Option<TicketRow> = sqlx::query_as(&format!("{TICKET_COLUMNS} WHERE id = ?"))
-            .bind(id.0.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(Ticket::try_from).transpose()
-    }
-
     // --- the monolith's steps: each its own autocommit statement, no transaction around them ---
 
     /// Step 1: the event's `available_tickets` and price as they are right now.
     pub async fn read_availability(&self, id: EventId) -> StoreResult<Option<(i64, Money)>> {
-        let row = sqlx::query("SELECT available_tickets, price_cents FROM events WHERE id = ?")
+        let row = sqlx::query("SELECT available_tickets, price_cents FROM events WHERE id = $1")
             .bind(id.0)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            let cents: i64 = r.get(1);
-            let price = Money::from_cents(cents)
-                .map_err(|e| StoreError::Conflict(format!("stored price invalid: {e}")))?;
-            Ok((r.get(0), price))
-        })
-        .transpose()
+        row.map(|r| Ok((r.try_get(0)?, money(r.try_get(1)?)?)))
+            .transpose()
     }
 
     /// Step 2: a pending order with its tickets and payment, each its own autocommit
@@ -312,9 +328,9 @@ impl Store {
     }
 
     /// Step 5: writes back `available_tickets` as the caller computed it (a lost update waiting
-    /// to happen: that is the monolith's lesson).
+    /// to happen: that is the monolith's lesson). Recovery uses it to repair a drifted counter.
     pub async fn write_available(&self, id: EventId, available: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE events SET available_tickets = ? WHERE id = ?")
+        sqlx::query("UPDATE events SET available_tickets = $1 WHERE id = $2")
             .bind(available)
             .bind(id.0)
             .execute(&self.pool)
@@ -322,12 +338,12 @@ impl Store {
         Ok(())
     }
 
-    // --- recovery and audit ---
+    // --- recovery ---
 
     /// Purchases that were interrupted: payments still `pending`, with their orders.
     pub async fn pending_purchases(&self) -> StoreResult<Vec<PendingPurchase>> {
         let rows = sqlx::query(
-            "SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status
+            "SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status, o.quantity, o.created_at
              FROM orders o JOIN payments p ON p.order_id = o.id
              WHERE p.status = 'pending' OR o.status = 'pending' ORDER BY o.created_at",
         )
@@ -336,129 +352,35 @@ impl Store {
         rows.into_iter()
             .map(|r| {
                 Ok(PendingPurchase {
-                    order: OrderId(parse_uuid(r.get::<String, _>(0))?),
-                    event: EventId(r.get(1)),
-                    amount: Money::from_cents(r.get(2))
-                        .map_err(|e| StoreError::Conflict(e.to_string()))?,
-                    payment_key: r.get(3),
-                    order_cancelled: r.get::<String, _>(4) == "cancelled",
+                    order: OrderId(parse_uuid(r.try_get(0)?)?),
+                    event: EventId(r.try_get(1)?),
+                    amount: money(r.try_get(2)?)?,
+                    payment_key: r.try_get(3)?,
+                    order_cancelled: r.try_get::<String, _>(4)? == "cancelled",
+                    quantity: r.try_get::<i64, _>(5)? as u32,
+                    created_at: r.try_get(6)?,
                 })
             })
             .collect()
     }
 
-    /// Counters per event: the stored `available` beside counts of tickets by status.
-    pub async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>> {
-        let rows = sqlx::query(
-            "SELECT e.id, e.total_tickets, e.available_tickets,
-                    COALESCE(SUM(t.status = 'confirmed'), 0),
-                    COALESCE(SUM(t.status = 'pending'), 0),
-                    COALESCE(SUM(t.status = 'cancelled'), 0)
-             FROM events e LEFT JOIN tickets t ON t.event_id = e.id
-             GROUP BY e.id ORDER BY e.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredCounts {
-                event: EventId(r.get(0)),
-                total: r.get(1),
-                available: r.get(2),
-                confirmed: r.get(3),
-                pending: r.get(4),
-                cancelled: r.get(5),
-            })
-            .collect())
-    }
-
-    /// Every payment row with its ticket's status.
-    pub async fn payment_records(&self) -> StoreResult<Vec<PaymentRecord>> {
-        let rows = sqlx::query(
-            "SELECT p.order_id, o.status, p.status, p.idempotency_key
-             FROM payments p JOIN orders o ON o.id = p.order_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| PaymentRecord {
-                order: r.get(0),
-                order_status: r.get(1),
-                status: r.get(2),
-                key: r.get(3),
-            })
-            .collect())
-    }
-
     /// Tickets each user owns (confirmed) for one event, to rebuild per-user limits.
     pub async fn owned_by_user(&self, event: EventId) -> StoreResult<Vec<(String, u32)>> {
         let rows = sqlx::query(
-            "SELECT user_id, COUNT(*) FROM tickets WHERE event_id = ? AND status = 'confirmed' GROUP BY user_id",
+            "SELECT user_id, COUNT(*) FROM tickets WHERE event_id = $1 AND status = 'confirmed' GROUP BY user_id",
         )
         .bind(event.0)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.get(0), r.get::<i64, _>(1) as u32))
-            .collect())
-    }
-
-    pub async fn order(&self, id: OrderId) -> StoreResult<Option<Order>> {
-        let row: Option<OrderRow> = sqlx::query_as(&format!("{ORDER_COLUMNS} WHERE id = ?"))
-            .bind(id.0.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(row) => Ok(Some(self.with_tickets(row).await?)),
-            None => Ok(None),
-        }
-    }
-
-    /// A user's orders, newest first.
-    pub async fn user_orders(&self, user: &UserId) -> StoreResult<Vec<Order>> {
-        let rows: Vec<OrderRow> = sqlx::query_as(&format!(
-            "{ORDER_COLUMNS} WHERE user_id = ? ORDER BY created_at DESC, id"
-        ))
-        .bind(user.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut orders = Vec::with_capacity(rows.len());
-        for row in rows {
-            orders.push(self.with_tickets(row).await?);
-        }
-        Ok(orders)
-    }
-
-    async fn with_tickets(&self, row: OrderRow) -> StoreResult<Order> {
-        let tickets: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM tickets WHERE order_id = ? ORDER BY id")
-                .bind(&row.id)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(Order {
-            id: OrderId(parse_uuid(row.id)?),
-            event_id: EventId(row.event_id),
-            user_id: row.user_id,
-            quantity: row.quantity as u32,
-            amount_cents: row.amount_cents,
-            status: TicketStatus::parse(&row.status)
-                .ok_or_else(|| StoreError::Conflict(format!("unknown status {}", row.status)))?,
-            cancel_reason: row.cancel_reason,
-            tickets: tickets
-                .into_iter()
-                .map(|t| parse_uuid(t).map(TicketId))
-                .collect::<StoreResult<_>>()?,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-        })
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)? as u32)))
+            .collect()
     }
 
     /// The first ticket of an order (an API v1 purchase has exactly one).
     pub async fn first_ticket(&self, order: OrderId) -> StoreResult<Option<Ticket>> {
         let row: Option<TicketRow> = sqlx::query_as(&format!(
-            "{TICKET_COLUMNS} WHERE order_id = ? ORDER BY id LIMIT 1"
+            "{TICKET_COLUMNS} WHERE order_id = $1 ORDER BY id LIMIT 1"
         ))
         .bind(order.0.to_string())
         .fetch_optional(&self.pool)
@@ -469,29 +391,233 @@ impl Store {
     /// How many tickets an event has issued so far, in any state.
     pub async fn tickets_issued(&self, event: EventId) -> StoreResult<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM tickets WHERE event_id = ?")
+            sqlx::query_scalar("SELECT COUNT(*) FROM tickets WHERE event_id = $1")
                 .bind(event.0)
                 .fetch_one(&self.pool)
                 .await?,
         )
     }
+
+    async fn with_tickets(&self, row: OrderRow) -> StoreResult<Order> {
+        let tickets: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM tickets WHERE order_id = $1 ORDER BY id")
+                .bind(&row.id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(Order {
+            id: OrderId(parse_uuid(row.id)?),
+            event_id: EventId(row.event_id),
+            user_id: row.user_id,
+            quantity: row.quantity as u32,
+            amount_cents: row.amount_cents,
+            status: TicketStatus::parse(&row.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown status {}", row.status)))?,
+            cancel_reason: row.cancel_reason,
+            tickets: tickets
+                .into_iter()
+                .map(|t| parse_uuid(t).map(TicketId))
+                .collect::<StoreResult<_>>()?,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+
+    async fn orders_with_tickets(&self, rows: Vec<OrderRow>) -> StoreResult<Vec<Order>> {
+        let mut orders = Vec::with_capacity(rows.len());
+        for row in rows {
+            orders.push(self.with_tickets(row).await?);
+        }
+        Ok(orders)
+    }
 }
 
-fn connect_options(database: &str, durability: Durability) -> StoreResult<SqliteConnectOptions> {
-    let base = if database.starts_with("sqlite:") {
-        SqliteConnectOptions::from_str(database)?
-    } else {
-        SqliteConnectOptions::new().filename(database)
-    };
-    Ok(base
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(match durability {
-            Durability::Normal => SqliteSynchronous::Normal,
-            Durability::Full => SqliteSynchronous::Full,
-        })
-        .busy_timeout(Duration::from_secs(30))
-        .foreign_keys(true))
+#[async_trait]
+impl Catalog for Store {
+    async fn create_event(&self, new: &NewEvent) -> StoreResult<Event> {
+        let created_at = timestamp(Utc::now());
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO events (name, venue, date, total_tickets, available_tickets, price_cents, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(&new.name)
+        .bind(&new.venue)
+        .bind(timestamp(new.date))
+        .bind(i64::from(new.total_tickets))
+        .bind(i64::from(new.total_tickets))
+        .bind(new.price.cents())
+        .bind(&created_at)
+        .fetch_one(&self.pool)
+        .await?;
+        self.event(EventId(id))
+            .await?
+            .ok_or_else(|| StoreError::Conflict("event vanished after insert".into()))
+    }
+
+    async fn event(&self, id: EventId) -> StoreResult<Option<Event>> {
+        let row: Option<EventRow> = sqlx::query_as(&format!("{EVENT_COLUMNS} WHERE id = $1"))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn list_events(&self) -> StoreResult<Vec<Event>> {
+        let rows: Vec<EventRow> = sqlx::query_as(&format!("{EVENT_COLUMNS} ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn search_events(&self, query: &EventQuery) -> StoreResult<(Vec<Event>, i64)> {
+        let mut filters = Vec::new();
+        let mut values = Vec::new();
+        for (value, filter) in [
+            (&query.venue, "lower(venue) = lower($)"),
+            (&query.from, "date >= $"),
+            (&query.to, "date <= $"),
+        ] {
+            if let Some(value) = value {
+                values.push(value.clone());
+                filters.push(filter.replace('$', &format!("${}", values.len())));
+            }
+        }
+        match query.available {
+            Some(true) => filters.push("available_tickets > 0".into()),
+            Some(false) => filters.push("available_tickets = 0".into()),
+            None => {}
+        }
+        let filter = if filters.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", filters.join(" AND "))
+        };
+        let order = format!(
+            " ORDER BY {} {}, id ASC LIMIT ${} OFFSET ${}",
+            query.sort.column(),
+            if query.descending { "DESC" } else { "ASC" },
+            values.len() + 1,
+            values.len() + 2,
+        );
+        let count_sql = format!("SELECT COUNT(*) FROM events{filter}");
+        let page_sql = format!("{EVENT_COLUMNS}{filter}{order}");
+        let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+        let mut page = sqlx::query_as::<_, EventRow>(&page_sql);
+        for value in values {
+            count = count.bind(value.clone());
+            page = page.bind(value);
+        }
+        let total = count.fetch_one(&self.pool).await?;
+        let rows = page
+            .bind(i64::from(query.limit))
+            .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((rows.into_iter().map(Event::from).collect(), total))
+    }
+}
+
+#[async_trait]
+impl OrderBook for Store {
+    async fn order(&self, id: OrderId) -> StoreResult<Option<Order>> {
+        let row: Option<OrderRow> = sqlx::query_as(&format!("{ORDER_COLUMNS} WHERE id = $1"))
+            .bind(id.0.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(Some(self.with_tickets(row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn user_orders(&self, user: &UserId) -> StoreResult<Vec<Order>> {
+        let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+            "{ORDER_COLUMNS} WHERE user_id = $1 ORDER BY created_at DESC, id"
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        self.orders_with_tickets(rows).await
+    }
+
+    async fn user_tickets(&self, user: &UserId) -> StoreResult<Vec<Ticket>> {
+        let rows: Vec<TicketRow> = sqlx::query_as(&format!(
+            "{TICKET_COLUMNS} WHERE user_id = $1 ORDER BY purchase_date, id"
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Ticket::try_from).collect()
+    }
+
+    async fn order_by_key(&self, user: &UserId, key: &str) -> StoreResult<Option<Order>> {
+        let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+            "{ORDER_COLUMNS} WHERE user_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(user.as_str())
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(self.orders_with_tickets(rows).await?.pop())
+    }
+}
+
+#[async_trait]
+impl AuditReads for Store {
+    async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.total_tickets, e.available_tickets,
+                    CAST(COALESCE(SUM(CASE WHEN t.status = 'confirmed' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(CASE WHEN t.status = 'pending' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(CASE WHEN t.status = 'cancelled' THEN 1 ELSE 0 END), 0) AS BIGINT)
+             FROM events e LEFT JOIN tickets t ON t.event_id = e.id
+             GROUP BY e.id, e.total_tickets, e.available_tickets ORDER BY e.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredCounts {
+                    event: EventId(r.try_get(0)?),
+                    total: r.try_get(1)?,
+                    available: r.try_get(2)?,
+                    confirmed: r.try_get(3)?,
+                    pending: r.try_get(4)?,
+                    cancelled: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn payment_records(&self) -> StoreResult<Vec<PaymentRecord>> {
+        let rows = sqlx::query(
+            "SELECT p.order_id, o.status, p.status, p.idempotency_key
+             FROM payments p JOIN orders o ON o.id = p.order_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(PaymentRecord {
+                    order: r.try_get(0)?,
+                    order_status: r.try_get(1)?,
+                    status: r.try_get(2)?,
+                    key: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Records for Store {
+    fn engine(&self) -> &'static str {
+        self.url.backend.as_str()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
 }
 
 const EVENT_COLUMNS: &str = "SELECT id, name, venue, date, total_tickets, available_tickets, price_cents, created_at FROM events";
@@ -563,13 +689,16 @@ impl TryFrom<TicketRow> for Ticket {
             price: r.price_cents as f64 / 100.0,
             price_cents: r.price_cents,
             status: TicketStatus::parse(&r.status)
-                .ok_or_else(|| StoreError::Conflict(format!("unknown status {}", r.status)))?,
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown status {}", r.status)))?,
             cancel_reason: r.cancel_reason,
         })
     }
 }
 
 fn parse_uuid(raw: String) -> StoreResult<Uuid> {
-    Uuid::parse_str(&raw)
-        .map_err(|_| StoreError::Conflict(format!("stored id {raw} is not a UUID")))
+    Uuid::parse_str(&raw).map_err(|_| StoreError::Corrupt(format!("stored id {raw} is not a UUID")))
+}
+
+fn money(cents: i64) -> StoreResult<Money> {
+    Money::from_cents(cents).map_err(|e| StoreError::Corrupt(format!("stored amount invalid: {e}")))
 }

@@ -2,7 +2,7 @@
 //! inside its transactions; the monolith runs them one autocommit statement at a time, exactly
 //! as racy as the seed.
 
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 use uuid::Uuid;
 
 use crate::domain::{CancelReason, EventId, Money, OrderId, OrderStatus, PaymentStatus, TicketId};
@@ -37,10 +37,10 @@ impl NewOrder {
 }
 
 /// Inserts the order, its tickets and its payment, all `pending`. Inventory is not touched.
-pub async fn insert_order(conn: &mut SqliteConnection, o: &NewOrder) -> Result<(), sqlx::Error> {
+pub async fn insert_order(conn: &mut AnyConnection, o: &NewOrder) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, idempotency_key, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8)",
     )
     .bind(o.order.0.to_string())
     .bind(o.event.0)
@@ -55,7 +55,7 @@ pub async fn insert_order(conn: &mut SqliteConnection, o: &NewOrder) -> Result<(
     for ticket in &o.tickets {
         sqlx::query(
             "INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status)
-             VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
         )
         .bind(ticket.0.to_string())
         .bind(o.order.0.to_string())
@@ -68,7 +68,7 @@ pub async fn insert_order(conn: &mut SqliteConnection, o: &NewOrder) -> Result<(
     }
     sqlx::query(
         "INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, created_at)
-         VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+         VALUES ($1, $2, $3, $4, 'pending', $5, $6)",
     )
     .bind(Uuid::new_v4().to_string())
     .bind(o.order.0.to_string())
@@ -83,7 +83,7 @@ pub async fn insert_order(conn: &mut SqliteConnection, o: &NewOrder) -> Result<(
 
 /// Moves a `pending` order and its tickets to `status`; refuses any other starting state.
 pub async fn finish_order(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order: OrderId,
     status: OrderStatus,
     reason: Option<CancelReason>,
@@ -91,7 +91,7 @@ pub async fn finish_order(
 ) -> Result<(), sqlx::Error> {
     let reason = reason.map(CancelReason::as_str);
     let affected = sqlx::query(
-        "UPDATE orders SET status = ?, cancel_reason = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+        "UPDATE orders SET status = $1, cancel_reason = $2, updated_at = $3 WHERE id = $4 AND status = 'pending'",
     )
     .bind(status.as_str())
     .bind(reason)
@@ -102,7 +102,7 @@ pub async fn finish_order(
     .rows_affected();
     expect_one(affected, "pending order")?;
     sqlx::query(
-        "UPDATE tickets SET status = ?, cancel_reason = ? WHERE order_id = ? AND status = 'pending'",
+        "UPDATE tickets SET status = $1, cancel_reason = $2 WHERE order_id = $3 AND status = 'pending'",
     )
     .bind(status.as_str())
     .bind(reason)
@@ -114,14 +114,14 @@ pub async fn finish_order(
 
 /// Takes an order's seats out of (`sign = -1`) or back into (`sign = 1`) `available_tickets`.
 pub async fn move_seats(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order: OrderId,
     event: EventId,
     sign: i64,
 ) -> Result<(), sqlx::Error> {
     let affected = sqlx::query(
-        "UPDATE events SET available_tickets = available_tickets + ? * (SELECT quantity FROM orders WHERE id = ?)
-         WHERE id = ?",
+        "UPDATE events SET available_tickets = available_tickets + $1 * (SELECT quantity FROM orders WHERE id = $2)
+         WHERE id = $3",
     )
     .bind(sign)
     .bind(order.0.to_string())
@@ -134,13 +134,13 @@ pub async fn move_seats(
 
 /// Records a `pending` payment's outcome.
 pub async fn settle_payment(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order: OrderId,
     status: PaymentStatus,
     now: &str,
 ) -> Result<(), sqlx::Error> {
     let affected = sqlx::query(
-        "UPDATE payments SET status = ?, processed_at = ? WHERE order_id = ? AND status = 'pending'",
+        "UPDATE payments SET status = $1, processed_at = $2 WHERE order_id = $3 AND status = 'pending'",
     )
     .bind(status.as_str())
     .bind(now)
@@ -161,16 +161,39 @@ fn expect_one(affected: u64, what: &str) -> Result<(), sqlx::Error> {
     }
 }
 
-/// Most rows or ids one statement carries (well under SQLite's limit of bound parameters).
+/// Most rows or ids one statement carries (well under SQLite's and PostgreSQL's limits of
+/// bound parameters).
 const CHUNK: usize = 400;
+
+/// `rows` groups of `columns` numbered parameters, `($1, $2), ($3, $4)`, each group written
+/// with `shape`, where `?` stands for the next parameter; numbering starts after `first - 1`.
+fn numbered(shape: &str, rows: usize, first: usize) -> String {
+    let mut next = first;
+    let mut out = String::with_capacity(rows * (shape.len() + 8));
+    for row in 0..rows {
+        if row > 0 {
+            out.push_str(", ");
+        }
+        for c in shape.chars() {
+            if c == '?' {
+                out.push('$');
+                out.push_str(&next.to_string());
+                next += 1;
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
 
 /// Inserts many orders with their tickets and payments in a few multi-row statements.
 pub async fn insert_orders(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     orders: &[&NewOrder],
 ) -> Result<(), sqlx::Error> {
     for chunk in orders.chunks(CHUNK / 10) {
-        let rows = vec!["(?, ?, ?, ?, ?, 'pending', ?, ?, ?)"; chunk.len()].join(", ");
+        let rows = numbered("(?, ?, ?, ?, ?, 'pending', ?, ?, ?)", chunk.len(), 1);
         let sql = format!(
             "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, idempotency_key, created_at, updated_at) VALUES {rows}"
         );
@@ -188,7 +211,7 @@ pub async fn insert_orders(
         }
         query.execute(&mut *conn).await?;
 
-        let rows = vec!["(?, ?, ?, ?, 'pending', ?, ?)"; chunk.len()].join(", ");
+        let rows = numbered("(?, ?, ?, ?, 'pending', ?, ?)", chunk.len(), 1);
         let sql = format!(
             "INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, created_at) VALUES {rows}"
         );
@@ -209,7 +232,7 @@ pub async fn insert_orders(
         .flat_map(|o| o.tickets.iter().map(move |t| (*o, t)))
         .collect();
     for chunk in tickets.chunks(CHUNK / 7) {
-        let rows = vec!["(?, ?, ?, ?, ?, ?, 'pending')"; chunk.len()].join(", ");
+        let rows = numbered("(?, ?, ?, ?, ?, ?, 'pending')", chunk.len(), 1);
         let sql = format!(
             "INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status) VALUES {rows}"
         );
@@ -231,21 +254,22 @@ pub async fn insert_orders(
 /// Confirms many `pending` orders (and their tickets) and completes their payments, in three
 /// statements per chunk; an order that is not `pending` fails the whole call.
 pub async fn confirm_orders(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     orders: &[OrderId],
     now: &str,
 ) -> Result<(), sqlx::Error> {
     for chunk in orders.chunks(CHUNK) {
-        let ids = vec!["?"; chunk.len()].join(", ");
+        // $1 is the time; the ids follow.
+        let ids = numbered("?", chunk.len(), 2);
         let orders_sql = format!(
-            "UPDATE orders SET status = 'confirmed', updated_at = ? WHERE status = 'pending' AND id IN ({ids})"
+            "UPDATE orders SET status = 'confirmed', updated_at = $1 WHERE status = 'pending' AND id IN ({ids})"
         );
         let confirmed = bind_ids(sqlx::query(&orders_sql).bind(now), chunk)
             .execute(&mut *conn)
             .await?
             .rows_affected();
         let payments_sql = format!(
-            "UPDATE payments SET status = 'completed', processed_at = ? WHERE status = 'pending' AND order_id IN ({ids})"
+            "UPDATE payments SET status = 'completed', processed_at = $1 WHERE status = 'pending' AND order_id IN ({ids})"
         );
         let completed = bind_ids(sqlx::query(&payments_sql).bind(now), chunk)
             .execute(&mut *conn)
@@ -257,6 +281,7 @@ pub async fn confirm_orders(
                 chunk.len()
             )));
         }
+        let ids = numbered("?", chunk.len(), 1);
         let tickets_sql = format!(
             "UPDATE tickets SET status = 'confirmed' WHERE status = 'pending' AND order_id IN ({ids})"
         );
@@ -267,9 +292,9 @@ pub async fn confirm_orders(
     Ok(())
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-fn bind_ids<'q>(mut query: SqliteQuery<'q>, orders: &[OrderId]) -> SqliteQuery<'q> {
+fn bind_ids<'q>(mut query: AnyQuery<'q>, orders: &[OrderId]) -> AnyQuery<'q> {
     for order in orders {
         query = query.bind(order.0.to_string());
     }
@@ -278,21 +303,19 @@ fn bind_ids<'q>(mut query: SqliteQuery<'q>, orders: &[OrderId]) -> SqliteQuery<'
 
 /// The seats of these orders, summed per event.
 pub async fn seats_per_event(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     orders: &[OrderId],
 ) -> Result<Vec<(EventId, i64)>, sqlx::Error> {
     let mut per_event: Vec<(EventId, i64)> = Vec::new();
     for chunk in orders.chunks(CHUNK) {
-        let ids = vec!["?"; chunk.len()].join(", ");
+        let ids = numbered("?", chunk.len(), 1);
         let sql = format!(
-            "SELECT event_id, SUM(quantity) FROM orders WHERE id IN ({ids}) GROUP BY event_id"
+            "SELECT event_id, CAST(SUM(quantity) AS BIGINT) FROM orders WHERE id IN ({ids}) GROUP BY event_id"
         );
-        let mut query = sqlx::query_as::<_, (i64, i64)>(&sql);
-        for order in chunk {
-            query = query.bind(order.0.to_string());
-        }
-        for (event, seats) in query.fetch_all(&mut *conn).await? {
-            per_event.push((EventId(event), seats));
+        let query = bind_ids(sqlx::query(&sql), chunk);
+        for row in query.fetch_all(&mut *conn).await? {
+            use sqlx::Row;
+            per_event.push((EventId(row.try_get(0)?), row.try_get(1)?));
         }
     }
     Ok(per_event)
@@ -300,16 +323,28 @@ pub async fn seats_per_event(
 
 /// Adds `delta` (negative to take seats) to an event's `available_tickets`.
 pub async fn add_available(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     event: EventId,
     delta: i64,
 ) -> Result<(), sqlx::Error> {
     let affected =
-        sqlx::query("UPDATE events SET available_tickets = available_tickets + ? WHERE id = ?")
+        sqlx::query("UPDATE events SET available_tickets = available_tickets + $1 WHERE id = $2")
             .bind(delta)
             .bind(event.0)
             .execute(&mut *conn)
             .await?
             .rows_affected();
     expect_one(affected, "event")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parameters_are_numbered_across_rows() {
+        assert_eq!(
+            super::numbered("(?, 'x', ?)", 2, 1),
+            "($1, 'x', $2), ($3, 'x', $4)"
+        );
+        assert_eq!(super::numbered("?", 3, 2), "$2, $3, $4");
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::Utc;
-use sqlx::{Connection, SqliteConnection};
+use sqlx::{AnyConnection, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::sql::{self, NewOrder};
@@ -115,7 +115,7 @@ impl WriteHandle {
 
 /// Starts the writer task; it stops when every handle is dropped, after draining the queue.
 pub(super) fn start(
-    conn: SqliteConnection,
+    conn: AnyConnection,
     max_batch: usize,
     capacity: usize,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
@@ -148,7 +148,7 @@ pub fn start_acknowledging(
 }
 
 async fn run(
-    mut conn: SqliteConnection,
+    mut conn: AnyConnection,
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
     stats: Arc<WriterStats>,
@@ -157,10 +157,10 @@ async fn run(
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         commit(&mut conn, &mut batch, &stats).await;
     }
-    let _ = conn.close().await;
+    let _ = sqlx::Connection::close(conn).await;
 }
 
-async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<(WriteOp, Ack)>, stats: &WriterStats) {
+async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats: &WriterStats) {
     let together = async {
         let mut tx = conn.begin().await?;
         apply_batch(&mut tx, batch).await?;
@@ -203,7 +203,7 @@ async fn commit(conn: &mut SqliteConnection, batch: &mut Vec<(WriteOp, Ack)>, st
 /// in sequence, so it is valid; moving seats op by op in another order than the actor's could
 /// cross `0 <= available <= total` on the way (a seat returned and taken again in one batch).
 async fn apply_batch(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     batch: &[(WriteOp, Ack)],
 ) -> Result<(), sqlx::Error> {
     let now = timestamp(Utc::now());
@@ -260,7 +260,7 @@ async fn apply_batch(
 }
 
 /// Applies one write on its own (the path a batch falls back to when it fails as a whole).
-async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<(), sqlx::Error> {
+async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<(), sqlx::Error> {
     let now = timestamp(Utc::now());
     match op {
         WriteOp::Hold(order) => {
