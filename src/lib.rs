@@ -12,8 +12,8 @@
 //! - [`cache`]: the `locked` stage's read-through Redis cache of event reads.
 //! - [`stages`]: the purchase contract ([`stages::Stage`]) and one module per stage.
 //! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
-//! - [`api`]: the thin actix-web front, API v1 and v2, admin routes, problem documents, and
-//!   the OpenAPI document ([`api::openapi`]).
+//! - [`api`]: the thin actix-web front, API v1 and v2 (a file per resource under [`api::v2`]),
+//!   admin routes, problem documents, and the OpenAPI document ([`api::openapi`]).
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
 

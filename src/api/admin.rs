@@ -3,6 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use super::openapi::GatewayProblem;
 use super::{AppState, Problem};
 use crate::audit;
 
@@ -43,7 +44,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     operation_id = "v1AdminLedger",
     responses(
         (status = 200, description = "The gateway's ledger (this process).", body = super::openapi::Ledger),
-        (status = 503, description = "The payment gateway is unavailable (`payment-gateway-unavailable`).", body = Problem, content_type = "application/problem+json"),
+        GatewayProblem,
     ),
 )]
 pub async fn ledger(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
@@ -59,7 +60,7 @@ pub async fn ledger(state: web::Data<AppState>) -> Result<HttpResponse, Problem>
     operation_id = "v1AdminAudit",
     responses(
         (status = 200, description = "Violation counts per invariant, per event.", body = audit::AuditReport),
-        (status = 503, description = "The payment gateway is unavailable (`payment-gateway-unavailable`).", body = Problem, content_type = "application/problem+json"),
+        GatewayProblem,
     ),
 )]
 pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {

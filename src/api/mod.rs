@@ -33,27 +33,29 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: 
         .service(resource(openapi::PATH).route(web::get().to(openapi::openapi_json)));
     if serve_v2 {
         cfg.service(resource("/api/v2").route(web::get().to(v2::index)))
-            .service(resource("/api/v2/users").route(web::post().to(v2::create_user)))
-            .service(resource("/api/v2/users/me/orders").route(web::get().to(v2::my_orders)))
-            .service(resource("/api/v2/users/me/tickets").route(web::get().to(v2::my_tickets)))
+            .service(resource("/api/v2/users").route(web::post().to(v2::users::create_user)))
+            .service(resource("/api/v2/users/me/orders").route(web::get().to(v2::users::my_orders)))
+            .service(
+                resource("/api/v2/users/me/tickets").route(web::get().to(v2::users::my_tickets)),
+            )
             .service(
                 resource("/api/v2/events")
-                    .route(web::get().to(v2::list_events))
-                    .route(web::post().to(v2::create_event)),
+                    .route(web::get().to(v2::events::list_events))
+                    .route(web::post().to(v2::events::create_event)),
             )
-            .service(resource("/api/v2/events/{id}").route(web::get().to(v2::get_event)))
+            .service(resource("/api/v2/events/{id}").route(web::get().to(v2::events::get_event)))
             .service(
                 resource("/api/v2/events/{id}/availability")
-                    .route(web::get().to(v2::availability_stream)),
+                    .route(web::get().to(v2::events::availability_stream)),
             )
-            .service(resource("/api/v2/orders").route(web::post().to(v2::create_order)))
-            .service(resource("/api/v2/orders/{id}").route(web::get().to(v2::get_order)))
-            .service(resource("/api/v2/health").route(web::get().to(v2::health)))
-            .service(resource("/api/v2/admin/audit").route(web::get().to(v2::admin_audit)))
-            .service(resource("/api/v2/admin/ledger").route(web::get().to(v2::admin_ledger)))
-            .service(resource("/api/v2/admin/stats").route(web::get().to(v2::admin_stats)))
+            .service(resource("/api/v2/orders").route(web::post().to(v2::orders::create_order)))
+            .service(resource("/api/v2/orders/{id}").route(web::get().to(v2::orders::get_order)))
+            .service(resource("/api/v2/health").route(web::get().to(v2::admin::health)))
+            .service(resource("/api/v2/admin/audit").route(web::get().to(v2::admin::audit)))
+            .service(resource("/api/v2/admin/ledger").route(web::get().to(v2::admin::ledger)))
+            .service(resource("/api/v2/admin/stats").route(web::get().to(v2::admin::stats)))
             .service(
-                resource("/api/v2/admin/queue-stats").route(web::get().to(v2::admin_queue_stats)),
+                resource("/api/v2/admin/queue-stats").route(web::get().to(v2::admin::queue_stats)),
             );
     } else {
         cfg.service(web::scope("/api/v2").default_service(web::to(v2_not_served)));

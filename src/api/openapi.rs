@@ -1,8 +1,10 @@
 //! The OpenAPI 3.1 document for API v1 and v2, served at `GET /api/openapi.json`.
 //!
 //! The operations are described next to their handlers (`#[utoipa::path]`) and the bodies on
-//! their types (`ToSchema`); this module assembles them and names the answers that handlers
-//! build with `json!` so the document can describe them too.
+//! their types (`ToSchema`); this module assembles them, names the answers that handlers
+//! build with `json!` so the document can describe them too, and holds the problem answers that
+//! several operations share (`IntoResponses` sets such as [`UserAuthProblems`] and
+//! [`BodyProblems`], listed in a handler's `responses(...)`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
@@ -13,9 +15,9 @@ use utoipa::openapi::schema::{
     KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
-use super::{admin, v1, v2};
+use super::{admin, v1, v2, Problem};
 use crate::domain::Ticket;
 use crate::payments::LedgerEntry;
 
@@ -46,22 +48,22 @@ pub const PATH: &str = "/api/openapi.json";
         admin::audit,
         admin::stats,
         v2::index,
-        v2::create_user,
-        v2::my_orders,
-        v2::my_tickets,
-        v2::list_events,
-        v2::create_event,
-        v2::get_event,
-        v2::availability_stream,
-        v2::create_order,
-        v2::get_order,
-        v2::health,
-        v2::admin_audit,
-        v2::admin_ledger,
-        v2::admin_stats,
-        v2::admin_queue_stats,
+        v2::users::create_user,
+        v2::users::my_orders,
+        v2::users::my_tickets,
+        v2::events::list_events,
+        v2::events::create_event,
+        v2::events::get_event,
+        v2::events::availability_stream,
+        v2::orders::create_order,
+        v2::orders::get_order,
+        v2::admin::health,
+        v2::admin::audit,
+        v2::admin::ledger,
+        v2::admin::stats,
+        v2::admin::queue_stats,
     ),
-    components(schemas(Availability)),
+    components(schemas(Availability, Problem)),
     modifiers(&BearerTokens),
     tags(
         (name = "discovery", description = "Where to start: versions and links."),
@@ -348,3 +350,83 @@ pub struct Availability {
     available_tickets: u32,
     total_tickets: u32,
 }
+
+// ---------- problem answers that several operations share ----------
+//
+// Named for the document only (a handler lists them in `responses(...)`; none is ever built):
+// each text is written once, and every operation that can give that answer says so the same way.
+// utoipa does not collect the schemas an `IntoResponses` type refers to, hence `Problem` in
+// `components(schemas(...))` above.
+
+const PROBLEM_JSON: &str = "application/problem+json";
+const UNAUTHENTICATED: &str = "No token, or one that matches nobody (`unauthenticated`).";
+
+/// What a route for buyers refuses: no user token, or the admin's.
+#[derive(IntoResponses)]
+pub enum UserAuthProblems {
+    #[response(status = 401, description = UNAUTHENTICATED, content_type = PROBLEM_JSON)]
+    Unauthenticated(Problem),
+    #[response(
+        status = 403,
+        description = "The admin token cannot act as a buyer (`forbidden`).",
+        content_type = PROBLEM_JSON
+    )]
+    Forbidden(Problem),
+}
+
+/// What an admin route refuses: no admin token, or a user's.
+#[derive(IntoResponses)]
+pub enum AdminAuthProblems {
+    #[response(status = 401, description = UNAUTHENTICATED, content_type = PROBLEM_JSON)]
+    Unauthenticated(Problem),
+    #[response(
+        status = 403,
+        description = "A user's token (`forbidden`).",
+        content_type = PROBLEM_JSON
+    )]
+    Forbidden(Problem),
+}
+
+/// What a route with a JSON body refuses before reading it (`problem::json_error`).
+#[derive(IntoResponses)]
+pub enum BodyProblems {
+    #[response(
+        status = 413,
+        description = "The body is too large (`body-too-large`).",
+        content_type = PROBLEM_JSON
+    )]
+    TooLarge(Problem),
+    #[response(
+        status = 415,
+        description = "The body is not `application/json` (`unsupported-media-type`).",
+        content_type = PROBLEM_JSON
+    )]
+    NotJson(Problem),
+}
+
+/// An Idempotency-Key sent again with a different request.
+#[derive(IntoResponses)]
+#[response(
+    status = 422,
+    description = "This Idempotency-Key was used with a different request (`idempotency-key-reused`).",
+    content_type = PROBLEM_JSON
+)]
+pub struct KeyReusedProblem(pub Problem);
+
+/// An event id, in the path or the body, that names no event.
+#[derive(IntoResponses)]
+#[response(
+    status = 404,
+    description = "No such event (`unknown-event`).",
+    content_type = PROBLEM_JSON
+)]
+pub struct UnknownEventProblem(pub Problem);
+
+/// The payment gateway's ledger cannot be read.
+#[derive(IntoResponses)]
+#[response(
+    status = 503,
+    description = "The payment gateway is unavailable (`payment-gateway-unavailable`).",
+    content_type = PROBLEM_JSON
+)]
+pub struct GatewayProblem(pub Problem);

@@ -4,6 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use super::openapi::{BodyProblems, UnknownEventProblem};
 use super::{AppState, Problem};
 use crate::domain::{Event, EventId, Money, NewEvent, Ticket, UserId};
 
@@ -190,7 +191,7 @@ pub async fn list_events(state: web::Data<AppState>) -> Result<HttpResponse, Pro
     params(("id" = i64, Path, minimum = 1, description = "The event's id; anything else is a 404.")),
     responses(
         (status = 200, description = "The event.", body = Event),
-        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
+        UnknownEventProblem,
     ),
 )]
 pub async fn get_event(
@@ -219,8 +220,7 @@ pub async fn get_event(
             headers(("Location" = String, description = "The event's URL."))),
         (status = 400, description = "Malformed JSON, a wrong or missing field, or a value out of range (`malformed-json`, `invalid-body`, `validation-failed` with `field`).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Refused by a storage constraint (`conflict`).", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
+        BodyProblems,
     ),
 )]
 pub async fn create_event(
@@ -252,11 +252,10 @@ pub async fn create_event(
         (status = 201, description = "A confirmed ticket.", body = Ticket),
         (status = 400, description = "No tickets left (`sold-out`, the seed's code), all remaining seats held (`tickets-held`, with `Retry-After`), or a bad body.", body = Problem, content_type = "application/problem+json"),
         (status = 402, description = "Payment failed; the ticket is cancelled and the seat returned (`payment-declined`).", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such event (`unknown-event`).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The per-user limit is reached (`user-limit`), or the hold expired during payment (`hold-expired`).", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is too large (`body-too-large`).", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "The body is not `application/json` (`unsupported-media-type`).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Overloaded or a dependency is down (`overloaded`, `dependency-unavailable`, `payment-gateway-unavailable`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
+        UnknownEventProblem,
+        BodyProblems,
     ),
 )]
 pub async fn purchase(

@@ -1,0 +1,108 @@
+//! `/api/v2/health` and `/api/v2/admin/*`: health, the audit, the gateway's ledger, the stage's
+//! figures and its payment queue's counts. The admin routes need the admin token; health, audit
+//! and ledger answer as their v1 twins in [`crate::api::admin`] do.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::api::auth::require_admin;
+use crate::api::openapi::{self, AdminAuthProblems, GatewayProblem};
+use crate::api::{AppState, Problem};
+
+/// `GET /api/v2/health`: each dependency's state; 503 when one is down.
+#[utoipa::path(
+    get,
+    path = "/api/v2/health",
+    tag = "health",
+    operation_id = "v2Health",
+    responses(
+        (status = 200, description = "Every dependency answers.", body = openapi::Health),
+        (status = 503, description = "A dependency is down.", body = openapi::Health),
+    ),
+)]
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    crate::api::admin::health(state).await
+}
+
+/// `GET /api/v2/admin/audit`
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/audit",
+    tag = "v2",
+    operation_id = "v2AdminAudit",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Violation counts per invariant, per event.", body = crate::audit::AuditReport),
+        AdminAuthProblems,
+        GatewayProblem,
+    ),
+)]
+pub async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    crate::api::admin::audit(state).await
+}
+
+/// `GET /api/v2/admin/ledger`
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/ledger",
+    tag = "v2",
+    operation_id = "v2AdminLedger",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The gateway's ledger (this process).", body = openapi::Ledger),
+        AdminAuthProblems,
+        GatewayProblem,
+    ),
+)]
+pub async fn ledger(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    crate::api::admin::ledger(state).await
+}
+
+/// `GET /api/v2/admin/stats`: the stage's own figures (lock waits, queue, cache for `locked`).
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/stats",
+    tag = "v2",
+    operation_id = "v2AdminStats",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The stage's figures; their shape depends on the stage.", body = Object),
+        AdminAuthProblems,
+    ),
+)]
+pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    Ok(HttpResponse::Ok().json(state.stage.stats().await))
+}
+
+/// `GET /api/v2/admin/queue-stats`: the payment queue's counts (waiting, active, completed,
+/// failed). Only a stage with a job queue has one (`locked`); the others answer 404.
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/queue-stats",
+    tag = "v2",
+    operation_id = "v2AdminQueueStats",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Jobs waiting, active, completed and failed (dead-lettered).", body = Object),
+        (status = 404, description = "This stage has no job queue (`no-queue`).", body = Problem, content_type = "application/problem+json"),
+        AdminAuthProblems,
+    ),
+)]
+pub async fn queue_stats(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    match state.stage.stats().await.get("queue") {
+        Some(queue) => Ok(HttpResponse::Ok().json(queue)),
+        None => Err(Problem::not_found(
+            "no-queue",
+            format!(
+                "the {} stage has no job queue; the locked stage has one",
+                state.stage.kind()
+            ),
+        )),
+    }
+}
