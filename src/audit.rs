@@ -1,15 +1,14 @@
 //! The audit: checks the invariants of SPEC section 5 against storage and the payment
-//! gateway's ledger, by name, with counts.
+//! gateway's books, by name, with counts. The database sums the payments and the ledger by
+//! kind ([`Reconciliation`]); the rules of what counts as a violation are here.
 //!
 //! I7 (client and server agree) and I8 (idempotency) need the client's view and are checked by
 //! the load generator; everything here is what the server alone can prove.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 
-use crate::payments::{LedgerEntry, LedgerKind};
-use crate::store::{PaymentRecord, StoredCounts};
+use crate::payments::Reconciliation;
+use crate::store::StoredCounts;
 
 /// One event's counters and what is wrong with them.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -59,8 +58,8 @@ pub struct AuditReport {
     pub ok: bool,
     pub invariants: Invariants,
     pub events: Vec<EventAudit>,
-    /// Ledger lines read (this server process's gateway).
-    pub ledger_entries: usize,
+    /// Lines in the gateway's ledger: every charge, decline and refund on this database.
+    pub ledger_entries: i64,
     pub double_charged: i64,
     pub charged_not_confirmed: i64,
     pub confirmed_not_charged: i64,
@@ -68,15 +67,9 @@ pub struct AuditReport {
     pub unsettled_payments: i64,
 }
 
-/// Audits stored counts and payments against the gateway ledger.
-///
-/// The simulated gateway lives in the server process, so its ledger covers this process only:
-/// payments it has never seen (settled by an earlier process) are not reconciled against it.
-pub fn audit(
-    counts: &[StoredCounts],
-    payments: &[PaymentRecord],
-    ledger: &[LedgerEntry],
-) -> AuditReport {
+/// Audits stored counts, and the payments against the gateway's books (everything it ever
+/// charged on this database, in this run or an earlier one), summed by the database.
+pub fn audit(counts: &[StoredCounts], books: &Reconciliation) -> AuditReport {
     let events: Vec<EventAudit> = counts
         .iter()
         .map(|c| EventAudit {
@@ -86,40 +79,24 @@ pub fn audit(
         })
         .collect();
 
-    // net successful charges per key, as the gateway saw them
-    let mut net: HashMap<&str, i64> = HashMap::new();
-    for entry in ledger {
-        let delta = match entry.kind {
-            LedgerKind::Charge => 1,
-            LedgerKind::Refund => -1,
-            LedgerKind::Decline => 0,
-        };
-        *net.entry(entry.key.as_str()).or_default() += delta;
-    }
-
     let (mut double_charged, mut charged_not_confirmed, mut confirmed_not_charged) = (0, 0, 0);
     let mut unsettled = 0;
-    for p in payments {
-        if p.status == "pending" {
-            unsettled += 1;
+    for class in &books.classes {
+        let n = class.payments;
+        if class.payment_status == "pending" {
+            unsettled += n;
         }
-        let confirmed = p.order_status == "confirmed";
-        if confirmed && p.status != "completed" {
-            confirmed_not_charged += 1;
-        }
-        let Some(&charges) = net.get(p.key.as_str()) else {
-            continue;
-        };
-        match (confirmed, charges) {
-            (_, n) if n > 1 => double_charged += 1,
-            (true, 0) => confirmed_not_charged += 1,
-            (false, n) if n != 0 => charged_not_confirmed += 1,
-            _ => {}
+        let net = class.net_charges.unwrap_or(0);
+        if net > 1 {
+            double_charged += n;
+        } else if class.order_confirmed {
+            if net != 1 || class.payment_status != "completed" {
+                confirmed_not_charged += n;
+            }
+        } else if net != 0 {
+            charged_not_confirmed += n;
         }
     }
-    let recorded: std::collections::HashSet<&str> =
-        payments.iter().map(|p| p.key.as_str()).collect();
-    let unrecorded = net.keys().filter(|key| !recorded.contains(*key)).count() as i64;
 
     let invariants = Invariants {
         oversold: events.iter().map(|e| e.oversold).sum(),
@@ -129,18 +106,99 @@ pub fn audit(
             .sum(),
         charge_mismatches: double_charged + charged_not_confirmed + confirmed_not_charged,
         stuck_pending: events.iter().map(|e| e.counts.pending).sum(),
-        lost_payments: unrecorded + unsettled,
+        lost_payments: books.unrecorded_keys + unsettled,
         drifting_events: events.iter().filter(|e| e.drift != 0).count() as i64,
     };
     AuditReport {
         ok: invariants.all_hold(),
         invariants,
         events,
-        ledger_entries: ledger.len(),
+        ledger_entries: books.ledger_entries,
         double_charged,
         charged_not_confirmed,
         confirmed_not_charged,
-        unrecorded_charges: unrecorded,
+        unrecorded_charges: books.unrecorded_keys,
         unsettled_payments: unsettled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventId;
+    use crate::store::gateway::PaymentClass;
+
+    fn class(confirmed: bool, status: &str, net: Option<i64>, payments: i64) -> PaymentClass {
+        PaymentClass {
+            order_confirmed: confirmed,
+            payment_status: status.into(),
+            net_charges: net,
+            payments,
+        }
+    }
+
+    fn sold(confirmed: i64) -> StoredCounts {
+        StoredCounts {
+            event: EventId(1),
+            total: 10,
+            available: 10 - confirmed,
+            confirmed,
+            pending: 0,
+            cancelled: 0,
+        }
+    }
+
+    #[test]
+    fn a_quiet_run_with_one_charge_per_confirmed_order_passes() {
+        let books = Reconciliation {
+            classes: vec![
+                class(true, "completed", Some(1), 7),
+                class(false, "failed", Some(0), 2),
+                class(false, "refunded", Some(0), 1),
+                class(false, "failed", None, 3),
+            ],
+            unrecorded_keys: 0,
+            ledger_entries: 11,
+        };
+        let report = audit(&[sold(7)], &books);
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.ledger_entries, 11);
+    }
+
+    #[test]
+    fn every_charge_mismatch_counts_once_per_payment() {
+        let books = Reconciliation {
+            classes: vec![
+                class(true, "completed", Some(1), 5),
+                // confirmed but the gateway never charged it, or charged and refunded it
+                class(true, "completed", None, 2),
+                class(true, "completed", Some(0), 1),
+                // charged, then the order was cancelled without a refund
+                class(false, "failed", Some(1), 3),
+                // charged twice
+                class(true, "completed", Some(2), 4),
+            ],
+            unrecorded_keys: 0,
+            ledger_entries: 0,
+        };
+        let report = audit(&[sold(7)], &books);
+        assert_eq!(report.confirmed_not_charged, 3);
+        assert_eq!(report.charged_not_confirmed, 3);
+        assert_eq!(report.double_charged, 4);
+        assert_eq!(report.invariants.charge_mismatches, 10);
+        assert!(!report.ok);
+    }
+
+    #[test]
+    fn charges_no_payment_explains_and_unsettled_payments_are_lost_payments() {
+        let books = Reconciliation {
+            classes: vec![class(false, "pending", None, 2)],
+            unrecorded_keys: 3,
+            ledger_entries: 3,
+        };
+        let report = audit(&[sold(0)], &books);
+        assert_eq!(report.unrecorded_charges, 3);
+        assert_eq!(report.unsettled_payments, 2);
+        assert_eq!(report.invariants.lost_payments, 5);
     }
 }

@@ -1,29 +1,38 @@
 //! The simulated payment gateway: a pool of payment actors standing in for a slow, failing
-//! external service.
+//! external service, and the books it keeps as a real gateway keeps its own.
 //!
-//! Each payment key always lands on the same actor (keys are sharded by hash), so the actor's
-//! own map deduplicates charges without a lock, as a real gateway deduplicates by idempotency
-//! key. Each outcome (approved or declined, and how long it takes) is drawn from an RNG seeded
-//! with the run's seed and the key, so the k-th purchase of a replayed run meets the same fate
-//! however requests interleave, and a charge retried after a crash gets the answer it got
-//! before. The actors keep the gateway's own ledger of every charge and refund: the external
-//! truth the audit reconciles against.
+//! Each payment key always lands on the same actor (keys are sharded by hash). Each outcome
+//! (approved or declined, and how long it takes) is drawn from an RNG seeded with the run's seed
+//! and the key, so the k-th purchase of a replayed run meets the same fate however requests
+//! interleave. The gateway's truth is its [`books`]: every charge, decline and refund, each under
+//! the key it answered, in a table of its own ([`crate::store::gateway`]), committed before the
+//! caller hears the answer. They outlive the process, so a charge retried after `kill -9` gets the answer it
+//! got before, and the audit reconciles against everything ever charged. Each actor remembers
+//! the keys it answered last ([`recent`], bounded) so a retry rarely needs the books; nothing
+//! else about charges is held in memory.
 
-use std::collections::HashMap;
+pub mod books;
+pub mod recent;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use chrono::Utc;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
-use serde::Serialize;
 use uuid::Uuid;
 
+use self::books::{BooksHandle, Known};
+use self::recent::RecentKeys;
 use crate::config::{LatencyModel, PaymentSettings};
-use crate::domain::{timestamp, Money};
+use crate::domain::Money;
+pub use crate::store::gateway::{LedgerEntry, LedgerKind, Reconciliation};
+use crate::store::{GatewayBooks, StoreError, StoreResult};
 
 /// Room in each payment actor's mailbox; callers wait (backpressure) when it is full.
 const PAYMENT_MAILBOX: usize = 1024;
+/// Keys each payment actor remembers after answering them; older ones are read from the books.
+pub const RECENT_KEYS_PER_ACTOR: usize = 4096;
 
 /// What the gateway answered to a charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,37 +51,29 @@ pub enum RefundOutcome {
     NothingToRefund,
 }
 
+/// The gateway did not answer: its actors have stopped, or its books could not be written (the
+/// charge may or may not have happened; asking again under the same key says which).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the payment gateway is not running")]
 pub struct GatewayUnavailable;
 
-/// One line of the gateway's ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LedgerEntry {
-    pub key: String,
-    pub kind: LedgerKind,
-    pub amount_cents: i64,
-    pub at: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LedgerKind {
-    Charge,
-    Decline,
-    Refund,
-}
-
-/// A handle on the pool; cheap to clone.
+/// A handle on the pool and its books; cheap to clone.
 #[derive(Clone)]
 pub struct PaymentGateway {
     actors: Vec<Addr<PaymentActor>>,
+    books: Arc<dyn GatewayBooks>,
 }
 
 impl PaymentGateway {
-    /// Starts `settings.pool_size` payment actors, spread over `arbiters` (or the current one).
-    pub fn start(settings: &PaymentSettings, seed: u64, arbiters: &[ArbiterHandle]) -> Self {
+    /// Starts the books task and `settings.pool_size` payment actors, spread over `arbiters`
+    /// (or the current one). Must be called inside an actix `System`.
+    pub async fn start(
+        settings: &PaymentSettings,
+        seed: u64,
+        books: Arc<dyn GatewayBooks>,
+        arbiters: &[ArbiterHandle],
+    ) -> StoreResult<Self> {
+        let writer = BooksHandle::start(Arc::clone(&books)).await?;
         let pool_size = settings.pool_size.max(1);
         let actors = (0..pool_size)
             .map(|i| {
@@ -80,8 +81,8 @@ impl PaymentGateway {
                     seed,
                     latency: settings.latency,
                     failure_rate: settings.failure_rate,
-                    keys: HashMap::new(),
-                    ledger: Vec::new(),
+                    books: writer.clone(),
+                    recent: RecentKeys::new(RECENT_KEYS_PER_ACTOR),
                 };
                 match arbiters.get(i % arbiters.len().max(1)) {
                     Some(arbiter) => PaymentActor::start_in_arbiter(arbiter, |ctx| {
@@ -95,14 +96,15 @@ impl PaymentGateway {
                 }
             })
             .collect();
-        Self { actors }
+        Ok(Self { actors, books })
     }
 
     fn shard(&self, key: &str) -> &Addr<PaymentActor> {
         &self.actors[(fnv1a(key.as_bytes()) % self.actors.len() as u64) as usize]
     }
 
-    /// Charges `amount` under `key`; the same key never charges twice.
+    /// Charges `amount` under `key`; the same key never charges twice, in this run or any other
+    /// on the same books.
     pub async fn charge(
         &self,
         key: &str,
@@ -114,7 +116,7 @@ impl PaymentGateway {
                 amount_cents: amount.cents(),
             })
             .await
-            .map_err(|_| GatewayUnavailable)
+            .map_err(|_| GatewayUnavailable)?
     }
 
     /// Refunds the successful charge made under `key`, if there is one.
@@ -124,22 +126,32 @@ impl PaymentGateway {
                 key: key.to_owned(),
             })
             .await
-            .map_err(|_| GatewayUnavailable)
+            .map_err(|_| GatewayUnavailable)?
     }
 
-    /// The whole ledger, in no particular order across actors.
-    pub async fn ledger(&self) -> Result<Vec<LedgerEntry>, GatewayUnavailable> {
-        let mut all = Vec::new();
-        for actor in &self.actors {
-            all.extend(
-                actor
-                    .send(ReadLedger)
-                    .await
-                    .map_err(|_| GatewayUnavailable)?,
-            );
-        }
-        Ok(all)
+    /// Up to `limit` ledger lines after position `after` (0: from the start), in the order the
+    /// gateway wrote them.
+    pub async fn ledger_page(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, GatewayUnavailable> {
+        self.books
+            .ledger_page(after, limit)
+            .await
+            .map_err(unreadable)
     }
+
+    /// The payments against the books, summed for the audit.
+    pub async fn reconciliation(&self) -> Result<Reconciliation, GatewayUnavailable> {
+        self.books.reconciliation().await.map_err(unreadable)
+    }
+}
+
+/// The books could not be read: logged with its cause, answered as the gateway being down.
+fn unreadable(error: StoreError) -> GatewayUnavailable {
+    tracing::error!(%error, "the payment gateway's books cannot be read");
+    GatewayUnavailable
 }
 
 /// FNV-1a: a stable hash (std's hasher is randomly keyed per process, which would break replay).
@@ -149,19 +161,14 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-struct KeyState {
-    outcome: ChargeOutcome,
-    amount_cents: i64,
-    latency: Duration,
-    refunded: bool,
-}
-
 struct PaymentActor {
     seed: u64,
     latency: LatencyModel,
     failure_rate: f64,
-    keys: HashMap<String, KeyState>,
-    ledger: Vec<LedgerEntry>,
+    books: BooksHandle,
+    /// Keys this actor answered lately, as the books hold them. Only this actor's keys land
+    /// here, and only its own handlers touch it, so no lock.
+    recent: RecentKeys<Known>,
 }
 
 impl Actor for PaymentActor {
@@ -169,6 +176,7 @@ impl Actor for PaymentActor {
 }
 
 impl PaymentActor {
+    /// The outcome a new key gets, and how long the gateway takes to answer it.
     fn decide(&self, key: &str) -> (ChargeOutcome, Duration) {
         let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(key.as_bytes()));
         let declined = rng.gen_bool(self.failure_rate.clamp(0.0, 1.0));
@@ -183,13 +191,13 @@ impl PaymentActor {
         (outcome, latency)
     }
 
-    fn record(&mut self, key: &str, kind: LedgerKind, amount_cents: i64) {
-        self.ledger.push(LedgerEntry {
-            key: key.to_owned(),
-            kind,
-            amount_cents,
-            at: timestamp(Utc::now()),
-        });
+    /// Remembers what the books said about `key`, never forgetting a refund seen before.
+    fn remember(&mut self, key: String, known: Known) {
+        let merged = match self.recent.get(&key) {
+            Some(held) => held.merge(known),
+            None => known,
+        };
+        self.recent.insert(key, merged);
     }
 }
 
@@ -210,118 +218,165 @@ pub fn sample_latency(model: LatencyModel, rng: &mut impl Rng) -> Duration {
     }
 }
 
+async fn pause(latency: Duration) {
+    if !latency.is_zero() {
+        actix_rt::time::sleep(latency).await;
+    }
+}
+
 #[derive(Message)]
-#[rtype(result = "ChargeOutcome")]
+#[rtype(result = "Result<ChargeOutcome, GatewayUnavailable>")]
 struct Charge {
     key: String,
     amount_cents: i64,
 }
 
 impl Handler<Charge> for PaymentActor {
-    type Result = ResponseFuture<ChargeOutcome>;
+    type Result = ResponseActFuture<Self, Result<ChargeOutcome, GatewayUnavailable>>;
 
     fn handle(&mut self, msg: Charge, _: &mut Self::Context) -> Self::Result {
-        // The charge happens (and is in the ledger) as soon as the gateway decides, whether or
-        // not the caller is still waiting when the latency has passed.
-        let (outcome, latency) = match self.keys.get(&msg.key) {
-            Some(seen) => (seen.outcome, seen.latency),
-            None => {
-                let (outcome, latency) = self.decide(&msg.key);
-                let kind = match outcome {
-                    ChargeOutcome::Approved { .. } => LedgerKind::Charge,
-                    ChargeOutcome::Declined => LedgerKind::Decline,
-                };
-                self.record(&msg.key, kind, msg.amount_cents);
-                self.keys.insert(
-                    msg.key,
-                    KeyState {
-                        outcome,
-                        amount_cents: msg.amount_cents,
-                        latency,
-                        refunded: false,
-                    },
-                );
-                (outcome, latency)
-            }
+        let (proposed, latency) = self.decide(&msg.key);
+        if let Some(known) = self.recent.get(&msg.key) {
+            let outcome = known.outcome;
+            return Box::pin(
+                async move {
+                    pause(latency).await;
+                    Ok(outcome)
+                }
+                .into_actor(self),
+            );
+        }
+        // The gateway's latency and its commit run side by side: the answer comes when both
+        // are done, and never before the charge is in the books. Other messages are handled
+        // meanwhile (this future is spawned on the actor, not waited on).
+        let books = self.books.clone();
+        let Charge { key, amount_cents } = msg;
+        let booked = async move {
+            let (booked, ()) = futures::join!(
+                books.charge(key.clone(), amount_cents, proposed),
+                pause(latency)
+            );
+            (key, booked)
         };
-        Box::pin(async move {
-            if !latency.is_zero() {
-                actix_rt::time::sleep(latency).await;
-            }
-            outcome
-        })
+        Box::pin(booked.into_actor(self).map(|(key, booked), actor, _| {
+            let known = booked?;
+            actor.remember(key, known);
+            Ok(known.outcome)
+        }))
     }
 }
 
 #[derive(Message)]
-#[rtype(result = "RefundOutcome")]
+#[rtype(result = "Result<RefundOutcome, GatewayUnavailable>")]
 struct Refund {
     key: String,
 }
 
 impl Handler<Refund> for PaymentActor {
-    type Result = MessageResult<Refund>;
+    type Result = ResponseActFuture<Self, Result<RefundOutcome, GatewayUnavailable>>;
 
     fn handle(&mut self, msg: Refund, _: &mut Self::Context) -> Self::Result {
-        let Some(state) = self.keys.get_mut(&msg.key) else {
-            return MessageResult(RefundOutcome::NothingToRefund);
+        let settled = match self.recent.get(&msg.key) {
+            Some(Known {
+                outcome: ChargeOutcome::Declined,
+                ..
+            }) => Some(RefundOutcome::NothingToRefund),
+            Some(Known { refunded: true, .. }) => Some(RefundOutcome::AlreadyRefunded),
+            _ => None,
         };
-        if !matches!(state.outcome, ChargeOutcome::Approved { .. }) {
-            return MessageResult(RefundOutcome::NothingToRefund);
+        if let Some(outcome) = settled {
+            return Box::pin(fut::ready(Ok(outcome)));
         }
-        if state.refunded {
-            return MessageResult(RefundOutcome::AlreadyRefunded);
-        }
-        state.refunded = true;
-        let amount = state.amount_cents;
-        self.record(&msg.key, LedgerKind::Refund, amount);
-        MessageResult(RefundOutcome::Refunded)
+        let books = self.books.clone();
+        let key = msg.key;
+        let refunded = async move {
+            let outcome = books.refund(key.clone()).await;
+            (key, outcome)
+        };
+        Box::pin(refunded.into_actor(self).map(|(key, outcome), actor, _| {
+            let outcome = outcome?;
+            if outcome != RefundOutcome::NothingToRefund {
+                if let Some(known) = actor.recent.get_mut(&key) {
+                    known.refunded = true;
+                }
+            }
+            Ok(outcome)
+        }))
     }
 }
 
+#[cfg(test)]
 #[derive(Message)]
-#[rtype(result = "Vec<LedgerEntry>")]
-struct ReadLedger;
+#[rtype(result = "usize")]
+struct CountRecent;
 
-impl Handler<ReadLedger> for PaymentActor {
-    type Result = MessageResult<ReadLedger>;
+#[cfg(test)]
+impl Handler<CountRecent> for PaymentActor {
+    type Result = usize;
 
-    fn handle(&mut self, _: ReadLedger, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.ledger.clone())
+    fn handle(&mut self, _: CountRecent, _: &mut Self::Context) -> usize {
+        self.recent.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Durability;
+    use crate::store::Store;
 
-    fn gateway(failure_rate: f64) -> PaymentGateway {
+    /// Books in a fresh SQLite file; keep the directory alive as long as the books.
+    async fn books() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("books.db");
+        let store = Store::open(path.to_str().unwrap(), Durability::Normal)
+            .await
+            .unwrap();
+        (store, dir)
+    }
+
+    async fn gateway_on(
+        store: &Store,
+        pool_size: usize,
+        seed: u64,
+        failure_rate: f64,
+    ) -> PaymentGateway {
         PaymentGateway::start(
             &PaymentSettings {
-                pool_size: 3,
+                pool_size,
                 latency: LatencyModel::Zero,
                 failure_rate,
             },
-            7,
+            seed,
+            Arc::new(store.clone()),
             &[],
         )
+        .await
+        .unwrap()
+    }
+
+    async fn ledger(gw: &PaymentGateway) -> Vec<LedgerEntry> {
+        gw.ledger_page(0, 10_000).await.unwrap()
     }
 
     #[actix::test]
     async fn the_same_key_is_charged_once_and_answers_the_same() {
-        let gw = gateway(0.0);
+        let (store, _dir) = books().await;
+        let gw = gateway_on(&store, 3, 7, 0.0).await;
         let amount = Money::from_cents(500).unwrap();
         let first = gw.charge("k1", amount).await.unwrap();
         let again = gw.charge("k1", amount).await.unwrap();
         assert_eq!(first, again);
-        let ledger = gw.ledger().await.unwrap();
+        let ledger = ledger(&gw).await;
         assert_eq!(ledger.len(), 1);
         assert_eq!(ledger[0].kind, LedgerKind::Charge);
+        assert_eq!(ledger[0].amount_cents, 500);
     }
 
     #[actix::test]
     async fn a_refund_happens_once_and_only_after_a_charge() {
-        let gw = gateway(0.0);
+        let (store, _dir) = books().await;
+        let gw = gateway_on(&store, 3, 7, 0.0).await;
         let amount = Money::from_cents(500).unwrap();
         assert_eq!(
             gw.refund("k1").await.unwrap(),
@@ -333,13 +388,16 @@ mod tests {
             gw.refund("k1").await.unwrap(),
             RefundOutcome::AlreadyRefunded
         );
-        assert_eq!(gw.ledger().await.unwrap().len(), 2);
+        let kinds: Vec<LedgerKind> = ledger(&gw).await.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [LedgerKind::Charge, LedgerKind::Refund]);
     }
 
     #[actix::test]
     async fn outcomes_depend_on_seed_and_key_only() {
         let amount = Money::from_cents(1).unwrap();
-        let (a, b) = (gateway(0.5), gateway(0.5));
+        let ((store_a, _a), (store_b, _b)) = (books().await, books().await);
+        let a = gateway_on(&store_a, 3, 7, 0.5).await;
+        let b = gateway_on(&store_b, 3, 7, 0.5).await;
         let mut declined = 0;
         for i in 0..200 {
             let key = format!("key-{i}");
@@ -349,5 +407,54 @@ mod tests {
             declined += usize::from(x == ChargeOutcome::Declined);
         }
         assert!((60..140).contains(&declined), "declined {declined} of 200");
+    }
+
+    #[actix::test]
+    async fn a_gateway_started_again_on_the_same_books_answers_as_before() {
+        let (store, _dir) = books().await;
+        let amount = Money::from_cents(700).unwrap();
+        let keys: Vec<String> = (0..100).map(|i| format!("order-{i}")).collect();
+        let first = gateway_on(&store, 2, 1, 0.5).await;
+        let before = futures::future::join_all(keys.iter().map(|k| first.charge(k, amount))).await;
+        let lines = ledger(&first).await.len();
+        assert_eq!(lines, keys.len());
+        drop(first);
+
+        // Another seed decides differently: only the books can give the same answers.
+        let second = gateway_on(&store, 3, 2, 0.5).await;
+        let after = futures::future::join_all(keys.iter().map(|k| second.charge(k, amount))).await;
+        assert_eq!(before, after);
+        let approved = keys
+            .iter()
+            .zip(&before)
+            .find(|(_, outcome)| matches!(outcome, Ok(ChargeOutcome::Approved { .. })))
+            .map(|(key, _)| key)
+            .expect("some charge was approved");
+        assert_eq!(
+            second.refund(approved).await.unwrap(),
+            RefundOutcome::Refunded
+        );
+        let ledger = ledger(&second).await;
+        assert_eq!(ledger.len(), lines + 1, "nothing charged twice, one refund");
+        assert!(ledger.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[actix::test]
+    async fn an_actor_remembers_a_bounded_number_of_keys_and_reads_older_ones_from_the_books() {
+        let (store, _dir) = books().await;
+        let gw = gateway_on(&store, 1, 3, 0.5).await;
+        let amount = Money::from_cents(100).unwrap();
+        let keys: Vec<String> = (0..RECENT_KEYS_PER_ACTOR + 50)
+            .map(|i| format!("k-{i}"))
+            .collect();
+        let first = futures::future::join_all(keys.iter().map(|k| gw.charge(k, amount))).await;
+        let remembered = gw.actors[0].send(CountRecent).await.unwrap();
+        assert_eq!(remembered, RECENT_KEYS_PER_ACTOR);
+        // the oldest keys are forgotten: their retries are answered from the books
+        for (key, outcome) in keys.iter().zip(&first).take(50) {
+            assert_eq!(&gw.charge(key, amount).await, outcome);
+        }
+        assert_eq!(ledger(&gw).await.len(), keys.len());
+        assert!(gw.actors[0].send(CountRecent).await.unwrap() <= RECENT_KEYS_PER_ACTOR);
     }
 }

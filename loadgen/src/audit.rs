@@ -238,6 +238,7 @@ async fn settled_audit(
     }
 }
 
+/// Sums the whole ledger, following its pages (`next`) to the end.
 async fn read_ledger(conn: &mut Conn, notes: &mut Vec<String>) -> Option<LedgerSummary> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -246,40 +247,45 @@ async fn read_ledger(conn: &mut Conn, notes: &mut Vec<String>) -> Option<LedgerS
         amount_cents: i64,
     }
     #[derive(Deserialize)]
-    struct Ledger {
+    struct Page {
         entries: Vec<Entry>,
+        next: Option<String>,
     }
-    let answer = match conn.get("/api/v1/admin/ledger").await {
-        Ok(r) if r.status == 200 => r,
-        Ok(r) => {
-            notes.push(format!("GET /api/v1/admin/ledger answered {}", r.status));
-            return None;
-        }
-        Err(f) => {
-            notes.push(format!("GET /api/v1/admin/ledger: {}", f.as_str()));
-            return None;
-        }
-    };
-    let ledger: Ledger = match serde_json::from_slice(&answer.body) {
-        Ok(l) => l,
-        Err(e) => {
-            notes.push(format!("the ledger is not as expected: {e}"));
-            return None;
-        }
-    };
     let mut sum = LedgerSummary::default();
-    for e in ledger.entries {
-        match e.kind.as_str() {
-            "charge" => {
-                sum.charges += 1;
-                sum.net_charged_cents += e.amount_cents;
+    let mut path = Some("/api/v1/admin/ledger?limit=1000".to_owned());
+    while let Some(current) = path.take() {
+        let answer = match conn.get(&current).await {
+            Ok(r) if r.status == 200 => r,
+            Ok(r) => {
+                notes.push(format!("GET {current} answered {}", r.status));
+                return None;
             }
-            "refund" => {
-                sum.refunds += 1;
-                sum.net_charged_cents -= e.amount_cents;
+            Err(f) => {
+                notes.push(format!("GET {current}: {}", f.as_str()));
+                return None;
             }
-            _ => sum.declines += 1,
+        };
+        let page: Page = match serde_json::from_slice(&answer.body) {
+            Ok(p) => p,
+            Err(e) => {
+                notes.push(format!("the ledger is not as expected: {e}"));
+                return None;
+            }
+        };
+        for e in page.entries {
+            match e.kind.as_str() {
+                "charge" => {
+                    sum.charges += 1;
+                    sum.net_charged_cents += e.amount_cents;
+                }
+                "refund" => {
+                    sum.refunds += 1;
+                    sum.net_charged_cents -= e.amount_cents;
+                }
+                _ => sum.declines += 1,
+            }
         }
+        path = page.next;
     }
     Some(sum)
 }

@@ -215,10 +215,16 @@ pub struct Health {
     dependencies: BTreeMap<String, String>,
 }
 
-/// The payment gateway's ledger.
+/// One page of the payment gateway's ledger, oldest line first.
 #[derive(Serialize, ToSchema)]
 pub struct Ledger {
     entries: Vec<LedgerEntry>,
+    /// The page size used.
+    limit: u32,
+    /// The position this page starts after (0: the start of the ledger).
+    after: i64,
+    /// The next page's URL; `null` on the last page.
+    next: Option<String>,
 }
 
 /// `GET /api`
@@ -430,3 +436,12 @@ pub struct UnknownEventProblem(pub Problem);
     content_type = PROBLEM_JSON
 )]
 pub struct GatewayProblem(pub Problem);
+
+/// A paging parameter (`limit`, `after`) that cannot be used.
+#[derive(IntoResponses)]
+#[response(
+    status = 400,
+    description = "A paging parameter out of range (`validation-failed` with `field`), unknown or of the wrong type (`invalid-query`).",
+    content_type = PROBLEM_JSON
+)]
+pub struct PagingProblem(pub Problem);

@@ -217,5 +217,10 @@ pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
 /// Maps a query string the server could not take (an unknown parameter, a wrong type) to a 400
 /// problem, like a bad body, instead of actix's plain-text answer.
 pub fn query_error(err: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    Problem::bad_request("invalid-query", format!("invalid query string: {err}")).into()
+    invalid_query(err).into()
+}
+
+/// A query string that does not parse (an unknown parameter, a wrong type): 400 `invalid-query`.
+pub fn invalid_query(err: QueryPayloadError) -> Problem {
+    Problem::bad_request("invalid-query", format!("invalid query string: {err}"))
 }

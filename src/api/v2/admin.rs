@@ -4,8 +4,9 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::api::admin::LedgerQuery;
 use crate::api::auth::require_admin;
-use crate::api::openapi::{self, AdminAuthProblems, GatewayProblem};
+use crate::api::openapi::{self, AdminAuthProblems, GatewayProblem, PagingProblem};
 use crate::api::{AppState, Problem};
 
 /// `GET /api/v2/health`: each dependency's state; 503 when one is down.
@@ -48,15 +49,18 @@ pub async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpR
     tag = "v2",
     operation_id = "v2AdminLedger",
     security(("admin_token" = [])),
+    params(LedgerQuery),
     responses(
-        (status = 200, description = "The gateway's ledger (this process).", body = openapi::Ledger),
+        (status = 200, description = "One page of the gateway's ledger: every run on this database, in the order written.", body = openapi::Ledger),
+        PagingProblem,
         AdminAuthProblems,
         GatewayProblem,
     ),
 )]
 pub async fn ledger(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    // The token first: a caller without one learns nothing from the paging parameters.
     require_admin(&req, &state).await?;
-    crate::api::admin::ledger(state).await
+    crate::api::admin::ledger(req, state).await
 }
 
 /// `GET /api/v2/admin/stats`: the stage's own figures (lock waits, queue, cache for `locked`).
