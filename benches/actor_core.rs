@@ -153,7 +153,7 @@ fn actor_core(c: &mut Criterion) {
                         user,
                         quantity: 1,
                         per_user_limit: None,
-                        idempotency_key: None,
+                        idempotency: None,
                         // the stage formats this on the buyer's side, not the actor's
                         created_at: CREATED_AT.to_owned(),
                         reply,
@@ -187,7 +187,7 @@ fn actor_core(c: &mut Criterion) {
                 user,
                 quantity: 1,
                 per_user_limit: None,
-                idempotency_key: None,
+                idempotency: None,
                 created_at: CREATED_AT.to_owned(),
                 reply,
             });

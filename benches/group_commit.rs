@@ -1,5 +1,6 @@
-//! SPEC §9 "Durability": group commit against one transaction per purchase, with SQLite at full
-//! durability (WAL, `synchronous=FULL`: every commit is fsynced).
+//! SPEC §9 "Durability": group commit against one transaction per purchase, at full durability
+//! on both backends: SQLite in WAL with `synchronous=FULL` (every commit is fsynced), and
+//! PostgreSQL with `synchronous_commit = on` (every commit waits for its WAL flush).
 //!
 //! Each iteration creates a fresh event of `PURCHASES` seats (untimed), then times `PURCHASES`
 //! concurrent purchases through the real group-commit writer: each purchase queues the `Hold` of
@@ -7,8 +8,11 @@
 //! again, as the actor stage does. `max_batch = 512` lets one transaction carry every write that
 //! is waiting; `max_batch = 1` commits each write alone. Throughput counts purchases.
 //!
-//! The database lives in a temporary directory on the default temp filesystem (`TMPDIR`); on a
-//! RAM-backed filesystem fsync is free and the comparison says nothing.
+//! The SQLite database lives in a temporary directory on the default temp filesystem (`TMPDIR`);
+//! on a RAM-backed filesystem fsync is free and the comparison says nothing. The PostgreSQL one
+//! is a fresh database on the server `TICKETFLOW_BENCH_POSTGRES_URL` names (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), dropped afterwards; if that server does not
+//! answer, the PostgreSQL rows are skipped with a message saying so.
 //!
 //! `cargo bench --bench group_commit -- --warm-up-time 1 --measurement-time 3`
 
@@ -23,7 +27,7 @@ use uuid::Uuid;
 
 use ticketflow::config::Durability;
 use ticketflow::domain::{timestamp, EventId, Money, NewEvent, OrderId, TicketId};
-use ticketflow::store::{Catalog, NewOrder, Store, WriteHandle, WriteOp};
+use ticketflow::store::{Catalog, DatabaseUrl, NewOrder, Store, WriteHandle, WriteOp};
 
 /// Purchases in flight at once, each a new one-ticket order for the same event.
 const PURCHASES: usize = 256;
@@ -39,7 +43,7 @@ async fn purchase(writer: &WriteHandle, event: EventId, price: Money) {
             event,
             user: "bench-buyer".to_owned(),
             unit_price: price,
-            idempotency_key: None,
+            idempotency: None,
             created_at: timestamp(Utc::now()),
         })))
         .await
@@ -56,13 +60,34 @@ fn group_commit(c: &mut Criterion) {
         .build()
         .expect("a tokio runtime");
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = dir.path().join("group_commit.db");
-    let store = runtime
-        .block_on(Store::open(
-            path.to_str().expect("a UTF-8 path"),
-            Durability::Full,
-        ))
-        .expect("the store opens");
+    let sqlite = dir.path().join("group_commit.db");
+    bench_backend(
+        c,
+        &runtime,
+        "sqlite",
+        sqlite.to_str().expect("a UTF-8 path"),
+    );
+
+    let server = std::env::var("TICKETFLOW_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (base, _) = server.rsplit_once('/').expect("a postgres://…/DB URL");
+    let postgres = format!("{base}/tf_bench_{}", Uuid::new_v4().simple());
+    bench_backend(c, &runtime, "postgres", &postgres);
+    let dropped = DatabaseUrl::parse(&postgres, Durability::Full)
+        .map(|url| runtime.block_on(url.drop_database()));
+    if let Ok(Err(error)) | Err(error) = dropped {
+        eprintln!("could not drop the bench database {postgres}: {error}");
+    }
+}
+
+fn bench_backend(c: &mut Criterion, runtime: &tokio::runtime::Runtime, name: &str, url: &str) {
+    let store = match runtime.block_on(Store::open(url, Durability::Full)) {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("group_commit/{name}: SKIPPED, the database cannot be opened: {error}");
+            return;
+        }
+    };
     let price = Money::from_cents(2_500).expect("a valid price");
     let new_event = NewEvent {
         name: "Group commit bench".to_owned(),
@@ -72,7 +97,7 @@ fn group_commit(c: &mut Criterion) {
         price,
     };
 
-    let mut group = c.benchmark_group("group_commit");
+    let mut group = c.benchmark_group(format!("group_commit/{name}"));
     group.sampling_mode(SamplingMode::Flat);
     group.throughput(Throughput::Elements(PURCHASES as u64));
     for max_batch in [512, 1] {

@@ -18,6 +18,11 @@ pub enum StageKind {
 }
 
 impl StageKind {
+    /// Whether this stage runs on `backend`: the monolith is SQLite-only, as the seed's step 1.
+    pub fn runs_on(self, backend: crate::store::Backend) -> bool {
+        self != Self::Monolith || backend == crate::store::Backend::Sqlite
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Monolith => "monolith",

@@ -11,7 +11,7 @@ use crate::config::{cores, Settings};
 use crate::demo;
 use crate::payments::PaymentGateway;
 use crate::stages::{self, Stage, StageParts};
-use crate::store::{backend, Store};
+use crate::store::{backend, DatabaseUrl, Store};
 
 /// A bound server, not yet running. Must be built and run inside an actix `System`.
 pub struct Server {
@@ -24,6 +24,16 @@ pub struct Server {
 impl Server {
     /// Opens the database (migrating it), recovers interrupted purchases, binds the address.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let url = DatabaseUrl::parse(&settings.database, settings.durability)
+            .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        if !settings.stage.runs_on(url.backend) {
+            anyhow::bail!(
+                "--stage {} runs on SQLite only, like the seed's step 1: give --db a file path, \
+                 or run --stage actor or locked on {}",
+                settings.stage,
+                url.backend
+            );
+        }
         let store = Store::open(&settings.database, settings.durability)
             .await
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;

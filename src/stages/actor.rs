@@ -31,7 +31,7 @@ use crate::domain::{
 use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::sql::payment_key;
-use crate::store::{AuditReads, Catalog, Records, StoreError, WriteHandle, WriteOp};
+use crate::store::{AuditReads, Catalog, OrderKey, Records, StoreError, WriteHandle, WriteOp};
 
 /// How to reach one event's actor.
 #[derive(Clone)]
@@ -225,7 +225,7 @@ impl Inner {
         user: UserId,
         quantity: u32,
         per_user_limit: Option<u32>,
-        idempotency_key: Option<String>,
+        idempotency: Option<OrderKey>,
     ) -> Result<(Addr<EventActor>, Held), PurchaseError> {
         let EventHandle { addr, queued } = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
         if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
@@ -239,7 +239,7 @@ impl Inner {
             user,
             quantity,
             per_user_limit,
-            idempotency_key,
+            idempotency,
             created_at: created_at.clone(),
             reply,
         });
@@ -369,13 +369,13 @@ impl Stage for ActorStage {
             user,
             quantity,
             per_user_limit,
-            idempotency_key,
+            idempotency,
         } = request;
         let user_id = user.as_str().to_owned();
         // Detached, like a v1 purchase; the payment goes on after the 202.
         let task = actix_rt::spawn(async move {
             let (addr, grant) = inner
-                .reserve(event, user, quantity, Some(per_user_limit), idempotency_key)
+                .reserve(event, user, quantity, Some(per_user_limit), idempotency)
                 .await?;
             let (order, key, amount) = (grant.order, grant.payment_key.clone(), grant.amount);
             actix_rt::spawn(async move {

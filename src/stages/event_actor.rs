@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use crate::domain::{CancelReason, EventId, Money, OrderId, PaymentStatus, TicketId, UserId};
 use crate::inventory::{Counts, HoldError, Inventory, Millis, ReserveError};
 use crate::payments::fnv1a;
-use crate::store::{NewOrder, StoreError, StoreResult, WriteHandle, WriteOp};
+use crate::store::{NewOrder, OrderKey, StoreError, StoreResult, WriteHandle, WriteOp};
 
 /// A future that resolves once a write is committed.
 pub type Durable = BoxFuture<'static, StoreResult<()>>;
@@ -162,7 +162,7 @@ pub struct Reserve {
     pub quantity: u32,
     /// API v2 caps what one user may hold or own; API v1 does not.
     pub per_user_limit: Option<u32>,
-    pub idempotency_key: Option<String>,
+    pub idempotency: Option<OrderKey>,
     /// When the order was placed (RFC 3339), formatted by the sender so that the actor's
     /// thread, which every purchase of the event goes through, does not.
     pub created_at: String,
@@ -195,7 +195,7 @@ impl Handler<Reserve> for EventActor {
                     event: self.event,
                     user: msg.user.as_str().to_owned(),
                     unit_price: self.price,
-                    idempotency_key: msg.idempotency_key,
+                    idempotency: msg.idempotency,
                     created_at: msg.created_at,
                 };
                 match self.writer.try_submit(WriteOp::Hold(Box::new(hold))) {

@@ -40,7 +40,7 @@ use crate::lock::{EventLocks, Lease, LockError};
 use crate::payments::{ChargeOutcome, RefundOutcome};
 use crate::queue::{PaymentJob, PaymentQueue, MAX_ATTEMPTS};
 use crate::store::fenced::{Availability, Fence};
-use crate::store::{Catalog, NewOrder, OrderBook, Records, StoreError, StoreResult};
+use crate::store::{Catalog, NewOrder, OrderBook, OrderKey, Records, StoreError, StoreResult};
 
 /// How often a reservation or a seat return retries after its write was refused as stale.
 const STALE_RETRIES: usize = 3;
@@ -343,7 +343,7 @@ impl Inner {
         user: &UserId,
         quantity: u32,
         per_user_limit: Option<u32>,
-        idempotency_key: Option<String>,
+        idempotency: Option<OrderKey>,
     ) -> Result<PaymentJob, PurchaseError> {
         // Refuse without the lock when there is plainly nothing to sell.
         let store = &self.parts.store;
@@ -376,13 +376,7 @@ impl Inner {
                 continue;
             };
             let result = self
-                .reserve_under(
-                    &lease,
-                    user,
-                    quantity,
-                    per_user_limit,
-                    idempotency_key.clone(),
-                )
+                .reserve_under(&lease, user, quantity, per_user_limit, idempotency.clone())
                 .await;
             if let Err(error) = self.locks.release(lease).await {
                 tracing::warn!(%error, "could not release the lock; its lease runs out by itself");
@@ -409,7 +403,7 @@ impl Inner {
         user: &UserId,
         quantity: u32,
         per_user_limit: Option<u32>,
-        idempotency_key: Option<String>,
+        idempotency: Option<OrderKey>,
     ) -> Result<Option<PaymentJob>, PurchaseError> {
         let store = &self.parts.store;
         let event = lease.event;
@@ -447,7 +441,7 @@ impl Inner {
             event,
             user: user.as_str().to_owned(),
             unit_price: seen.price,
-            idempotency_key,
+            idempotency,
             created_at: timestamp(Utc::now()),
         };
         let available = seen.available - i64::from(quantity);
@@ -723,7 +717,7 @@ impl Inner {
                 &request.user,
                 request.quantity,
                 Some(request.per_user_limit),
-                request.idempotency_key,
+                request.idempotency,
             )
             .await?;
         self.enqueue(&job).await?;

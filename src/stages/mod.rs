@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::config::{Settings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
-use crate::store::{EventQuery, Records, Store, StoreError, StoreResult};
+use crate::store::{EventQuery, OrderKey, Records, Store, StoreError, StoreResult};
 
 /// Why a purchase did not end with a confirmed ticket.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +135,7 @@ pub struct OrderRequest {
     /// Most tickets one user may hold or own for the event.
     pub per_user_limit: u32,
     /// The client's Idempotency-Key; stored on the order so a key yields at most one order.
-    pub idempotency_key: Option<String>,
+    pub idempotency: Option<OrderKey>,
 }
 
 /// What every stage is built from.
@@ -151,9 +151,6 @@ pub struct StageParts {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The stage cannot run on this database (the monolith is SQLite-only).
-    #[error("{0}")]
-    Unsupported(String),
     /// Redis did not answer at start (`locked`).
     #[error("--redis-url {url}: {cause}; start Redis or point --redis-url (REDIS_URL) at it")]
     Redis { url: String, cause: String },
@@ -162,7 +159,7 @@ pub enum StartError {
 /// Builds the stage `settings.stage` asks for (recovering interrupted purchases first).
 pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
     Ok(match parts.settings.stage {
-        StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)?),
+        StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
     })

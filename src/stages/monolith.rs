@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{PurchaseError, Stage, StageParts, StartError};
+use super::{PurchaseError, Stage, StageParts};
 use crate::config::StageKind;
 use chrono::Utc;
 
@@ -17,23 +17,15 @@ use crate::domain::{
     timestamp, CancelReason, Event, EventId, NewEvent, OrderId, Ticket, TicketId, UserId,
 };
 use crate::payments::ChargeOutcome;
-use crate::store::{Backend, Catalog, NewOrder, Records, StoreError};
+use crate::store::{Catalog, NewOrder, Records, StoreError};
 
 pub struct Monolith {
     parts: StageParts,
 }
 
 impl Monolith {
-    /// The monolith runs on SQLite only, as the seed's step 1 did.
-    pub fn new(parts: StageParts) -> Result<Self, StartError> {
-        if parts.store.backend() != Backend::Sqlite {
-            return Err(StartError::Unsupported(
-                "--stage monolith runs on SQLite only, like the seed's step 1: give --db a file \
-                 path, or run --stage actor or locked on PostgreSQL"
-                    .into(),
-            ));
-        }
-        Ok(Self { parts })
+    pub fn new(parts: StageParts) -> Self {
+        Self { parts }
     }
 }
 
@@ -70,7 +62,7 @@ impl Stage for Monolith {
             event,
             user: user.as_str().to_owned(),
             unit_price: price,
-            idempotency_key: None,
+            idempotency: None,
             created_at: timestamp(Utc::now()),
         };
         store.insert_pending_order(&pending).await?;

@@ -31,7 +31,7 @@ use crate::domain::{
 
 pub use accounts::{KeyState, NewUser};
 pub use backend::{Backend, DatabaseUrl};
-pub use sql::NewOrder;
+pub use sql::{NewOrder, OrderKey};
 pub use writer::{WriteHandle, WriteOp, WriterFull};
 
 /// What went wrong in storage, said in the domain's terms rather than a driver's.

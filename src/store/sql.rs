@@ -5,7 +5,21 @@
 use sqlx::AnyConnection;
 use uuid::Uuid;
 
-use crate::domain::{CancelReason, EventId, Money, OrderId, OrderStatus, PaymentStatus, TicketId};
+use crate::domain::{
+    timestamp, CancelReason, EventId, Money, Order, OrderId, OrderStatus, PaymentStatus, TicketId,
+};
+
+/// The client's Idempotency-Key (API v2) an order was placed with, and the answer that key
+/// stores: written in the same transaction as the order, so no crash can leave an order whose
+/// key still says `in_flight`.
+#[derive(Debug, Clone)]
+pub struct OrderKey {
+    pub key: String,
+    /// The stored answer's HTTP status.
+    pub status: u16,
+    /// Makes the stored answer's body from the order as placed.
+    pub render: fn(&Order) -> String,
+}
 
 /// An order about to be held: its tickets, its price, and the keys it carries.
 #[derive(Debug, Clone)]
@@ -16,7 +30,7 @@ pub struct NewOrder {
     pub user: String,
     pub unit_price: Money,
     /// The client's Idempotency-Key (API v2), if the order came with one.
-    pub idempotency_key: Option<String>,
+    pub idempotency: Option<OrderKey>,
     pub created_at: String,
 }
 
@@ -34,9 +48,53 @@ impl NewOrder {
     pub fn amount_cents(&self) -> i64 {
         self.unit_price.cents() * self.tickets.len() as i64
     }
+
+    /// The client's Idempotency-Key, if any.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency.as_ref().map(|k| k.key.as_str())
+    }
+
+    /// The order as it stands once held: `pending`, not yet updated.
+    pub fn placed(&self) -> Order {
+        Order {
+            id: self.order,
+            event_id: self.event,
+            user_id: self.user.clone(),
+            quantity: self.tickets.len() as u32,
+            amount_cents: self.amount_cents(),
+            status: OrderStatus::Pending,
+            cancel_reason: None,
+            tickets: self.tickets.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.created_at.clone(),
+        }
+    }
 }
 
-/// Inserts the order, its tickets and its payment, all `pending`. Inventory is not touched.
+/// Stores the key answers of `orders` that carry one, completing their claims.
+async fn complete_keys(conn: &mut AnyConnection, orders: &[&NewOrder]) -> Result<(), sqlx::Error> {
+    let now = timestamp(chrono::Utc::now());
+    for o in orders {
+        let Some(key) = &o.idempotency else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE idempotency_keys SET state = 'done', status = $1, body = $2, completed_at = $3
+             WHERE user_id = $4 AND key = $5 AND state = 'in_flight'",
+        )
+        .bind(i64::from(key.status))
+        .bind((key.render)(&o.placed()))
+        .bind(&now)
+        .bind(&o.user)
+        .bind(&key.key)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Inserts the order, its tickets and its payment, all `pending`, and stores its key's answer.
+/// Inventory is not touched.
 pub async fn insert_order(conn: &mut AnyConnection, o: &NewOrder) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, idempotency_key, created_at, updated_at)
@@ -47,7 +105,7 @@ pub async fn insert_order(conn: &mut AnyConnection, o: &NewOrder) -> Result<(), 
     .bind(&o.user)
     .bind(o.tickets.len() as i64)
     .bind(o.amount_cents())
-    .bind(&o.idempotency_key)
+    .bind(o.idempotency_key())
     .bind(&o.created_at)
     .bind(&o.created_at)
     .execute(&mut *conn)
@@ -78,7 +136,7 @@ pub async fn insert_order(conn: &mut AnyConnection, o: &NewOrder) -> Result<(), 
     .bind(&o.created_at)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    complete_keys(conn, &[o]).await
 }
 
 /// Moves a `pending` order and its tickets to `status`; refuses any other starting state.
@@ -163,11 +221,11 @@ fn expect_one(affected: u64, what: &str) -> Result<(), sqlx::Error> {
 
 /// Most rows or ids one statement carries (well under SQLite's and PostgreSQL's limits of
 /// bound parameters).
-const CHUNK: usize = 400;
+pub(super) const CHUNK: usize = 400;
 
 /// `rows` groups of `columns` numbered parameters, `($1, $2), ($3, $4)`, each group written
 /// with `shape`, where `?` stands for the next parameter; numbering starts after `first - 1`.
-fn numbered(shape: &str, rows: usize, first: usize) -> String {
+pub(super) fn numbered(shape: &str, rows: usize, first: usize) -> String {
     let mut next = first;
     let mut out = String::with_capacity(rows * (shape.len() + 8));
     for row in 0..rows {
@@ -187,7 +245,8 @@ fn numbered(shape: &str, rows: usize, first: usize) -> String {
     out
 }
 
-/// Inserts many orders with their tickets and payments in a few multi-row statements.
+/// Inserts many orders with their tickets and payments in a few multi-row statements, and
+/// stores their keys' answers.
 pub async fn insert_orders(
     conn: &mut AnyConnection,
     orders: &[&NewOrder],
@@ -205,7 +264,7 @@ pub async fn insert_orders(
                 .bind(&o.user)
                 .bind(o.tickets.len() as i64)
                 .bind(o.amount_cents())
-                .bind(&o.idempotency_key)
+                .bind(o.idempotency_key())
                 .bind(&o.created_at)
                 .bind(&o.created_at);
         }
@@ -248,7 +307,7 @@ pub async fn insert_orders(
         }
         query.execute(&mut *conn).await?;
     }
-    Ok(())
+    complete_keys(conn, orders).await
 }
 
 /// Confirms many `pending` orders (and their tickets) and completes their payments, in three

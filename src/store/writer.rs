@@ -290,3 +290,69 @@ async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<(), sqlx::Error
         WriteOp::Barrier => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+    use crate::domain::{Money, NewEvent, Order, TicketId, UserId};
+    use crate::store::{Catalog, IdempotencyRecords, KeyState, OrderKey, Store};
+
+    fn render(order: &Order) -> String {
+        format!("placed {} x{}", order.id, order.quantity)
+    }
+
+    #[tokio::test]
+    async fn a_held_order_and_its_keys_answer_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let store = Store::open(path.to_str().unwrap(), Durability::Normal)
+            .await
+            .unwrap();
+        let event = store
+            .create_event(&NewEvent {
+                name: "Keys".into(),
+                venue: "Hall".into(),
+                date: Utc::now(),
+                total_tickets: 10,
+                price: Money::from_cents(100).unwrap(),
+            })
+            .await
+            .unwrap();
+        let user = UserId::parse("alice").unwrap();
+        let claimed = store.begin_idempotent(&user, "k1", "print").await.unwrap();
+        assert_eq!(claimed, KeyState::Proceed);
+
+        let (writer, task) = store.start_writer(8, 8).await.unwrap();
+        let order = OrderId(uuid::Uuid::new_v4());
+        let hold = NewOrder {
+            order,
+            tickets: vec![
+                TicketId(uuid::Uuid::new_v4()),
+                TicketId(uuid::Uuid::new_v4()),
+            ],
+            event: event.id,
+            user: "alice".into(),
+            unit_price: Money::from_cents(100).unwrap(),
+            idempotency: Some(OrderKey {
+                key: "k1".into(),
+                status: 202,
+                render,
+            }),
+            created_at: timestamp(Utc::now()),
+        };
+        writer.submit(WriteOp::Hold(Box::new(hold))).await.unwrap();
+
+        // No one called complete_idempotent: the hold's own transaction stored the answer.
+        let replay = store.begin_idempotent(&user, "k1", "print").await.unwrap();
+        assert_eq!(
+            replay,
+            KeyState::Replay {
+                status: 202,
+                body: format!("placed {order} x2"),
+            }
+        );
+        drop(writer);
+        task.await.unwrap();
+    }
+}

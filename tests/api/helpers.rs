@@ -1,26 +1,26 @@
 //! Starting a server for a test and talking to it.
 
-use std::path::PathBuf;
-
 use actix_web::dev::ServerHandle;
 use serde_json::{json, Value};
 use ticketflow::config::{LatencyModel, Settings, StageKind};
 use ticketflow::server::Server;
 
-/// A running server on its own temporary database.
+use crate::backends::{Backend, TestDb};
+
+/// A running server on its own fresh database.
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
-    pub db_path: PathBuf,
+    /// The server's database, to read behind its back.
+    pub db: TestDb,
     handle: ServerHandle,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     settings: Settings,
-    _dir: tempfile::TempDir,
 }
 
 /// Settings for tests: port 0, instant and always-successful payments, two HTTP workers.
-pub fn test_settings(stage: StageKind, db: &std::path::Path) -> Settings {
-    let mut settings = Settings::new(db.to_string_lossy().into_owned());
+pub fn test_settings(stage: StageKind, db: &TestDb) -> Settings {
+    let mut settings = Settings::new(db.url());
     settings.stage = stage;
     settings.bind = "127.0.0.1:0".parse().unwrap();
     settings.payments.latency = LatencyModel::Zero;
@@ -57,16 +57,24 @@ pub async fn determined_buyer(
 /// The admin token every test server is started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// Starts a server on `stage`; `tweak` adjusts the test settings first.
+/// Starts a server on `stage` on SQLite; `tweak` adjusts the test settings first.
 pub async fn spawn_app(stage: StageKind, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db_path = dir.path().join("ticketflow.db");
-    let mut settings = test_settings(stage, &db_path);
-    tweak(&mut settings);
-    start_on(dir, db_path, settings).await
+    spawn_app_on(Backend::Sqlite, stage, tweak).await
 }
 
-async fn start_on(dir: tempfile::TempDir, db_path: PathBuf, settings: Settings) -> TestApp {
+/// Starts a server on `stage` on a fresh database of `backend`.
+pub async fn spawn_app_on(
+    backend: Backend,
+    stage: StageKind,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let db = TestDb::new(backend);
+    let mut settings = test_settings(stage, &db);
+    tweak(&mut settings);
+    start_on(db, settings).await
+}
+
+async fn start_on(db: TestDb, settings: Settings) -> TestApp {
     let settings_copy = settings.clone();
     let server = Server::build(settings).await.expect("server starts");
     let base = format!("http://{}", server.addr());
@@ -78,11 +86,10 @@ async fn start_on(dir: tempfile::TempDir, db_path: PathBuf, settings: Settings) 
             .pool_max_idle_per_host(256)
             .build()
             .unwrap(),
-        db_path,
+        db,
         handle,
         task: Some(task),
         settings: settings_copy,
-        _dir: dir,
     }
 }
 
@@ -93,13 +100,8 @@ impl TestApp {
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
-        let TestApp {
-            db_path,
-            settings,
-            _dir,
-            ..
-        } = self;
-        start_on(_dir, db_path, settings).await
+        let TestApp { db, settings, .. } = self;
+        start_on(db, settings).await
     }
 
     /// Any request: optional bearer token, Idempotency-Key and JSON body.
@@ -200,7 +202,7 @@ impl TestApp {
         Reply::read(request.send().await.unwrap()).await
     }
 
-    /// Rows in `events`, `tickets` and `payments`, read from the database file.
+    /// Rows in `events`, `tickets` and `payments`, read from the database.
     pub async fn row_counts(&self) -> [i64; 3] {
         [
             self.count("SELECT COUNT(*) FROM events").await,
@@ -215,14 +217,9 @@ impl TestApp {
         audit
     }
 
-    /// Rows counted straight from the database file, bypassing the server.
+    /// A number read straight from the database, bypassing the server.
     pub async fn count(&self, sql: &str) -> i64 {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", self.db_path.display()))
-            .await
-            .unwrap();
-        let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
-        pool.close().await;
-        n
+        self.db.count(sql).await
     }
 
     /// Stops gracefully and waits until the database is flushed and closed.

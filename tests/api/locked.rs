@@ -15,7 +15,8 @@ use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::helpers::{determined_buyer, spawn_app, test_settings, Reply, TestApp};
+use crate::backends::{on_both_backends, Backend, TestDb};
+use crate::helpers::{determined_buyer, spawn_app_on, test_settings, Reply, TestApp};
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -72,7 +73,15 @@ impl Drop for Keys {
 }
 
 async fn locked_app(keys: &Keys, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    spawn_app(StageKind::Locked, |s| {
+    locked_app_on(Backend::Sqlite, keys, tweak).await
+}
+
+async fn locked_app_on(
+    backend: Backend,
+    keys: &Keys,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
+    spawn_app_on(backend, StageKind::Locked, |s| {
         keys.apply(s);
         tweak(s);
     })
@@ -113,10 +122,10 @@ async fn ledger_count(app: &TestApp, key_prefix: &str, kind: &str) -> usize {
 const SEATS: u32 = 100;
 const BUYERS: usize = 1_000;
 
-async fn stampede_on_locked(seed: u64) {
+async fn stampede_on_locked(backend: Backend, seed: u64) {
     let keys = Keys::new();
     let app = Arc::new(
-        locked_app(&keys, |s| {
+        locked_app_on(backend, &keys, |s| {
             s.seed = seed;
             s.payments.latency =
                 LatencyModel::Uniform(Duration::from_millis(1), Duration::from_millis(20));
@@ -193,12 +202,16 @@ async fn stampede_on_locked(seed: u64) {
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn the_locked_stage_sells_every_seat_exactly_once_under_a_stampede() {
+async fn locked_stampede(backend: Backend) {
     for seed in [1, 2, 3] {
-        stampede_on_locked(seed).await;
+        stampede_on_locked(backend, seed).await;
     }
 }
+
+on_both_backends!(
+    the_locked_stage_sells_every_seat_exactly_once_under_a_stampede,
+    locked_stampede
+);
 
 #[actix_web::test]
 async fn a_declined_payment_cancels_the_order_and_returns_the_seat() {
@@ -432,8 +445,8 @@ async fn redis_going_down_answers_503_with_a_problem_document_not_a_hang() {
 
 #[actix_web::test]
 async fn an_unreachable_redis_at_start_is_an_error_naming_the_setting() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(StageKind::Locked, &dir.path().join("t.db"));
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = test_settings(StageKind::Locked, &db);
     // A port nothing listens on: bind one, note it, close it.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -784,10 +797,14 @@ async fn queue_stats_are_served_to_the_admin_only() {
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn a_retry_storm_on_locked_makes_one_order_and_one_charge_with_identical_replays() {
+on_both_backends!(
+    a_retry_storm_on_locked_makes_one_order_and_one_charge_with_identical_replays,
+    locked_retry_storm
+);
+
+async fn locked_retry_storm(backend: Backend) {
     let keys = Keys::new();
-    let app = locked_app(&keys, |s| {
+    let app = locked_app_on(backend, &keys, |s| {
         s.payments.latency = LatencyModel::Fixed(Duration::from_millis(30));
     })
     .await;
@@ -826,10 +843,14 @@ async fn a_retry_storm_on_locked_makes_one_order_and_one_charge_with_identical_r
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn key_misuse_and_authorization_answer_the_same_on_locked() {
+on_both_backends!(
+    key_misuse_and_authorization_answer_the_same_on_locked,
+    locked_key_misuse_and_authorization
+);
+
+async fn locked_key_misuse_and_authorization(backend: Backend) {
     let keys = Keys::new();
-    let app = locked_app(&keys, |_| {}).await;
+    let app = locked_app_on(backend, &keys, |_| {}).await;
     let event = app.create_event(10).await;
     let (alice, mallory) = (v2_user(&app, "alice").await, v2_user(&app, "mallory").await);
 
@@ -883,5 +904,53 @@ async fn key_misuse_and_authorization_answer_the_same_on_locked() {
         .unwrap();
     assert_eq!(extra_field.status(), 400);
     assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn a_client_that_hangs_up_mid_order_never_strands_its_idempotency_key() {
+    use tokio::io::AsyncWriteExt;
+
+    let keys = Keys::new();
+    // The reservation pauses after its read, so the client is gone long before it answers.
+    let app = locked_app(&keys, |s| {
+        s.locked.failpoints.pauses_after_read = vec![Duration::from_millis(700)];
+    })
+    .await;
+    let event = app.create_event(10).await;
+    let token = v2_user(&app, "hangs-up").await;
+
+    let body = serde_json::json!({ "eventId": event, "quantity": 1 }).to_string();
+    let request = format!(
+        "POST /api/v2/orders HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\
+         Idempotency-Key: gone\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = TcpStream::connect(&addr).await.unwrap();
+    socket.write_all(request.as_bytes()).await.unwrap();
+    // Let the server claim the key and start the reservation, then hang up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(socket);
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'gone' AND state = 'in_flight'"
+        )
+        .await,
+        1,
+        "the request never claimed its key: the test proves nothing"
+    );
+
+    // The retry after the work would have finished gets the stored answer, not `409` forever.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let retry = v2_order(&app, &token, "gone", event, 1).await;
+    assert_eq!(retry.status, 202, "{:?}", retry.body);
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert_eq!(app.count("SELECT COUNT(*) FROM orders").await, 1);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM idempotency_keys WHERE state = 'in_flight'")
+            .await,
+        0
+    );
     app.stop().await;
 }

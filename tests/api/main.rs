@@ -1,6 +1,7 @@
 //! Integration tests: the real server on 127.0.0.1:0 with a fresh database each, over HTTP.
 //! One binary with modules, so there is one link step.
 
+mod backends;
 mod helpers;
 
 mod contract;
@@ -10,4 +11,5 @@ mod locked;
 mod openapi;
 mod recovery;
 mod stampede;
+mod storage;
 mod v2;

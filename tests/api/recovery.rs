@@ -1,13 +1,14 @@
 //! `kill -9` in the middle of purchases, then a restart on the same database (actor stage).
 
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{json, Value};
+
+use crate::backends::{on_both_backends, Backend, TestDb};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
@@ -25,7 +26,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_server(db: &Path, client: &reqwest::Client) -> Process {
+async fn start_server(db: &TestDb, client: &reqwest::Client) -> Process {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
         .args([
@@ -43,8 +44,7 @@ async fn start_server(db: &Path, client: &reqwest::Client) -> Process {
             "--bind",
             &format!("127.0.0.1:{port}"),
         ])
-        .arg("--db")
-        .arg(db)
+        .args(["--db", db.url()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -64,19 +64,13 @@ async fn start_server(db: &Path, client: &reqwest::Client) -> Process {
     Process { child, base }
 }
 
-async fn count(db: &Path, sql: &str) -> i64 {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
-        .await
-        .unwrap();
-    let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
-    pool.close().await;
-    n
-}
+on_both_backends!(
+    purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledged_ones_survive,
+    kill_9_mid_purchase
+);
 
-#[actix_web::test]
-async fn purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledged_ones_survive() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("crash.db");
+async fn kill_9_mid_purchase(backend: Backend) {
+    let db = TestDb::new(backend);
     let client = reqwest::Client::new();
     let mut server = start_server(&db, &client).await;
 
@@ -123,8 +117,9 @@ async fn purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledge
     };
     let (outcomes, ()) = futures::join!(join_all(buyers), killer);
     let acknowledged: Vec<&String> = outcomes.iter().filter_map(|(_, t)| t.as_ref()).collect();
-    let pending_at_crash =
-        count(&db, "SELECT COUNT(*) FROM tickets WHERE status = 'pending'").await;
+    let pending_at_crash = db
+        .count("SELECT COUNT(*) FROM tickets WHERE status = 'pending'")
+        .await;
     assert!(
         !acknowledged.is_empty(),
         "no purchase finished before the kill: the test proves nothing"
@@ -138,49 +133,44 @@ async fn purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledge
 
     // every acknowledged ticket survived, confirmed
     for ticket in &acknowledged {
-        let n = count(
-            &db,
-            &format!("SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"),
-        )
-        .await;
+        let n = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"
+            ))
+            .await;
         assert_eq!(n, 1, "acknowledged ticket {ticket} was lost");
     }
     // every interrupted purchase reached a final state, and inventory adds up
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM tickets WHERE status = 'pending'").await,
+        db.count("SELECT COUNT(*) FROM tickets WHERE status = 'pending'")
+            .await,
         0
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM payments WHERE status = 'pending'"
-        )
-        .await,
+        db.count("SELECT COUNT(*) FROM payments WHERE status = 'pending'")
+            .await,
         0
     );
-    let confirmed = count(
-        &db,
-        "SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'",
-    )
-    .await;
+    let confirmed = db
+        .count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
+        .await;
     assert!(confirmed <= SEATS);
     assert_eq!(
-        count(
-            &db,
-            &format!("SELECT available_tickets FROM events WHERE id = {event}")
-        )
+        db.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
         .await,
         SEATS - confirmed
     );
     // at most one charge per ticket, and one completed payment per confirmed ticket
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM tickets t WHERE t.status = 'confirmed' AND
+        db.count("SELECT COUNT(*) FROM tickets t WHERE t.status = 'confirmed' AND
                     (SELECT COUNT(*) FROM payments p WHERE p.order_id = t.order_id AND p.status = 'completed') != 1").await,
         0
     );
     // each buyer bought once, so holds at most one ticket that is not cancelled
     assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM (SELECT user_id FROM tickets WHERE status != 'cancelled' GROUP BY user_id HAVING COUNT(*) > 1)").await,
+        db.count("SELECT COUNT(*) FROM (SELECT user_id FROM tickets WHERE status != 'cancelled' GROUP BY user_id HAVING COUNT(*) > 1) AS twice").await,
         0
     );
     let audit: Value = client
@@ -215,8 +205,7 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
     use ticketflow::config::StageKind;
     use ticketflow::server::Server;
 
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("expired.db");
+    let db = TestDb::new(Backend::Sqlite);
     // A previous run: the hold expired (ticket cancelled, seat returned) while the charge was
     // in flight, then the process died before the payment's outcome was recorded.
     let settings = crate::helpers::test_settings(StageKind::Actor, &db);
@@ -225,10 +214,7 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
     let task = actix_rt::spawn(first.run());
     handle.stop(true).await;
     task.await.unwrap().unwrap();
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
-        .await
-        .unwrap();
-    for sql in [
+    db.execute(&[
         "INSERT INTO events (id, name, venue, date, total_tickets, available_tickets, price_cents, created_at)
          VALUES (1, 'Late', 'Hall', '2026-12-31T20:00:00Z', 1, 1, 1000, '2026-11-01T00:00:00Z')",
         "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, cancel_reason, created_at, updated_at)
@@ -237,10 +223,8 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
          VALUES ('00000000-0000-4000-8000-000000000001', '00000000-0000-4000-8000-000000000002', 1, 'late', '2026-11-01T00:00:00Z', 1000, 'cancelled', 'hold_expired')",
         "INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, created_at)
          VALUES ('p1', '00000000-0000-4000-8000-000000000002', 'late', 1000, 'pending', 'order-late', '2026-11-01T00:00:00Z')",
-    ] {
-        sqlx::query(sql).execute(&pool).await.unwrap();
-    }
-    pool.close().await;
+    ])
+    .await;
 
     let second = Server::build(settings).await.unwrap();
     let base = format!("http://{}", second.addr());
@@ -248,23 +232,18 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
     let task = actix_rt::spawn(second.run());
 
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM payments WHERE status = 'pending'"
-        )
-        .await,
+        db.count("SELECT COUNT(*) FROM payments WHERE status = 'pending'")
+            .await,
         0
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM payments WHERE status IN ('refunded', 'failed')"
-        )
-        .await,
+        db.count("SELECT COUNT(*) FROM payments WHERE status IN ('refunded', 'failed')")
+            .await,
         1
     );
     assert_eq!(
-        count(&db, "SELECT available_tickets FROM events WHERE id = 1").await,
+        db.count("SELECT available_tickets FROM events WHERE id = 1")
+            .await,
         1
     );
     let audit: Value = reqwest::get(format!("{base}/api/v1/admin/audit"))

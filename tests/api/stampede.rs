@@ -7,14 +7,15 @@ use std::time::Duration;
 use futures::future::join_all;
 use ticketflow::config::{LatencyModel, StageKind};
 
-use crate::helpers::{determined_buyer, spawn_app};
+use crate::backends::{on_both_backends, Backend};
+use crate::helpers::{determined_buyer, spawn_app, spawn_app_on};
 
 const SEATS: u32 = 100;
 const BUYERS: usize = 2_000;
 
-async fn stampede_on_actor(seed: u64) {
+async fn stampede_on_actor(backend: Backend, seed: u64) {
     let app = Arc::new(
-        spawn_app(StageKind::Actor, |s| {
+        spawn_app_on(backend, StageKind::Actor, |s| {
             s.seed = seed;
             s.payments.latency =
                 LatencyModel::Uniform(Duration::from_millis(1), Duration::from_millis(20));
@@ -115,12 +116,16 @@ async fn stampede_on_actor(seed: u64) {
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn the_actor_stage_sells_every_seat_exactly_once_under_a_stampede() {
+async fn actor_stampede(backend: Backend) {
     for seed in [1, 2, 3] {
-        stampede_on_actor(seed).await;
+        stampede_on_actor(backend, seed).await;
     }
 }
+
+on_both_backends!(
+    the_actor_stage_sells_every_seat_exactly_once_under_a_stampede,
+    actor_stampede
+);
 
 #[actix_web::test]
 async fn the_monolith_oversells_and_loses_updates_under_the_same_stampede() {

@@ -7,7 +7,8 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use ticketflow::config::{LatencyModel, StageKind};
 
-use crate::helpers::{spawn_app, Reply, TestApp, ADMIN_TOKEN};
+use crate::backends::{on_both_backends, Backend};
+use crate::helpers::{spawn_app, spawn_app_on, Reply, TestApp, ADMIN_TOKEN};
 
 async fn send(
     app: &TestApp,
@@ -112,9 +113,13 @@ async fn an_order_is_accepted_with_a_status_url_and_confirms_in_the_background()
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn a_retry_storm_makes_one_order_and_one_charge_and_every_replay_is_identical() {
-    let app = spawn_app(StageKind::Actor, |s| {
+on_both_backends!(
+    a_retry_storm_makes_one_order_and_one_charge_and_every_replay_is_identical,
+    retry_storm
+);
+
+async fn retry_storm(backend: Backend) {
+    let app = spawn_app_on(backend, StageKind::Actor, |s| {
         s.payments.latency = LatencyModel::Fixed(Duration::from_millis(30))
     })
     .await;
@@ -167,9 +172,13 @@ async fn a_retry_storm_makes_one_order_and_one_charge_and_every_replay_is_identi
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn idempotency_key_misuse_gets_the_documented_codes_and_writes_nothing() {
-    let app = spawn_app(StageKind::Actor, |_| {}).await;
+on_both_backends!(
+    idempotency_key_misuse_gets_the_documented_codes_and_writes_nothing,
+    key_misuse
+);
+
+async fn key_misuse(backend: Backend) {
+    let app = spawn_app_on(backend, StageKind::Actor, |_| {}).await;
     let event = app.create_event(10).await;
     let carol = new_user(&app, "carol").await;
     let body = json!({ "eventId": event, "quantity": 1 });
@@ -240,9 +249,13 @@ async fn idempotency_key_misuse_gets_the_documented_codes_and_writes_nothing() {
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn answers_stored_under_a_key_survive_a_restart() {
-    let app = spawn_app(StageKind::Actor, |_| {}).await;
+on_both_backends!(
+    answers_stored_under_a_key_survive_a_restart,
+    stored_answers_survive_a_restart
+);
+
+async fn stored_answers_survive_a_restart(backend: Backend) {
+    let app = spawn_app_on(backend, StageKind::Actor, |_| {}).await;
     let event = app.create_event(10).await;
     let erin = new_user(&app, "erin").await;
     let first = order(&app, &erin, "keep-me", event, 1).await;
@@ -258,9 +271,13 @@ async fn answers_stored_under_a_key_survive_a_restart() {
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn users_see_only_their_own_orders_and_buyers_cannot_use_admin_routes() {
-    let app = spawn_app(StageKind::Actor, |_| {}).await;
+on_both_backends!(
+    users_see_only_their_own_orders_and_buyers_cannot_use_admin_routes,
+    authorization_matrix
+);
+
+async fn authorization_matrix(backend: Backend) {
+    let app = spawn_app_on(backend, StageKind::Actor, |_| {}).await;
     let event = app.create_event(10).await;
     let (alice, mallory) = (
         new_user(&app, "alice").await,
@@ -407,9 +424,13 @@ async fn the_per_user_limit_holds_across_orders() {
     app.stop().await;
 }
 
-#[actix_web::test]
-async fn events_can_be_paged_filtered_and_sorted_with_links() {
-    let app = spawn_app(StageKind::Actor, |_| {}).await;
+on_both_backends!(
+    events_can_be_paged_filtered_and_sorted_with_links,
+    paging_filtering_sorting
+);
+
+async fn paging_filtering_sorting(backend: Backend) {
+    let app = spawn_app_on(backend, StageKind::Actor, |_| {}).await;
     for (i, venue) in ["Hall", "Arena", "Hall", "Club", "Hall"].iter().enumerate() {
         let body = event_body(
             &format!("Show {i}"),
