@@ -37,7 +37,15 @@ impl Server {
         let store = Store::open(&settings.database, settings.durability)
             .await
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
-        let payments = PaymentGateway::start(&settings.payments, settings.seed, &[]);
+        // The gateway keeps its books (a table of its own) in the same database.
+        let payments = PaymentGateway::start(
+            &settings.payments,
+            settings.seed,
+            Arc::new(store.clone()),
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
         let parts = StageParts {
             store: store.clone(),
             payments: payments.clone(),

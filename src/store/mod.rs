@@ -15,6 +15,7 @@
 pub mod accounts;
 pub mod backend;
 pub mod fenced;
+pub mod gateway;
 pub mod sql;
 pub mod writer;
 
@@ -31,6 +32,7 @@ use crate::domain::{
 
 pub use accounts::{KeyState, NewUser};
 pub use backend::{Backend, DatabaseUrl};
+pub use gateway::GatewayBooks;
 pub use sql::{NewOrder, OrderKey};
 pub use writer::{WriteHandle, WriteOp, WriterFull};
 

@@ -7,6 +7,7 @@ mod helpers;
 mod contract;
 mod holds;
 mod inventory_model;
+mod ledger;
 mod locked;
 mod openapi;
 mod recovery;
