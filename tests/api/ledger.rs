@@ -4,16 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{json, Value};
+use sqlx::AnyPool;
 use ticketflow::config::StageKind;
 
-use crate::helpers::{spawn_app, ADMIN_TOKEN};
+use crate::backends::{on_both_backends, Backend, TestDb};
+use crate::helpers::{spawn_app_on, ADMIN_TOKEN};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
@@ -39,7 +40,7 @@ fn free_port() -> u16 {
 }
 
 /// The real binary on `db`, payments 20-400 ms and 30 % declined, outcomes drawn from `seed`.
-async fn start_server(db: &Path, seed: u64, client: &reqwest::Client) -> Process {
+async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> Process {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
         .args(["serve", "--stage", "actor", "--seed", &seed.to_string()])
@@ -50,8 +51,7 @@ async fn start_server(db: &Path, seed: u64, client: &reqwest::Client) -> Process
             "20ms..400ms",
         ])
         .args(["--bind", &format!("127.0.0.1:{port}")])
-        .arg("--db")
-        .arg(db)
+        .args(["--db", db.url()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -71,26 +71,15 @@ async fn start_server(db: &Path, seed: u64, client: &reqwest::Client) -> Process
     Process { child, base }
 }
 
-async fn pool(db: &Path) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
-        .await
-        .unwrap()
-}
-
-async fn count(db: &Path, sql: &str) -> i64 {
-    let pool = pool(db).await;
-    let n: i64 = sqlx::query_scalar(sql)
-        .fetch_one(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    pool.close().await;
-    n
-}
-
 /// What the gateway's books say it answered under each key: charged (with the charge's id) or
 /// declined.
-async fn answers(db: &Path) -> BTreeMap<String, (String, Option<String>)> {
-    let pool = pool(db).await;
+async fn answers(db: &TestDb) -> BTreeMap<String, (String, Option<String>)> {
+    sqlx::any::install_default_drivers();
+    let url = match db.backend {
+        Backend::Sqlite => format!("sqlite://{}", db.url()),
+        Backend::Postgres => db.url().to_owned(),
+    };
+    let pool = AnyPool::connect(&url).await.unwrap();
     let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "SELECT payment_key, kind, charge_id FROM gateway_ledger WHERE kind != 'refund'",
     )
@@ -122,10 +111,13 @@ async fn whole_ledger(client: &reqwest::Client, base: &str, limit: u32) -> Vec<V
     lines
 }
 
-#[actix_web::test]
-async fn a_restart_after_kill_9_keeps_the_gateways_books_so_i3_and_i5_hold_across_the_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("books.db");
+on_both_backends!(
+    a_restart_after_kill_9_keeps_the_gateways_books_so_i3_and_i5_hold_across_the_crash,
+    kill_9_keeps_the_books
+);
+
+async fn kill_9_keeps_the_books(backend: Backend) {
+    let db = TestDb::new(backend);
     let client = reqwest::Client::new();
     let mut server = start_server(&db, 9, &client).await;
     let created: Value = client
@@ -164,10 +156,8 @@ async fn a_restart_after_kill_9_keeps_the_gateways_books_so_i3_and_i5_hold_acros
     futures::join!(join_all(buyers), killer);
 
     let before = answers(&db).await;
-    let lines_before = count(&db, "SELECT COUNT(*) FROM gateway_ledger").await;
-    let charged_in_flight = count(
-        &db,
-        "SELECT COUNT(*) FROM payments p JOIN gateway_ledger l ON l.payment_key = p.idempotency_key
+    let lines_before = db.count("SELECT COUNT(*) FROM gateway_ledger").await;
+    let charged_in_flight = db.count("SELECT COUNT(*) FROM payments p JOIN gateway_ledger l ON l.payment_key = p.idempotency_key
          WHERE p.status = 'pending' AND l.kind != 'refund'",
     )
     .await;
@@ -190,19 +180,14 @@ async fn a_restart_after_kill_9_keeps_the_gateways_books_so_i3_and_i5_hold_acros
         );
     }
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM payments WHERE status = 'pending'"
-        )
-        .await,
+        db.count("SELECT COUNT(*) FROM payments WHERE status = 'pending'")
+            .await,
         0,
         "every interrupted payment settled"
     );
     // I3 from the database itself: a confirmed order has one net charge, any other order none
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM payments p JOIN orders o ON o.id = p.order_id
+        db.count("SELECT COUNT(*) FROM payments p JOIN orders o ON o.id = p.order_id
              WHERE (CASE WHEN o.status = 'confirmed' THEN 1 ELSE 0 END) !=
                    (SELECT COUNT(*) FROM gateway_ledger l WHERE l.payment_key = p.idempotency_key AND l.kind = 'charge')
                  - (SELECT COUNT(*) FROM gateway_ledger l WHERE l.payment_key = p.idempotency_key AND l.kind = 'refund')"
@@ -212,8 +197,7 @@ async fn a_restart_after_kill_9_keeps_the_gateways_books_so_i3_and_i5_hold_acros
     );
     // I5: every key the gateway answered has its payment record
     assert_eq!(
-        count(
-            &db,
+        db.count(
             "SELECT COUNT(*) FROM gateway_ledger l
              WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.idempotency_key = l.payment_key)"
         )
@@ -256,9 +240,13 @@ async fn a_restart_after_kill_9_keeps_the_gateways_books_so_i3_and_i5_hold_acros
     drop(server);
 }
 
-#[actix_web::test]
-async fn the_admin_ledger_is_served_in_capped_pages_linked_by_next() {
-    let app = spawn_app(StageKind::Actor, |s| s.payments.failure_rate = 0.5).await;
+on_both_backends!(
+    the_admin_ledger_is_served_in_capped_pages_linked_by_next,
+    ledger_pages
+);
+
+async fn ledger_pages(backend: Backend) {
+    let app = spawn_app_on(backend, StageKind::Actor, |s| s.payments.failure_rate = 0.5).await;
     let event = app.create_event(40).await;
     for i in 0..25 {
         app.purchase(event, &format!("u{i}")).await;
