@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`domain`]: events, tickets, payments and the value types that keep them valid.
 //! - [`inventory`]: the pure inventory core, a state machine with the time passed in.
-//! - [`payments`]: the simulated payment gateway, a pool of payment actors with a ledger.
+//! - [`payments`]: the simulated payment gateway, a pool of payment actors whose books (every
+//!   charge, decline and refund) are group-committed to the database and survive restarts.
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, and the group-commit writer.
 //! - [`idempotency`]: the Idempotency-Key protocol (claim, run once, store, replay, recover).

@@ -13,6 +13,10 @@ use crate::payments::PaymentGateway;
 use crate::stages::{self, Stage, StageParts};
 use crate::store::{backend, DatabaseUrl, Store};
 
+/// Connections of the payment gateway's own pool: its books task writes on one, and the admin
+/// routes read the ledger on the other.
+const BOOKS_CONNECTIONS: u32 = 2;
+
 /// A bound server, not yet running. Must be built and run inside an actix `System`.
 pub struct Server {
     addr: SocketAddr,
@@ -41,7 +45,12 @@ impl Server {
         let payments = PaymentGateway::start(
             &settings.payments,
             settings.seed,
-            Arc::new(store.clone()),
+            Arc::new(
+                store
+                    .with_own_pool(BOOKS_CONNECTIONS)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?,
+            ),
             &[],
         )
         .await

@@ -128,29 +128,17 @@ impl DatabaseUrl {
     /// Creates the database if it does not exist (a PostgreSQL database on a reachable server,
     /// a SQLite file), then opens the pool and applies the migrations.
     pub async fn open_pool(&self) -> StoreResult<AnyPool> {
-        let options = self.options()?;
         if self.backend == Backend::Postgres
             && !Any::database_exists(&self.url).await.map_err(unavailable)?
         {
             Any::create_database(&self.url).await.map_err(unavailable)?;
         }
-        let session = self.session_sql();
-        let pool = AnyPoolOptions::new()
-            .max_connections(match self.backend {
+        let pool = self
+            .pool_of(match self.backend {
                 Backend::Sqlite => SQLITE_POOL,
                 Backend::Postgres => POSTGRES_POOL,
             })
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(move |conn, _| {
-                let session = session.clone();
-                Box::pin(async move {
-                    conn.execute(session.as_str()).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let migrator = match self.backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
@@ -160,6 +148,24 @@ impl DatabaseUrl {
             .await
             .map_err(|e| StoreError::Migrate(e.to_string()))?;
         Ok(pool)
+    }
+
+    /// A pool of at most `connections` on the (existing, migrated) database.
+    pub async fn pool_of(&self, connections: u32) -> StoreResult<AnyPool> {
+        let session = self.session_sql();
+        AnyPoolOptions::new()
+            .max_connections(connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |conn, _| {
+                let session = session.clone();
+                Box::pin(async move {
+                    conn.execute(session.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(self.options()?)
+            .await
+            .map_err(unavailable)
     }
 
     /// One connection of its own, set up like the pool's (for the group-commit writer).

@@ -2,7 +2,8 @@
 //! database URL ([`backend`]). Both run the same SQL, written in the subset the two share
 //! (`$N` parameters, `CASE` rather than `max()`/`GREATEST()`, explicit casts on sums), over
 //! sqlx's `Any` driver; the schema of each lives in `migrations/sqlite` and
-//! `migrations/postgres`, with the same CHECKs and unique indexes.
+//! `migrations/postgres`, with the same CHECKs and unique indexes. The payment simulator keeps
+//! its own books in the same database ([`gateway`], table `gateway_ledger`).
 //!
 //! What the stages and the API may ask of storage is a set of traits, one per capability:
 //! [`Catalog`] (events), [`OrderBook`] (orders and tickets), [`Accounts`] (API v2 users),
@@ -165,13 +166,12 @@ pub trait IdempotencyRecords: Send + Sync {
     async fn purge_old_keys(&self) -> StoreResult<u64>;
 }
 
-/// What the audit reconciles: stored counters and payments.
+/// What the audit reads of the stage's records: stored counters per event. (Payments are
+/// reconciled against the gateway's books by [`GatewayBooks::reconciliation`].)
 #[async_trait]
 pub trait AuditReads: Send + Sync {
     /// Counters per event: the stored `available` beside counts of tickets by status.
     async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>>;
-    /// Every payment row with its order's status.
-    async fn payment_records(&self) -> StoreResult<Vec<PaymentRecord>>;
 }
 
 /// Every read capability a stage serves the API from, and the database's health.
@@ -253,15 +253,6 @@ pub struct StoredCounts {
     pub cancelled: i64,
 }
 
-/// A payment row as the audit needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PaymentRecord {
-    pub order: String,
-    pub order_status: String,
-    pub status: String,
-    pub key: String,
-}
-
 impl Store {
     /// Opens the database `database` names (a path or `sqlite:` URL, or a `postgres://` URL),
     /// creating it if missing, and applies the migrations.
@@ -269,6 +260,16 @@ impl Store {
         let url = DatabaseUrl::parse(database, durability)?;
         let pool = url.open_pool().await?;
         Ok(Self { pool, url })
+    }
+
+    /// Another handle on the same database with a pool of its own of at most `connections`,
+    /// for a component that must not queue behind the stage's readers for a connection (the
+    /// payment gateway's books: every charge waits on them).
+    pub async fn with_own_pool(&self, connections: u32) -> StoreResult<Self> {
+        Ok(Self {
+            pool: self.url.pool_of(connections).await?,
+            url: self.url.clone(),
+        })
     }
 
     /// Which engine this store runs on.
@@ -585,25 +586,6 @@ impl AuditReads for Store {
                     confirmed: r.try_get(3)?,
                     pending: r.try_get(4)?,
                     cancelled: r.try_get(5)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn payment_records(&self) -> StoreResult<Vec<PaymentRecord>> {
-        let rows = sqlx::query(
-            "SELECT p.order_id, o.status, p.status, p.idempotency_key
-             FROM payments p JOIN orders o ON o.id = p.order_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(PaymentRecord {
-                    order: r.try_get(0)?,
-                    order_status: r.try_get(1)?,
-                    status: r.try_get(2)?,
-                    key: r.try_get(3)?,
                 })
             })
             .collect()
