@@ -128,6 +128,7 @@ impl DatabaseUrl {
     /// Creates the database if it does not exist (a PostgreSQL database on a reachable server,
     /// a SQLite file), then opens the pool and applies the migrations.
     pub async fn open_pool(&self) -> StoreResult<AnyPool> {
+        install_drivers();
         if self.backend == Backend::Postgres
             && !Any::database_exists(&self.url).await.map_err(unavailable)?
         {
@@ -179,6 +180,7 @@ impl DatabaseUrl {
     /// load generator make one per run). Does nothing for SQLite.
     pub async fn drop_database(&self) -> StoreResult<()> {
         if self.backend == Backend::Postgres {
+            install_drivers();
             Any::force_drop_database(&self.url)
                 .await
                 .map_err(unavailable)?;
