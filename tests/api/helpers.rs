@@ -54,6 +54,9 @@ pub async fn determined_buyer(
     panic!("buyer {user} gave up");
 }
 
+/// How long the test client keeps an idle connection; under actix-web's keep-alive of 5 s.
+const CLIENT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The admin token every test server is started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -84,6 +87,10 @@ async fn start_on(db: TestDb, settings: Settings) -> TestApp {
         base,
         client: reqwest::Client::builder()
             .pool_max_idle_per_host(256)
+            // Forget idle connections well before the server's 5 s keep-alive closes them, so
+            // a request is never sent on a connection the server is closing at that moment
+            // (an `IncompleteMessage` error that says nothing about the server).
+            .pool_idle_timeout(CLIENT_IDLE_TIMEOUT)
             .build()
             .unwrap(),
         db,
