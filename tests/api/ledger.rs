@@ -3,10 +3,8 @@
 //! against everything ever charged. The admin ledger routes serve the books in pages.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -15,61 +13,10 @@ use ticketflow::config::StageKind;
 
 use crate::backends::{on_both_backends, Backend, TestDb};
 use crate::helpers::{spawn_app_on, ADMIN_TOKEN};
+use crate::process::{create_event, start_server};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
-
-struct Process {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The real binary on `db`, payments 20-400 ms and 30 % declined, outcomes drawn from `seed`.
-async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> Process {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
-        .args(["serve", "--stage", "actor", "--seed", &seed.to_string()])
-        .args([
-            "--payment-failure-rate",
-            "0.3",
-            "--payment-latency",
-            "20ms..400ms",
-        ])
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .args(["--db", db.url()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the ticketflow binary starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/health")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Process { child, base }
-}
 
 /// What the gateway's books say it answered under each key: charged (with the charge's id) or
 /// declined.
@@ -120,19 +67,7 @@ async fn kill_9_keeps_the_books(backend: Backend) {
     let db = TestDb::new(backend);
     let client = reqwest::Client::new();
     let mut server = start_server(&db, 9, &client).await;
-    let created: Value = client
-        .post(format!("{}/api/v1/events", server.base))
-        .json(
-            &json!({"name": "Books", "venue": "Lab", "date": "2026-12-31T20:00:00Z",
-                      "totalTickets": SEATS, "price": 10}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let event = created["id"].as_i64().unwrap();
+    let event = create_event(&client, &server.base, "Books", SEATS).await;
 
     // Buyers keep buying until the server dies under them: at the kill, some charges are in
     // the books with their purchase still pending (the gateway had not answered yet).

@@ -10,6 +10,7 @@ mod inventory_model;
 mod ledger;
 mod locked;
 mod openapi;
+mod process;
 mod recovery;
 mod stampede;
 mod storage;

@@ -1,68 +1,16 @@
 //! `kill -9` in the middle of purchases, then a restart on the same database (actor stage).
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::{json, Value};
 
 use crate::backends::{on_both_backends, Backend, TestDb};
+use crate::process::{create_event, start_server};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
-
-struct Process {
-    child: Child,
-    base: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_server(db: &TestDb, client: &reqwest::Client) -> Process {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
-        .args([
-            "serve",
-            "--stage",
-            "actor",
-            "--seed",
-            "9",
-            "--payment-failure-rate",
-            "0.3",
-        ])
-        .args([
-            "--payment-latency",
-            "20ms..400ms",
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--db", db.url()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the ticketflow binary starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/health")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Process { child, base }
-}
 
 on_both_backends!(
     purchases_interrupted_by_kill_9_are_resolved_on_restart_and_acknowledged_ones_survive,
@@ -72,21 +20,9 @@ on_both_backends!(
 async fn kill_9_mid_purchase(backend: Backend) {
     let db = TestDb::new(backend);
     let client = reqwest::Client::new();
-    let mut server = start_server(&db, &client).await;
+    let mut server = start_server(&db, 9, &client).await;
 
-    let created: Value = client
-        .post(format!("{}/api/v1/events", server.base))
-        .json(
-            &json!({"name": "Crash Test", "venue": "Lab", "date": "2026-12-31T20:00:00Z",
-                      "totalTickets": SEATS, "price": 10}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let event = created["id"].as_i64().unwrap();
+    let event = create_event(&client, &server.base, "Crash Test", SEATS).await;
 
     // Buyers keep buying until the server dies under them; payments take up to 400 ms, so at
     // the kill some purchases are acknowledged, some held and in payment, some not yet begun.
@@ -129,7 +65,7 @@ async fn kill_9_mid_purchase(backend: Backend) {
         "nothing was in flight at the kill: the test proves nothing"
     );
 
-    let mut server = start_server(&db, &client).await;
+    let mut server = start_server(&db, 9, &client).await;
 
     // every acknowledged ticket survived, confirmed
     for ticket in &acknowledged {

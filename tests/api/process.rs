@@ -1,0 +1,76 @@
+//! The real `ticketflow` binary as a child process, for tests that `kill -9` it.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::backends::TestDb;
+
+/// A running server process; killed when dropped, so a failing test leaves none behind.
+pub struct Process {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary on `db` (stage `actor`), payments of 20-400 ms with 30 % declined, outcomes
+/// drawn from `seed`; answers once `GET /health` does.
+pub async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> Process {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .args(["serve", "--stage", "actor", "--seed", &seed.to_string()])
+        .args(["--payment-failure-rate", "0.3"])
+        .args(["--payment-latency", "20ms..400ms"])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .args(["--db", db.url()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the ticketflow binary starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Process { child, base }
+}
+
+/// Creates an event of `seats` tickets through API v1 and returns its id.
+pub async fn create_event(client: &reqwest::Client, base: &str, name: &str, seats: i64) -> i64 {
+    let created: Value = client
+        .post(format!("{base}/api/v1/events"))
+        .json(
+            &json!({"name": name, "venue": "Lab", "date": "2026-12-31T20:00:00Z",
+                      "totalTickets": seats, "price": 10}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_i64().expect("the event's id")
+}
