@@ -3,17 +3,14 @@
 //! against everything ever charged. The admin ledger routes serve the books in pages.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
-use futures::future::join_all;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::AnyPool;
 use ticketflow::config::StageKind;
 
 use crate::backends::{on_both_backends, Backend, TestDb};
 use crate::helpers::{spawn_app_on, ADMIN_TOKEN};
-use crate::process::{create_event, start_server};
+use crate::process::{buy_until_killed, create_event, start_server};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
@@ -69,26 +66,9 @@ async fn kill_9_keeps_the_books(backend: Backend) {
     let mut server = start_server(&db, 9, &client).await;
     let event = create_event(&client, &server.base, "Books", SEATS).await;
 
-    // Buyers keep buying until the server dies under them: at the kill, some charges are in
-    // the books with their purchase still pending (the gateway had not answered yet).
-    let base = Arc::new(server.base.clone());
-    let buyers = (0..BUYERS).map(|i| {
-        let (client, base) = (client.clone(), Arc::clone(&base));
-        async move {
-            tokio::time::sleep(Duration::from_millis((i % 30) as u64 * 20)).await;
-            let _ = client
-                .post(format!("{base}/api/v1/tickets/purchase"))
-                .json(&json!({"eventId": event, "userId": format!("buyer-{i}")}))
-                .send()
-                .await;
-        }
-    });
-    let killer = async {
-        tokio::time::sleep(Duration::from_millis(450)).await;
-        server.child.kill().expect("SIGKILL"); // kill -9
-        server.child.wait().unwrap();
-    };
-    futures::join!(join_all(buyers), killer);
+    // At the kill, some charges are in the books with their purchase still pending (the
+    // gateway had not answered yet).
+    buy_until_killed(&mut server, &client, event, BUYERS).await;
 
     let before = answers(&db).await;
     let lines_before = db.count("SELECT COUNT(*) FROM gateway_ledger").await;

@@ -2,7 +2,10 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::future::join_all;
 
 use serde_json::{json, Value};
 
@@ -73,4 +76,42 @@ pub async fn create_event(client: &reqwest::Client, base: &str, name: &str, seat
         .await
         .unwrap();
     created["id"].as_i64().expect("the event's id")
+}
+
+/// `buyers` v1 purchases of `event`, released in waves of 20 ms, while the server is
+/// `kill -9`ed 450 ms in: payments take up to 400 ms, so at the kill some purchases are
+/// acknowledged, some held and in payment, some not yet begun. Returns the ids of the tickets
+/// the server acknowledged (`201`) before it died.
+pub async fn buy_until_killed(
+    server: &mut Process,
+    client: &reqwest::Client,
+    event: i64,
+    buyers: usize,
+) -> Vec<String> {
+    let base = Arc::new(server.base.clone());
+    let purchases = (0..buyers).map(|i| {
+        let (client, base) = (client.clone(), Arc::clone(&base));
+        async move {
+            tokio::time::sleep(Duration::from_millis((i % 30) as u64 * 20)).await;
+            let answer = client
+                .post(format!("{base}/api/v1/tickets/purchase"))
+                .json(&json!({"eventId": event, "userId": format!("buyer-{i}")}))
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status() == 201 => {
+                    let ticket: Value = r.json().await.ok()?;
+                    ticket["id"].as_str().map(str::to_owned)
+                }
+                _ => None,
+            }
+        }
+    });
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        server.child.kill().expect("SIGKILL"); // kill -9
+        server.child.wait().unwrap();
+    };
+    let (outcomes, ()) = futures::join!(join_all(purchases), killer);
+    outcomes.into_iter().flatten().collect()
 }

@@ -1,13 +1,9 @@
 //! `kill -9` in the middle of purchases, then a restart on the same database (actor stage).
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures::future::join_all;
 use serde_json::{json, Value};
 
 use crate::backends::{on_both_backends, Backend, TestDb};
-use crate::process::{create_event, start_server};
+use crate::process::{buy_until_killed, create_event, start_server};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
@@ -24,35 +20,7 @@ async fn kill_9_mid_purchase(backend: Backend) {
 
     let event = create_event(&client, &server.base, "Crash Test", SEATS).await;
 
-    // Buyers keep buying until the server dies under them; payments take up to 400 ms, so at
-    // the kill some purchases are acknowledged, some held and in payment, some not yet begun.
-    let base = Arc::new(server.base.clone());
-    let buyers = (0..BUYERS).map(|i| {
-        let (client, base) = (client.clone(), Arc::clone(&base));
-        async move {
-            let user = format!("buyer-{i}");
-            tokio::time::sleep(Duration::from_millis((i % 30) as u64 * 20)).await;
-            let answer = client
-                .post(format!("{base}/api/v1/tickets/purchase"))
-                .json(&json!({"eventId": event, "userId": user}))
-                .send()
-                .await;
-            match answer {
-                Ok(r) if r.status() == 201 => {
-                    let ticket: Value = r.json().await.unwrap();
-                    (user, Some(ticket["id"].as_str().unwrap().to_owned()))
-                }
-                _ => (user, None),
-            }
-        }
-    });
-    let killer = async {
-        tokio::time::sleep(Duration::from_millis(450)).await;
-        server.child.kill().expect("SIGKILL"); // kill -9
-        server.child.wait().unwrap();
-    };
-    let (outcomes, ()) = futures::join!(join_all(buyers), killer);
-    let acknowledged: Vec<&String> = outcomes.iter().filter_map(|(_, t)| t.as_ref()).collect();
+    let acknowledged = buy_until_killed(&mut server, &client, event, BUYERS).await;
     let pending_at_crash = db
         .count("SELECT COUNT(*) FROM tickets WHERE status = 'pending'")
         .await;
