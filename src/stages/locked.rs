@@ -627,20 +627,18 @@ impl Inner {
         let placed_before = Utc::now() - min_age;
         let mut queued = 0;
         for purchase in pending.into_iter().filter(|p| !p.order_cancelled) {
-            let Some(order) = self.parts.store.order(purchase.order).await? else {
-                continue;
-            };
-            let placed = chrono::DateTime::parse_from_rfc3339(&order.created_at)
+            // The pending purchase carries what the job needs: no read of the order per row.
+            let placed = chrono::DateTime::parse_from_rfc3339(&purchase.created_at)
                 .map(|t| t.with_timezone(&Utc))
                 .unwrap_or(placed_before);
             if placed > placed_before {
                 continue;
             }
             let job = PaymentJob {
-                order: order.id,
-                event: order.event_id,
-                quantity: order.quantity,
-                amount_cents: order.amount_cents,
+                order: purchase.order,
+                event: purchase.event,
+                quantity: purchase.quantity,
+                amount_cents: purchase.amount.cents(),
                 payment_key: purchase.payment_key,
             };
             let key = if min_age.is_zero() {

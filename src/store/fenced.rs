@@ -10,7 +10,7 @@
 //! transaction commits.
 
 use chrono::Utc;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::sql::{self, NewOrder};
 use super::{money, Store, StoreResult};
@@ -138,7 +138,7 @@ impl Store {
     pub async fn confirm_paid(&self, order: OrderId) -> StoreResult<()> {
         let now = timestamp(Utc::now());
         let mut tx = self.pool.begin().await?;
-        confirm_one(&mut tx, order, &now).await?;
+        sql::confirm_order(&mut tx, order, &now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -170,9 +170,3 @@ impl Store {
 const FENCE_RAISED: &str = "fence = CASE WHEN fence > $2 THEN fence ELSE $2 END";
 /// The write goes through if fencing is off ($4 = 0) or no newer token has claimed the event.
 const FENCE_HOLDS: &str = "($4 = 0 OR fence <= $2)";
-
-async fn confirm_one(conn: &mut AnyConnection, order: OrderId, now: &str) -> StoreResult<()> {
-    sql::finish_order(conn, order, OrderStatus::Confirmed, None, now).await?;
-    sql::settle_payment(conn, order, PaymentStatus::Completed, now).await?;
-    Ok(())
-}

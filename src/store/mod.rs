@@ -316,9 +316,7 @@ impl Store {
     pub async fn confirm_order(&self, order: OrderId) -> StoreResult<()> {
         let now = timestamp(Utc::now());
         let mut conn = self.pool.acquire().await?;
-        sql::finish_order(&mut conn, order, OrderStatus::Confirmed, None, &now).await?;
-        sql::settle_payment(&mut conn, order, PaymentStatus::Completed, &now).await?;
-        Ok(())
+        Ok(sql::confirm_order(&mut conn, order, &now).await?)
     }
 
     /// Step 4b: the order cancelled, then its payment failed; inventory is not touched.

@@ -170,6 +170,16 @@ pub async fn finish_order(
     Ok(())
 }
 
+/// The order and its tickets `confirmed`, then its payment `completed` (two statements).
+pub async fn confirm_order(
+    conn: &mut AnyConnection,
+    order: OrderId,
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    finish_order(conn, order, OrderStatus::Confirmed, None, now).await?;
+    settle_payment(conn, order, PaymentStatus::Completed, now).await
+}
+
 /// Takes an order's seats out of (`sign = -1`) or back into (`sign = 1`) `available_tickets`.
 pub async fn move_seats(
     conn: &mut AnyConnection,

@@ -267,10 +267,7 @@ async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<(), sqlx::Error
             sql::insert_order(conn, order).await?;
             sql::move_seats(conn, order.order, order.event, -1).await
         }
-        WriteOp::Confirm { order } => {
-            sql::finish_order(conn, *order, OrderStatus::Confirmed, None, &now).await?;
-            sql::settle_payment(conn, *order, PaymentStatus::Completed, &now).await
-        }
+        WriteOp::Confirm { order } => sql::confirm_order(conn, *order, &now).await,
         WriteOp::Cancel {
             order,
             event,

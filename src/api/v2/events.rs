@@ -266,7 +266,9 @@ pub async fn create_event(
         let event = stage.create_event(new).await?;
         Ok(Answer {
             status: StatusCode::CREATED,
-            body: serde_json::to_value(event_view(&event)).unwrap_or(Value::Null),
+            body: serde_json::to_value(event_view(&event))
+                .unwrap_or(Value::Null)
+                .to_string(),
         })
     })
     .await

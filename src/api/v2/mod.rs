@@ -173,7 +173,8 @@ fn fingerprint(req: &HttpRequest, body: &Value) -> String {
 /// An answer ready to be stored under an Idempotency-Key and sent.
 struct Answer {
     status: StatusCode,
-    body: Value,
+    /// The body as sent and stored, serialized once.
+    body: String,
 }
 
 fn respond(status: StatusCode, body: &str, replayed: bool) -> HttpResponse {
@@ -206,7 +207,7 @@ type Outcome = Result<Answer, Problem>;
 /// retry.
 fn stored_answer(outcome: &Outcome) -> Option<(u16, String)> {
     match outcome {
-        Ok(answer) => Some((answer.status.as_u16(), answer.body.to_string())),
+        Ok(answer) => Some((answer.status.as_u16(), answer.body.clone())),
         Err(problem) if problem.status >= 500 => None,
         Err(problem) => Some((
             problem.status,
@@ -254,7 +255,7 @@ where
             &body,
             true,
         )),
-        Claim::Ran(Ok(answer)) => Ok(respond(answer.status, &answer.body.to_string(), false)),
+        Claim::Ran(Ok(answer)) => Ok(respond(answer.status, &answer.body, false)),
         Claim::Ran(Err(problem)) => Err(problem),
     }
 }

@@ -18,18 +18,17 @@ use crate::domain::{parse_quantity, DomainError, EventId, Order, OrderId, OrderS
 use crate::stages::OrderRequest;
 use crate::store::OrderKey;
 
-/// The `202 Accepted` body of a freshly placed order: the order as it was when accepted.
-fn accepted_body(order: &Order) -> Value {
+/// The `202 Accepted` body of a freshly placed order: the order as it was when accepted. It is
+/// what the client is sent and what its Idempotency-Key stores (with the order itself, or by
+/// recovery for a claim a stopped run left open), so every replay is the same bytes.
+pub fn accepted_answer(order: &Order) -> String {
     let mut at_acceptance = order.clone();
     at_acceptance.status = OrderStatus::Pending;
     at_acceptance.cancel_reason = None;
     at_acceptance.updated_at = at_acceptance.created_at.clone();
-    serde_json::to_value(order_view(&at_acceptance)).unwrap_or(Value::Null)
-}
-
-/// The stored answer of an order's `202 Accepted`, for claims a stopped run left open.
-pub fn accepted_answer(order: &Order) -> String {
-    accepted_body(order).to_string()
+    serde_json::to_value(order_view(&at_acceptance))
+        .unwrap_or(Value::Null)
+        .to_string()
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -94,7 +93,7 @@ pub async fn create_order(
         let order = stage.place_order(request).await?;
         Ok(Answer {
             status: StatusCode::ACCEPTED,
-            body: accepted_body(&order),
+            body: accepted_answer(&order),
         })
     })
     .await
