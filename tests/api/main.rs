@@ -7,6 +7,7 @@ mod helpers;
 mod contract;
 mod holds;
 mod inventory_model;
+mod inventory_nodes;
 mod ledger;
 mod locked;
 mod openapi;
