@@ -3,8 +3,8 @@
 //!
 //! [`crate::stages::event_actor::EventActor`] is a thin actix shell around an [`EventCore`]: it
 //! reads the clock, calls [`EventCore::step`], and hands the resulting writes to the
-//! group-commit writer. A simulator can drive the same core under a seeded scheduler in
-//! simulated time.
+//! group-commit writer. The simulator ([`crate::sim`]) drives the same core under a seeded
+//! scheduler in simulated time.
 
 use std::collections::HashSet;
 
