@@ -24,6 +24,7 @@ use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
 use chrono::Utc;
 
+use crate::audit::Activity;
 use crate::domain::{
     timestamp, CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus,
     PaymentStatus, Ticket, TicketId, TicketStatus, UserId,
@@ -415,6 +416,8 @@ impl Inner {
         key: String,
         amount: Money,
     ) -> Result<(), PurchaseError> {
+        // In flight until the outcome is written, the refund of a late success included.
+        let _in_flight = self.parts.payments.track();
         let result = match self.parts.payments.charge(&key, amount).await? {
             ChargeOutcome::Approved { .. } => PaymentResult::Approved,
             ChargeOutcome::Declined => PaymentResult::Declined,
@@ -555,6 +558,28 @@ impl Stage for ActorStage {
             "writer": self.inner.writer.stats().report(),
             "mailboxDepth": mailboxes,
         })
+    }
+
+    async fn activity(&self) -> Activity {
+        let handles: Vec<EventHandle> = self
+            .inner
+            .actors
+            .read()
+            .expect("actor registry poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut activity = Activity {
+            unflushed_writes: self.inner.writer.stats().unflushed() as i64,
+            ..Activity::default()
+        };
+        for handle in handles {
+            match handle.addr.send(ReadCounts).await {
+                Ok(counts) => activity.held_seats += i64::from(counts.held),
+                Err(_) => activity.unreadable.push("an event actor".into()),
+            }
+        }
+        activity
     }
 
     async fn shutdown(&self) {

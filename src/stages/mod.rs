@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::audit::Activity;
 use crate::config::{Settings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
@@ -115,6 +116,13 @@ pub trait Stage: Send + Sync + 'static {
     /// A user's tickets, oldest first.
     async fn user_tickets(&self, user: &UserId) -> StoreResult<Vec<Ticket>> {
         self.records().user_tickets(user).await
+    }
+
+    /// Work the stage has under way that its stored rows do not show: seats held in memory,
+    /// payment jobs, writes not yet committed. The audit adds the pending rows and the
+    /// gateway's payments in flight, and calls the system quiet when all are zero.
+    async fn activity(&self) -> Activity {
+        Activity::default()
     }
 
     /// What the stage depends on (its database, and e.g. Redis) and whether each answers.

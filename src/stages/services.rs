@@ -18,6 +18,7 @@ use async_trait::async_trait;
 
 use super::actor::ActorStage;
 use super::{OrderRequest, PurchaseError, Stage, StageParts};
+use crate::audit::Activity;
 use crate::config::StageKind;
 use crate::domain::{Event, EventId, NewEvent, Order, Ticket, UserId};
 use crate::store::shards::{ShardFence, ShardLease, SHARDS};
@@ -262,6 +263,10 @@ impl Stage for InventoryNode {
             })).collect::<Vec<_>>(),
         });
         stats
+    }
+
+    async fn activity(&self) -> Activity {
+        self.inner.actors.activity().await
     }
 
     async fn shutdown(&self) {

@@ -173,6 +173,8 @@ pub trait IdempotencyRecords: Send + Sync {
 pub trait AuditReads: Send + Sync {
     /// Counters per event: the stored `available` beside counts of tickets by status.
     async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>>;
+    /// Orders still `pending` (held, payment not settled).
+    async fn pending_orders(&self) -> StoreResult<i64>;
 }
 
 /// Every read capability a stage serves the API from, and the database's health.
@@ -602,6 +604,14 @@ impl AuditReads for Store {
                 })
             })
             .collect()
+    }
+
+    async fn pending_orders(&self) -> StoreResult<i64> {
+        let row =
+            sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) FROM orders WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get(0)?)
     }
 }
 

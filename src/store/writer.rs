@@ -67,6 +67,8 @@ pub struct WriterStats {
     pub writes: AtomicU64,
     /// Groups that failed as a whole and were retried write by write.
     pub fallbacks: AtomicU64,
+    /// Writes queued and not yet answered (committed or refused), for the audit's quiet check.
+    pub unflushed: AtomicU64,
 }
 
 impl WriterStats {
@@ -75,8 +77,31 @@ impl WriterStats {
             "batches": self.batches.load(Ordering::Relaxed),
             "writes": self.writes.load(Ordering::Relaxed),
             "fallbacks": self.fallbacks.load(Ordering::Relaxed),
+            "unflushed": self.unflushed(),
         })
     }
+
+    /// Writes queued and not yet answered.
+    pub fn unflushed(&self) -> u64 {
+        self.unflushed.load(Ordering::Acquire)
+    }
+
+    /// Counted before the write is queued, so a write is never in the queue uncounted.
+    fn queued(&self) {
+        self.unflushed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counted once the write's answer is sent, or if it never reached the queue.
+    fn answered(&self) {
+        self.unflushed.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers one write, counted as no longer unflushed first: it is committed (or refused), and
+/// its waiter must not find it still counted once woken.
+fn answer(stats: &WriterStats, ack: Ack, result: StoreResult<()>) {
+    stats.answered();
+    let _ = ack.send(result);
 }
 
 impl WriteHandle {
@@ -91,20 +116,25 @@ impl WriteHandle {
         op: WriteOp,
     ) -> Result<oneshot::Receiver<StoreResult<()>>, WriterFull> {
         let (ack, done) = oneshot::channel();
+        self.stats.queued();
         match self.tx.try_send((op, ack)) {
             Ok(()) => Ok(done),
             Err(mpsc::error::TrySendError::Full((op, _)))
-            | Err(mpsc::error::TrySendError::Closed((op, _))) => Err(WriterFull(op)),
+            | Err(mpsc::error::TrySendError::Closed((op, _))) => {
+                self.stats.answered();
+                Err(WriterFull(op))
+            }
         }
     }
 
     /// Queues `op`, waiting for room, and waits until it is committed.
     pub async fn submit(&self, op: WriteOp) -> StoreResult<()> {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send((op, ack))
-            .await
-            .map_err(|_| StoreError::WriterClosed)?;
+        self.stats.queued();
+        if self.tx.send((op, ack)).await.is_err() {
+            self.stats.answered();
+            return Err(StoreError::WriterClosed);
+        }
         done.await.map_err(|_| StoreError::WriterClosed)?
     }
 
@@ -137,15 +167,16 @@ pub fn start_acknowledging(
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<(WriteOp, Ack)>(capacity.max(1));
     let max_batch = max_batch.max(1);
+    let stats = Arc::new(WriterStats::default());
+    let acknowledged = Arc::clone(&stats);
     let task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(max_batch);
         while rx.recv_many(&mut batch, max_batch).await > 0 {
             for (_, ack) in batch.drain(..) {
-                let _ = ack.send(Ok(()));
+                answer(&acknowledged, ack, Ok(()));
             }
         }
     });
-    let stats = Arc::new(WriterStats::default());
     (WriteHandle { tx, stats }, task)
 }
 
@@ -186,7 +217,7 @@ async fn commit(
                 .writes
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             for (_, ack) in batch.drain(..) {
-                let _ = ack.send(Ok(()));
+                answer(stats, ack, Ok(()));
             }
         }
         Err(error) => {
@@ -206,7 +237,7 @@ async fn commit(
                 if let Err(error) = &alone {
                     tracing::error!(%error, ?op, "write refused");
                 }
-                let _ = ack.send(alone);
+                answer(stats, ack, alone);
             }
         }
     }

@@ -14,6 +14,7 @@ mod openapi;
 mod process;
 mod recovery;
 mod shards;
+mod simulate;
 mod stampede;
 mod storage;
 mod v2;
