@@ -75,7 +75,7 @@ pub struct ServeArgs {
     /// How long a held seat waits for its payment before it returns to inventory.
     #[arg(long, default_value = "30s", value_parser = parse_hold_ttl)]
     pub hold_ttl: Duration,
-    /// Load a few demo events (one with 100 tickets) into an empty database.
+    /// Load the seed's three sample events into an empty database (the third, id 3, has 100 tickets).
     #[arg(long)]
     pub demo_data: bool,
     /// Threads hosting event actors (`actor` stage); 0 means one per core.

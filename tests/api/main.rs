@@ -12,6 +12,7 @@ mod locked;
 mod openapi;
 mod process;
 mod recovery;
+mod seed_scripts;
 mod stampede;
 mod storage;
 mod v2;
