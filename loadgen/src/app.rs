@@ -178,9 +178,9 @@ async fn execute(
         thresholds,
         ok: completed && !breached,
     };
-    if !quiet {
-        print!("{}", report::terminal(&report));
-    }
+    // `--quiet` hides the progress and the running commentary, never the summary (as wrk and
+    // oha do).
+    print!("{}", report::terminal(&report));
     write_outputs(&report, common)?;
     Ok(if breached {
         EXIT_THRESHOLD

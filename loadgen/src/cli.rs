@@ -92,7 +92,8 @@ pub struct Output {
     /// Write a self-contained HTML report with inline SVG charts.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// No progress bar and no summary on the terminal (files are still written).
+    /// No progress bar and no running commentary on stderr; the final summary is still
+    /// printed (and files written).
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -192,6 +192,17 @@ fn an_actor_stampede_sells_each_seat_once_and_exits_zero() {
     );
     assert_eq!(run["audit"]["client"]["successesSeen"], 20);
     assert_eq!(run["audit"]["client"]["confirmedStored"], 20);
+    // --quiet drops the progress and the commentary, not the summary table
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("I1 no oversell") && stdout.contains("throughput (req/s)"),
+        "--quiet still prints the summary: {stdout}"
+    );
+    assert!(
+        !stderr(&out).contains("loadgen: starting stage"),
+        "--quiet is quiet on stderr: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
