@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_duration, Durability, LatencyModel, LockedSettings, PaymentSettings, Settings, StageKind,
+    parse_duration, Durability, Failpoints, LatencyModel, LockedSettings, PaymentSettings,
+    Settings, StageKind,
 };
 
 #[derive(Debug, Parser)]
@@ -118,6 +119,11 @@ pub struct LockedArgs {
     /// UNSAFE, for the Redlock lesson only: stop checking fencing tokens on inventory writes.
     #[arg(long)]
     pub unsafe_no_fencing: bool,
+    /// For the Redlock lesson and tests only (`locked` stage): the first reservations pause
+    /// this long between reading and writing the inventory, one duration per reservation
+    /// (comma-separated, e.g. `1s`), as a lock holder stopped by GC or SIGSTOP would.
+    #[arg(long, value_delimiter = ',', value_parser = parse_duration, value_name = "DURATION,...")]
+    pub pause_after_read: Vec<Duration>,
 }
 
 fn parse_latency(raw: &str) -> Result<LatencyModel, String> {
@@ -176,6 +182,10 @@ impl ServeArgs {
                 lock_ttl: self.locked.lock_ttl,
                 lock_wait: self.locked.lock_wait,
                 fencing: !self.locked.unsafe_no_fencing,
+                failpoints: Failpoints {
+                    pauses_after_read: self.locked.pause_after_read.clone(),
+                    ..Failpoints::default()
+                },
                 ..LockedSettings::default()
             },
             ..Settings::new(self.db.database.clone())

@@ -1,5 +1,6 @@
 //! The HTML report: one self-contained file, inline CSS and SVG, nothing fetched to view it.
 
+use crate::lesson::{Finding, Lesson, Side};
 use crate::report::{markdown_cells, Report};
 
 const COLORS: [&str; 6] = [
@@ -15,6 +16,91 @@ fn esc(s: &str) -> String {
 
 /// Renders the report.
 pub fn html(report: &Report) -> String {
+    let s = &report.settings;
+    page(
+        &format!("loadgen {}: {}", report.command, s.scenario.as_str()),
+        &report_body(report),
+    )
+}
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>{}</title>\
+         <style>{CSS}</style></head><body>{body}</body></html>\n",
+        esc(title)
+    )
+}
+
+/// A lesson's page: what it shows, the two numbers side by side, why, and the runs' charts.
+pub fn lesson_html(lesson: &Lesson, finding: &Finding, text: &str) -> String {
+    let mut body = format!(
+        "<h1>lesson {}: {}</h1><p class=meta>{}</p><p><b>Shows:</b> {}</p><h2>{}</h2>",
+        esc(lesson.name),
+        esc(lesson.problem),
+        if finding.passed {
+            "shown: the break appears and the fix holds".to_owned()
+        } else {
+            format!(
+                "NOT SHOWN: {}",
+                esc(finding.failure.as_deref().unwrap_or(""))
+            )
+        },
+        esc(lesson.shows),
+        esc(&finding.metric)
+    );
+    body.push_str(&two_bars(&finding.breaking, &finding.fixing));
+    body.push_str(&format!(
+        "<p><b>Why.</b> {}</p><h2>As printed</h2><pre>{}</pre>",
+        esc(lesson.why),
+        esc(text)
+    ));
+    if let Some(report) = &finding.report {
+        body.push_str(&report_body(report));
+    }
+    page(&format!("lesson {}", lesson.name), &body)
+}
+
+/// The breaking and the fixing number as two horizontal bars.
+fn two_bars(breaking: &Side, fixing: &Side) -> String {
+    let max = [breaking.value, fixing.value]
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let (w, row_h, left) = (720.0, 30.0, 260.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" role=img \
+         aria-label=\"the breaking and the fixing number\">",
+        row_h * 2.0 + 10.0
+    );
+    for (k, (side, color)) in [(breaking, "#d62728"), (fixing, "#2ca02c")]
+        .iter()
+        .enumerate()
+    {
+        let yy = 5.0 + k as f64 * row_h;
+        let bw = if max > 0.0 && side.value.is_finite() {
+            (w - left - 200.0) * side.value / max
+        } else {
+            0.0
+        };
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=end>{}</text>\
+             <rect x=\"{left}\" y=\"{yy:.1}\" width=\"{bw:.1}\" height=\"{}\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            left - 6.0,
+            yy + 18.0,
+            esc(&side.label),
+            row_h - 6.0,
+            left + bw + 6.0,
+            yy + 18.0,
+            esc(&side.text)
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// The report's sections (heading, charts, table, invariants), without the page around them.
+fn report_body(report: &Report) -> String {
     let s = &report.settings;
     let mut body = String::new();
     body.push_str(&format!(
@@ -82,12 +168,7 @@ pub fn html(report: &Report) -> String {
             body.push_str("</ul>");
         }
     }
-    format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>loadgen {}: {}</title>\
-         <style>{CSS}</style></head><body>{body}</body></html>\n",
-        esc(report.command),
-        esc(s.scenario.as_str())
-    )
+    body
 }
 
 const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:70em;color:#222}\
