@@ -110,9 +110,19 @@ pub const LESSONS: &[Lesson] = &[
     Lesson {
         name: "single-writer",
         problem: "Using sqlite which doesnt scale well in distributed systems",
-        shows: "two server processes on one SQLite file against one process, and PostgreSQL",
-        why: "",
-        unavailable: Some("not built yet: two processes on one file are not measured"),
+        shows: "two `actor` server processes on one SQLite file, each selling its own event, \
+                against one process selling both; and the same two processes on PostgreSQL",
+        why: "SQLite is a file with one writer at a time, built to be embedded in one process: \
+              a second process can only queue for the same file lock (busy_timeout) and gains \
+              nothing. Worse, a process that owns its writes, as this server does (one \
+              group-commit writer, the gateway's books numbered by one task), assumes it is the \
+              only writer: two of them number the books from the same counter, their writes \
+              collide, purchases fail and are left pending. The fix is one process owning the \
+              file (the single-writer principle), and scaling out needs a database built for \
+              client/server and writers that share nothing (PostgreSQL takes the two processes' \
+              writes without a busy wait, but the second writer's assumption still breaks: that \
+              is what the services stage, with shards owned by one node each, is for).",
+        unavailable: None,
     },
     Lesson {
         name: "lease",
@@ -252,6 +262,7 @@ pub fn main(args: LessonArgs) -> ExitCode {
             "slow-payment" => slow_payment(&ctx).await,
             "payment-failure" => payment_failure(&ctx).await,
             "lease" => lease(&ctx).await,
+            "single-writer" => single_writer(&ctx).await,
             other => unreachable!("lesson {other} is listed without a runner"),
         }
     });
@@ -843,4 +854,196 @@ async fn paused_holder(addr: SocketAddr, settings: &Settings) -> anyhow::Result<
         .await?
         .map_err(|f| anyhow::anyhow!("the paused holder: {}", f.as_str()))?;
     Ok((first, second))
+}
+
+/// What one arrangement of servers did with the same buyers.
+struct Served {
+    confirmed: u64,
+    failed: u64,
+    per_s: f64,
+    stuck: i64,
+    busy_lines: usize,
+    audit_ok: bool,
+}
+
+impl Served {
+    fn text(&self) -> String {
+        format!(
+            "{} purchases failed (5xx or no answer), {} left pending; {} confirmed at {:.0}/s; \
+             {} `database is locked` lines logged",
+            self.failed, self.stuck, self.confirmed, self.per_s, self.busy_lines
+        )
+    }
+}
+
+/// `buyers` one-shot purchases, spread over `targets` (server address, event), 32 at a time.
+async fn buy_spread(targets: &[(SocketAddr, i64)], buyers: u64) -> (u64, u64, f64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for w in 0..32usize {
+        let (addr, event) = targets[w % targets.len()];
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr, Duration::from_secs(10));
+            let (mut ok, mut failed) = (0u64, 0u64);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= buyers {
+                    break;
+                }
+                let body = format!(r#"{{"eventId":{event},"userId":"sw-{i}"}}"#);
+                match conn
+                    .post_json("/api/v1/tickets/purchase", body.as_bytes())
+                    .await
+                {
+                    Ok(r) if r.status == 201 => ok += 1,
+                    Ok(r) if r.status < 500 => {}
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        if let Ok((o, f)) = t.await {
+            ok += o;
+            failed += f;
+        }
+    }
+    let per_s = ok as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    (ok, failed, per_s)
+}
+
+/// Starts `processes` actor servers on one database (a shared SQLite file, or `pg`), two
+/// events, and the buyers spread over them; audits, stops.
+async fn serve_together(
+    ctx: &Ctx<'_>,
+    processes: usize,
+    pg: Option<&crate::backend::TempDatabase>,
+    settings: &Settings,
+    buyers: u64,
+) -> anyhow::Result<Served> {
+    let first = server::start_in(&ctx.bin, "actor", None, pg, settings, &[])
+        .await
+        .map_err(|f| anyhow::anyhow!("stage actor did not start: {}", f.reason))?;
+    let fixture = driver::setup(first.addr, settings).await?;
+    let mut servers = vec![first];
+    while servers.len() < processes {
+        let place = servers[0].shared_place();
+        let next = server::start_in(&ctx.bin, "actor", Some(&place), pg, settings, &[])
+            .await
+            .map_err(|f| anyhow::anyhow!("a second actor did not start: {}", f.reason))?;
+        servers.push(next);
+    }
+    let targets: Vec<(SocketAddr, i64)> = fixture
+        .event_ids
+        .iter()
+        .enumerate()
+        .map(|(k, e)| (servers[k % servers.len()].addr, *e))
+        .collect();
+    let (confirmed, failed, per_s) = buy_spread(&targets, buyers).await;
+    // let what is in flight settle, then audit the whole database through the first
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let audit = server_audit(servers[0].addr).await;
+    let busy_lines = servers
+        .iter()
+        .map(|s| s.log_text().matches("database is locked").count())
+        .sum();
+    for s in servers.iter_mut().rev() {
+        s.stop().await;
+    }
+    let audit = audit?;
+    Ok(Served {
+        confirmed,
+        failed,
+        per_s,
+        stuck: invariant(&audit, "I4_no_lost_tickets"),
+        busy_lines,
+        audit_ok: audit["ok"] == true,
+    })
+}
+
+/// `single-writer`: two processes on one SQLite file, one process, two on PostgreSQL.
+async fn single_writer(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
+    let pg_url = &ctx.args.postgres_url;
+    match service_addr(pg_url, 5432) {
+        Some(addr) if answers(addr).await => {}
+        _ => {
+            return Ok(Ran::ServiceMissing(format!(
+                "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); this lesson \
+                 compares with it",
+                crate::backend::redact(pg_url)
+            )))
+        }
+    }
+    let buyers = if ctx.quick() { 200 } else { 2000 };
+    let settings = Settings {
+        events: 2,
+        tickets: buyers as u32,
+        ..server_settings(ctx, "20ms", 0.0)?
+    };
+    ctx.say(&format!(
+        "two actor processes on one SQLite file, each selling its own event: {buyers} buyers"
+    ));
+    let two = serve_together(ctx, 2, None, &settings, buyers).await?;
+    ctx.say("one actor process selling both events: the same buyers");
+    let one = serve_together(ctx, 1, None, &settings, buyers).await?;
+    ctx.say("two actor processes on one PostgreSQL database: the same buyers");
+    let db = crate::backend::TempDatabase::create(pg_url)
+        .await
+        .map_err(|why| anyhow::anyhow!(why))?;
+    let on_pg = serve_together(ctx, 2, Some(&db), &settings, buyers).await;
+    if let Err(why) = db.drop_database().await {
+        eprintln!("lesson: warning: {why}");
+    }
+    let on_pg = on_pg?;
+    let broken = |s: &Served| s.stuck.max(s.failed as i64);
+    let breaking = Side {
+        label: "2 × actor@sqlite, one file".into(),
+        value: broken(&two) as f64,
+        text: two.text(),
+    };
+    let fixing = Side {
+        label: "1 × actor@sqlite".into(),
+        value: broken(&one) as f64,
+        text: one.text(),
+    };
+    let details = vec![
+        format!("2 × actor@postgres, one database: {}", on_pg.text()),
+        format!(
+            "audits: two on SQLite {}, one on SQLite {}, two on PostgreSQL {}",
+            ok_word(two.audit_ok),
+            ok_word(one.audit_ok),
+            ok_word(on_pg.audit_ok)
+        ),
+    ];
+    let failure = if breaking.value <= 0.0 {
+        Some("the two processes on one file lost nothing this time".to_owned())
+    } else if fixing.value != 0.0 || !one.audit_ok {
+        Some(format!("one process lost {} purchases", fixing.value))
+    } else {
+        None
+    };
+    Ok(Ran::Found(Box::new(Finding {
+        metric: "purchases that failed and were left pending, when processes share one database"
+            .into(),
+        breaking,
+        fixing,
+        passed: failure.is_none(),
+        failure,
+        details,
+        report: None,
+    })))
+}
+
+fn ok_word(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "FAILED"
+    }
 }

@@ -275,6 +275,12 @@ impl Spawned {
         place
     }
 
+    /// What the server has logged so far (warnings and errors).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("server-{}.log", self.port)))
+            .unwrap_or_default()
+    }
+
     /// Where its SQLite file is, for a second process to share (not owning it).
     pub fn shared_place(&self) -> Place {
         Place {

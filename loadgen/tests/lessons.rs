@@ -110,6 +110,16 @@ fn lease_quick_shows_the_double_sale_without_fencing_and_none_with_it() {
 }
 
 #[test]
+fn single_writer_quick_shows_two_processes_on_one_file_losing_purchases() {
+    let out = shows("single-writer");
+    assert!(
+        out.contains("fixed on  1 × actor@sqlite             0 purchases failed"),
+        "{out}"
+    );
+    assert!(out.contains("2 × actor@postgres"), "{out}");
+}
+
+#[test]
 fn the_list_names_every_lesson_and_the_unbuilt_ones_say_so() {
     let out = lesson(&[]);
     assert_eq!(out.status.code(), Some(0));
