@@ -278,6 +278,36 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
         !page.contains("src=") && !page.contains("href=") && !page.contains("@import"),
         "the HTML report must not fetch anything"
     );
+    // the run second by second: requests, p99, seats sold against the capacity (4 x 10)
+    for chart in [
+        "Requests per second",
+        "p99 per second: purchase",
+        "Seats sold over time",
+        "capacity 40",
+    ] {
+        assert!(page.contains(chart), "no `{chart}` in the HTML report");
+    }
+    assert!(
+        page.matches("<polyline").count() >= 6,
+        "a line per stage per chart"
+    );
+    for run in &runs[..2] {
+        let seconds = run["results"]["timeline"]["seconds"].as_array().unwrap();
+        let requests: u64 = seconds
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            requests,
+            run["results"]["requests"].as_u64().unwrap(),
+            "{run}"
+        );
+        let last = seconds.last().unwrap()["confirmedTotal"].as_u64().unwrap();
+        assert_eq!(
+            last,
+            run["results"]["purchases"]["confirmed"].as_u64().unwrap()
+        );
+    }
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(table.contains("| monolith@sqlite | actor@sqlite | no-such-stage@sqlite |"));
 }
