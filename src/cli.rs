@@ -97,6 +97,14 @@ pub struct ServeArgs {
     /// Most tickets one user may hold or own per event through API v2 orders.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub per_user_limit: u32,
+    /// `monolith` only: wrap each purchase in one write transaction (`BEGIN IMMEDIATE` …
+    /// `COMMIT`) held across the payment. Correct, and the price of it is the db-locks lesson.
+    #[arg(long)]
+    pub purchase_transaction: bool,
+    /// How long a SQLite connection waits for the file's write lock before `database is
+    /// locked` (`PRAGMA busy_timeout`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sqlite_busy_timeout: Duration,
     #[command(flatten)]
     pub locked: LockedArgs,
 }
@@ -176,6 +184,7 @@ impl ServeArgs {
             http_workers: self.workers,
             admin_token: self.admin_token.clone(),
             per_user_limit: self.per_user_limit,
+            purchase_transaction: self.purchase_transaction,
             locked: LockedSettings {
                 redis_url: self.locked.redis_url.clone(),
                 key_prefix: self.locked.redis_prefix.clone(),

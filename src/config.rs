@@ -235,6 +235,9 @@ pub struct Settings {
     pub per_user_limit: u32,
     /// The `locked` stage's Redis settings.
     pub locked: LockedSettings,
+    /// `monolith` only: each purchase is one write transaction (`BEGIN IMMEDIATE` … `COMMIT`)
+    /// held across the payment — the obvious fix of its races, for the db-locks lesson.
+    pub purchase_transaction: bool,
 }
 
 impl Settings {
@@ -257,6 +260,7 @@ impl Settings {
             admin_token: None,
             per_user_limit: 4,
             locked: LockedSettings::default(),
+            purchase_transaction: false,
         }
     }
 }

@@ -103,9 +103,20 @@ pub const LESSONS: &[Lesson] = &[
     Lesson {
         name: "db-locks",
         problem: "Database locks cause timeouts",
-        shows: "the obvious fix, one write transaction held across the payment, and its price",
-        why: "",
-        unavailable: Some("not built yet: the monolith's transaction setting is not there"),
+        shows: "the obvious fix of the monolith, each purchase one write transaction (BEGIN \
+                IMMEDIATE ... COMMIT) held across a 100 ms payment: nothing is oversold, and \
+                purchases fail with `database is locked` instead; actor sells every seat",
+        why: "A transaction around check, insert, payment and write-back does remove the race: \
+              SQLite lets one connection at a time hold the write lock, so purchases run one \
+              after another. But the lock is held for the whole payment: every other purchase \
+              queues for it and gives up after the busy timeout (1 s here) with `database is \
+              locked`. Here it is worse than a queue: the payment gateway records each charge \
+              in its books, in the same database file, and that write waits for the very lock \
+              the purchase holds while it waits for the charge, so even the holder fails when \
+              the timeout breaks the deadlock. Never hold a lock across a slow call, least of \
+              all one that needs the same lock. The actor stage holds nothing across the \
+              payment: a committed hold, the charge, then a second short commit.",
+        unavailable: None,
     },
     Lesson {
         name: "single-writer",
@@ -263,6 +274,7 @@ pub fn main(args: LessonArgs) -> ExitCode {
             "payment-failure" => payment_failure(&ctx).await,
             "lease" => lease(&ctx).await,
             "single-writer" => single_writer(&ctx).await,
+            "db-locks" => db_locks(&ctx).await,
             other => unreachable!("lesson {other} is listed without a runner"),
         }
     });
@@ -1046,4 +1058,121 @@ fn ok_word(ok: bool) -> &'static str {
     } else {
         "FAILED"
     }
+}
+
+/// `db-locks`: `monolith --purchase-transaction` against `actor`, each buyer trying once.
+async fn db_locks(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
+    let (requests, tickets) = if ctx.quick() { (48, 24) } else { (400, 100) };
+    let settings = Overrides {
+        scenario: Some(ScenarioKind::Stampede),
+        seed: Some(ctx.args.seed),
+        requests: Some(requests),
+        tickets: Some(tickets),
+        vus: Some(16),
+        max_attempts: Some(1),
+        payment_latency: Some("100ms".into()),
+        payment_failure_rate: Some(0.0),
+        ..Overrides::default()
+    }
+    .resolve()?;
+    ctx.say(&format!(
+        "monolith --purchase-transaction (busy timeout 1 s): {requests} buyers, one try each, {tickets} seats, 100 ms payments"
+    ));
+    let monolith = run_fresh(
+        &StageSpec::parse("monolith", "lesson").map_err(|e| anyhow::anyhow!(e))?,
+        &settings,
+        &ctx.common(&["--purchase-transaction", "--sqlite-busy-timeout=1s"]),
+    )
+    .await?;
+    ctx.say("actor: the same buyers");
+    let actor = run_fresh(
+        &StageSpec::parse("actor", "lesson").map_err(|e| anyhow::anyhow!(e))?,
+        &settings,
+        &ctx.common(&[]),
+    )
+    .await?;
+    let side = |run: &RunReport, label: String| -> Result<(Side, i64, bool), String> {
+        let audit = audited(run)?;
+        let res = run.results.as_ref().ok_or("no figures")?;
+        let confirmed = res.purchases.as_ref().map_or(0, |p| p.confirmed);
+        let rate = confirmed as f64 / res.measured_s.max(1e-3);
+        let answers: Vec<String> = res
+            .statuses
+            .get(driver::OP_PURCHASE)
+            .map(|m| {
+                m.iter()
+                    .filter(|(answer, _)| !answer.starts_with('2'))
+                    .map(|(answer, n)| format!("{n} × {answer}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let p99 = res
+            .latency
+            .get(driver::OP_PURCHASE)
+            .map_or(f64::NAN, |l| l.p99_ms);
+        Ok((
+            Side {
+                label,
+                value: res.errors as f64,
+                text: format!(
+                    "{} of {} purchases failed (5xx or no answer){}; {confirmed} confirmed, {rate:.0}/s; p99 {p99:.0} ms",
+                    res.errors,
+                    res.requests,
+                    if answers.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", answers.join(", "))
+                    }
+                ),
+            },
+            audit.violations("I1").unwrap_or(-1),
+            audit.ok,
+        ))
+    };
+    let broken = side(
+        &monolith,
+        format!("{} --purchase-transaction", monolith.label()),
+    );
+    let fixed = side(&actor, actor.label());
+    let (failure, breaking, fixing, details) = match (broken, fixed) {
+        (Err(why), _) | (_, Err(why)) => {
+            let none = |label: String| Side {
+                label,
+                value: f64::NAN,
+                text: "not measured".into(),
+            };
+            (
+                Some(why),
+                none(monolith.label()),
+                none(actor.label()),
+                vec![],
+            )
+        }
+        (Ok((b, b_oversold, _)), Ok((f, f_oversold, f_ok))) => {
+            let details = vec![format!(
+                "oversold (I1): {b_oversold} with the transaction (the fix is correct), {f_oversold} on {}",
+                f.label
+            )];
+            let failure = if b.value <= 0.0 {
+                Some(format!("{} lost no purchase to the lock", b.label))
+            } else if b_oversold != 0 {
+                Some(format!("{} oversold {b_oversold}", b.label))
+            } else if f.value != 0.0 || f_oversold != 0 || !f_ok {
+                Some(format!("{} did not hold", f.label))
+            } else {
+                None
+            };
+            (failure, b, f, details)
+        }
+    };
+    Ok(Ran::Found(Box::new(Finding {
+        metric: "purchases that failed (`database is locked`, the gateway timing out, no answer)"
+            .into(),
+        breaking,
+        fixing,
+        passed: failure.is_none(),
+        failure,
+        details,
+        report: Some(report_of(&settings, vec![monolith, actor])),
+    })))
 }

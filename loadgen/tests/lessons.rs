@@ -120,6 +120,16 @@ fn single_writer_quick_shows_two_processes_on_one_file_losing_purchases() {
 }
 
 #[test]
+fn db_locks_quick_shows_the_transaction_failing_purchases_and_overselling_none() {
+    let out = shows("db-locks");
+    assert!(out.contains("--purchase-transaction"), "{out}");
+    assert!(
+        out.contains("oversold (I1): 0 with the transaction"),
+        "{out}"
+    );
+}
+
+#[test]
 fn the_list_names_every_lesson_and_the_unbuilt_ones_say_so() {
     let out = lesson(&[]);
     assert_eq!(out.status.code(), Some(0));
