@@ -203,6 +203,10 @@ pub struct Failpoints {
     pub pauses_after_read: Vec<Duration>,
     /// The payment worker dies (panics) right after its first charge, mid-job.
     pub crash_worker_after_charge_once: bool,
+    /// The payment worker stops making progress (neither jobs nor heartbeats) right after its
+    /// first charge, mid-job, while its task lives on: what a deadlock inside the queue
+    /// library looks like.
+    pub freeze_worker_once: bool,
     /// Every payment job fails its first `n` attempts after charging.
     pub fail_job_attempts: u32,
 }
