@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_duration, Durability, LatencyModel, LockedSettings, PaymentSettings, Settings, StageKind,
+    parse_duration, Durability, Failpoints, LatencyModel, LockedSettings, PaymentSettings,
+    Settings, StageKind,
 };
 
 #[derive(Debug, Parser)]
@@ -108,7 +109,7 @@ pub struct ServeArgs {
     /// How long a held seat waits for its payment before it returns to inventory.
     #[arg(long, default_value = "30s", value_parser = parse_hold_ttl)]
     pub hold_ttl: Duration,
-    /// Load a few demo events (one with 100 tickets) into an empty database.
+    /// Load the seed's three sample events into an empty database (the third, id 3, has 100 tickets).
     #[arg(long)]
     pub demo_data: bool,
     /// Threads hosting event actors (`actor` stage); 0 means one per core.
@@ -129,6 +130,14 @@ pub struct ServeArgs {
     /// Most tickets one user may hold or own per event through API v2 orders.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub per_user_limit: u32,
+    /// `monolith` only: wrap each purchase in one write transaction (`BEGIN IMMEDIATE` …
+    /// `COMMIT`) held across the payment. Correct, and the price of it is the db-locks lesson.
+    #[arg(long)]
+    pub purchase_transaction: bool,
+    /// How long a SQLite connection waits for the file's write lock before `database is
+    /// locked` (`PRAGMA busy_timeout`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sqlite_busy_timeout: Duration,
     #[command(flatten)]
     pub locked: LockedArgs,
 }
@@ -151,6 +160,11 @@ pub struct LockedArgs {
     /// UNSAFE, for the Redlock lesson only: stop checking fencing tokens on inventory writes.
     #[arg(long)]
     pub unsafe_no_fencing: bool,
+    /// For the Redlock lesson and tests only (`locked` stage): the first reservations pause
+    /// this long between reading and writing the inventory, one duration per reservation
+    /// (comma-separated, e.g. `1s`), as a lock holder stopped by GC or SIGSTOP would.
+    #[arg(long, value_delimiter = ',', value_parser = parse_duration, value_name = "DURATION,...")]
+    pub pause_after_read: Vec<Duration>,
 }
 
 fn parse_latency(raw: &str) -> Result<LatencyModel, String> {
@@ -203,12 +217,17 @@ impl ServeArgs {
             http_workers: self.workers,
             admin_token: self.admin_token.clone(),
             per_user_limit: self.per_user_limit,
+            purchase_transaction: self.purchase_transaction,
             locked: LockedSettings {
                 redis_url: self.locked.redis_url.clone(),
                 key_prefix: self.locked.redis_prefix.clone(),
                 lock_ttl: self.locked.lock_ttl,
                 lock_wait: self.locked.lock_wait,
                 fencing: !self.locked.unsafe_no_fencing,
+                failpoints: Failpoints {
+                    pauses_after_read: self.locked.pause_after_read.clone(),
+                    ..Failpoints::default()
+                },
                 ..LockedSettings::default()
             },
             ..Settings::new(self.db.database.clone())

@@ -253,6 +253,9 @@ pub struct Settings {
     pub locked: LockedSettings,
     /// Stage `services`: this node's id and its shard leases.
     pub services: ServicesSettings,
+    /// `monolith` only: each purchase is one write transaction (`BEGIN IMMEDIATE` … `COMMIT`)
+    /// held across the payment — the obvious fix of its races, for the db-locks lesson.
+    pub purchase_transaction: bool,
 }
 
 impl Settings {
@@ -276,6 +279,7 @@ impl Settings {
             per_user_limit: 4,
             locked: LockedSettings::default(),
             services: ServicesSettings::default(),
+            purchase_transaction: false,
         }
     }
 }

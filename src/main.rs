@@ -59,6 +59,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Simulate(_) => unreachable!("answered before the runtime is needed"),
         Command::Serve(args) => {
+            backend::set_sqlite_busy_timeout(args.sqlite_busy_timeout);
             let settings = args.settings();
             let server = Server::build(settings.clone()).await?;
             tracing::info!(

@@ -25,6 +25,7 @@ pub const EXIT_NOTHING_MEASURED: u8 = 4;
 /// Runs a parsed command line and returns the exit status.
 pub fn main(cli: Cli) -> ExitCode {
     let (kind, target, stages, common) = match cli.command {
+        Command::Lesson(args) => return crate::lesson::main(args),
         Command::Scenarios => {
             for s in ScenarioKind::all() {
                 println!("{:<14} {}", s.as_str(), s.describe());
@@ -178,9 +179,9 @@ async fn execute(
         thresholds,
         ok: completed && !breached,
     };
-    if !quiet {
-        print!("{}", report::terminal(&report));
-    }
+    // `--quiet` hides the progress and the running commentary, never the summary (as wrk and
+    // oha do).
+    print!("{}", report::terminal(&report));
     write_outputs(&report, common)?;
     Ok(if breached {
         EXIT_THRESHOLD
@@ -189,6 +190,27 @@ async fn execute(
     } else {
         0
     })
+}
+
+/// Starts one stage fresh (as `compare` does), runs `settings` against it, audits, stops it:
+/// what a lesson uses for the stages it compares.
+pub(crate) async fn run_fresh(
+    spec: &StageSpec,
+    settings: &Settings,
+    common: &Common,
+) -> anyhow::Result<RunReport> {
+    let bin = server::locate_server(common.server_bin.as_deref());
+    let mut interrupts = Interrupts::new();
+    let quiet = common.output.quiet;
+    run_interruptible(
+        spec,
+        bin.as_deref(),
+        settings,
+        common,
+        quiet,
+        &mut interrupts,
+    )
+    .await
 }
 
 /// Starts one stage fresh on its backend, measures, stops it. A PostgreSQL database made for

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::audit::Audit;
 use crate::backend::{self, Backend};
 use crate::driver::{self, BuyerEnd, Outcome};
-use crate::metrics::LatencySummary;
+use crate::metrics::{LatencySummary, Timeline};
 use crate::scenario::{ModelKind, Settings};
 
 /// Version of the JSON report's shape; bumped on any incompatible change.
@@ -92,6 +92,8 @@ pub struct Results {
     /// Answers per operation: `"201"`, `"400 sold-out"`, `"timeout"`, ...
     pub statuses: BTreeMap<String, BTreeMap<String, u64>>,
     pub purchases: Option<Purchases>,
+    /// Second by second: requests, the main operation's p99, tickets confirmed so far.
+    pub timeline: Option<Timeline>,
 }
 
 /// Buyers' stories.
@@ -206,6 +208,11 @@ impl Results {
                 .collect(),
             statuses,
             purchases,
+            timeline: [driver::OP_PURCHASE, driver::OP_ORDER]
+                .into_iter()
+                .find(|op| r.latency.contains_key(op))
+                .or_else(|| r.latency.keys().next().copied())
+                .and_then(|op| Timeline::of(r, op)),
         }
     }
 

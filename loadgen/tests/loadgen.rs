@@ -192,6 +192,17 @@ fn an_actor_stampede_sells_each_seat_once_and_exits_zero() {
     );
     assert_eq!(run["audit"]["client"]["successesSeen"], 20);
     assert_eq!(run["audit"]["client"]["confirmedStored"], 20);
+    // --quiet drops the progress and the commentary, not the summary table
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("I1 no oversell") && stdout.contains("throughput (req/s)"),
+        "--quiet still prints the summary: {stdout}"
+    );
+    assert!(
+        !stderr(&out).contains("loadgen: starting stage"),
+        "--quiet is quiet on stderr: {}",
+        stderr(&out)
+    );
 }
 
 /// Buyers whose payment takes far longer than their hold: each hold expires, the client gives
@@ -364,6 +375,36 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
         !page.contains("src=") && !page.contains("href=") && !page.contains("@import"),
         "the HTML report must not fetch anything"
     );
+    // the run second by second: requests, p99, seats sold against the capacity (4 x 10)
+    for chart in [
+        "Requests per second",
+        "p99 per second: purchase",
+        "Seats sold over time",
+        "capacity 40",
+    ] {
+        assert!(page.contains(chart), "no `{chart}` in the HTML report");
+    }
+    assert!(
+        page.matches("<polyline").count() >= 6,
+        "a line per stage per chart"
+    );
+    for run in &runs[..2] {
+        let seconds = run["results"]["timeline"]["seconds"].as_array().unwrap();
+        let requests: u64 = seconds
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            requests,
+            run["results"]["requests"].as_u64().unwrap(),
+            "{run}"
+        );
+        let last = seconds.last().unwrap()["confirmedTotal"].as_u64().unwrap();
+        assert_eq!(
+            last,
+            run["results"]["purchases"]["confirmed"].as_u64().unwrap()
+        );
+    }
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(table.contains("| monolith@sqlite | actor@sqlite | no-such-stage@sqlite |"));
 }

@@ -13,6 +13,7 @@ mod locked;
 mod openapi;
 mod process;
 mod recovery;
+mod seed_scripts;
 mod shards;
 mod simulate;
 mod stampede;
