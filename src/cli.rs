@@ -38,6 +38,78 @@ pub enum Command {
     Migrate(DbArgs),
     /// Run the deterministic simulator over a range of seeds (exit 1 if any seed fails).
     Simulate(SimulateArgs),
+    /// Run one node of stage `services` (PostgreSQL only), for deployments over machines.
+    Node(Box<NodeArgs>),
+}
+
+/// The roles a `services` node can take. Only the inventory node is built so far; the
+/// gateway, catalog and payments nodes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeRole {
+    /// Runs the event actors of the shards it holds a lease on, and serves the API for them.
+    Inventory,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// What this node does.
+    #[arg(value_enum)]
+    pub role: NodeRole,
+    /// This node's id, unique in the deployment (it names the owner of its shard leases).
+    /// Defaults to `inventory-PID`.
+    #[arg(long, env = "TICKETFLOW_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How long a shard lease lasts without renewal: a dead node's shards move to the others
+    /// after at most this plus one renewal interval.
+    #[arg(long, default_value = "3s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+    /// How often the node renews its leases and looks for shards to take; under the TTL.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub renew_every: Duration,
+    /// UNSAFE, for the lesson only: inventory writes stop proving their shard's epoch, so a
+    /// node paused past its lease can double-sell.
+    #[arg(long)]
+    pub unsafe_no_epoch: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+fn parse_lease_ttl(raw: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(raw)?;
+    if ttl < Duration::from_millis(100) {
+        return Err("the lease TTL must be at least 100ms".into());
+    }
+    Ok(ttl)
+}
+
+impl NodeArgs {
+    /// The node's settings, or why they do not fit together.
+    pub fn settings(&self) -> Result<Settings, String> {
+        if self.serve.stage != StageKind::Actor {
+            return Err(format!(
+                "--stage {} does not apply to `ticketflow node`: a node is always stage services",
+                self.serve.stage
+            ));
+        }
+        if self.renew_every >= self.lease_ttl {
+            return Err(format!(
+                "--renew-every {:?} must be shorter than --lease-ttl {:?}, or leases run out between renewals",
+                self.renew_every, self.lease_ttl
+            ));
+        }
+        let mut settings = self.serve.settings();
+        settings.stage = StageKind::Services;
+        settings.services = crate::config::ServicesSettings {
+            node_id: self
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("inventory-{}", std::process::id())),
+            lease_ttl: self.lease_ttl,
+            renew_every: self.renew_every,
+            epoch_fence: !self.unsafe_no_epoch,
+        };
+        Ok(settings)
+    }
 }
 
 #[derive(Debug, Args)]

@@ -282,3 +282,78 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
     b.shutdown().await;
     assert!(cluster.audit_ok().await);
 }
+
+#[actix_web::test]
+async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowledged_is_lost() {
+    use crate::process::{buy_until_killed, create_event, start_inventory_node};
+    const SEATS: i64 = 60;
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    let mut first = start_inventory_node(&db, "inv-1", 5, &client).await;
+    let event = create_event(&client, &first.base, "Node crash", SEATS).await;
+
+    let acknowledged = buy_until_killed(&mut first, &client, event, 150).await;
+    let pending_at_crash = db
+        .count("SELECT COUNT(*) FROM tickets WHERE status = 'pending'")
+        .await;
+    assert!(!acknowledged.is_empty(), "nothing finished before the kill");
+    assert!(pending_at_crash > 0, "nothing was in flight at the kill");
+
+    // A new node takes the dead one's shards once their leases run out (its epoch is higher),
+    // and resolves what was left pending, from PostgreSQL, before it serves the shard.
+    let killed = Instant::now();
+    let second = start_inventory_node(&db, "inv-2", 5, &client).await;
+    let answer = loop {
+        let r = client
+            .post(format!("{}/api/v1/tickets/purchase", second.base))
+            .json(&serde_json::json!({"eventId": event, "userId": "after-the-crash"}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 421 {
+            break r.status();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the shard never moved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "node failover: first purchase answered by the new node {:?} after kill -9 ({answer})",
+        killed.elapsed()
+    );
+    for ticket in &acknowledged {
+        let n = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"
+            ))
+            .await;
+        assert_eq!(n, 1, "acknowledged ticket {ticket} was lost");
+    }
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM tickets WHERE status = 'pending'")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM payments WHERE status = 'pending'")
+            .await,
+        0
+    );
+    let epochs = db
+        .count("SELECT MAX(epoch) FROM shard_leases WHERE owner = 'inv-2'")
+        .await;
+    assert!(epochs >= 2, "the new owner's epoch is above the dead one's");
+    let (status, audit): (u16, serde_json::Value) = {
+        let r = client
+            .get(format!("{}/api/v1/admin/audit", second.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    };
+    assert_eq!(status, 200, "{audit}");
+    assert_eq!(audit["ok"], true, "{audit}");
+    drop(second);
+}
