@@ -1062,7 +1062,7 @@ fn ok_word(ok: bool) -> &'static str {
 
 /// `db-locks`: `monolith --purchase-transaction` against `actor`, each buyer trying once.
 async fn db_locks(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
-    let (requests, tickets) = if ctx.quick() { (48, 24) } else { (400, 100) };
+    let (requests, tickets) = if ctx.quick() { (48, 24) } else { (240, 100) };
     let settings = Overrides {
         scenario: Some(ScenarioKind::Stampede),
         seed: Some(ctx.args.seed),
