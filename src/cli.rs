@@ -1,4 +1,4 @@
-//! The command line: `ticketflow serve` and `ticketflow migrate`.
+//! The command line: `ticketflow serve`, `ticketflow migrate` and `ticketflow simulate`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -36,6 +36,39 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Create the database if needed and apply the migrations, then exit.
     Migrate(DbArgs),
+    /// Run the deterministic simulator over a range of seeds (exit 1 if any seed fails).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// How many seeds to run.
+    #[arg(long, required_unless_present = "list_planted_bugs", value_parser = clap::value_parser!(u64).range(1..))]
+    pub seeds: Option<u64>,
+    /// The first seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed_start: u64,
+    /// Events per run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub events: u32,
+    /// Buyers per run.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub buyers: u32,
+    /// Plant a known bug in the event core, to show the simulator finds it (see
+    /// `--list-planted-bugs`). Only the simulator can plant one; `serve` never does.
+    #[arg(long, value_parser = parse_planted_bug)]
+    pub planted_bug: Option<crate::event_core::PlantedBug>,
+    /// Print the names of the bugs `--planted-bug` can plant, one per line, and exit.
+    #[arg(long)]
+    pub list_planted_bugs: bool,
+}
+
+fn parse_planted_bug(raw: &str) -> Result<crate::event_core::PlantedBug, String> {
+    use crate::event_core::PlantedBug;
+    PlantedBug::parse(raw).ok_or_else(|| {
+        let names: Vec<&str> = PlantedBug::ALL.iter().map(|b| b.name()).collect();
+        format!("`{raw}` is not a planted bug; one of {}", names.join(", "))
+    })
 }
 
 #[derive(Debug, Args)]

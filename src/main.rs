@@ -23,6 +23,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Simulate(args) = &cli.command {
+        return ExitCode::from(ticketflow::sim::main(args, &mut std::io::stdout().lock()));
+    }
     ticketflow::telemetry::init(cli.log_format);
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +57,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Simulate(_) => unreachable!("answered before the runtime is needed"),
         Command::Serve(args) => {
             backend::set_sqlite_busy_timeout(args.sqlite_busy_timeout);
             let settings = args.settings();

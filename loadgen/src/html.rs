@@ -152,6 +152,13 @@ fn report_body(report: &Report) -> String {
     for r in &report.runs {
         if let Some(a) = &r.audit {
             body.push_str(&format!("<h3>Invariants: {}</h3><ul>", esc(&r.label())));
+            body.push_str(&format!(
+                "<li class={}><b>quiet</b>: {} after {} ms (under way at the last look: {})</li>",
+                if a.quiet.quiet { "pass" } else { "not-quiet" },
+                if a.quiet.quiet { "yes" } else { "no" },
+                a.quiet.waited_ms,
+                esc(&a.quiet.busy())
+            ));
             for inv in &a.invariants {
                 body.push_str(&format!(
                     "<li class={}><b>{} {}</b>: {}{} — {}</li>",
@@ -176,7 +183,7 @@ const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:
 h2{margin-top:1.6em;border-bottom:1px solid #ddd}.meta{color:#666}\
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}\
 th{background:#f4f4f4}.key{margin-right:1.2em}.key i{display:inline-block;width:.9em;height:.9em;\
-margin-right:.3em;vertical-align:middle}li.fail{color:#b00}li.pass{color:#070}\
+margin-right:.3em;vertical-align:middle}li.fail{color:#b00}li.pass{color:#070}li.not-quiet{color:#a60}\
 svg text{font:12px system-ui,sans-serif}";
 
 fn ops(report: &Report) -> Vec<String> {
@@ -360,6 +367,7 @@ fn audit_chart(report: &Report) -> String {
                 Some(v) if v.status == "fail" => {
                     ("#f4a3a3", v.violations.unwrap_or(0).to_string(), v.name)
                 }
+                Some(v) if v.status == "not-quiet" => ("#f6d58e", "not quiet".to_owned(), v.name),
                 Some(v) => ("#e6e6e6", "n/a".to_owned(), v.name),
                 None => ("#f7f7f7", "-".to_owned(), "not run"),
             };

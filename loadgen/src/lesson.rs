@@ -153,7 +153,9 @@ pub const LESSONS: &[Lesson] = &[
         problem: "An inventory node dies: its shards move, nothing is lost",
         shows: "needs the `services` stage",
         why: "",
-        unavailable: Some("needs the `services` stage, not built yet"),
+        unavailable: Some(
+            "needs the `services` stage, not served yet (only its inventory node exists)",
+        ),
     },
     Lesson {
         name: "compensation",

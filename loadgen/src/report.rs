@@ -327,9 +327,15 @@ pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
         });
     }
     row("audit", &|r| {
-        r.audit
-            .as_ref()
-            .map_or("-".into(), |a| if a.ok { "ok" } else { "FAILED" }.into())
+        r.audit.as_ref().map_or("-".into(), |a| {
+            if !a.quiet.quiet && a.server.is_some() {
+                format!("NOT QUIET ({})", a.quiet.busy())
+            } else if a.ok {
+                "ok".into()
+            } else {
+                "FAILED".into()
+            }
+        })
     });
     rows
 }
@@ -484,6 +490,12 @@ pub fn markdown(report: &Report) -> String {
     for r in &report.runs {
         if let Some(a) = &r.audit {
             out.push_str(&format!("\n## Audit: {}\n\n", r.label()));
+            out.push_str(&format!(
+                "- quiet: {} after {} ms (under way at the last look: {})\n",
+                if a.quiet.quiet { "yes" } else { "NO" },
+                a.quiet.waited_ms,
+                a.quiet.busy()
+            ));
             for inv in &a.invariants {
                 out.push_str(&format!(
                     "- **{} {}**: {}{} — {}\n",

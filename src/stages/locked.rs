@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
+use crate::audit::Activity;
 use crate::cache::EventCache;
 use crate::config::StageKind;
 use crate::domain::{
@@ -931,6 +932,23 @@ impl Stage for LockedStage {
                 "workerStalls": c.worker_stalls.load(Ordering::Relaxed),
             },
         })
+    }
+
+    async fn activity(&self) -> Activity {
+        let inner = &self.inner;
+        let running = inner.running_jobs.load(Ordering::Acquire) as i64;
+        match inner.queue.stats().await {
+            Ok(queue) => Activity {
+                jobs_queued: queue.waiting as i64,
+                jobs_running: (queue.active as i64).max(running),
+                ..Activity::default()
+            },
+            Err(error) => Activity {
+                jobs_running: running,
+                unreadable: vec![error.to_string()],
+                ..Activity::default()
+            },
+        }
     }
 
     async fn dependencies(&self) -> Vec<(&'static str, bool)> {

@@ -76,6 +76,7 @@ impl Stage for Monolith {
         };
         store.insert_pending_order(&pending).await?;
         // 3. the slow payment, while other buyers read the same `available`
+        let _in_flight = self.parts.payments.track();
         match self
             .parts
             .payments

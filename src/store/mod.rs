@@ -17,6 +17,7 @@ pub mod accounts;
 pub mod backend;
 pub mod fenced;
 pub mod gateway;
+pub mod shards;
 pub mod sql;
 pub mod writer;
 
@@ -172,6 +173,8 @@ pub trait IdempotencyRecords: Send + Sync {
 pub trait AuditReads: Send + Sync {
     /// Counters per event: the stored `available` beside counts of tickets by status.
     async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>>;
+    /// Orders still `pending` (held, payment not settled).
+    async fn pending_orders(&self) -> StoreResult<i64>;
 }
 
 /// Every read capability a stage serves the API from, and the database's health.
@@ -285,7 +288,21 @@ impl Store {
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity))
+        Ok(writer::start(conn, max_batch, capacity, None))
+    }
+
+    /// Like [`Self::start_writer`], for an inventory node of stage `services`: every
+    /// transaction first proves `fence`'s epochs for the shards it writes, and a write whose
+    /// shard this node lost is refused ([`StoreError::Conflict`], [`shards::NOT_OWNER`]).
+    pub async fn start_fenced_writer(
+        &self,
+        max_batch: usize,
+        capacity: usize,
+        fence: std::sync::Arc<shards::ShardFence>,
+    ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+        self.require_postgres("an epoch-fenced writer")?;
+        let conn = self.url.connect().await?;
+        Ok(writer::start(conn, max_batch, capacity, Some(fence)))
     }
 
     pub async fn close(&self) {
@@ -603,6 +620,14 @@ impl AuditReads for Store {
                 })
             })
             .collect()
+    }
+
+    async fn pending_orders(&self) -> StoreResult<i64> {
+        let row =
+            sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) FROM orders WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get(0)?)
     }
 }
 
