@@ -153,7 +153,9 @@ pub const LESSONS: &[Lesson] = &[
         problem: "An inventory node dies: its shards move, nothing is lost",
         shows: "needs the `services` stage",
         why: "",
-        unavailable: Some("needs the `services` stage, not built yet"),
+        unavailable: Some(
+            "needs the `services` stage, not served yet (only its inventory node exists)",
+        ),
     },
     Lesson {
         name: "compensation",
@@ -1062,7 +1064,7 @@ fn ok_word(ok: bool) -> &'static str {
 
 /// `db-locks`: `monolith --purchase-transaction` against `actor`, each buyer trying once.
 async fn db_locks(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
-    let (requests, tickets) = if ctx.quick() { (48, 24) } else { (400, 100) };
+    let (requests, tickets) = if ctx.quick() { (48, 24) } else { (240, 100) };
     let settings = Overrides {
         scenario: Some(ScenarioKind::Stampede),
         seed: Some(ctx.args.seed),
