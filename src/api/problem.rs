@@ -162,6 +162,12 @@ impl From<PurchaseError> for Problem {
                 detail,
             )
             .retry_after(1),
+            PurchaseError::NotOwner { .. } => Self::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "not-owner",
+                "Not this event's owner",
+                detail,
+            ),
             PurchaseError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dependency-unavailable",

@@ -9,6 +9,7 @@ pub mod actor;
 pub mod event_actor;
 pub mod locked;
 pub mod monolith;
+pub mod services;
 
 use std::sync::Arc;
 
@@ -48,6 +49,10 @@ pub enum PurchaseError {
     /// The event's mailbox or the database writer is full: shed load, retry later.
     #[error("the server is overloaded; try again shortly")]
     Overloaded,
+    /// Stage `services`: this inventory node does not hold the event's shard (it never did, or
+    /// it lost it); ask the node that does.
+    #[error("this node does not own shard {shard}; ask its owner")]
+    NotOwner { shard: u32 },
     /// A service the stage depends on (Redis for `locked`) does not answer.
     #[error("{0} is unavailable; try again shortly")]
     Unavailable(&'static str),
@@ -170,5 +175,6 @@ pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
         StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
+        StageKind::Services => Arc::new(services::InventoryNode::start(parts).await?),
     })
 }

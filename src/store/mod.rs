@@ -17,6 +17,7 @@ pub mod accounts;
 pub mod backend;
 pub mod fenced;
 pub mod gateway;
+pub mod shards;
 pub mod sql;
 pub mod writer;
 
@@ -287,7 +288,21 @@ impl Store {
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity))
+        Ok(writer::start(conn, max_batch, capacity, None))
+    }
+
+    /// Like [`Self::start_writer`], for an inventory node of stage `services`: every
+    /// transaction first proves `fence`'s epochs for the shards it writes, and a write whose
+    /// shard this node lost is refused ([`StoreError::Conflict`], [`shards::NOT_OWNER`]).
+    pub async fn start_fenced_writer(
+        &self,
+        max_batch: usize,
+        capacity: usize,
+        fence: std::sync::Arc<shards::ShardFence>,
+    ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+        self.require_postgres("an epoch-fenced writer")?;
+        let conn = self.url.connect().await?;
+        Ok(writer::start(conn, max_batch, capacity, Some(fence)))
     }
 
     pub async fn close(&self) {

@@ -14,6 +14,7 @@ use chrono::Utc;
 use sqlx::{AnyConnection, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
 use super::{StoreError, StoreResult};
 use crate::domain::{timestamp, CancelReason, EventId, OrderId, OrderStatus, PaymentStatus};
@@ -148,10 +149,11 @@ pub(super) fn start(
     conn: AnyConnection,
     max_batch: usize,
     capacity: usize,
+    fence: Option<Arc<ShardFence>>,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
-    let task = tokio::spawn(run(conn, rx, max_batch.max(1), Arc::clone(&stats)));
+    let task = tokio::spawn(run(conn, rx, max_batch.max(1), Arc::clone(&stats), fence));
     (WriteHandle { tx, stats }, task)
 }
 
@@ -183,17 +185,27 @@ async fn run(
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
     stats: Arc<WriterStats>,
+    fence: Option<Arc<ShardFence>>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut conn, &mut batch, &stats).await;
+        commit(&mut conn, &mut batch, &stats, fence.as_deref()).await;
     }
     let _ = sqlx::Connection::close(conn).await;
 }
 
-async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats: &WriterStats) {
+async fn commit(
+    conn: &mut AnyConnection,
+    batch: &mut Vec<(WriteOp, Ack)>,
+    stats: &WriterStats,
+    fence: Option<&ShardFence>,
+) {
     let together = async {
         let mut tx = conn.begin().await?;
+        if let Some(fence) = fence {
+            let ops: Vec<&WriteOp> = batch.iter().map(|(op, _)| op).collect();
+            prove_epochs(&mut tx, fence, &ops).await?;
+        }
         apply_batch(&mut tx, batch).await?;
         tx.commit().await
     }
@@ -214,6 +226,9 @@ async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats
             for (op, ack) in batch.drain(..) {
                 let alone = async {
                     let mut tx = conn.begin().await?;
+                    if let Some(fence) = fence {
+                        prove_epochs(&mut tx, fence, &[&op]).await?;
+                    }
                     apply(&mut tx, &op).await?;
                     tx.commit().await?;
                     Ok(())
@@ -226,6 +241,28 @@ async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats
             }
         }
     }
+}
+
+/// Stage `services`: before writing `ops`, proves in the same transaction that this node still
+/// holds the shard of every event they touch, at its epoch ([`ShardFence::check`]).
+async fn prove_epochs(
+    conn: &mut AnyConnection,
+    fence: &ShardFence,
+    ops: &[&WriteOp],
+) -> Result<(), sqlx::Error> {
+    let mut events = Vec::new();
+    let mut orders = Vec::new();
+    for op in ops {
+        match op {
+            WriteOp::Hold(order) => events.push(order.event),
+            WriteOp::Cancel { event, .. } => events.push(*event),
+            WriteOp::Confirm { order } | WriteOp::SettlePayment { order, .. } => {
+                orders.push(*order)
+            }
+            WriteOp::Barrier => {}
+        }
+    }
+    fence.check(conn, &events, &orders).await
 }
 
 /// Applies a whole batch in a few multi-row statements: every hold inserted, every confirmation
