@@ -130,6 +130,9 @@ pub struct SimulateArgs {
     /// `--list-planted-bugs`). Only the simulator can plant one; `serve` never does.
     #[arg(long, value_parser = parse_planted_bug)]
     pub planted_bug: Option<crate::event_core::PlantedBug>,
+    /// Stop after the first failing seed (to find a planted bug quickly).
+    #[arg(long)]
+    pub stop_on_failure: bool,
     /// Print the names of the bugs `--planted-bug` can plant, one per line, and exit.
     #[arg(long)]
     pub list_planted_bugs: bool,

@@ -170,11 +170,13 @@ pub struct Summary {
     pub faults: Faults,
 }
 
-/// Runs `seeds` seeds from `start`, printing each seed's line to `out`.
+/// Runs `seeds` seeds from `start`, handing each seed's line to `out`; with `stop_on_failure`,
+/// stops after the first failing seed.
 pub fn run_seeds(
     start: u64,
     seeds: u64,
     config: &SimConfig,
+    stop_on_failure: bool,
     mut out: impl FnMut(&SeedRun, String),
 ) -> Summary {
     let began = Instant::now();
@@ -191,6 +193,9 @@ pub fn run_seeds(
         }
         let line = seed_line(&run, config);
         out(&run, line);
+        if stop_on_failure && run.violation.is_some() {
+            break;
+        }
     }
     summary.wall_ms = began.elapsed().as_millis();
     summary
@@ -240,6 +245,7 @@ pub fn main(args: &crate::cli::SimulateArgs, out: &mut impl std::io::Write) -> u
         args.seed_start,
         args.seeds.unwrap_or(1),
         &config,
+        args.stop_on_failure,
         |_, line| {
             let _ = writeln!(out, "{line}");
         },

@@ -38,7 +38,7 @@ fn one_seed_run_twice_gives_the_same_trace_and_another_seed_another() {
 
 #[test]
 fn the_real_core_passes_every_seed_and_every_modelled_fault_happens() {
-    let summary = run_seeds(1, 300, &config(None), |run, line| {
+    let summary = run_seeds(1, 300, &config(None), false, |run, line| {
         assert!(run.violation.is_none(), "{line}");
     });
     assert_eq!(summary.failed, 0);
@@ -82,6 +82,15 @@ fn the_command_prints_a_trace_line_per_seed_and_a_summary_and_exits_by_the_outco
 
     let (code, out, _) = simulate(&["--seeds", "50", "--planted-bug", "expiry-not-written"]);
     assert_eq!(code, Some(1), "{out}");
+    let (_, first, _) = simulate(&[
+        "--seeds",
+        "50",
+        "--planted-bug",
+        "expiry-not-written",
+        "--stop-on-failure",
+    ]);
+    assert_eq!(first.lines().filter(|l| l.contains("FAILED")).count(), 1);
+    assert!(first.lines().count() < 50, "did not stop: {first}");
     let failed = out
         .lines()
         .find(|l| l.contains("FAILED"))
