@@ -95,6 +95,7 @@ impl Server {
             )
         })?;
         let addr = listener.local_addr()?;
+        stage.bound(addr);
         let state = web::Data::new(AppState {
             stage: Arc::clone(&stage),
             payments,

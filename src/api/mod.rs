@@ -56,7 +56,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: 
             .service(resource("/api/v2/admin/stats").route(web::get().to(v2::admin::stats)))
             .service(
                 resource("/api/v2/admin/queue-stats").route(web::get().to(v2::admin::queue_stats)),
-            );
+            )
+            .service(resource("/api/v2/admin/nodes").route(web::get().to(v2::admin::nodes)));
     } else {
         cfg.service(web::scope("/api/v2").default_service(web::to(v2_not_served)));
     }

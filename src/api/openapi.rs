@@ -62,6 +62,7 @@ pub const PATH: &str = "/api/openapi.json";
         v2::admin::ledger,
         v2::admin::stats,
         v2::admin::queue_stats,
+        v2::admin::nodes,
     ),
     components(schemas(Availability, Problem)),
     modifiers(&BearerTokens, &SeedPaths),

@@ -130,6 +130,17 @@ pub trait Stage: Send + Sync + 'static {
         vec![database_health(self.records()).await]
     }
 
+    /// Stage `services`: every node with its role, id, pid, address and state, and the shards
+    /// each inventory node holds with their epochs. `None` for a stage of one process.
+    async fn topology(&self) -> Option<StoreResult<serde_json::Value>> {
+        None
+    }
+
+    /// The address the server is bound to, once it is (a node of `services` reports it).
+    fn bound(&self, addr: std::net::SocketAddr) {
+        let _ = addr;
+    }
+
     /// Stops background work after the HTTP server has drained its requests.
     async fn shutdown(&self) {}
 }

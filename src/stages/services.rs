@@ -138,6 +138,46 @@ impl InventoryNode {
     }
 }
 
+impl InventoryNode {
+    async fn read_topology(&self) -> Result<serde_json::Value, StoreError> {
+        let services = self.inner.actors_settings();
+        let store = &self.inner.store;
+        let nodes = store.service_nodes(services.lease_ttl).await?;
+        let leases = store.shard_leases().await?;
+        let listed: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|n| {
+                let mut node = serde_json::json!({
+                    "id": n.id,
+                    "role": n.role,
+                    "pid": n.pid,
+                    "address": n.addr,
+                    "state": if n.up { "up" } else { "down" },
+                });
+                if n.role == INVENTORY {
+                    node["shards"] = leases
+                        .iter()
+                        .filter(|l| l.owner.as_deref() == Some(n.id.as_str()) && l.remaining_ms > 0)
+                        .map(|l| serde_json::json!({ "shard": l.shard, "epoch": l.epoch }))
+                        .collect::<Vec<_>>()
+                        .into();
+                }
+                node
+            })
+            .collect();
+        let unowned = leases
+            .iter()
+            .filter(|l| l.owner.is_none() || l.remaining_ms <= 0)
+            .map(|l| l.shard)
+            .collect::<Vec<_>>();
+        Ok(serde_json::json!({
+            "shards": SHARDS,
+            "nodes": listed,
+            "unownedShards": unowned,
+        }))
+    }
+}
+
 impl Node {
     fn actors_settings(&self) -> crate::config::ServicesSettings {
         self.actors.settings().services.clone()
@@ -263,6 +303,14 @@ impl Stage for InventoryNode {
             })).collect::<Vec<_>>(),
         });
         stats
+    }
+
+    fn bound(&self, addr: std::net::SocketAddr) {
+        self.set_addr(addr.to_string());
+    }
+
+    async fn topology(&self) -> Option<Result<serde_json::Value, StoreError>> {
+        Some(self.read_topology().await)
     }
 
     async fn activity(&self) -> Activity {

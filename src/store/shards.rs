@@ -51,6 +51,17 @@ pub struct LeaseRow {
     pub remaining_ms: i64,
 }
 
+/// A node of a `services` deployment as it last reported itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub id: String,
+    pub role: String,
+    pub addr: String,
+    pub pid: i64,
+    /// Reported recently enough to count as alive.
+    pub up: bool,
+}
+
 fn millis(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
@@ -193,6 +204,31 @@ impl Store {
         .await?;
         let count: i64 = row.try_get(0)?;
         Ok(count as usize)
+    }
+
+    /// Every node that ever reported itself, with whether it did within `within` (up).
+    pub async fn service_nodes(&self, within: Duration) -> StoreResult<Vec<NodeRow>> {
+        let rows = sqlx::query(
+            "SELECT id, role, addr, pid,
+                    CASE WHEN seen_at > now() - CAST($1 AS DOUBLE PRECISION) * interval '1 millisecond'
+                         THEN 1 ELSE 0 END
+               FROM service_nodes ORDER BY role, id",
+        )
+        .bind(millis(within))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let up: i32 = r.try_get(4)?;
+                Ok(NodeRow {
+                    id: r.try_get(0)?,
+                    role: r.try_get(1)?,
+                    addr: r.try_get(2)?,
+                    pid: r.try_get(3)?,
+                    up: up == 1,
+                })
+            })
+            .collect()
     }
 
     pub(super) fn require_postgres(&self, what: &str) -> StoreResult<()> {

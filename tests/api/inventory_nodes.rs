@@ -355,5 +355,40 @@ async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowled
     };
     assert_eq!(status, 200, "{audit}");
     assert_eq!(audit["ok"], true, "{audit}");
+
+    // The topology: the dead node down and holding nothing, the new one up with every shard.
+    let topology: serde_json::Value = client
+        .get(format!("{}/api/v2/admin/nodes", second.base))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let nodes = topology["nodes"].as_array().expect("nodes");
+    let node = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap_or_else(|| panic!("{id}: {topology}"))
+    };
+    assert_eq!(node("inv-1")["state"], "down", "{topology}");
+    assert_eq!(
+        node("inv-1")["shards"].as_array().unwrap().len(),
+        0,
+        "{topology}"
+    );
+    let alive = node("inv-2");
+    assert_eq!(alive["state"], "up", "{topology}");
+    assert_eq!(alive["role"], "inventory");
+    assert_eq!(alive["pid"], second.child.id());
+    assert_eq!(alive["address"], second.base.trim_start_matches("http://"));
+    let shards = alive["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 64, "{topology}");
+    assert!(
+        shards.iter().all(|s| s["epoch"].as_i64().unwrap() >= 2),
+        "{topology}"
+    );
     drop(second);
 }

@@ -42,6 +42,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v2/admin/ledger"),
     ("GET", "/api/v2/admin/stats"),
     ("GET", "/api/v2/admin/queue-stats"),
+    ("GET", "/api/v2/admin/nodes"),
 ];
 
 const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch"];
@@ -165,6 +166,7 @@ async fn the_document_declares_security_and_problem_answers() {
         ("GET", "/api/v2/admin/ledger", "admin_token"),
         ("GET", "/api/v2/admin/stats", "admin_token"),
         ("GET", "/api/v2/admin/queue-stats", "admin_token"),
+        ("GET", "/api/v2/admin/nodes", "admin_token"),
     ];
     for (method, path, scheme) in secured {
         let op = operation(&doc, method, path);
@@ -542,12 +544,14 @@ async fn real_answers_use_the_status_codes_the_document_declares() {
         "/api/v2/admin/ledger",
         "/api/v2/admin/stats",
         "/api/v2/admin/queue-stats",
+        "/api/v2/admin/nodes",
     ] {
-        let expected = if path.ends_with("queue-stats") {
+        // The actor stage has no queue, and runs as one process (no nodes).
+        let expected = if path.ends_with("queue-stats") || path.ends_with("nodes") {
             404
         } else {
             200
-        }; // the actor stage has no queue
+        };
         check(
             "GET",
             path,
