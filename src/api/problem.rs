@@ -168,6 +168,13 @@ impl From<PurchaseError> for Problem {
                 "Not this event's owner",
                 detail,
             ),
+            PurchaseError::OwnerChanged => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "owner-changed",
+                "Event moved to another node",
+                detail,
+            )
+            .retry_after(1),
             PurchaseError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dependency-unavailable",

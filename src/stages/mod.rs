@@ -53,6 +53,10 @@ pub enum PurchaseError {
     /// it lost it); ask the node that does.
     #[error("this node does not own shard {shard}; ask its owner")]
     NotOwner { shard: u32 },
+    /// Stage `services`: the node lost the event's shard while the purchase was under way, and
+    /// its write was refused; the new owner settles the purchase from what was stored.
+    #[error("the event moved to another node during the purchase; its new owner settles it, so look the ticket or order up shortly")]
+    OwnerChanged,
     /// A service the stage depends on (Redis for `locked`) does not answer.
     #[error("{0} is unavailable; try again shortly")]
     Unavailable(&'static str),

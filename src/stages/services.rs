@@ -21,7 +21,7 @@ use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::audit::Activity;
 use crate::config::StageKind;
 use crate::domain::{Event, EventId, NewEvent, Order, Ticket, UserId};
-use crate::store::shards::{ShardFence, ShardLease, SHARDS};
+use crate::store::shards::{ShardFence, ShardLease, NOT_OWNER, SHARDS};
 use crate::store::{Records, Store, StoreError};
 
 /// The role an inventory node reports itself under.
@@ -285,11 +285,19 @@ impl Stage for InventoryNode {
     }
 
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
-        self.inner.actors.purchase(event, user).await
+        self.inner
+            .actors
+            .purchase(event, user)
+            .await
+            .map_err(owner_changed)
     }
 
     async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
-        self.inner.actors.place_order(request).await
+        self.inner
+            .actors
+            .place_order(request)
+            .await
+            .map_err(owner_changed)
     }
 
     async fn stats(&self) -> serde_json::Value {
@@ -320,6 +328,16 @@ impl Stage for InventoryNode {
     async fn shutdown(&self) {
         self.hand_back().await;
         self.inner.actors.shutdown().await;
+    }
+}
+
+/// A write the epoch fence refused mid-purchase: the shard moved, and the new owner settles it.
+fn owner_changed(error: PurchaseError) -> PurchaseError {
+    match error {
+        PurchaseError::Store(StoreError::Conflict(message)) if message.contains(NOT_OWNER) => {
+            PurchaseError::OwnerChanged
+        }
+        other => other,
     }
 }
 

@@ -228,7 +228,10 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
     a.abandon();
     let died = Instant::now();
     let cut_short = buying.await.unwrap();
-    assert!(cut_short.is_err(), "the dead node confirmed: {cut_short:?}");
+    assert!(
+        matches!(cut_short, Err(PurchaseError::OwnerChanged)),
+        "the dead node's confirmation was not refused by the fence: {cut_short:?}"
+    );
     assert_eq!(
         cluster
             .store
