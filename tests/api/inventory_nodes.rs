@@ -288,7 +288,9 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
 
 #[actix_web::test]
 async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowledged_is_lost() {
-    use crate::process::{buy_until_killed, create_event, start_inventory_node};
+    use crate::process::{
+        assert_nothing_lost, buy_until_killed, create_event, start_inventory_node,
+    };
     const SEATS: i64 = 60;
     let db = TestDb::new(Backend::Postgres);
     let client = reqwest::Client::new();
@@ -326,24 +328,7 @@ async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowled
         "node failover: first purchase answered by the new node {:?} after kill -9 ({answer})",
         killed.elapsed()
     );
-    for ticket in &acknowledged {
-        let n = db
-            .count(&format!(
-                "SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"
-            ))
-            .await;
-        assert_eq!(n, 1, "acknowledged ticket {ticket} was lost");
-    }
-    assert_eq!(
-        db.count("SELECT COUNT(*) FROM tickets WHERE status = 'pending'")
-            .await,
-        0
-    );
-    assert_eq!(
-        db.count("SELECT COUNT(*) FROM payments WHERE status = 'pending'")
-            .await,
-        0
-    );
+    assert_nothing_lost(&db, &acknowledged).await;
     let epochs = db
         .count("SELECT MAX(epoch) FROM shard_leases WHERE owner = 'inv-2'")
         .await;

@@ -146,3 +146,24 @@ pub async fn buy_until_killed(
     let (outcomes, ()) = futures::join!(join_all(purchases), killer);
     outcomes.into_iter().flatten().collect()
 }
+
+/// After a crash and a restart: every ticket in `acknowledged` (answered `201` before the
+/// crash) is confirmed, and no ticket or payment is left `pending`.
+pub async fn assert_nothing_lost(db: &TestDb, acknowledged: &[String]) {
+    for ticket in acknowledged {
+        let n = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"
+            ))
+            .await;
+        assert_eq!(n, 1, "acknowledged ticket {ticket} was lost");
+    }
+    for table in ["tickets", "payments"] {
+        let pending = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM {table} WHERE status = 'pending'"
+            ))
+            .await;
+        assert_eq!(pending, 0, "{table} left pending");
+    }
+}
