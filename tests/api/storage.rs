@@ -26,10 +26,22 @@ fn closed_port() -> u16 {
 }
 
 #[test]
+fn an_inventory_node_on_sqlite_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.db");
+    let (code, stderr) = ticketflow(&["node", "inventory", "--db", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("PostgreSQL only"), "{stderr}");
+    assert!(!path.exists(), "a database was created before the refusal");
+}
+
+#[test]
 fn an_unreachable_postgres_is_one_line_naming_db_and_the_fix() {
     let url = format!("postgres://postgres:s3cret@127.0.0.1:{}/x", closed_port());
-    for command in ["serve", "migrate"] {
-        let (code, stderr) = ticketflow(&[command, "--db", &url]);
+    for command in [&["serve"][..], &["migrate"], &["node", "inventory"]] {
+        let (code, stderr) = ticketflow(&[command, &["--db", &url]].concat());
+        let command = command.join(" ");
         assert_eq!(code, 2, "{command}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{command}: {stderr}");
         assert!(
