@@ -194,7 +194,22 @@ impl Node {
         self.store
             .node_seen(&node, INVENTORY, &addr, std::process::id())
             .await?;
-        let renewed = self.store.renew_leases(&node, services.lease_ttl).await?;
+        let mut renewed = self.store.renew_leases(&node, services.lease_ttl).await?;
+        // Leases under this node's id that it never took: left by an earlier process with the
+        // same --node-id. Given back, to be taken again at a higher epoch (below), so nothing
+        // that process still had queued could pass the fence.
+        let strays: Vec<ShardLease> = {
+            let held = self.held.lock().expect("held leases poisoned");
+            renewed
+                .iter()
+                .filter(|l| !held.contains_key(&l.shard))
+                .copied()
+                .collect()
+        };
+        for lease in &strays {
+            self.store.release_shard(&node, *lease).await?;
+        }
+        renewed.retain(|l| !strays.contains(l));
         let lost: Vec<u32> = {
             let mut held = self.held.lock().expect("held leases poisoned");
             let lost = held

@@ -393,3 +393,41 @@ async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowled
     );
     drop(second);
 }
+
+#[actix_web::test]
+async fn a_node_restarted_under_the_same_id_takes_its_shards_again_at_a_higher_epoch() {
+    let cluster = Cluster::new(|_| {}).await;
+    let first = cluster.node("same").await;
+    within(Duration::from_secs(5), || {
+        first.leases().len() == SHARDS as usize
+    })
+    .await;
+    assert!(first.leases().iter().all(|l| l.epoch == 1));
+    let event = cluster.event(3).await;
+    first
+        .purchase(event, UserId::parse("before").unwrap())
+        .await
+        .expect("the first process sells");
+    // The process dies; another starts at once under the same --node-id, well within the TTL,
+    // so the database still shows every lease as this id's.
+    first.abandon();
+    let second = cluster.node("same").await;
+    // Its first round gives the leases it did not take back and takes them at a new epoch.
+    assert_eq!(
+        second.leases().len(),
+        SHARDS as usize,
+        "{:?}",
+        second.leases()
+    );
+    assert!(
+        second.leases().iter().all(|l| l.epoch == 2),
+        "{:?}",
+        second.leases()
+    );
+    second
+        .purchase(event, UserId::parse("after").unwrap())
+        .await
+        .expect("the restarted node sells");
+    second.shutdown().await;
+    assert!(cluster.audit_ok().await);
+}
