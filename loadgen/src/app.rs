@@ -135,6 +135,10 @@ async fn execute(
             settings.scenario, settings.seed, settings.seed
         );
     }
+    let admin_token = common
+        .admin_token
+        .clone()
+        .unwrap_or_else(|| format!("loadgen-{:032x}", rand::random::<u128>()));
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut runs = Vec::new();
     if let Some(addr) = target {
@@ -142,25 +146,35 @@ async fn execute(
         let (stage, backend) = check_reachable(addr, &url).await?;
         let stage = stage.unwrap_or_else(|| "external".into());
         let label = crate::backend::label(&stage, backend);
-        runs.push(match measure(addr, &settings, &label, quiet).await? {
-            Err(why) => skipped(&stage, backend, why, Some(url)),
-            Ok((results, audit)) => RunReport {
-                stage,
-                backend,
-                status: "completed",
-                skip_reason: None,
-                target: Some(url),
-                server_args: None,
-                results: Some(results),
-                audit: Some(audit),
+        runs.push(
+            match measure(addr, &settings, &label, quiet, &admin_token).await? {
+                Err(why) => skipped(&stage, backend, why, Some(url)),
+                Ok((results, audit)) => RunReport {
+                    stage,
+                    backend,
+                    status: "completed",
+                    skip_reason: None,
+                    target: Some(url),
+                    server_args: None,
+                    results: Some(results),
+                    audit: Some(audit),
+                },
             },
-        });
+        );
     } else {
         let bin = server::locate_server(common.server_bin.as_deref());
         let mut interrupts = Interrupts::new();
         for spec in stages {
             let bin = bin.as_deref();
-            let run = run_interruptible(spec, bin, &settings, common, quiet, &mut interrupts);
+            let run = run_interruptible(
+                spec,
+                bin,
+                &settings,
+                common,
+                quiet,
+                &admin_token,
+                &mut interrupts,
+            );
             runs.push(run.await?);
         }
     }
@@ -199,6 +213,7 @@ async fn run_stage(
     settings: &Settings,
     common: &Common,
     quiet: bool,
+    admin_token: &str,
     database: &mut Option<TempDatabase>,
 ) -> anyhow::Result<RunReport> {
     let label = spec.label();
@@ -232,6 +247,7 @@ async fn run_stage(
         database.as_ref(),
         settings,
         &common.server_args,
+        admin_token,
     )
     .await;
     let mut spawned = match started {
@@ -242,7 +258,7 @@ async fn run_stage(
             return Ok(run);
         }
     };
-    let measured = measure(spawned.addr, settings, &label, quiet).await;
+    let measured = measure(spawned.addr, settings, &label, quiet, admin_token).await;
     spawned.stop().await;
     let target = Some(format!("http://{}", spawned.addr));
     let (results, audit) = match measured? {
@@ -274,11 +290,12 @@ async fn run_interruptible(
     settings: &Settings,
     common: &Common,
     quiet: bool,
+    admin_token: &str,
     interrupts: &mut Interrupts,
 ) -> anyhow::Result<RunReport> {
     let mut database = None;
     let outcome = tokio::select! {
-        run = run_stage(spec, bin, settings, common, quiet, &mut database) => run,
+        run = run_stage(spec, bin, settings, common, quiet, admin_token, &mut database) => run,
         signal = interrupts.next() => Err(anyhow::anyhow!(
             "interrupted by {signal}: stage {} stopped", spec.label()
         )),
@@ -379,6 +396,7 @@ async fn measure(
     settings: &Settings,
     label: &str,
     quiet: bool,
+    admin_token: &str,
 ) -> anyhow::Result<Result<(Results, audit::Audit), String>> {
     let fixture = match driver::setup(addr, settings).await {
         Ok(f) => f,
@@ -419,7 +437,14 @@ async fn measure(
     if !quiet {
         eprintln!("loadgen: {label}: load done, auditing");
     }
-    let audit = audit::audit(addr, &fixture, &outcome.buyers, settings.settle).await;
+    let audit = audit::audit(
+        addr,
+        &fixture,
+        &outcome.buyers,
+        settings.settle,
+        admin_token,
+    )
+    .await;
     Ok(Ok((Results::from_outcome(&outcome, settings), audit)))
 }
 

@@ -77,10 +77,11 @@ pub async fn start(
     database: Option<&TempDatabase>,
     settings: &Settings,
     extra_args: &[String],
+    admin_token: &str,
 ) -> Result<Spawned, StartFailure> {
     let mut last = StartFailure::from(String::new());
     for _ in 0..3 {
-        match start_once(bin, stage, database, settings, extra_args).await {
+        match start_once(bin, stage, database, settings, extra_args, admin_token).await {
             Ok(spawned) => return Ok(spawned),
             Err(why) if why.reason.to_ascii_lowercase().contains("in use") => last = why,
             Err(why) => return Err(why),
@@ -95,6 +96,7 @@ async fn start_once(
     database: Option<&TempDatabase>,
     settings: &Settings,
     extra_args: &[String],
+    admin_token: &str,
 ) -> Result<Spawned, StartFailure> {
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -124,6 +126,10 @@ async fn start_once(
             settings.payment_failure_rate.to_string(),
             "--hold-ttl".into(),
             settings.hold_ttl.clone(),
+            // Every virtual user comes from 127.0.0.1: lift the per-client limits so a run
+            // measures the stage, not the limiter (a `--server-arg` may set them again).
+            "--rate-limit".into(),
+            "off".into(),
         ];
         args.extend(extra_args.iter().cloned());
         args
@@ -152,6 +158,8 @@ async fn start_once(
     let child = command
         .args(&args)
         .env("TICKETFLOW_LOG_FORMAT", "human")
+        // In the environment, not the arguments, so the report's command line never shows it.
+        .env("TICKETFLOW_ADMIN_TOKEN", admin_token)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

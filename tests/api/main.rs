@@ -6,11 +6,14 @@ mod helpers;
 
 mod contract;
 mod holds;
+mod identity;
 mod inventory_model;
 mod ledger;
+mod limits;
 mod locked;
 mod openapi;
 mod process;
+mod rate;
 mod recovery;
 mod stampede;
 mod storage;

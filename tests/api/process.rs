@@ -42,6 +42,7 @@ pub async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> P
         .args(["--payment-latency", "20ms..400ms"])
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args(["--db", db.url()])
+        .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
