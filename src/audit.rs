@@ -52,10 +52,72 @@ impl Invariants {
     }
 }
 
+/// Work still under way, counted when the audit was taken. The system is *quiet* when every
+/// count is zero: only then can I3, I4 and I5 be judged, since a payment in flight (a late
+/// success still to be refunded, say) is not yet a violation.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Activity {
+    /// Tickets stored `pending`.
+    pub pending_tickets: i64,
+    /// Orders stored `pending`.
+    pub pending_orders: i64,
+    /// Seats held in the stage's memory (the event actors'); stages that keep holds in storage
+    /// count them as pending tickets.
+    pub held_seats: i64,
+    /// Payments begun at the simulated gateway and not yet settled by the stage (a charge or
+    /// refund on the wire, or a charge's answer not yet written).
+    pub payments_in_flight: i64,
+    /// Payment jobs queued or waiting out a backoff (`locked`).
+    pub jobs_queued: i64,
+    /// Payment jobs a worker is running (`locked`).
+    pub jobs_running: i64,
+    /// Writes handed to the group-commit writer and not yet committed.
+    pub unflushed_writes: i64,
+    /// What could not be counted (e.g. the queue, with Redis down); anything here means not quiet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
+}
+
+impl Activity {
+    /// Nothing under way and everything counted.
+    pub fn is_quiet(&self) -> bool {
+        self.unreadable.is_empty()
+            && [
+                self.pending_tickets,
+                self.pending_orders,
+                self.held_seats,
+                self.payments_in_flight,
+                self.jobs_queued,
+                self.jobs_running,
+                self.unflushed_writes,
+            ]
+            .iter()
+            .all(|n| *n == 0)
+    }
+}
+
+/// The audit's conclusion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Quiet, and every invariant holds.
+    Pass,
+    /// Quiet, and some invariant is violated.
+    Fail,
+    /// Work is still under way ([`Activity`]): the counts are a snapshot, not a verdict.
+    NotQuiet,
+}
+
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditReport {
+    /// The invariants' counts are all zero (conclusive only when `quiet`; see `verdict`).
     pub ok: bool,
+    /// Nothing is under way ([`Activity`] all zero).
+    pub quiet: bool,
+    pub verdict: Verdict,
+    pub activity: Activity,
     pub invariants: Invariants,
     pub events: Vec<EventAudit>,
     /// Lines in the gateway's ledger: every charge, decline and refund on this database.
@@ -69,7 +131,8 @@ pub struct AuditReport {
 
 /// Audits stored counts, and the payments against the gateway's books (everything it ever
 /// charged on this database, in this run or an earlier one), summed by the database.
-pub fn audit(counts: &[StoredCounts], books: &Reconciliation) -> AuditReport {
+/// `activity` is what was under way meanwhile: the verdict is `not-quiet` unless it is none.
+pub fn audit(counts: &[StoredCounts], books: &Reconciliation, activity: Activity) -> AuditReport {
     let events: Vec<EventAudit> = counts
         .iter()
         .map(|c| EventAudit {
@@ -109,8 +172,17 @@ pub fn audit(counts: &[StoredCounts], books: &Reconciliation) -> AuditReport {
         lost_payments: books.unrecorded_keys + unsettled,
         drifting_events: events.iter().filter(|e| e.drift != 0).count() as i64,
     };
+    let ok = invariants.all_hold();
+    let quiet = activity.is_quiet();
     AuditReport {
-        ok: invariants.all_hold(),
+        ok,
+        quiet,
+        verdict: match (quiet, ok) {
+            (false, _) => Verdict::NotQuiet,
+            (true, true) => Verdict::Pass,
+            (true, false) => Verdict::Fail,
+        },
+        activity,
         invariants,
         events,
         ledger_entries: books.ledger_entries,
@@ -160,8 +232,9 @@ mod tests {
             unrecorded_keys: 0,
             ledger_entries: 11,
         };
-        let report = audit(&[sold(7)], &books);
+        let report = audit(&[sold(7)], &books, Activity::default());
         assert!(report.ok, "{report:?}");
+        assert_eq!(report.verdict, Verdict::Pass);
         assert_eq!(report.ledger_entries, 11);
     }
 
@@ -181,7 +254,7 @@ mod tests {
             unrecorded_keys: 0,
             ledger_entries: 0,
         };
-        let report = audit(&[sold(7)], &books);
+        let report = audit(&[sold(7)], &books, Activity::default());
         assert_eq!(report.confirmed_not_charged, 3);
         assert_eq!(report.charged_not_confirmed, 3);
         assert_eq!(report.double_charged, 4);
@@ -196,9 +269,51 @@ mod tests {
             unrecorded_keys: 3,
             ledger_entries: 3,
         };
-        let report = audit(&[sold(0)], &books);
+        let report = audit(&[sold(0)], &books, Activity::default());
         assert_eq!(report.unrecorded_charges, 3);
         assert_eq!(report.unsettled_payments, 2);
         assert_eq!(report.invariants.lost_payments, 5);
+    }
+
+    #[test]
+    fn a_late_charge_in_flight_is_not_quiet_rather_than_a_violation() {
+        // A hold expired while its charge was on the wire: the ledger has the charge, the
+        // payment is still pending, the refund has not happened yet.
+        let books = Reconciliation {
+            classes: vec![class(false, "pending", Some(1), 1)],
+            unrecorded_keys: 0,
+            ledger_entries: 1,
+        };
+        let activity = Activity {
+            payments_in_flight: 1,
+            ..Activity::default()
+        };
+        let report = audit(&[sold(0)], &books, activity);
+        assert!(!report.quiet);
+        assert_eq!(report.verdict, Verdict::NotQuiet);
+        // the same books once quiet are a violation
+        let report = audit(&[sold(0)], &books, Activity::default());
+        assert_eq!(report.verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn anything_uncounted_is_not_quiet() {
+        let mut activity = Activity::default();
+        assert!(activity.is_quiet());
+        activity.unreadable.push("payment queue".into());
+        assert!(!activity.is_quiet());
+        for field in 0..7 {
+            let mut a = Activity::default();
+            *[
+                &mut a.pending_tickets,
+                &mut a.pending_orders,
+                &mut a.held_seats,
+                &mut a.payments_in_flight,
+                &mut a.jobs_queued,
+                &mut a.jobs_running,
+                &mut a.unflushed_writes,
+            ][field] = 1;
+            assert!(!a.is_quiet(), "field {field}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The command line: `ticketflow serve` and `ticketflow migrate`.
+//! The command line: `ticketflow serve`, `ticketflow migrate` and `ticketflow simulate`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_duration, Durability, LatencyModel, LockedSettings, PaymentSettings, Settings, StageKind,
-    V1Access,
+    parse_duration, Durability, Failpoints, LatencyModel, LockedSettings, PaymentSettings,
+    Settings, StageKind, V1Access,
 };
 
 #[derive(Debug, Parser)]
@@ -36,6 +36,114 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Create the database if needed and apply the migrations, then exit.
     Migrate(DbArgs),
+    /// Run the deterministic simulator over a range of seeds (exit 1 if any seed fails).
+    Simulate(SimulateArgs),
+    /// Run one node of stage `services` (PostgreSQL only), for deployments over machines.
+    Node(Box<NodeArgs>),
+}
+
+/// The roles a `services` node can take. Only the inventory node is built so far; the
+/// gateway, catalog and payments nodes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeRole {
+    /// Runs the event actors of the shards it holds a lease on, and serves the API for them.
+    Inventory,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// What this node does.
+    #[arg(value_enum)]
+    pub role: NodeRole,
+    /// This node's id, unique in the deployment (it names the owner of its shard leases).
+    /// Defaults to `inventory-PID`.
+    #[arg(long, env = "TICKETFLOW_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How long a shard lease lasts without renewal: a dead node's shards move to the others
+    /// after at most this plus one renewal interval.
+    #[arg(long, default_value = "3s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+    /// How often the node renews its leases and looks for shards to take; under the TTL.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub renew_every: Duration,
+    /// UNSAFE, for the lesson only: inventory writes stop proving their shard's epoch, so a
+    /// node paused past its lease can double-sell.
+    #[arg(long)]
+    pub unsafe_no_epoch: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+fn parse_lease_ttl(raw: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(raw)?;
+    if ttl < Duration::from_millis(100) {
+        return Err("the lease TTL must be at least 100ms".into());
+    }
+    Ok(ttl)
+}
+
+impl NodeArgs {
+    /// The node's settings, or why they do not fit together.
+    pub fn settings(&self) -> Result<Settings, String> {
+        if self.serve.stage != StageKind::Actor {
+            return Err(format!(
+                "--stage {} does not apply to `ticketflow node`: a node is always stage services",
+                self.serve.stage
+            ));
+        }
+        if self.renew_every >= self.lease_ttl {
+            return Err(format!(
+                "--renew-every {:?} must be shorter than --lease-ttl {:?}, or leases run out between renewals",
+                self.renew_every, self.lease_ttl
+            ));
+        }
+        let mut settings = self.serve.settings();
+        settings.stage = StageKind::Services;
+        settings.services = crate::config::ServicesSettings {
+            node_id: self
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("inventory-{}", std::process::id())),
+            lease_ttl: self.lease_ttl,
+            renew_every: self.renew_every,
+            epoch_fence: !self.unsafe_no_epoch,
+        };
+        Ok(settings)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// How many seeds to run.
+    #[arg(long, required_unless_present = "list_planted_bugs", value_parser = clap::value_parser!(u64).range(1..))]
+    pub seeds: Option<u64>,
+    /// The first seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed_start: u64,
+    /// Events per run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub events: u32,
+    /// Buyers per run.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub buyers: u32,
+    /// Plant a known bug in the event core, to show the simulator finds it (see
+    /// `--list-planted-bugs`). Only the simulator can plant one; `serve` never does.
+    #[arg(long, value_parser = parse_planted_bug)]
+    pub planted_bug: Option<crate::event_core::PlantedBug>,
+    /// Stop after the first failing seed (to find a planted bug quickly).
+    #[arg(long)]
+    pub stop_on_failure: bool,
+    /// Print the names of the bugs `--planted-bug` can plant, one per line, and exit.
+    #[arg(long)]
+    pub list_planted_bugs: bool,
+}
+
+fn parse_planted_bug(raw: &str) -> Result<crate::event_core::PlantedBug, String> {
+    use crate::event_core::PlantedBug;
+    PlantedBug::parse(raw).ok_or_else(|| {
+        let names: Vec<&str> = PlantedBug::ALL.iter().map(|b| b.name()).collect();
+        format!("`{raw}` is not a planted bug; one of {}", names.join(", "))
+    })
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +184,7 @@ pub struct ServeArgs {
     /// How long a held seat waits for its payment before it returns to inventory.
     #[arg(long, default_value = "30s", value_parser = parse_hold_ttl)]
     pub hold_ttl: Duration,
-    /// Load a few demo events (one with 100 tickets) into an empty database.
+    /// Load the seed's three sample events into an empty database (the third, id 3, has 100 tickets).
     #[arg(long)]
     pub demo_data: bool,
     /// Threads hosting event actors (`actor` stage); 0 means one per core.
@@ -118,6 +226,14 @@ pub struct ServeArgs {
     /// Most tickets one user may hold or own per event through API v2 orders.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub per_user_limit: u32,
+    /// `monolith` only: wrap each purchase in one write transaction (`BEGIN IMMEDIATE` …
+    /// `COMMIT`) held across the payment. Correct, and the price of it is the db-locks lesson.
+    #[arg(long)]
+    pub purchase_transaction: bool,
+    /// How long a SQLite connection waits for the file's write lock before `database is
+    /// locked` (`PRAGMA busy_timeout`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sqlite_busy_timeout: Duration,
     #[command(flatten)]
     pub locked: LockedArgs,
 }
@@ -140,6 +256,11 @@ pub struct LockedArgs {
     /// UNSAFE, for the Redlock lesson only: stop checking fencing tokens on inventory writes.
     #[arg(long)]
     pub unsafe_no_fencing: bool,
+    /// For the Redlock lesson and tests only (`locked` stage): the first reservations pause
+    /// this long between reading and writing the inventory, one duration per reservation
+    /// (comma-separated, e.g. `1s`), as a lock holder stopped by GC or SIGSTOP would.
+    #[arg(long, value_delimiter = ',', value_parser = parse_duration, value_name = "DURATION,...")]
+    pub pause_after_read: Vec<Duration>,
 }
 
 fn parse_latency(raw: &str) -> Result<LatencyModel, String> {
@@ -216,12 +337,17 @@ impl ServeArgs {
                 }
                 limits
             },
+            purchase_transaction: self.purchase_transaction,
             locked: LockedSettings {
                 redis_url: self.locked.redis_url.clone(),
                 key_prefix: self.locked.redis_prefix.clone(),
                 lock_ttl: self.locked.lock_ttl,
                 lock_wait: self.locked.lock_wait,
                 fencing: !self.locked.unsafe_no_fencing,
+                failpoints: Failpoints {
+                    pauses_after_read: self.locked.pause_after_read.clone(),
+                    ..Failpoints::default()
+                },
                 ..LockedSettings::default()
             },
             ..Settings::new(self.db.database.clone())

@@ -15,12 +15,23 @@ pub enum StageKind {
     Actor,
     /// The seed's step 2: a Redis lock per event (with a fencing token), a Redis payment queue.
     Locked,
+    /// The seed's step 3: event actors sharded over inventory nodes on PostgreSQL. So far only
+    /// the inventory node is built (`ticketflow node inventory`), so `serve --stage` does not
+    /// offer it yet.
+    #[value(skip)]
+    Services,
 }
 
 impl StageKind {
-    /// Whether this stage runs on `backend`: the monolith is SQLite-only, as the seed's step 1.
+    /// Whether this stage runs on `backend`: the monolith is SQLite-only, as the seed's step 1;
+    /// `services` is PostgreSQL-only (its shard leases live there).
     pub fn runs_on(self, backend: crate::store::Backend) -> bool {
-        self != Self::Monolith || backend == crate::store::Backend::Sqlite
+        use crate::store::Backend;
+        match self {
+            Self::Monolith => backend == Backend::Sqlite,
+            Self::Services => backend == Backend::Postgres,
+            Self::Actor | Self::Locked => true,
+        }
     }
 
     pub fn as_str(self) -> &'static str {
@@ -28,6 +39,7 @@ impl StageKind {
             Self::Monolith => "monolith",
             Self::Actor => "actor",
             Self::Locked => "locked",
+            Self::Services => "services",
         }
     }
 }
@@ -317,6 +329,10 @@ pub struct Failpoints {
     pub pauses_after_read: Vec<Duration>,
     /// The payment worker dies (panics) right after its first charge, mid-job.
     pub crash_worker_after_charge_once: bool,
+    /// The payment worker stops making progress (neither jobs nor heartbeats) right after its
+    /// first charge, mid-job, while its task lives on: what a deadlock inside the queue
+    /// library looks like.
+    pub freeze_worker_once: bool,
     /// Every payment job fails its first `n` attempts after charging.
     pub fail_job_attempts: u32,
 }
@@ -360,9 +376,19 @@ pub struct Settings {
     pub rate_limits: RateLimits,
     /// The `locked` stage's Redis settings.
     pub locked: LockedSettings,
+    /// Stage `services`: this node's id and its shard leases.
+    pub services: ServicesSettings,
+    /// `monolith` only: each purchase is one write transaction (`BEGIN IMMEDIATE` … `COMMIT`)
+    /// held across the payment — the obvious fix of its races, for the db-locks lesson.
+    pub purchase_transaction: bool,
 }
 
 impl Settings {
+    /// Whether API v1 is served: the setting, or by default open on a loopback address only.
+    pub fn v1_access(&self) -> V1Access {
+        self.v1.unwrap_or_else(|| V1Access::default_for(self.bind))
+    }
+
     /// Defaults for a given database: the actor stage, the seed's payment gateway.
     pub fn new(database: impl Into<String>) -> Self {
         Self {
@@ -387,12 +413,33 @@ impl Settings {
             v1: None,
             rate_limits: RateLimits::default(),
             locked: LockedSettings::default(),
+            services: ServicesSettings::default(),
+            purchase_transaction: false,
         }
     }
+}
 
-    /// Whether API v1 is served: the setting, or by default open on a loopback address only.
-    pub fn v1_access(&self) -> V1Access {
-        self.v1.unwrap_or_else(|| V1Access::default_for(self.bind))
+/// Settings of a node of stage `services` (ignored by the other stages).
+#[derive(Debug, Clone)]
+pub struct ServicesSettings {
+    /// This node's id, unique in the deployment: it names the owner of its shard leases.
+    pub node_id: String,
+    /// How long a shard lease lasts without renewal; a dead node's shards move after it.
+    pub lease_ttl: Duration,
+    /// How often a node renews its leases and looks for shards to take (well under the TTL).
+    pub renew_every: Duration,
+    /// `false` only for the lesson: inventory writes stop proving their shard's epoch.
+    pub epoch_fence: bool,
+}
+
+impl Default for ServicesSettings {
+    fn default() -> Self {
+        Self {
+            node_id: format!("inventory-{}", std::process::id()),
+            lease_ttl: Duration::from_secs(3),
+            renew_every: Duration::from_secs(1),
+            epoch_fence: true,
+        }
     }
 }
 

@@ -3,6 +3,10 @@
 //! # Layout
 //! - [`domain`]: events, tickets, payments and the value types that keep them valid.
 //! - [`inventory`]: the pure inventory core, a state machine with the time passed in.
+//! - [`event_core`]: the event actor's decisions (reserve, settle, expire) as a pure step
+//!   function over one event's inventory, yielding the writes to make; the actor is a shell.
+//! - [`sim`]: the deterministic simulator (`ticketflow simulate`): the event core under a seeded
+//!   scheduler in simulated time, with payments, the writer, crashes, and the invariants.
 //! - [`payments`]: the simulated payment gateway, a pool of payment actors whose books (every
 //!   charge, decline and refund) are group-committed to the database and survive restarts.
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
@@ -26,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod event_core;
 pub mod idempotency;
 pub mod inventory;
 pub mod limits;
@@ -33,6 +38,7 @@ pub mod lock;
 pub mod payments;
 pub mod queue;
 pub mod server;
+pub mod sim;
 pub mod stages;
 pub mod store;
 pub mod telemetry;

@@ -23,6 +23,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Simulate(args) = &cli.command {
+        return ExitCode::from(ticketflow::sim::main(args, &mut std::io::stdout().lock()));
+    }
     ticketflow::telemetry::init(cli.log_format);
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,7 +57,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Simulate(_) => unreachable!("answered before the runtime is needed"),
+        Command::Node(args) => {
+            let settings = args.settings().map_err(|e| anyhow::anyhow!(e))?;
+            let server = Server::build(settings.clone()).await?;
+            tracing::info!(
+                addr = %server.addr(),
+                role = "inventory",
+                node = %settings.services.node_id,
+                db = %backend::redacted(&settings.database),
+                lease_ttl = ?settings.services.lease_ttl,
+                "ticketflow node listening; Ctrl-C hands its shards back and stops it"
+            );
+            server.run().await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
         Command::Serve(args) => {
+            backend::set_sqlite_busy_timeout(args.sqlite_busy_timeout);
             let settings = args.settings();
             let server = Server::build(settings.clone()).await?;
             tracing::info!(

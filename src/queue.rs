@@ -24,8 +24,16 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// its jobs back.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MISSED_HEARTBEATS: usize = 2;
+/// apalis-redis' own batch size, the least a worker fetches at once.
+const DEFAULT_BATCH: usize = 10;
 /// How long a finished job's data stays in Redis (and a payment key blocks a second push).
 pub const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600);
+/// A worker whose last heartbeat is older than this has stopped making progress: its jobs
+/// are already anyone's (they are orphaned after [`MISSED_HEARTBEATS`] missed beats), and the
+/// `locked` stage replaces it. One interval more than the orphan timeout, so a worker that is
+/// merely slow to beat is not taken for a stalled one.
+pub const STALLED_AFTER: Duration =
+    Duration::from_secs(HEARTBEAT_INTERVAL.as_secs() * (MISSED_HEARTBEATS as u64 + 1));
 
 /// Charge an order, then confirm it or give its seats back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,10 +79,20 @@ pub struct PaymentQueue {
 }
 
 impl PaymentQueue {
-    /// The queue `{prefix}:payments` on `conn`.
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    /// The queue `{prefix}:payments` on `conn`, for a worker running up to `concurrency` jobs
+    /// at once.
+    ///
+    /// The batch size is never below `concurrency`. apalis 1.0 sizes the channel that carries
+    /// each job's lock and completion events to four batches, and drains it only between two
+    /// fetches: a worker running more jobs than that channel holds can fill it while a fetch is
+    /// under way, and then its jobs wait on the channel, the worker waits on its jobs, and it
+    /// stops fetching and sending heartbeats for good. Seen on PostgreSQL with 256 jobs at
+    /// once and the default batch of 10 (issue 7); with the batch at least `concurrency`, the
+    /// channel holds twice what the jobs in flight can send.
+    pub fn new(conn: ConnectionManager, prefix: &str, concurrency: usize) -> Self {
         let config = Config::default()
             .queue(format!("{prefix}:payments"))
+            .batch_size(concurrency.max(DEFAULT_BATCH))
             .heartbeat_interval(HEARTBEAT_INTERVAL)
             .missed_heartbeats(MISSED_HEARTBEATS)
             .emit_events(false)
@@ -114,6 +132,24 @@ impl PaymentQueue {
     /// The storage a worker polls.
     pub fn storage(&self) -> RedisStorage<PaymentJob> {
         self.storage.clone()
+    }
+
+    /// How long ago the worker `name` last said it was alive, by the clock its heartbeats are
+    /// written with (this machine's); `None` when it has not registered (or was removed).
+    pub async fn heartbeat_age(&self, name: &str) -> Result<Option<Duration>, QueueError> {
+        let mut conn = self.conn.clone();
+        let beat: Option<f64> = redis::cmd("ZSCORE")
+            .arg(self.config.workers_set())
+            .arg(name)
+            .query_async(&mut conn)
+            .await?;
+        Ok(beat.map(|at| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            Duration::from_secs_f64((now - at).max(0.0))
+        }))
     }
 
     /// Counts read from the queue's Redis keys.

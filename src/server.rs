@@ -32,12 +32,18 @@ impl Server {
         let url = DatabaseUrl::parse(&settings.database, settings.durability)
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
         if !settings.stage.runs_on(url.backend) {
-            anyhow::bail!(
-                "--stage {} runs on SQLite only, like the seed's step 1: give --db a file path, \
-                 or run --stage actor or locked on {}",
-                settings.stage,
-                url.backend
-            );
+            match settings.stage {
+                crate::config::StageKind::Services => anyhow::bail!(
+                    "stage services runs on PostgreSQL only (its shard leases live there): give \
+                     --db postgres://USER@HOST:PORT/DATABASE"
+                ),
+                _ => anyhow::bail!(
+                    "--stage {} runs on SQLite only, like the seed's step 1: give --db a file \
+                     path, or run --stage actor or locked on {}",
+                    settings.stage,
+                    url.backend
+                ),
+            }
         }
         let store = Store::open(&settings.database, settings.durability)
             .await
@@ -90,6 +96,7 @@ impl Server {
             )
         })?;
         let addr = listener.local_addr()?;
+        stage.bound(addr);
         let limiters = api::rate::Limiters::new(&settings.rate_limits);
         let state = web::Data::new(AppState {
             stage: Arc::clone(&stage),

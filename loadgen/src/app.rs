@@ -25,6 +25,7 @@ pub const EXIT_NOTHING_MEASURED: u8 = 4;
 /// Runs a parsed command line and returns the exit status.
 pub fn main(cli: Cli) -> ExitCode {
     let (kind, target, stages, common) = match cli.command {
+        Command::Lesson(args) => return crate::lesson::main(args),
         Command::Scenarios => {
             for s in ScenarioKind::all() {
                 println!("{:<14} {}", s.as_str(), s.describe());
@@ -135,10 +136,8 @@ async fn execute(
             settings.scenario, settings.seed, settings.seed
         );
     }
-    let admin_token = common
-        .admin_token
-        .clone()
-        .unwrap_or_else(|| format!("loadgen-{:032x}", rand::random::<u128>()));
+    server::set_admin_token(common.admin_token.clone());
+    let admin_token = server::admin_token();
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut runs = Vec::new();
     if let Some(addr) = target {
@@ -147,7 +146,7 @@ async fn execute(
         let stage = stage.unwrap_or_else(|| "external".into());
         let label = crate::backend::label(&stage, backend);
         runs.push(
-            match measure(addr, &settings, &label, quiet, &admin_token).await? {
+            match measure(addr, &settings, &label, quiet, admin_token).await? {
                 Err(why) => skipped(&stage, backend, why, Some(url)),
                 Ok((results, audit)) => RunReport {
                     stage,
@@ -172,7 +171,7 @@ async fn execute(
                 &settings,
                 common,
                 quiet,
-                &admin_token,
+                admin_token,
                 &mut interrupts,
             );
             runs.push(run.await?);
@@ -192,9 +191,9 @@ async fn execute(
         thresholds,
         ok: completed && !breached,
     };
-    if !quiet {
-        print!("{}", report::terminal(&report));
-    }
+    // `--quiet` hides the progress and the running commentary, never the summary (as wrk and
+    // oha do).
+    print!("{}", report::terminal(&report));
     write_outputs(&report, common)?;
     Ok(if breached {
         EXIT_THRESHOLD
@@ -203,6 +202,28 @@ async fn execute(
     } else {
         0
     })
+}
+
+/// Starts one stage fresh (as `compare` does), runs `settings` against it, audits, stops it:
+/// what a lesson uses for the stages it compares.
+pub(crate) async fn run_fresh(
+    spec: &StageSpec,
+    settings: &Settings,
+    common: &Common,
+) -> anyhow::Result<RunReport> {
+    let bin = server::locate_server(common.server_bin.as_deref());
+    let mut interrupts = Interrupts::new();
+    let quiet = common.output.quiet;
+    run_interruptible(
+        spec,
+        bin.as_deref(),
+        settings,
+        common,
+        quiet,
+        server::admin_token(),
+        &mut interrupts,
+    )
+    .await
 }
 
 /// Starts one stage fresh on its backend, measures, stops it. A PostgreSQL database made for
@@ -247,7 +268,6 @@ async fn run_stage(
         database.as_ref(),
         settings,
         &common.server_args,
-        admin_token,
     )
     .await;
     let mut spawned = match started {

@@ -66,12 +66,49 @@ pub struct ClientView {
     pub disagreeing_answers: u64,
 }
 
+/// Whether the server was quiet (nothing pending, held, in flight, queued or unflushed) when
+/// it was audited. Only a quiet server's counts are a verdict: a payment still in flight is not
+/// yet a violation.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quiet {
+    /// The server reported quiet before `--settle` ran out.
+    pub quiet: bool,
+    /// How long the load generator waited for it, in milliseconds.
+    pub waited_ms: u64,
+    /// The server's counts of work under way at the last look (its audit's `activity`).
+    pub activity: Option<Value>,
+}
+
+impl Quiet {
+    /// The counts that are not zero, as `name n, name n` (`-` if the server gave none).
+    pub fn busy(&self) -> String {
+        let Some(activity) = self.activity.as_ref().and_then(Value::as_object) else {
+            return "-".into();
+        };
+        let busy: Vec<String> = activity
+            .iter()
+            .filter(|(_, v)| v.as_i64() != Some(0))
+            .map(|(k, v)| match v.as_i64() {
+                Some(n) => format!("{k} {n}"),
+                None => format!("{k} {v}"),
+            })
+            .collect();
+        if busy.is_empty() {
+            "-".into()
+        } else {
+            busy.join(", ")
+        }
+    }
+}
+
 /// Everything the audit found.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Audit {
-    /// True when every checked invariant passed.
+    /// True when the server was quiet and every checked invariant passed.
     pub ok: bool,
+    pub quiet: Quiet,
     pub invariants: Vec<Invariant>,
     pub client: ClientView,
     pub ledger: Option<LedgerSummary>,
@@ -106,7 +143,9 @@ pub const NAMES: [(&str, &str); 8] = [
     ("I8", "idempotency"),
 ];
 
-/// Audits the server after a run. Waits up to `settle` for nothing to be pending first.
+/// Audits the server after a run. Waits up to `settle` for the server to be quiet first; if it
+/// is not quiet by then, no invariant is judged (each is `not-quiet`) and the counts of what
+/// was still under way are reported instead.
 pub async fn audit(
     addr: SocketAddr,
     fixture: &Fixture,
@@ -117,13 +156,43 @@ pub async fn audit(
     let mut conn = Conn::new(addr, Duration::from_secs(30));
     let mut notes = vec![];
     let admin = Admin(format!("Bearer {admin_token}"));
-    let server = settled_audit(&mut conn, &admin, settle, &mut notes).await;
+    let (server, quiet) = settled_audit(&mut conn, &admin, settle, &mut notes).await;
     let ledger = read_ledger(&mut conn, &admin, &mut notes).await;
     let client = check_client(addr, fixture, buyers, &mut notes).await;
+    let mut invariants = judge(server.as_ref(), &client);
+    if server.is_some() && !quiet.quiet {
+        let why = format!(
+            "not judged: the server was not quiet after waiting {} ({})",
+            humantime::format_duration(Duration::from_millis(quiet.waited_ms)),
+            quiet.busy()
+        );
+        notes.push(why.clone());
+        for inv in &mut invariants {
+            if inv.status != "not-applicable" {
+                inv.status = "not-quiet";
+                inv.violations = None;
+                inv.detail = why.clone();
+            }
+        }
+    }
+    let ok = quiet.quiet && invariants.iter().all(|i| i.status != "fail");
+    Audit {
+        ok,
+        quiet,
+        invariants,
+        client,
+        ledger,
+        server,
+        notes,
+    }
+}
 
+/// The verdict on each invariant, from the server's audit (I1-I6) and the client's view (I7,
+/// I8).
+fn judge(server: Option<&Value>, client: &ClientView) -> Vec<Invariant> {
     let mut invariants = Vec::with_capacity(8);
     for (id, name) in NAMES.iter().take(6) {
-        let found = server.as_ref().and_then(|s| server_count(s, id));
+        let found = server.and_then(|s| server_count(s, id));
         invariants.push(match found {
             Some((key, n)) => Invariant {
                 id,
@@ -182,15 +251,7 @@ pub async fn audit(
             ),
         }
     });
-    let ok = invariants.iter().all(|i| i.status != "fail");
-    Audit {
-        ok,
-        invariants,
-        client,
-        ledger,
-        server,
-        notes,
-    }
+    invariants
 }
 
 /// Finds the count for `I1` under the server's name for it (`I1_no_oversell`).
@@ -221,40 +282,48 @@ fn refused(path: &str, status: u16) -> String {
     }
 }
 
+/// Polls the server's audit until it says it is quiet, or `settle` runs out; returns the last
+/// audit document. A server that does not report `quiet` counts as quiet once nothing is
+/// pending (I4 zero).
 async fn settled_audit(
     conn: &mut Conn,
     admin: &Admin,
     settle: Duration,
     notes: &mut Vec<String>,
-) -> Option<Value> {
-    let give_up = Instant::now() + settle;
+) -> (Option<Value>, Quiet) {
+    let started = Instant::now();
+    let give_up = started + settle;
+    let mut quiet = Quiet {
+        quiet: false,
+        waited_ms: 0,
+        activity: None,
+    };
     loop {
         let doc = match admin.get(conn, "/api/v1/admin/audit").await {
             Ok(r) if r.status == 200 => match serde_json::from_slice::<Value>(&r.body) {
                 Ok(v) => v,
                 Err(e) => {
                     notes.push(format!("the server's audit is not JSON: {e}"));
-                    return None;
+                    return (None, quiet);
                 }
             },
             Ok(r) => {
                 notes.push(refused("/api/v1/admin/audit", r.status));
-                return None;
+                return (None, quiet);
             }
             Err(f) => {
                 notes.push(format!("GET /api/v1/admin/audit: {}", f.as_str()));
-                return None;
+                return (None, quiet);
             }
         };
-        let pending = server_count(&doc, "I4").map_or(0, |(_, n)| n);
-        if pending == 0 || Instant::now() >= give_up {
-            if pending > 0 {
-                notes.push(format!(
-                    "still {pending} pending after waiting {} to settle",
-                    humantime::format_duration(settle)
-                ));
-            }
-            return Some(doc);
+        quiet.quiet = match doc.get("quiet").and_then(Value::as_bool) {
+            Some(q) => q,
+            None => server_count(&doc, "I4").is_some_and(|(_, n)| n == 0),
+        };
+        quiet.activity = doc.get("activity").cloned();
+        quiet.waited_ms = started.elapsed().as_millis() as u64;
+        if quiet.quiet || Instant::now() >= give_up {
+            return (Some(doc), quiet);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -28,6 +28,39 @@ pub enum Command {
     Compare(CompareArgs),
     /// List the scenarios.
     Scenarios,
+    /// A lesson: one of the seed's problems shown on the stage that breaks and the stage that
+    /// fixes it, with the number that shows it. No name: list them.
+    #[command(
+        after_help = "Exit status: 0 the lesson showed what it claims (the break appears \
+                  and the fix holds); 1 runtime error; 2 bad flags or an unknown lesson; 3 the \
+                  lesson did not show what it claims; 4 the lesson is not available yet (its \
+                  stages are not built); 5 a service it needs (Redis, PostgreSQL) is missing."
+    )]
+    Lesson(LessonArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LessonArgs {
+    /// The lesson to run (`loadgen lesson` lists them).
+    pub name: Option<String>,
+    /// The short form, for CI: at most about 10 s.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seed of the workload and of the servers (default 42: a lesson replays the same way).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Write the lesson, with its charts, as a self-contained HTML page.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Server binary (default: `ticketflow` next to this executable).
+    #[arg(long, env = "LOADGEN_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Redis for the lessons on `locked`.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// PostgreSQL server for the lessons that compare with it (a fresh database each).
+    #[arg(long, env = "POSTGRES_URL", default_value = crate::backend::DEFAULT_POSTGRES_URL)]
+    pub postgres_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -97,7 +130,8 @@ pub struct Output {
     /// Write a self-contained HTML report with inline SVG charts.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// No progress bar and no summary on the terminal (files are still written).
+    /// No progress bar and no running commentary on stderr; the final summary is still
+    /// printed (and files written).
     #[arg(long, short)]
     pub quiet: bool,
 }

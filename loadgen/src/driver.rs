@@ -300,6 +300,7 @@ fn schedule(settings: &Settings) -> anyhow::Result<Vec<Duration>> {
 
 async fn closed_worker(shared: &Shared) -> WorkerOut {
     let mut out = WorkerOut::default();
+    out.recorder.origin = Some(shared.start);
     let mut conn = Conn::new(shared.addr, shared.settings.timeout);
     tokio::time::sleep_until(shared.start.into()).await;
     loop {
@@ -318,6 +319,7 @@ async fn closed_worker(shared: &Shared) -> WorkerOut {
 
 async fn open_worker(shared: &Shared) -> WorkerOut {
     let mut out = WorkerOut::default();
+    out.recorder.origin = Some(shared.start);
     let mut conn = Conn::new(shared.addr, shared.settings.timeout);
     loop {
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -448,7 +450,9 @@ fn record(
     if !measured {
         return;
     }
-    out.recorder.record_latency(op, since.elapsed());
+    let latency = since.elapsed();
+    out.recorder.record_latency(op, latency);
+    out.recorder.sample(op, latency);
     out.recorder.record_outcome(op, outcome_label(answer));
     out.recorder.requests += 1;
     if !matches!(answer, Ok(r) if r.status < 500) {
@@ -487,6 +491,7 @@ async fn buy(
                 if measured {
                     out.recorder
                         .record_latency(OP_TO_CONFIRMED, intended.elapsed());
+                    out.recorder.confirmed_now();
                 }
                 buyer.end = BuyerEnd::Confirmed;
                 break;
@@ -680,6 +685,7 @@ async fn buy_v2(
                     if measured {
                         out.recorder
                             .record_latency(OP_ORDER_TO_CONFIRMED, intended.elapsed());
+                        out.recorder.confirmed_now();
                     }
                     buyer.tickets.push(order);
                     buyer.end = BuyerEnd::Confirmed;

@@ -1,5 +1,6 @@
 //! The HTML report: one self-contained file, inline CSS and SVG, nothing fetched to view it.
 
+use crate::lesson::{Finding, Lesson, Side};
 use crate::report::{markdown_cells, Report};
 
 const COLORS: [&str; 6] = [
@@ -15,6 +16,91 @@ fn esc(s: &str) -> String {
 
 /// Renders the report.
 pub fn html(report: &Report) -> String {
+    let s = &report.settings;
+    page(
+        &format!("loadgen {}: {}", report.command, s.scenario.as_str()),
+        &report_body(report),
+    )
+}
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>{}</title>\
+         <style>{CSS}</style></head><body>{body}</body></html>\n",
+        esc(title)
+    )
+}
+
+/// A lesson's page: what it shows, the two numbers side by side, why, and the runs' charts.
+pub fn lesson_html(lesson: &Lesson, finding: &Finding, text: &str) -> String {
+    let mut body = format!(
+        "<h1>lesson {}: {}</h1><p class=meta>{}</p><p><b>Shows:</b> {}</p><h2>{}</h2>",
+        esc(lesson.name),
+        esc(lesson.problem),
+        if finding.passed {
+            "shown: the break appears and the fix holds".to_owned()
+        } else {
+            format!(
+                "NOT SHOWN: {}",
+                esc(finding.failure.as_deref().unwrap_or(""))
+            )
+        },
+        esc(lesson.shows),
+        esc(&finding.metric)
+    );
+    body.push_str(&two_bars(&finding.breaking, &finding.fixing));
+    body.push_str(&format!(
+        "<p><b>Why.</b> {}</p><h2>As printed</h2><pre>{}</pre>",
+        esc(lesson.why),
+        esc(text)
+    ));
+    if let Some(report) = &finding.report {
+        body.push_str(&report_body(report));
+    }
+    page(&format!("lesson {}", lesson.name), &body)
+}
+
+/// The breaking and the fixing number as two horizontal bars.
+fn two_bars(breaking: &Side, fixing: &Side) -> String {
+    let max = [breaking.value, fixing.value]
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let (w, row_h, left) = (720.0, 30.0, 260.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" role=img \
+         aria-label=\"the breaking and the fixing number\">",
+        row_h * 2.0 + 10.0
+    );
+    for (k, (side, color)) in [(breaking, "#d62728"), (fixing, "#2ca02c")]
+        .iter()
+        .enumerate()
+    {
+        let yy = 5.0 + k as f64 * row_h;
+        let bw = if max > 0.0 && side.value.is_finite() {
+            (w - left - 200.0) * side.value / max
+        } else {
+            0.0
+        };
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=end>{}</text>\
+             <rect x=\"{left}\" y=\"{yy:.1}\" width=\"{bw:.1}\" height=\"{}\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            left - 6.0,
+            yy + 18.0,
+            esc(&side.label),
+            row_h - 6.0,
+            left + bw + 6.0,
+            yy + 18.0,
+            esc(&side.text)
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// The report's sections (heading, charts, table, invariants), without the page around them.
+fn report_body(report: &Report) -> String {
     let s = &report.settings;
     let mut body = String::new();
     body.push_str(&format!(
@@ -58,6 +144,7 @@ pub fn html(report: &Report) -> String {
     }
     body.push_str("<h2>Throughput</h2>");
     body.push_str(&throughput_chart(report));
+    body.push_str(&timeline_charts(report));
     body.push_str("<h2>Audit</h2>");
     body.push_str(&audit_chart(report));
     body.push_str("<h2>Side by side</h2>");
@@ -65,6 +152,13 @@ pub fn html(report: &Report) -> String {
     for r in &report.runs {
         if let Some(a) = &r.audit {
             body.push_str(&format!("<h3>Invariants: {}</h3><ul>", esc(&r.label())));
+            body.push_str(&format!(
+                "<li class={}><b>quiet</b>: {} after {} ms (under way at the last look: {})</li>",
+                if a.quiet.quiet { "pass" } else { "not-quiet" },
+                if a.quiet.quiet { "yes" } else { "no" },
+                a.quiet.waited_ms,
+                esc(&a.quiet.busy())
+            ));
             for inv in &a.invariants {
                 body.push_str(&format!(
                     "<li class={}><b>{} {}</b>: {}{} — {}</li>",
@@ -82,19 +176,14 @@ pub fn html(report: &Report) -> String {
             body.push_str("</ul>");
         }
     }
-    format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>loadgen {}: {}</title>\
-         <style>{CSS}</style></head><body>{body}</body></html>\n",
-        esc(report.command),
-        esc(s.scenario.as_str())
-    )
+    body
 }
 
 const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:70em;color:#222}\
 h2{margin-top:1.6em;border-bottom:1px solid #ddd}.meta{color:#666}\
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}\
 th{background:#f4f4f4}.key{margin-right:1.2em}.key i{display:inline-block;width:.9em;height:.9em;\
-margin-right:.3em;vertical-align:middle}li.fail{color:#b00}li.pass{color:#070}\
+margin-right:.3em;vertical-align:middle}li.fail{color:#b00}li.pass{color:#070}li.not-quiet{color:#a60}\
 svg text{font:12px system-ui,sans-serif}";
 
 fn ops(report: &Report) -> Vec<String> {
@@ -278,6 +367,7 @@ fn audit_chart(report: &Report) -> String {
                 Some(v) if v.status == "fail" => {
                     ("#f4a3a3", v.violations.unwrap_or(0).to_string(), v.name)
                 }
+                Some(v) if v.status == "not-quiet" => ("#f6d58e", "not quiet".to_owned(), v.name),
                 Some(v) => ("#e6e6e6", "n/a".to_owned(), v.name),
                 None => ("#f7f7f7", "-".to_owned(), "not run"),
             };
@@ -314,4 +404,150 @@ fn table(report: &Report) -> String {
     }
     t.push_str("</table>");
     t
+}
+
+/// One line per stage: `(color index, label, points)`.
+type Series = (usize, String, Vec<(f64, f64)>);
+
+/// The run second by second: requests per second and the main operation's p99 per stage,
+/// and seats sold over time against the capacity, so an oversell is a line crossing it.
+fn timeline_charts(report: &Report) -> String {
+    let runs: Vec<(usize, String, &crate::metrics::Timeline)> = report
+        .runs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.label(), r.results.as_ref()?.timeline.as_ref()?)))
+        .collect();
+    if runs.is_empty() {
+        return String::new();
+    }
+    let series = |f: &dyn Fn(&crate::metrics::Second) -> Option<f64>| -> Vec<Series> {
+        runs.iter()
+            .map(|(i, label, t)| {
+                let points = t
+                    .seconds
+                    .iter()
+                    .filter_map(|s| f(s).map(|v| (f64::from(s.t), v)))
+                    .collect();
+                (*i, label.clone(), points)
+            })
+            .collect()
+    };
+    let op = runs[0].2.op.clone();
+    let mut out = String::from("<h2>Second by second</h2>");
+    out.push_str("<h3>Requests per second</h3>");
+    out.push_str(&line_chart(
+        &series(&|s| Some(s.requests as f64)),
+        "req/s",
+        None,
+        false,
+    ));
+    out.push_str(&format!("<h3>p99 per second: {}</h3>", esc(&op)));
+    out.push_str(&line_chart(&series(&|s| s.p99_ms), "ms", None, false));
+    if report.settings.scenario.buys() {
+        let capacity = f64::from(report.settings.tickets) * f64::from(report.settings.events);
+        out.push_str("<h3>Seats sold over time</h3>");
+        out.push_str(&line_chart(
+            &series(&|s| Some(s.confirmed_total as f64)),
+            "tickets confirmed",
+            Some((capacity, format!("capacity {capacity}"))),
+            true,
+        ));
+    }
+    out
+}
+
+/// A line chart over seconds; `hline` a dashed reference line (the capacity); `steps` draws
+/// each series as a staircase (a running total).
+fn line_chart(series: &[Series], unit: &str, hline: Option<(f64, String)>, steps: bool) -> String {
+    let (w, h, left, bottom, top_pad, right) = (720.0, 240.0, 70.0, 30.0, 12.0, 20.0);
+    let x_max = series
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|q| q.0))
+        .fold(0.0f64, f64::max)
+        + 1.0;
+    let y_max = series
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|q| q.1))
+        .chain(hline.iter().map(|(v, _)| *v))
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let plot_w = w - left - right;
+    let plot_h = h - bottom - top_pad;
+    let x = |t: f64| left + plot_w * t / x_max;
+    let y = |v: f64| top_pad + plot_h * (1.0 - v / y_max);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=img \
+         aria-label=\"{} per second\">",
+        esc(unit)
+    );
+    for k in 0..=4 {
+        let v = y_max / 1.1 * f64::from(k) / 4.0;
+        let yy = y(v);
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=end>{}</text>",
+            w - right,
+            left - 4.0,
+            yy + 4.0,
+            trim_num(v)
+        ));
+    }
+    let ticks = (x_max as u64).clamp(1, 10);
+    for k in 0..=ticks {
+        let t = x_max * k as f64 / ticks as f64;
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=middle>{:.0} s</text>",
+            x(t),
+            h - 10.0,
+            t
+        ));
+    }
+    if let Some((v, label)) = &hline {
+        let yy = y(*v);
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#000\" \
+             stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=end>{}</text>",
+            w - right,
+            w - right,
+            yy - 4.0,
+            esc(label)
+        ));
+    }
+    for (i, label, points) in series {
+        if points.is_empty() {
+            continue;
+        }
+        let mut path = String::new();
+        let mut last_y = None;
+        for (t, v) in points {
+            // a bucket covers [t, t + 1): its point is drawn at the bucket's end
+            let (px, py) = (x(t + 1.0), y(*v));
+            match last_y {
+                None => path.push_str(&format!(
+                    "{:.1},{:.1} ",
+                    x(*t),
+                    if steps { y(0.0) } else { py }
+                )),
+                Some(ly) if steps => path.push_str(&format!("{px:.1},{ly:.1} ")),
+                Some(_) => {}
+            }
+            path.push_str(&format!("{px:.1},{py:.1} "));
+            last_y = Some(py);
+        }
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\">\
+             <title>{}</title></polyline>",
+            COLORS[i % COLORS.len()],
+            path.trim_end(),
+            esc(label)
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"{left}\" y=\"{}\" fill=\"#666\">{}</text></svg>",
+        top_pad - 2.0,
+        esc(unit)
+    ));
+    svg
 }

@@ -13,6 +13,7 @@
 //!   each `STAGE@postgres` started.
 //! - `report`   — the versioned report: terminal table, JSON, Markdown.
 //! - `html`     — the self-contained HTML report with inline SVG charts.
+//! - `lesson`   — `loadgen lesson`: the seed's problems as ready experiments, break and fix.
 
 pub mod app;
 pub mod audit;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod driver;
 pub mod html;
 pub mod http;
+pub mod lesson;
 pub mod metrics;
 pub mod report;
 pub mod scenario;

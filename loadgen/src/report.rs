@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::audit::Audit;
 use crate::backend::{self, Backend};
 use crate::driver::{self, BuyerEnd, Outcome};
-use crate::metrics::LatencySummary;
+use crate::metrics::{LatencySummary, Timeline};
 use crate::scenario::{ModelKind, Settings};
 
 /// Version of the JSON report's shape; bumped on any incompatible change.
@@ -92,6 +92,8 @@ pub struct Results {
     /// Answers per operation: `"201"`, `"400 sold-out"`, `"timeout"`, ...
     pub statuses: BTreeMap<String, BTreeMap<String, u64>>,
     pub purchases: Option<Purchases>,
+    /// Second by second: requests, the main operation's p99, tickets confirmed so far.
+    pub timeline: Option<Timeline>,
 }
 
 /// Buyers' stories.
@@ -206,6 +208,11 @@ impl Results {
                 .collect(),
             statuses,
             purchases,
+            timeline: [driver::OP_PURCHASE, driver::OP_ORDER]
+                .into_iter()
+                .find(|op| r.latency.contains_key(op))
+                .or_else(|| r.latency.keys().next().copied())
+                .and_then(|op| Timeline::of(r, op)),
         }
     }
 
@@ -320,9 +327,15 @@ pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
         });
     }
     row("audit", &|r| {
-        r.audit
-            .as_ref()
-            .map_or("-".into(), |a| if a.ok { "ok" } else { "FAILED" }.into())
+        r.audit.as_ref().map_or("-".into(), |a| {
+            if !a.quiet.quiet && a.server.is_some() {
+                format!("NOT QUIET ({})", a.quiet.busy())
+            } else if a.ok {
+                "ok".into()
+            } else {
+                "FAILED".into()
+            }
+        })
     });
     rows
 }
@@ -477,6 +490,12 @@ pub fn markdown(report: &Report) -> String {
     for r in &report.runs {
         if let Some(a) = &r.audit {
             out.push_str(&format!("\n## Audit: {}\n\n", r.label()));
+            out.push_str(&format!(
+                "- quiet: {} after {} ms (under way at the last look: {})\n",
+                if a.quiet.quiet { "yes" } else { "NO" },
+                a.quiet.waited_ms,
+                a.quiet.busy()
+            ));
             for inv in &a.invariants {
                 out.push_str(&format!(
                     "- **{} {}**: {}{} — {}\n",

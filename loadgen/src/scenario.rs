@@ -206,8 +206,8 @@ pub struct Overrides {
     #[arg(long, value_parser = parse_duration_arg)]
     #[serde(default, deserialize_with = "de_duration")]
     pub max_backoff: Option<Duration>,
-    /// After the load, how long to wait for the server to settle (nothing pending) before the
-    /// audit.
+    /// After the load, how long to wait for the server to be quiet (nothing pending, held, in
+    /// flight, queued or unflushed) before the audit; past it the audit is reported not quiet.
     #[arg(long, value_parser = parse_duration_arg)]
     #[serde(default, deserialize_with = "de_duration")]
     pub settle: Option<Duration>,

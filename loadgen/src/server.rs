@@ -24,6 +24,17 @@ pub struct Spawned {
     pub args: Vec<String>,
     child: Child,
     dir: PathBuf,
+    /// Whether stopping it removes `dir` (false while another process shares the directory).
+    owns_dir: bool,
+    port: u16,
+}
+
+/// Where a started server keeps its SQLite file: a fresh directory, or one given (to restart
+/// on the same file, or to share it with another process), removed at stop when `own`.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub dir: PathBuf,
+    pub own: bool,
 }
 
 /// Where the server binary is: `--server-bin`, else `ticketflow` next to this executable
@@ -71,17 +82,42 @@ impl From<String> for StartFailure {
 /// Starts `stage` on `database` (`None`: a fresh SQLite file in the temporary directory),
 /// waits for `GET /health`, or says why it could not. A port taken between choosing it and
 /// the server binding it (another run starting at the same moment) is retried on another port.
+static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the admin token this run uses (`--admin-token`); without one, a random one is made.
+/// The first call wins.
+pub fn set_admin_token(token: Option<String>) {
+    let _ = ADMIN_TOKEN
+        .set(token.unwrap_or_else(|| format!("loadgen-{:032x}", rand::random::<u128>())));
+}
+
+/// The admin token of this run: handed to every server loadgen starts, sent to the admin routes.
+pub fn admin_token() -> &'static str {
+    ADMIN_TOKEN.get_or_init(|| format!("loadgen-{:032x}", rand::random::<u128>()))
+}
+
 pub async fn start(
     bin: &Path,
     stage: &str,
     database: Option<&TempDatabase>,
     settings: &Settings,
     extra_args: &[String],
-    admin_token: &str,
+) -> Result<Spawned, StartFailure> {
+    start_in(bin, stage, None, database, settings, extra_args).await
+}
+
+/// [`start`], with the SQLite file in `place` when given (`ticketflow.db` there).
+pub async fn start_in(
+    bin: &Path,
+    stage: &str,
+    place: Option<&Place>,
+    database: Option<&TempDatabase>,
+    settings: &Settings,
+    extra_args: &[String],
 ) -> Result<Spawned, StartFailure> {
     let mut last = StartFailure::from(String::new());
     for _ in 0..3 {
-        match start_once(bin, stage, database, settings, extra_args, admin_token).await {
+        match start_once(bin, stage, place, database, settings, extra_args).await {
             Ok(spawned) => return Ok(spawned),
             Err(why) if why.reason.to_ascii_lowercase().contains("in use") => last = why,
             Err(why) => return Err(why),
@@ -93,14 +129,21 @@ pub async fn start(
 async fn start_once(
     bin: &Path,
     stage: &str,
+    place: Option<&Place>,
     database: Option<&TempDatabase>,
     settings: &Settings,
     extra_args: &[String],
-    admin_token: &str,
 ) -> Result<Spawned, StartFailure> {
+    let admin_token = admin_token();
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let dir = std::env::temp_dir().join(format!("loadgen-{}-{stage}-{port}", std::process::id()));
+    let (dir, owns_dir) = match place {
+        Some(p) => (p.dir.clone(), p.own),
+        None => (
+            std::env::temp_dir().join(format!("loadgen-{}-{stage}-{port}", std::process::id())),
+            true,
+        ),
+    };
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let (db, shown_db) = match database {
         Some(pg) => (pg.url.clone(), pg.shown_url.clone()),
@@ -135,7 +178,7 @@ async fn start_once(
         args
     };
     let (args, shown_args) = (command_line(db), command_line(shown_db));
-    let log = std::fs::File::create(dir.join("server.log"))
+    let log = std::fs::File::create(dir.join(format!("server-{port}.log")))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut command = Command::new(bin);
     #[cfg(target_os = "linux")]
@@ -172,6 +215,8 @@ async fn start_once(
         args: shown_args,
         child,
         dir,
+        owns_dir,
+        port,
     };
     let give_up = Instant::now() + STARTUP_TIMEOUT;
     let mut conn = Conn::new(addr, Duration::from_secs(2));
@@ -212,7 +257,8 @@ async fn start_once(
 impl Spawned {
     /// The most telling line of the server's log: the first `error`, else the last line.
     fn log_reason(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.join(format!("server-{}.log", self.port)))
+            .unwrap_or_default();
         let clean = |l: &str| strip_ansi(l).trim().to_owned();
         text.lines()
             .find(|l| l.contains("error"))
@@ -238,8 +284,36 @@ impl Spawned {
         self.cleanup();
     }
 
+    /// `kill -9`: the server dies mid-whatever, its SQLite file stays; returns where it is, to
+    /// start a server again on it.
+    pub async fn kill9(mut self) -> Place {
+        let _ = self.child.kill().await;
+        let place = Place {
+            dir: self.dir.clone(),
+            own: self.owns_dir,
+        };
+        self.owns_dir = false;
+        place
+    }
+
+    /// What the server has logged so far (warnings and errors).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("server-{}.log", self.port)))
+            .unwrap_or_default()
+    }
+
+    /// Where its SQLite file is, for a second process to share (not owning it).
+    pub fn shared_place(&self) -> Place {
+        Place {
+            dir: self.dir.clone(),
+            own: false,
+        }
+    }
+
     fn cleanup(&self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

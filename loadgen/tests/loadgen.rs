@@ -192,6 +192,114 @@ fn an_actor_stampede_sells_each_seat_once_and_exits_zero() {
     );
     assert_eq!(run["audit"]["client"]["successesSeen"], 20);
     assert_eq!(run["audit"]["client"]["confirmedStored"], 20);
+    // --quiet drops the progress and the commentary, not the summary table
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("I1 no oversell") && stdout.contains("throughput (req/s)"),
+        "--quiet still prints the summary: {stdout}"
+    );
+    assert!(
+        !stderr(&out).contains("loadgen: starting stage"),
+        "--quiet is quiet on stderr: {}",
+        stderr(&out)
+    );
+}
+
+/// Buyers whose payment takes far longer than their hold: each hold expires, the client gives
+/// up (its timeout) and the load ends while the charges are still on the wire, to succeed late
+/// and be refunded.
+fn late_success_run(settle: &str, json: &Path) -> Output {
+    run(&[
+        "run",
+        "--stage",
+        "actor",
+        "--scenario",
+        "stampede",
+        "--requests",
+        "3",
+        "--vus",
+        "3",
+        "--tickets",
+        "5",
+        "--max-attempts",
+        "1",
+        "--payment-latency",
+        "1500ms",
+        "--payment-failure-rate",
+        "0",
+        "--hold-ttl",
+        "100ms",
+        "--timeout",
+        "300ms",
+        "--settle",
+        settle,
+        "--seed",
+        "3",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn a_late_success_still_in_flight_when_the_load_ends_is_waited_for_not_reported_as_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = late_success_run("10s", &json);
+    let report = read_json(&json);
+    assert_conforms(&schema_validator(), &report);
+    let run = &report["runs"][0];
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}\n{run}",
+        stderr(&out)
+    );
+    let audit = &run["audit"];
+    // the test's teeth: the charges did succeed after their holds ran out, and were refunded
+    assert!(
+        audit["ledger"]["refunds"].as_u64().unwrap() >= 1,
+        "no late success happened: {audit}"
+    );
+    assert_eq!(audit["quiet"]["quiet"], true, "{audit}");
+    // the load ended about 0.3 s in, the charges answer at 1.5 s: auditing before then would
+    // see a charge for a cancelled order and a payment still pending (I3, I5)
+    let waited = audit["quiet"]["waitedMs"].as_u64().unwrap();
+    assert!(
+        waited >= 500,
+        "the audit did not wait for the payments: {waited} ms"
+    );
+    for id in ["I1", "I2", "I3", "I4", "I5", "I6", "I7"] {
+        assert_eq!(invariant(run, id), 0, "{id}: {audit}");
+    }
+    assert_eq!(audit["ok"], true);
+}
+
+#[test]
+fn a_server_not_quiet_by_the_settle_bound_is_reported_not_quiet_with_its_counts_never_violated() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = late_success_run("100ms", &json);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let report = read_json(&json);
+    assert_conforms(&schema_validator(), &report);
+    let audit = &report["runs"][0]["audit"];
+    assert_eq!(audit["quiet"]["quiet"], false, "{audit}");
+    assert!(
+        audit["quiet"]["activity"]["paymentsInFlight"]
+            .as_i64()
+            .unwrap()
+            >= 1,
+        "{audit}"
+    );
+    assert_eq!(audit["ok"], false);
+    for inv in audit["invariants"].as_array().unwrap() {
+        assert_ne!(inv["status"], "fail", "{inv}");
+        if inv["status"] != "not-applicable" {
+            assert_eq!(inv["status"], "not-quiet", "{inv}");
+            assert!(inv["violations"].is_null(), "{inv}");
+        }
+    }
 }
 
 #[test]
@@ -267,6 +375,36 @@ fn real_compare_output_validates_against_the_schema_and_lists_unknown_stages_as_
         !page.contains("src=") && !page.contains("href=") && !page.contains("@import"),
         "the HTML report must not fetch anything"
     );
+    // the run second by second: requests, p99, seats sold against the capacity (4 x 10)
+    for chart in [
+        "Requests per second",
+        "p99 per second: purchase",
+        "Seats sold over time",
+        "capacity 40",
+    ] {
+        assert!(page.contains(chart), "no `{chart}` in the HTML report");
+    }
+    assert!(
+        page.matches("<polyline").count() >= 6,
+        "a line per stage per chart"
+    );
+    for run in &runs[..2] {
+        let seconds = run["results"]["timeline"]["seconds"].as_array().unwrap();
+        let requests: u64 = seconds
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            requests,
+            run["results"]["requests"].as_u64().unwrap(),
+            "{run}"
+        );
+        let last = seconds.last().unwrap()["confirmedTotal"].as_u64().unwrap();
+        assert_eq!(
+            last,
+            run["results"]["purchases"]["confirmed"].as_u64().unwrap()
+        );
+    }
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(table.contains("| monolith@sqlite | actor@sqlite | no-such-stage@sqlite |"));
 }

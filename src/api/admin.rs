@@ -153,9 +153,16 @@ pub async fn ledger(req: HttpRequest, state: web::Data<AppState>) -> Result<Http
 )]
 pub async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
     require_admin(&req, &state).await?;
-    let counts = state.stage.records().event_counts().await?;
+    // What is under way is read first: work that ends between this read and the counts below
+    // can only make the counts more settled, never hide a payment still in flight.
+    let mut activity = state.stage.activity().await;
+    activity.payments_in_flight = state.payments.in_flight() as i64;
+    let records = state.stage.records();
+    activity.pending_orders = records.pending_orders().await?;
+    let counts = records.event_counts().await?;
+    activity.pending_tickets = counts.iter().map(|c| c.pending).sum();
     let books = state.payments.reconciliation().await?;
-    Ok(HttpResponse::Ok().json(audit::audit(&counts, &books)))
+    Ok(HttpResponse::Ok().json(audit::audit(&counts, &books, activity)))
 }
 
 /// `GET /api/v1/admin/stats`: the stage's own figures (for `locked`: lock waits and the queue).

@@ -65,7 +65,8 @@ pub fn configure(
             .service(resource("/api/v2/admin/stats").route(web::get().to(v2::admin::stats)))
             .service(
                 resource("/api/v2/admin/queue-stats").route(web::get().to(v2::admin::queue_stats)),
-            );
+            )
+            .service(resource("/api/v2/admin/nodes").route(web::get().to(v2::admin::nodes)));
     } else {
         cfg.service(web::scope("/api/v2").default_service(web::to(v2_not_served)));
     }
@@ -89,6 +90,15 @@ pub fn configure(
     .service(resource("/api/v1/events/{id}").route(web::get().to(v1::get_event)))
     .service(resource("/api/v1/tickets/purchase").route(web::post().to(v1::purchase)))
     .service(resource("/api/v1/tickets/user/{userId}").route(web::get().to(v1::user_tickets)))
+    // The seed's own paths, unversioned, served as API v1 so its scripts run unchanged.
+    .service(
+        resource("/api/events")
+            .route(web::get().to(v1::list_events))
+            .route(web::post().to(v1::create_event)),
+    )
+    .service(resource("/api/events/{id}").route(web::get().to(v1::get_event)))
+    .service(resource("/api/tickets/purchase").route(web::post().to(v1::purchase)))
+    .service(resource("/api/tickets/user/{userId}").route(web::get().to(v1::user_tickets)))
     .service(resource("/api/v1/admin/ledger").route(web::get().to(admin::ledger)))
     .service(resource("/api/v1/admin/audit").route(web::get().to(admin::audit)))
     .service(resource("/api/v1/admin/stats").route(web::get().to(admin::stats)))

@@ -62,9 +62,10 @@ pub const PATH: &str = "/api/openapi.json";
         v2::admin::ledger,
         v2::admin::stats,
         v2::admin::queue_stats,
+        v2::admin::nodes,
     ),
     components(schemas(Availability, Problem)),
-    modifiers(&BearerTokens),
+    modifiers(&BearerTokens, &SeedPaths),
     tags(
         (name = "discovery", description = "Where to start: versions and links."),
         (name = "health", description = "Liveness and each dependency's state."),
@@ -96,6 +97,42 @@ impl Modify for BearerTokens {
             "admin_token",
             bearer("The admin token (`--admin-token`, or made at start and logged)."),
         );
+    }
+}
+
+/// The seed's unversioned paths and the API v1 paths they serve, in `src/api/mod.rs`'s order.
+pub const SEED_PATHS: [(&str, &str); 4] = [
+    ("/api/events", "/api/v1/events"),
+    ("/api/events/{id}", "/api/v1/events/{id}"),
+    ("/api/tickets/purchase", "/api/v1/tickets/purchase"),
+    (
+        "/api/tickets/user/{userId}",
+        "/api/v1/tickets/user/{userId}",
+    ),
+];
+
+/// Describes each of the seed's unversioned paths as the v1 operation it serves, under an
+/// operation id of its own (`seed` + the v1 id without its `v1`).
+struct SeedPaths;
+
+impl Modify for SeedPaths {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (seed, v1) in SEED_PATHS {
+            let Some(mut item) = openapi.paths.paths.get(v1).cloned() else {
+                continue;
+            };
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                op.operation_id = op
+                    .operation_id
+                    .as_deref()
+                    .map(|id| format!("seed{}", id.trim_start_matches("v1")));
+                op.description = Some(format!(
+                    "The seed's unversioned path, served exactly as `{v1}` so the seed's own \
+                     clients run unchanged."
+                ));
+            }
+            openapi.paths.paths.insert(seed.to_owned(), item);
+        }
     }
 }
 

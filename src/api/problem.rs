@@ -162,6 +162,19 @@ impl From<PurchaseError> for Problem {
                 detail,
             )
             .retry_after(1),
+            PurchaseError::NotOwner { .. } => Self::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "not-owner",
+                "Not this event's owner",
+                detail,
+            ),
+            PurchaseError::OwnerChanged => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "owner-changed",
+                "Event moved to another node",
+                detail,
+            )
+            .retry_after(1),
             PurchaseError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dependency-unavailable",

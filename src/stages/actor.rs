@@ -24,12 +24,14 @@ use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
 use chrono::Utc;
 
+use crate::audit::Activity;
 use crate::domain::{
     timestamp, CancelReason, Event, EventId, Money, NewEvent, Order, OrderId, OrderStatus,
     PaymentStatus, Ticket, TicketId, TicketStatus, UserId,
 };
 use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
+use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
 use crate::store::{AuditReads, Catalog, OrderKey, Records, StoreError, WriteHandle, WriteOp};
 
@@ -56,6 +58,12 @@ struct Held {
 struct Inner {
     parts: StageParts,
     writer: WriteHandle,
+    /// Stage `services`: the shards this inventory node holds, which its writer proves in
+    /// every transaction. `None` for the `actor` stage, which owns every event.
+    fence: Option<Arc<ShardFence>>,
+    /// Serialises starting an actor on first use (an event created on another node), so an
+    /// event never gets two.
+    spawning: tokio::sync::Mutex<()>,
     /// Event id to its actor. A std `RwLock`: read on every purchase, written only when an
     /// event is created, and never held across an `.await`.
     actors: RwLock<HashMap<EventId, EventHandle>>,
@@ -79,6 +87,8 @@ impl ActorStage {
         };
         let inner = Inner {
             writer,
+            fence: None,
+            spawning: tokio::sync::Mutex::new(()),
             actors: RwLock::new(HashMap::new()),
             arbiters: (0..arbiter_count).map(|_| Arbiter::new()).collect(),
             next_arbiter: AtomicUsize::new(0),
@@ -99,6 +109,81 @@ impl ActorStage {
         })
     }
 
+    /// An inventory node of stage `services`: owns no event until its lease keeper hands it
+    /// shards ([`Self::adopt`]); its writer proves `fence`'s epochs in every transaction.
+    pub async fn start_sharded(
+        parts: StageParts,
+        fence: Arc<ShardFence>,
+    ) -> Result<Self, StoreError> {
+        let settings = &parts.settings;
+        let (writer, _writer_task) = parts
+            .store
+            .start_fenced_writer(
+                settings.max_batch,
+                settings.mailbox_capacity.max(1024),
+                Arc::clone(&fence),
+            )
+            .await?;
+        let arbiter_count = match settings.arbiters {
+            0 => cores(),
+            n => n,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer,
+                fence: Some(fence),
+                spawning: tokio::sync::Mutex::new(()),
+                actors: RwLock::new(HashMap::new()),
+                arbiters: (0..arbiter_count).map(|_| Arbiter::new()).collect(),
+                next_arbiter: AtomicUsize::new(0),
+                parts,
+            }),
+        })
+    }
+
+    /// Takes over `lease`'s shard: from now on this node's writes to it carry the lease's
+    /// epoch; the purchases a previous owner left pending in it are resolved, as after a
+    /// crash, and its events' actors start from what PostgreSQL holds.
+    pub async fn adopt(&self, lease: ShardLease) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let fence = inner
+            .fence
+            .as_ref()
+            .ok_or_else(|| StoreError::Internal("adopt: not an inventory node".into()))?;
+        let _one_at_a_time = inner.spawning.lock().await;
+        fence.hold(lease);
+        let in_shard = |event: EventId| shard_of(event) == lease.shard;
+        inner.recover_where(&in_shard).await?;
+        for counts in inner.parts.store.event_counts().await? {
+            if !in_shard(counts.event) || inner.actor(counts.event).is_some() {
+                continue;
+            }
+            if let Some(event) = inner.parts.store.event(counts.event).await? {
+                inner.spawn_actor(&event, counts.available as u32).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up `shard`: its actors stop taking purchases (they are answered "not owner"),
+    /// and its writes are refused from now on (a purchase under way stays `pending` for the
+    /// next owner to resolve).
+    pub fn release(&self, shard: u32) {
+        if let Some(fence) = &self.inner.fence {
+            fence.drop_shard(shard);
+        }
+        self.inner
+            .actors
+            .write()
+            .expect("actor registry poisoned")
+            .retain(|event, _| shard_of(*event) != shard);
+    }
+
+    /// The settings this stage was started with.
+    pub fn settings(&self) -> &crate::config::Settings {
+        &self.inner.parts.settings
+    }
+
     /// The live counters of an event's actor (for tests and stats).
     pub async fn counts(&self, event: EventId) -> Option<Counts> {
         let handle = self.inner.actor(event)?;
@@ -113,6 +198,45 @@ impl Inner {
             .expect("actor registry poisoned")
             .get(&event)
             .cloned()
+    }
+
+    /// The actor to buy from. On an inventory node, an event of a shard it holds whose actor
+    /// is not running yet (created through another node) gets one, from what is stored; an
+    /// event of a shard it does not hold is answered [`PurchaseError::NotOwner`].
+    async fn actor_for_purchase(&self, event: EventId) -> Result<EventHandle, PurchaseError> {
+        if let Some(handle) = self.actor(event) {
+            return Ok(handle);
+        }
+        let Some(fence) = &self.fence else {
+            return Err(PurchaseError::UnknownEvent);
+        };
+        let shard = shard_of(event);
+        if fence.epoch(shard).is_none() {
+            return Err(PurchaseError::NotOwner { shard });
+        }
+        let _one_at_a_time = self.spawning.lock().await;
+        if let Some(handle) = self.actor(event) {
+            return Ok(handle);
+        }
+        if fence.epoch(shard).is_none() {
+            return Err(PurchaseError::NotOwner { shard });
+        }
+        let counts = self
+            .parts
+            .store
+            .event_counts()
+            .await?
+            .into_iter()
+            .find(|c| c.event == event)
+            .ok_or(PurchaseError::UnknownEvent)?;
+        let stored = self
+            .parts
+            .store
+            .event(event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
+        self.spawn_actor(&stored, counts.available as u32).await?;
+        self.actor(event).ok_or(PurchaseError::UnknownEvent)
     }
 
     async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
@@ -155,7 +279,13 @@ impl Inner {
     /// same key (it deduplicates, so nothing is charged twice) and the answer settles the
     /// ticket. Then each event's stored `available` is checked against its tickets.
     async fn recover(&self) -> Result<(), StoreError> {
-        let pending = self.parts.store.pending_purchases().await?;
+        self.recover_where(&|_| true).await
+    }
+
+    /// [`Self::recover`] for the events `mine` accepts (an inventory node's shard).
+    async fn recover_where(&self, mine: &dyn Fn(EventId) -> bool) -> Result<(), StoreError> {
+        let mut pending = self.parts.store.pending_purchases().await?;
+        pending.retain(|p| mine(p.event));
         if !pending.is_empty() {
             tracing::warn!(
                 count = pending.len(),
@@ -199,6 +329,9 @@ impl Inner {
             result?;
         }
         for counts in self.parts.store.event_counts().await? {
+            if !mine(counts.event) {
+                continue;
+            }
             let expected = (counts.total - counts.confirmed - counts.pending).max(0);
             if counts.available != expected {
                 tracing::error!(
@@ -227,7 +360,7 @@ impl Inner {
         per_user_limit: Option<u32>,
         idempotency: Option<OrderKey>,
     ) -> Result<(Addr<EventActor>, Held), PurchaseError> {
-        let EventHandle { addr, queued } = self.actor(event).ok_or(PurchaseError::UnknownEvent)?;
+        let EventHandle { addr, queued } = self.actor_for_purchase(event).await?;
         if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
             return Err(PurchaseError::Overloaded);
         }
@@ -283,6 +416,8 @@ impl Inner {
         key: String,
         amount: Money,
     ) -> Result<(), PurchaseError> {
+        // In flight until the outcome is written, the refund of a late success included.
+        let _in_flight = self.parts.payments.track();
         let result = match self.parts.payments.charge(&key, amount).await? {
             ChargeOutcome::Approved { .. } => PaymentResult::Approved,
             ChargeOutcome::Declined => PaymentResult::Declined,
@@ -347,9 +482,18 @@ impl Stage for ActorStage {
 
     async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {
         let event = self.inner.parts.store.create_event(&new).await?;
-        self.inner
-            .spawn_actor(&event, event.available_tickets)
-            .await?;
+        let owned = match &self.inner.fence {
+            None => true,
+            Some(fence) => fence.epoch(shard_of(event.id)).is_some(),
+        };
+        if owned {
+            let _one_at_a_time = self.inner.spawning.lock().await;
+            if self.inner.actor(event.id).is_none() {
+                self.inner
+                    .spawn_actor(&event, event.available_tickets)
+                    .await?;
+            }
+        }
         Ok(event)
     }
 
@@ -414,6 +558,28 @@ impl Stage for ActorStage {
             "writer": self.inner.writer.stats().report(),
             "mailboxDepth": mailboxes,
         })
+    }
+
+    async fn activity(&self) -> Activity {
+        let handles: Vec<EventHandle> = self
+            .inner
+            .actors
+            .read()
+            .expect("actor registry poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut activity = Activity {
+            unflushed_writes: self.inner.writer.stats().unflushed() as i64,
+            ..Activity::default()
+        };
+        for handle in handles {
+            match handle.addr.send(ReadCounts).await {
+                Ok(counts) => activity.held_seats += i64::from(counts.held),
+                Err(_) => activity.unreadable.push("an event actor".into()),
+            }
+        }
+        activity
     }
 
     async fn shutdown(&self) {

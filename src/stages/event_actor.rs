@@ -1,11 +1,11 @@
 //! The event actor: sole owner of one event's inventory. Its mailbox serialises every decision
 //! about that event's seats, so no lock is needed anywhere.
 //!
-//! Every handler decides synchronously (the pure [`Inventory`] does the deciding), queues the
-//! resulting write to the group-commit writer in the same step, and answers with a future that
-//! only waits for durability and never touches the actor again. Nothing can interleave between
-//! a decision and its write being queued, so the writer sees each event's writes in decision
-//! order.
+//! The actor is a thin shell around the pure [`EventCore`], which does every deciding: each
+//! handler reads the clock, calls [`EventCore::step`], queues the resulting write to the
+//! group-commit writer in the same step, and answers with a future that only waits for
+//! durability and never touches the actor again. Nothing can interleave between a decision and
+//! its write being queued, so the writer sees each event's writes in decision order.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,24 +13,20 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::future::BoxFuture;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::sync::oneshot;
 
-use crate::domain::{CancelReason, EventId, Money, OrderId, PaymentStatus, TicketId, UserId};
-use crate::inventory::{Counts, HoldError, Inventory, Millis, ReserveError};
-use crate::payments::fnv1a;
-use crate::store::{NewOrder, OrderKey, StoreError, StoreResult, WriteHandle, WriteOp};
+use crate::domain::{EventId, Money, OrderId, TicketId, UserId};
+use crate::event_core::{EventCore, Input, Output, ReserveRequest};
+pub use crate::event_core::{PaymentResult, Settled};
+use crate::inventory::{Counts, Inventory, Millis, ReserveError};
+use crate::store::{OrderKey, StoreError, StoreResult, WriteHandle, WriteOp};
 
 /// A future that resolves once a write is committed.
 pub type Durable = BoxFuture<'static, StoreResult<()>>;
 
 pub struct EventActor {
-    event: EventId,
-    price: Money,
-    inventory: Inventory<OrderId, UserId>,
+    core: EventCore,
     writer: WriteHandle,
-    /// Mints ticket ids; seeded so a replayed run gets the same ids (and payment outcomes).
-    ids: StdRng,
     started: Instant,
     tick: Duration,
     /// Reservations sent but not yet handled; see [`MailboxGauge`].
@@ -81,13 +77,9 @@ impl EventActor {
         hold_ttl: Duration,
         queued: MailboxGauge,
     ) -> Self {
-        let id_seed = seed ^ fnv1a(&event.0.to_le_bytes()) ^ issued.rotate_left(32);
         Self {
-            event,
-            price,
-            inventory,
+            core: EventCore::new(event, price, inventory, seed, issued),
             writer,
-            ids: StdRng::seed_from_u64(id_seed),
             started: Instant::now(),
             tick: (hold_ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
             queued,
@@ -98,19 +90,16 @@ impl EventActor {
         self.started.elapsed().as_millis() as Millis
     }
 
-    fn mint_id(&mut self) -> uuid::Uuid {
-        uuid::Builder::from_random_bytes(self.ids.gen()).into_uuid()
+    fn step(&mut self, input: Input) -> Output {
+        let now = self.now();
+        self.core.step(input, now)
     }
 
     fn expire_due(&mut self) {
-        let now = self.now();
-        for order in self.inventory.expire(now) {
-            let op = WriteOp::Cancel {
-                order,
-                event: self.event,
-                reason: CancelReason::HoldExpired,
-                payment: None,
-            };
+        let Output::Expired(cancels) = self.step(Input::Expire) else {
+            unreachable!("Expire is answered with Expired")
+        };
+        for op in cancels {
             // Nobody waits on this write; a failure is logged by the writer, and a restart's
             // recovery resolves whatever it left pending.
             actix::spawn(durable(&self.writer, op));
@@ -135,6 +124,11 @@ fn durable(writer: &WriteHandle, op: WriteOp) -> Durable {
             Box::pin(async move { writer.submit(full.0).await })
         }
     }
+}
+
+/// Nothing to write: durable at once.
+fn already_durable() -> Durable {
+    Box::pin(async { Ok(()) })
 }
 
 /// Seats held for a buyer; `durable` answers once the hold is on disk.
@@ -174,64 +168,39 @@ impl Handler<Reserve> for EventActor {
 
     fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
         self.queued.release();
-        let order = OrderId(self.mint_id());
-        let now = self.now();
-        let decided = self.inventory.reserve_within(
-            order,
-            msg.user.clone(),
-            msg.quantity,
-            msg.per_user_limit,
-            now,
-        );
+        let request = ReserveRequest {
+            user: msg.user,
+            quantity: msg.quantity,
+            per_user_limit: msg.per_user_limit,
+            idempotency: msg.idempotency,
+            created_at: msg.created_at,
+        };
+        let Output::Reserved(decided) = self.step(Input::Reserve(request)) else {
+            unreachable!("Reserve is answered with Reserved")
+        };
         let answer = match decided {
             Err(refusal) => Err(ReserveRefusal::Inventory(refusal)),
-            Ok(_) => {
-                let tickets: Vec<TicketId> = (0..msg.quantity)
-                    .map(|_| TicketId(self.mint_id()))
-                    .collect();
-                let hold = NewOrder {
-                    order,
-                    tickets: tickets.clone(),
-                    event: self.event,
-                    user: msg.user.as_str().to_owned(),
-                    unit_price: self.price,
-                    idempotency: msg.idempotency,
-                    created_at: msg.created_at,
-                };
-                match self.writer.try_submit(WriteOp::Hold(Box::new(hold))) {
-                    Ok(durable) => Ok(HoldGrant {
-                        order,
-                        tickets,
-                        amount: self.price.times(msg.quantity),
-                        durable,
-                    }),
-                    Err(_) => {
-                        let _ = self.inventory.release(order);
-                        Err(ReserveRefusal::WriterFull)
-                    }
+            Ok(granted) => match self.writer.try_submit(granted.write) {
+                Ok(durable) => Ok(HoldGrant {
+                    order: granted.order,
+                    tickets: granted.tickets,
+                    amount: granted.amount,
+                    durable,
+                }),
+                Err(_) => {
+                    self.step(Input::Withdraw(granted.order));
+                    Err(ReserveRefusal::WriterFull)
                 }
-            }
+            },
         };
         if let Err(Ok(grant)) = msg.reply.send(answer) {
             // The buyer went away before the answer: give the seats back once the hold is
             // written, so storage and memory agree.
-            let _ = self.inventory.release(grant.order);
-            let op = WriteOp::Cancel {
-                order: grant.order,
-                event: self.event,
-                reason: CancelReason::Interrupted,
-                payment: Some(PaymentStatus::Failed),
-            };
-            actix::spawn(durable(&self.writer, op));
+            if let Output::Returned { write: Some(op) } = self.step(Input::Abandon(grant.order)) {
+                actix::spawn(durable(&self.writer, op));
+            }
         }
     }
-}
-
-/// What the payment gateway said about a held order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PaymentResult {
-    Approved,
-    Declined,
 }
 
 /// What became of a held order once its payment result arrived.
@@ -257,40 +226,22 @@ impl Handler<Settle> for EventActor {
     type Result = MessageResult<Settle>;
 
     fn handle(&mut self, msg: Settle, _: &mut Self::Context) -> Self::Result {
-        let now = self.now();
-        let order = msg.order;
-        let cancel = |reason, payment| WriteOp::Cancel {
-            order,
-            event: self.event,
-            reason,
-            payment,
+        let input = Input::Settle {
+            order: msg.order,
+            result: msg.result,
         };
-        let settled = match msg.result {
-            PaymentResult::Approved => match self.inventory.confirm(order, now) {
-                Ok(_) => Settlement::Confirmed(durable(&self.writer, WriteOp::Confirm { order })),
-                // Expired just now: cancel the ticket; the caller records the refund.
-                Err(HoldError::Expired) => Settlement::Expired(durable(
-                    &self.writer,
-                    cancel(CancelReason::HoldExpired, None),
-                )),
-                // Expired earlier, already cancelled by `expire_due`.
-                Err(HoldError::Unknown) => Settlement::Expired(Box::pin(async { Ok(()) })),
-            },
-            PaymentResult::Declined => match self.inventory.release(order) {
-                Ok(_) => Settlement::Released(durable(
-                    &self.writer,
-                    cancel(CancelReason::PaymentDeclined, Some(PaymentStatus::Failed)),
-                )),
-                Err(_) => Settlement::Released(durable(
-                    &self.writer,
-                    WriteOp::SettlePayment {
-                        order,
-                        status: PaymentStatus::Failed,
-                    },
-                )),
-            },
+        let Output::Settled { settled, write } = self.step(input) else {
+            unreachable!("Settle is answered with Settled")
         };
-        MessageResult(settled)
+        let written = match write {
+            Some(op) => durable(&self.writer, op),
+            None => already_durable(),
+        };
+        MessageResult(match settled {
+            Settled::Confirmed => Settlement::Confirmed(written),
+            Settled::Released => Settlement::Released(written),
+            Settled::Expired => Settlement::Expired(written),
+        })
     }
 }
 
@@ -303,6 +254,6 @@ impl Handler<ReadCounts> for EventActor {
     type Result = MessageResult<ReadCounts>;
 
     fn handle(&mut self, _: ReadCounts, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.inventory.counts())
+        MessageResult(self.core.counts())
     }
 }

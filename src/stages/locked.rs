@@ -15,6 +15,7 @@
 //! successor's write, and the last seat is sold twice.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
+use crate::audit::Activity;
 use crate::cache::EventCache;
 use crate::config::StageKind;
 use crate::domain::{
@@ -38,7 +40,7 @@ use crate::domain::{
 };
 use crate::lock::{EventLocks, Lease, LockError};
 use crate::payments::{ChargeOutcome, RefundOutcome};
-use crate::queue::{PaymentJob, PaymentQueue, MAX_ATTEMPTS};
+use crate::queue::{PaymentJob, PaymentQueue, MAX_ATTEMPTS, STALLED_AFTER};
 use crate::store::fenced::{Availability, Fence};
 use crate::store::{Catalog, NewOrder, OrderBook, OrderKey, Records, StoreError, StoreResult};
 
@@ -49,6 +51,19 @@ const JOB_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const JOB_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often finished payment jobs older than a day are deleted from Redis.
 const VACUUM_EVERY: Duration = Duration::from_secs(600);
+/// How often the supervisor reads the worker's last heartbeat.
+const HEARTBEAT_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How long one reading of an event's availability answers the buyers waiting for its lock.
+const RECHECK_FRESH: Duration = Duration::from_millis(100);
+const RECHECK_GIVE_UP: Duration = Duration::from_secs(1);
+
+/// The latest availability read for buyers waiting on an event's lock.
+struct Reading {
+    at: Option<Instant>,
+    available: i64,
+    /// Since when one waiter has been reading the database; the others use the last reading.
+    refreshing: Option<Instant>,
+}
 
 pub struct LockedStage {
     inner: Arc<Inner>,
@@ -76,6 +91,10 @@ struct Inner {
     waiters: Mutex<HashMap<OrderId, oneshot::Sender<Settled>>>,
     /// The running payment worker's task, so shutdown can stop it.
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set to freeze the running worker (the `freeze_worker_once` failpoint).
+    freeze: Mutex<Option<Arc<AtomicBool>>>,
+    /// Availability readings shared by the buyers waiting for each event's lock.
+    seen: Mutex<HashMap<EventId, Reading>>,
     stopping: AtomicBool,
     /// Jobs being run right now by this process' worker.
     running_jobs: AtomicU64,
@@ -94,6 +113,8 @@ struct Counters {
     job_runs: AtomicU64,
     job_failures: AtomicU64,
     worker_restarts: AtomicU64,
+    /// Replacements of a worker whose heartbeats stopped.
+    worker_stalls: AtomicU64,
 }
 
 /// Why a payment job's run failed (it is retried, up to [`MAX_ATTEMPTS`]).
@@ -168,11 +189,13 @@ impl LockedStage {
         }
         let inner = Arc::new(Inner {
             cache: EventCache::new(conn.clone(), &settings.key_prefix),
-            queue: PaymentQueue::new(conn, &settings.key_prefix),
+            queue: PaymentQueue::new(conn, &settings.key_prefix, settings.worker_concurrency),
             locks,
             fencing: settings.fencing,
             waiters: Mutex::new(HashMap::new()),
             worker: Mutex::new(None),
+            freeze: Mutex::new(None),
+            seen: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             running_jobs: AtomicU64::new(0),
             reads: AtomicUsize::new(0),
@@ -193,9 +216,10 @@ impl LockedStage {
     }
 }
 
-/// Keeps one payment worker running: a worker that stops (Redis went away) or dies (a panic
-/// mid-job) is replaced under a new name; the jobs it held go back on the queue once its
-/// heartbeats are overdue, and run again under the same payment key.
+/// Keeps one payment worker running: a worker that stops (Redis went away), dies (a panic
+/// mid-job) or stalls (its heartbeats stopped while its task lives on) is replaced under a new
+/// name; the jobs it held go back on the queue once its heartbeats are overdue, and run again
+/// under the same payment key.
 async fn supervise(inner: Arc<Inner>) {
     let prefix = inner.parts.settings.locked.key_prefix.clone();
     let concurrency = inner.parts.settings.locked.worker_concurrency.max(1);
@@ -223,20 +247,45 @@ async fn supervise(inner: Arc<Inner>) {
             .retry(RetryPolicy::retries(MAX_ATTEMPTS - 1).with_backoff(backoff))
             .concurrency(concurrency)
             .build(run_job);
+        let freeze = Arc::new(AtomicBool::new(false));
+        *inner.freeze.lock().expect("freeze slot poisoned") = Some(Arc::clone(&freeze));
+        let mut run = Box::pin(worker.run());
+        // The failpoint `freeze_worker_once` stops polling the worker, jobs and heartbeats
+        // with it: what a worker that deadlocks inside the queue library looks like.
+        let run = std::future::poll_fn(move |cx| {
+            if freeze.load(Ordering::Acquire) {
+                return std::task::Poll::Pending;
+            }
+            run.as_mut().poll(cx)
+        });
         let task = tokio::spawn(async move {
-            if let Err(error) = worker.run().await {
+            if let Err(error) = run.await {
                 tracing::warn!(%error, "the payment worker stopped");
             }
         });
         let abort = task.abort_handle();
         *inner.worker.lock().expect("worker slot poisoned") = Some(task);
-        // Wait for the worker to end (stopped, failed or panicked), without holding the slot.
-        loop {
+        let started = Instant::now();
+        let mut last_check = Instant::now();
+        // Wait for the worker to end (stopped, failed or panicked) or stall, without holding
+        // the slot.
+        let stalled = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             if abort.is_finished() || inner.stopping.load(Ordering::Acquire) {
-                break;
+                break false;
             }
-        }
+            if last_check.elapsed() < HEARTBEAT_CHECK_EVERY {
+                continue;
+            }
+            last_check = Instant::now();
+            match inner.queue.heartbeat_age(&name).await {
+                Ok(Some(age)) if age > STALLED_AFTER => break true,
+                Ok(None) if started.elapsed() > STALLED_AFTER => break true,
+                Ok(_) => {}
+                // Redis is away: the worker will fail on it too and end; nothing to judge.
+                Err(error) => tracing::debug!(%error, "could not read the worker's heartbeat"),
+            }
+        };
         if inner.stopping.load(Ordering::Acquire) {
             break;
         }
@@ -244,7 +293,13 @@ async fn supervise(inner: Arc<Inner>) {
             .counters
             .worker_restarts
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(worker = %name, "the payment worker ended; starting another");
+        if stalled {
+            abort.abort();
+            inner.counters.worker_stalls.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(worker = %name, after = ?STALLED_AFTER, "the payment worker stopped sending heartbeats; replacing it (its jobs go back on the queue)");
+        } else {
+            tracing::warn!(worker = %name, "the payment worker ended; starting another");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -279,10 +334,12 @@ async fn run_job(
     inner: Data<Arc<Inner>>,
 ) -> Result<(), BoxDynError> {
     let attempt = attempt.current();
-    inner.running_jobs.fetch_add(1, Ordering::AcqRel);
-    inner.counters.job_runs.fetch_add(1, Ordering::Relaxed);
-    let result = inner.settle(&job, attempt).await;
-    inner.running_jobs.fetch_sub(1, Ordering::AcqRel);
+    let result = {
+        // Counted down on drop too: a stalled worker's jobs are dropped mid-run.
+        let _running = RunningJob::start(&inner.running_jobs);
+        inner.counters.job_runs.fetch_add(1, Ordering::Relaxed);
+        inner.settle(&job, attempt).await
+    };
     match result {
         Ok(settled) => {
             inner.notify(job.order, settled);
@@ -312,6 +369,22 @@ async fn run_job(
     }
 }
 
+/// One job being run, counted in `running_jobs` for as long as it lives.
+struct RunningJob<'a>(&'a AtomicU64);
+
+impl<'a> RunningJob<'a> {
+    fn start(running: &'a AtomicU64) -> Self {
+        running.fetch_add(1, Ordering::AcqRel);
+        Self(running)
+    }
+}
+
+impl Drop for RunningJob<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Inner {
     fn settings(&self) -> &crate::config::LockedSettings {
         &self.parts.settings.locked
@@ -335,6 +408,55 @@ impl Inner {
         }
     }
 
+    /// Whether `event` may still have `quantity` seats, as a buyer waiting for its lock asks
+    /// every few hundred milliseconds. Answered from one shared reading per event per
+    /// [`RECHECK_FRESH`]: a thousand waiters asking the database each on their own kept every
+    /// pooled connection busy, and the lock holder queued behind them for its own writes (a
+    /// convoy: two grants a second on PostgreSQL). A stale "no" costs nothing, since the waiter
+    /// reads the database itself before it refuses; a stale "yes" only makes it wait longer.
+    async fn may_have(&self, event: EventId, quantity: u32) -> bool {
+        let wanted = i64::from(quantity);
+        let cached = {
+            let mut seen = self.seen.lock().expect("availability readings poisoned");
+            let reading = seen.entry(event).or_insert(Reading {
+                at: None,
+                available: wanted,
+                refreshing: None,
+            });
+            let fresh = reading.at.is_some_and(|at| at.elapsed() < RECHECK_FRESH);
+            // A reader that never came back (its task was dropped) holds no one up for long.
+            let being_read = reading
+                .refreshing
+                .is_some_and(|since| since.elapsed() < RECHECK_GIVE_UP);
+            if fresh || being_read {
+                Some(reading.available)
+            } else {
+                reading.refreshing = Some(Instant::now());
+                None
+            }
+        };
+        if let Some(available) = cached {
+            return available >= wanted;
+        }
+        let read = self.parts.store.availability(event).await;
+        let mut seen = self.seen.lock().expect("availability readings poisoned");
+        let reading = seen.entry(event).or_insert(Reading {
+            at: None,
+            available: wanted,
+            refreshing: None,
+        });
+        reading.refreshing = None;
+        match read {
+            Ok(Some(now)) => {
+                reading.at = Some(Instant::now());
+                reading.available = now.available;
+                now.available >= wanted
+            }
+            // Unknown event or an unreadable database: keep waiting; the lock decides.
+            _ => true,
+        }
+    }
+
     /// Holds `quantity` seats for `user`: the order and its tickets `pending`, written under
     /// the event's lock with its fencing token. Returns the payment job to queue.
     async fn reserve(
@@ -354,10 +476,7 @@ impl Inner {
         if seen.available < i64::from(quantity) {
             return Err(refusal(seen, quantity));
         }
-        let worth_waiting = || async move {
-            matches!(store.availability(event).await,
-                Ok(Some(seen)) if seen.available >= i64::from(quantity))
-        };
+        let worth_waiting = || async move { self.may_have(event, quantity).await };
         for _ in 0..STALE_RETRIES {
             let lease = self
                 .locks
@@ -510,6 +629,14 @@ impl Inner {
             .map_err(|e| StoreError::Conflict(format!("order {}: {e}", job.order)))?;
         let outcome = self.parts.payments.charge(&job.payment_key, amount).await?;
         let failpoints = &self.settings().failpoints;
+        if failpoints.freeze_worker_once && !self.crashed_once.swap(true, Ordering::AcqRel) {
+            tracing::warn!("failpoint: the payment worker freezes mid-job, after the charge");
+            if let Some(freeze) = self.freeze.lock().expect("freeze slot poisoned").as_ref() {
+                freeze.store(true, Ordering::Release);
+            }
+            // The worker is not polled again, this job with it.
+            std::future::pending::<()>().await;
+        }
         if failpoints.crash_worker_after_charge_once
             && !self.crashed_once.swap(true, Ordering::AcqRel)
         {
@@ -802,8 +929,26 @@ impl Stage for LockedStage {
                 "jobRuns": c.job_runs.load(Ordering::Relaxed),
                 "jobFailures": c.job_failures.load(Ordering::Relaxed),
                 "workerRestarts": c.worker_restarts.load(Ordering::Relaxed),
+                "workerStalls": c.worker_stalls.load(Ordering::Relaxed),
             },
         })
+    }
+
+    async fn activity(&self) -> Activity {
+        let inner = &self.inner;
+        let running = inner.running_jobs.load(Ordering::Acquire) as i64;
+        match inner.queue.stats().await {
+            Ok(queue) => Activity {
+                jobs_queued: queue.waiting as i64,
+                jobs_running: (queue.active as i64).max(running),
+                ..Activity::default()
+            },
+            Err(error) => Activity {
+                jobs_running: running,
+                unreadable: vec![error.to_string()],
+                ..Activity::default()
+            },
+        }
     }
 
     async fn dependencies(&self) -> Vec<(&'static str, bool)> {

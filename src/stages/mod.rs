@@ -9,11 +9,13 @@ pub mod actor;
 pub mod event_actor;
 pub mod locked;
 pub mod monolith;
+pub mod services;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::audit::Activity;
 use crate::config::{Settings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
@@ -47,6 +49,14 @@ pub enum PurchaseError {
     /// The event's mailbox or the database writer is full: shed load, retry later.
     #[error("the server is overloaded; try again shortly")]
     Overloaded,
+    /// Stage `services`: this inventory node does not hold the event's shard (it never did, or
+    /// it lost it); ask the node that does.
+    #[error("this node does not own shard {shard}; ask its owner")]
+    NotOwner { shard: u32 },
+    /// Stage `services`: the node lost the event's shard while the purchase was under way, and
+    /// its write was refused; the new owner settles the purchase from what was stored.
+    #[error("the event moved to another node during the purchase; its new owner settles it, so look the ticket or order up shortly")]
+    OwnerChanged,
     /// A service the stage depends on (Redis for `locked`) does not answer.
     #[error("{0} is unavailable; try again shortly")]
     Unavailable(&'static str),
@@ -112,9 +122,27 @@ pub trait Stage: Send + Sync + 'static {
         self.records().user_tickets(user).await
     }
 
+    /// Work the stage has under way that its stored rows do not show: seats held in memory,
+    /// payment jobs, writes not yet committed. The audit adds the pending rows and the
+    /// gateway's payments in flight, and calls the system quiet when all are zero.
+    async fn activity(&self) -> Activity {
+        Activity::default()
+    }
+
     /// What the stage depends on (its database, and e.g. Redis) and whether each answers.
     async fn dependencies(&self) -> Vec<(&'static str, bool)> {
         vec![database_health(self.records()).await]
+    }
+
+    /// Stage `services`: every node with its role, id, pid, address and state, and the shards
+    /// each inventory node holds with their epochs. `None` for a stage of one process.
+    async fn topology(&self) -> Option<StoreResult<serde_json::Value>> {
+        None
+    }
+
+    /// The address the server is bound to, once it is (a node of `services` reports it).
+    fn bound(&self, addr: std::net::SocketAddr) {
+        let _ = addr;
     }
 
     /// Stops background work after the HTTP server has drained its requests.
@@ -162,5 +190,6 @@ pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
         StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
+        StageKind::Services => Arc::new(services::InventoryNode::start(parts).await?),
     })
 }

@@ -45,6 +45,15 @@ impl Stage for Monolith {
 
     #[tracing::instrument(skip(self), fields(stage = "monolith"))]
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        if self.parts.settings.purchase_transaction {
+            // its own task: a client hanging up must not cut a transaction short
+            let parts = self.parts.clone();
+            return tokio::spawn(
+                async move { purchase_in_one_transaction(&parts, event, user).await },
+            )
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the purchase task failed: {e}")))?;
+        }
         let store = &self.parts.store;
         // 1. check availability (the race starts here)
         let (available, price) = store
@@ -67,6 +76,7 @@ impl Stage for Monolith {
         };
         store.insert_pending_order(&pending).await?;
         // 3. the slow payment, while other buyers read the same `available`
+        let _in_flight = self.parts.payments.track();
         match self
             .parts
             .payments
@@ -88,6 +98,67 @@ impl Stage for Monolith {
                     .await?;
                 Err(PurchaseError::PaymentDeclined)
             }
+        }
+    }
+}
+
+/// `--purchase-transaction`: the same steps inside one `BEGIN IMMEDIATE` … `COMMIT`, held
+/// across the payment. No race is left (the check and the write-back are one transaction, and
+/// the write-back decrements what is stored), but on SQLite every other purchase waits for the
+/// file's write lock until the payment is over, or gives up after `--sqlite-busy-timeout` with
+/// `database is locked`.
+async fn purchase_in_one_transaction(
+    parts: &StageParts,
+    event: EventId,
+    user: UserId,
+) -> Result<Ticket, PurchaseError> {
+    let mut tx = parts.store.begin_write().await?;
+    let outcome = async {
+        let (available, price) = tx
+            .read_availability(event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
+        if available <= 0 {
+            return Err(PurchaseError::SoldOut);
+        }
+        let order = OrderId(Uuid::new_v4());
+        let pending = NewOrder {
+            order,
+            tickets: vec![TicketId(Uuid::new_v4())],
+            event,
+            user: user.as_str().to_owned(),
+            unit_price: price,
+            idempotency: None,
+            created_at: timestamp(Utc::now()),
+        };
+        tx.insert_pending_order(&pending).await?;
+        match parts.payments.charge(&pending.payment_key(), price).await? {
+            ChargeOutcome::Approved { .. } => {
+                tx.confirm_and_take_seat(order, event).await?;
+                tx.first_ticket(order)
+                    .await?
+                    .ok_or_else(|| StoreError::Conflict("confirmed ticket vanished".into()).into())
+            }
+            ChargeOutcome::Declined => {
+                tx.cancel_order(order, CancelReason::PaymentDeclined)
+                    .await?;
+                Err(PurchaseError::PaymentDeclined)
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(ticket) => {
+            tx.commit().await?;
+            Ok(ticket)
+        }
+        Err(PurchaseError::PaymentDeclined) => {
+            tx.commit().await?;
+            Err(PurchaseError::PaymentDeclined)
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
         }
     }
 }

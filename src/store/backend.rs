@@ -22,8 +22,21 @@ const SQLITE_POOL: u32 = 16;
 const POSTGRES_POOL: u32 = 10;
 /// How long a request waits for a pooled connection before the database counts as unavailable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long SQLite waits on a locked database before giving up (`busy_timeout`).
+/// How long SQLite waits on a locked database before giving up (`busy_timeout`), unless
+/// [`set_sqlite_busy_timeout`] chose another.
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
+
+static BUSY_TIMEOUT_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(SQLITE_BUSY_TIMEOUT_MS);
+
+/// The process's SQLite `busy_timeout` for connections opened from now on (`serve
+/// --sqlite-busy-timeout`).
+pub fn set_sqlite_busy_timeout(timeout: Duration) {
+    BUSY_TIMEOUT_MS.store(
+        timeout.as_millis().min(u128::from(u32::MAX)) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
 
 /// The two storage engines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -107,11 +120,12 @@ impl DatabaseUrl {
     fn session_sql(&self) -> String {
         match self.backend {
             Backend::Sqlite => format!(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}; PRAGMA foreign_keys = ON;",
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON;",
                 match self.durability {
                     Durability::Normal => "NORMAL",
                     Durability::Full => "FULL",
-                }
+                },
+                BUSY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed)
             ),
             Backend::Postgres => format!(
                 "SET synchronous_commit = {}",

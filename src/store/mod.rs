@@ -17,6 +17,7 @@ pub mod accounts;
 pub mod backend;
 pub mod fenced;
 pub mod gateway;
+pub mod shards;
 pub mod sql;
 pub mod writer;
 
@@ -172,6 +173,8 @@ pub trait IdempotencyRecords: Send + Sync {
 pub trait AuditReads: Send + Sync {
     /// Counters per event: the stored `available` beside counts of tickets by status.
     async fn event_counts(&self) -> StoreResult<Vec<StoredCounts>>;
+    /// Orders still `pending` (held, payment not settled).
+    async fn pending_orders(&self) -> StoreResult<i64>;
 }
 
 /// Every read capability a stage serves the API from, and the database's health.
@@ -285,7 +288,21 @@ impl Store {
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity))
+        Ok(writer::start(conn, max_batch, capacity, None))
+    }
+
+    /// Like [`Self::start_writer`], for an inventory node of stage `services`: every
+    /// transaction first proves `fence`'s epochs for the shards it writes, and a write whose
+    /// shard this node lost is refused ([`StoreError::Conflict`], [`shards::NOT_OWNER`]).
+    pub async fn start_fenced_writer(
+        &self,
+        max_batch: usize,
+        capacity: usize,
+        fence: std::sync::Arc<shards::ShardFence>,
+    ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+        self.require_postgres("an epoch-fenced writer")?;
+        let conn = self.url.connect().await?;
+        Ok(writer::start(conn, max_batch, capacity, Some(fence)))
     }
 
     pub async fn close(&self) {
@@ -337,6 +354,22 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// A write transaction on a connection of its own, begun with `BEGIN IMMEDIATE` (on
+    /// SQLite it holds the file's write lock until it ends): the monolith's
+    /// `--purchase-transaction`.
+    pub async fn begin_write(&self) -> StoreResult<WriteTx> {
+        let mut conn = self.pool.acquire().await?;
+        let begin = match self.backend() {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        sqlx::query(begin).execute(&mut *conn).await?;
+        Ok(WriteTx {
+            conn,
+            finished: false,
+        })
     }
 
     // --- recovery ---
@@ -588,6 +621,14 @@ impl AuditReads for Store {
             })
             .collect()
     }
+
+    async fn pending_orders(&self) -> StoreResult<i64> {
+        let row =
+            sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) FROM orders WHERE status = 'pending'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get(0)?)
+    }
 }
 
 #[async_trait]
@@ -683,4 +724,91 @@ fn parse_uuid(raw: String) -> StoreResult<Uuid> {
 
 fn money(cents: i64) -> StoreResult<Money> {
     Money::from_cents(cents).map_err(|e| StoreError::Corrupt(format!("stored amount invalid: {e}")))
+}
+
+/// An open write transaction ([`Store::begin_write`]). Dropped before `commit` or `rollback`
+/// (its task cancelled), its connection is closed rather than handed back mid-transaction, and
+/// the transaction goes with it.
+pub struct WriteTx {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    finished: bool,
+}
+
+impl WriteTx {
+    pub async fn read_availability(&mut self, id: EventId) -> StoreResult<Option<(i64, Money)>> {
+        let row = sqlx::query("SELECT available_tickets, price_cents FROM events WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, money(r.try_get(1)?)?)))
+            .transpose()
+    }
+
+    pub async fn insert_pending_order(&mut self, order: &NewOrder) -> StoreResult<()> {
+        Ok(sql::insert_order(&mut self.conn, order).await?)
+    }
+
+    /// The order confirmed, its payment completed and one seat taken off `available`.
+    pub async fn confirm_and_take_seat(
+        &mut self,
+        order: OrderId,
+        event: EventId,
+    ) -> StoreResult<()> {
+        let now = timestamp(Utc::now());
+        sql::confirm_order(&mut self.conn, order, &now).await?;
+        sqlx::query("UPDATE events SET available_tickets = available_tickets - 1 WHERE id = $1")
+            .bind(event.0)
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn cancel_order(&mut self, order: OrderId, reason: CancelReason) -> StoreResult<()> {
+        let now = timestamp(Utc::now());
+        sql::finish_order(
+            &mut self.conn,
+            order,
+            OrderStatus::Cancelled,
+            Some(reason),
+            &now,
+        )
+        .await?;
+        sql::settle_payment(&mut self.conn, order, PaymentStatus::Failed, &now).await?;
+        Ok(())
+    }
+
+    pub async fn commit(mut self) -> StoreResult<()> {
+        self.end("COMMIT").await
+    }
+
+    pub async fn rollback(mut self) -> StoreResult<()> {
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(&mut self, sql: &str) -> StoreResult<()> {
+        let done = sqlx::query(sql).execute(&mut *self.conn).await;
+        // a failed COMMIT or ROLLBACK leaves the transaction's state unknown: drop the link
+        self.finished = done.is_ok();
+        done?;
+        Ok(())
+    }
+
+    /// The first ticket of an order, read inside the transaction.
+    pub async fn first_ticket(&mut self, order: OrderId) -> StoreResult<Option<Ticket>> {
+        let row: Option<TicketRow> = sqlx::query_as(&format!(
+            "{TICKET_COLUMNS} WHERE order_id = $1 ORDER BY id LIMIT 1"
+        ))
+        .bind(order.0.to_string())
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        row.map(Ticket::try_from).transpose()
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
+    }
 }

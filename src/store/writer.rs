@@ -14,6 +14,7 @@ use chrono::Utc;
 use sqlx::{AnyConnection, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
 use super::{StoreError, StoreResult};
 use crate::domain::{timestamp, CancelReason, EventId, OrderId, OrderStatus, PaymentStatus};
@@ -66,6 +67,8 @@ pub struct WriterStats {
     pub writes: AtomicU64,
     /// Groups that failed as a whole and were retried write by write.
     pub fallbacks: AtomicU64,
+    /// Writes queued and not yet answered (committed or refused), for the audit's quiet check.
+    pub unflushed: AtomicU64,
 }
 
 impl WriterStats {
@@ -74,8 +77,31 @@ impl WriterStats {
             "batches": self.batches.load(Ordering::Relaxed),
             "writes": self.writes.load(Ordering::Relaxed),
             "fallbacks": self.fallbacks.load(Ordering::Relaxed),
+            "unflushed": self.unflushed(),
         })
     }
+
+    /// Writes queued and not yet answered.
+    pub fn unflushed(&self) -> u64 {
+        self.unflushed.load(Ordering::Acquire)
+    }
+
+    /// Counted before the write is queued, so a write is never in the queue uncounted.
+    fn queued(&self) {
+        self.unflushed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counted once the write's answer is sent, or if it never reached the queue.
+    fn answered(&self) {
+        self.unflushed.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers one write, counted as no longer unflushed first: it is committed (or refused), and
+/// its waiter must not find it still counted once woken.
+fn answer(stats: &WriterStats, ack: Ack, result: StoreResult<()>) {
+    stats.answered();
+    let _ = ack.send(result);
 }
 
 impl WriteHandle {
@@ -90,20 +116,25 @@ impl WriteHandle {
         op: WriteOp,
     ) -> Result<oneshot::Receiver<StoreResult<()>>, WriterFull> {
         let (ack, done) = oneshot::channel();
+        self.stats.queued();
         match self.tx.try_send((op, ack)) {
             Ok(()) => Ok(done),
             Err(mpsc::error::TrySendError::Full((op, _)))
-            | Err(mpsc::error::TrySendError::Closed((op, _))) => Err(WriterFull(op)),
+            | Err(mpsc::error::TrySendError::Closed((op, _))) => {
+                self.stats.answered();
+                Err(WriterFull(op))
+            }
         }
     }
 
     /// Queues `op`, waiting for room, and waits until it is committed.
     pub async fn submit(&self, op: WriteOp) -> StoreResult<()> {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send((op, ack))
-            .await
-            .map_err(|_| StoreError::WriterClosed)?;
+        self.stats.queued();
+        if self.tx.send((op, ack)).await.is_err() {
+            self.stats.answered();
+            return Err(StoreError::WriterClosed);
+        }
         done.await.map_err(|_| StoreError::WriterClosed)?
     }
 
@@ -118,10 +149,11 @@ pub(super) fn start(
     conn: AnyConnection,
     max_batch: usize,
     capacity: usize,
+    fence: Option<Arc<ShardFence>>,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
-    let task = tokio::spawn(run(conn, rx, max_batch.max(1), Arc::clone(&stats)));
+    let task = tokio::spawn(run(conn, rx, max_batch.max(1), Arc::clone(&stats), fence));
     (WriteHandle { tx, stats }, task)
 }
 
@@ -135,15 +167,16 @@ pub fn start_acknowledging(
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<(WriteOp, Ack)>(capacity.max(1));
     let max_batch = max_batch.max(1);
+    let stats = Arc::new(WriterStats::default());
+    let acknowledged = Arc::clone(&stats);
     let task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(max_batch);
         while rx.recv_many(&mut batch, max_batch).await > 0 {
             for (_, ack) in batch.drain(..) {
-                let _ = ack.send(Ok(()));
+                answer(&acknowledged, ack, Ok(()));
             }
         }
     });
-    let stats = Arc::new(WriterStats::default());
     (WriteHandle { tx, stats }, task)
 }
 
@@ -152,17 +185,27 @@ async fn run(
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
     stats: Arc<WriterStats>,
+    fence: Option<Arc<ShardFence>>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut conn, &mut batch, &stats).await;
+        commit(&mut conn, &mut batch, &stats, fence.as_deref()).await;
     }
     let _ = sqlx::Connection::close(conn).await;
 }
 
-async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats: &WriterStats) {
+async fn commit(
+    conn: &mut AnyConnection,
+    batch: &mut Vec<(WriteOp, Ack)>,
+    stats: &WriterStats,
+    fence: Option<&ShardFence>,
+) {
     let together = async {
         let mut tx = conn.begin().await?;
+        if let Some(fence) = fence {
+            let ops: Vec<&WriteOp> = batch.iter().map(|(op, _)| op).collect();
+            prove_epochs(&mut tx, fence, &ops).await?;
+        }
         apply_batch(&mut tx, batch).await?;
         tx.commit().await
     }
@@ -174,7 +217,7 @@ async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats
                 .writes
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             for (_, ack) in batch.drain(..) {
-                let _ = ack.send(Ok(()));
+                answer(stats, ack, Ok(()));
             }
         }
         Err(error) => {
@@ -183,6 +226,9 @@ async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats
             for (op, ack) in batch.drain(..) {
                 let alone = async {
                     let mut tx = conn.begin().await?;
+                    if let Some(fence) = fence {
+                        prove_epochs(&mut tx, fence, &[&op]).await?;
+                    }
                     apply(&mut tx, &op).await?;
                     tx.commit().await?;
                     Ok(())
@@ -191,10 +237,32 @@ async fn commit(conn: &mut AnyConnection, batch: &mut Vec<(WriteOp, Ack)>, stats
                 if let Err(error) = &alone {
                     tracing::error!(%error, ?op, "write refused");
                 }
-                let _ = ack.send(alone);
+                answer(stats, ack, alone);
             }
         }
     }
+}
+
+/// Stage `services`: before writing `ops`, proves in the same transaction that this node still
+/// holds the shard of every event they touch, at its epoch ([`ShardFence::check`]).
+async fn prove_epochs(
+    conn: &mut AnyConnection,
+    fence: &ShardFence,
+    ops: &[&WriteOp],
+) -> Result<(), sqlx::Error> {
+    let mut events = Vec::new();
+    let mut orders = Vec::new();
+    for op in ops {
+        match op {
+            WriteOp::Hold(order) => events.push(order.event),
+            WriteOp::Cancel { event, .. } => events.push(*event),
+            WriteOp::Confirm { order } | WriteOp::SettlePayment { order, .. } => {
+                orders.push(*order)
+            }
+            WriteOp::Barrier => {}
+        }
+    }
+    fence.check(conn, &events, &orders).await
 }
 
 /// Applies a whole batch in a few multi-row statements: every hold inserted, every confirmation

@@ -136,24 +136,8 @@ impl Drop for TestDb {
 }
 
 /// Runs the async test body `$body(backend)` once on SQLite and once on PostgreSQL, as two
-/// tests named `$name::sqlite` and `$name::postgres`. With `postgres_ignored = "why"` the
-/// PostgreSQL half is marked `#[ignore]` with that reason, which `cargo test` prints (and
-/// `cargo test -- --ignored` runs): for a known bug, never a silent skip.
+/// tests named `$name::sqlite` and `$name::postgres`.
 macro_rules! on_both_backends {
-    ($name:ident, $body:ident, postgres_ignored = $why:literal) => {
-        mod $name {
-            #[actix_web::test]
-            async fn sqlite() {
-                super::$body(crate::backends::Backend::Sqlite).await
-            }
-
-            #[actix_web::test]
-            #[ignore = $why]
-            async fn postgres() {
-                super::$body(crate::backends::Backend::Postgres).await
-            }
-        }
-    };
     ($name:ident, $body:ident) => {
         mod $name {
             #[actix_web::test]

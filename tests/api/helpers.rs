@@ -49,7 +49,11 @@ pub async fn determined_buyer(
                 return Some(body["id"].as_str().unwrap().to_owned());
             }
             (400, Some("sold-out")) => return None,
-            (402, _) | (400, Some("tickets-held")) | (503, _) => tokio::time::sleep(backoff).await,
+            // 408: the server gave up waiting for this request's head (a client starved of
+            // CPU by its own thousand buyers); nothing was read, so sending again is safe.
+            (402, _) | (400, Some("tickets-held")) | (408, _) | (503, _) => {
+                tokio::time::sleep(backoff).await
+            }
             other => panic!("unexpected answer {other:?}: {body}"),
         }
     }

@@ -42,6 +42,49 @@ async fn a_payment_that_succeeds_after_the_hold_expired_is_refunded_and_the_seat
 }
 
 #[actix_web::test]
+async fn the_audit_is_not_quiet_while_a_late_success_is_in_flight_and_passes_once_refunded() {
+    let app = spawn_app(StageKind::Actor, |s| {
+        s.hold_ttl = Duration::from_millis(50);
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(800));
+    })
+    .await;
+    let event = app.create_event(1).await;
+    let buyer = {
+        let (client, url) = (app.client.clone(), app.url("/api/v1/tickets/purchase"));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&serde_json::json!({"eventId": event, "userId": "slow-payer"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+
+    // Once the hold has expired and before the charge answers: nothing pending, yet the books
+    // hold a charge for a cancelled order whose payment is not settled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = app.audit().await;
+    assert_eq!(during["activity"]["pendingTickets"], 0, "{during}");
+    assert_eq!(during["quiet"], false, "{during}");
+    assert_eq!(during["verdict"], "not-quiet", "{during}");
+    assert!(
+        during["activity"]["paymentsInFlight"].as_i64().unwrap() >= 1,
+        "{during}"
+    );
+
+    assert_eq!(buyer.await.unwrap(), 409);
+    let after = app.audit().await;
+    assert_eq!(after["quiet"], true, "{after}");
+    assert_eq!(after["verdict"], "pass", "{after}");
+    assert_eq!(after["activity"]["paymentsInFlight"], 0, "{after}");
+    assert_eq!(after["activity"]["unflushedWrites"], 0, "{after}");
+    app.stop().await;
+}
+
+#[actix_web::test]
 async fn a_full_mailbox_is_answered_503_with_retry_after_and_nothing_is_lost() {
     let app = spawn_app(StageKind::Actor, |s| {
         s.mailbox_capacity = 1;

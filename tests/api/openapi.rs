@@ -19,6 +19,11 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/events/{id}"),
     ("POST", "/api/v1/tickets/purchase"),
     ("GET", "/api/v1/tickets/user/{userId}"),
+    ("GET", "/api/events"),
+    ("POST", "/api/events"),
+    ("GET", "/api/events/{id}"),
+    ("POST", "/api/tickets/purchase"),
+    ("GET", "/api/tickets/user/{userId}"),
     ("GET", "/api/v1/admin/ledger"),
     ("GET", "/api/v1/admin/audit"),
     ("GET", "/api/v1/admin/stats"),
@@ -37,6 +42,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v2/admin/ledger"),
     ("GET", "/api/v2/admin/stats"),
     ("GET", "/api/v2/admin/queue-stats"),
+    ("GET", "/api/v2/admin/nodes"),
 ];
 
 const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch"];
@@ -160,6 +166,7 @@ async fn the_document_declares_security_and_problem_answers() {
         ("GET", "/api/v2/admin/ledger", "admin_token"),
         ("GET", "/api/v2/admin/stats", "admin_token"),
         ("GET", "/api/v2/admin/queue-stats", "admin_token"),
+        ("GET", "/api/v2/admin/nodes", "admin_token"),
     ];
     for (method, path, scheme) in secured {
         let op = operation(&doc, method, path);
@@ -353,6 +360,41 @@ async fn real_answers_use_the_status_codes_the_document_declares() {
         app.get("/api/v1/tickets/user/%20").await,
         400,
     );
+    // the seed's unversioned paths, served as v1
+    let seeded = check(
+        "POST",
+        "/api/events",
+        send(&app, Method::POST, "/api/events", None, None, Some(&event)).await,
+        201,
+    );
+    let seeded = seeded.body["id"].as_i64().unwrap();
+    check("GET", "/api/events", app.get("/api/events").await, 200);
+    check(
+        "GET",
+        "/api/events/{id}",
+        app.get(&format!("/api/events/{seeded}")).await,
+        200,
+    );
+    check(
+        "GET",
+        "/api/events/{id}",
+        app.get("/api/events/999999").await,
+        404,
+    );
+    let purchase = json!({ "eventId": seeded.to_string(), "userId": "racer_1" });
+    let path = "/api/tickets/purchase";
+    check(
+        "POST",
+        path,
+        send(&app, Method::POST, path, None, None, Some(&purchase)).await,
+        201,
+    );
+    check(
+        "GET",
+        "/api/tickets/user/{userId}",
+        app.get("/api/tickets/user/racer_1").await,
+        200,
+    );
     for path in [
         "/api/v1/admin/ledger",
         "/api/v1/admin/audit",
@@ -518,12 +560,14 @@ async fn real_answers_use_the_status_codes_the_document_declares() {
         "/api/v2/admin/ledger",
         "/api/v2/admin/stats",
         "/api/v2/admin/queue-stats",
+        "/api/v2/admin/nodes",
     ] {
-        let expected = if path.ends_with("queue-stats") {
+        // The actor stage has no queue, and runs as one process (no nodes).
+        let expected = if path.ends_with("queue-stats") || path.ends_with("nodes") {
             404
         } else {
             200
-        }; // the actor stage has no queue
+        };
         check(
             "GET",
             path,

@@ -35,9 +35,39 @@ fn free_port() -> u16 {
 /// The binary on `db` (stage `actor`), payments of 20-400 ms with 30 % declined, outcomes
 /// drawn from `seed`; answers once `GET /health` does.
 pub async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> Process {
+    start_binary(&["serve", "--stage", "actor"], db, seed, client).await
+}
+
+/// `ticketflow node inventory --node-id ID` on `db` (stage `services`, PostgreSQL), with
+/// short leases (1 s, renewed every 250 ms) and the payments of [`start_server`].
+pub async fn start_inventory_node(
+    db: &TestDb,
+    id: &str,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    let args = ["node", "inventory", "--node-id", id, "--lease-ttl", "1s"];
+    start_binary(
+        &[&args[..], &["--renew-every", "250ms"]].concat(),
+        db,
+        seed,
+        client,
+    )
+    .await
+}
+
+/// The binary run with `command` (its first arguments) on `db`, payments of 20-400 ms with
+/// 30 % declined, outcomes drawn from `seed`; answers once `GET /health` does.
+async fn start_binary(
+    command: &[&str],
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
-        .args(["serve", "--stage", "actor", "--seed", &seed.to_string()])
+        .args(command)
+        .args(["--seed", &seed.to_string()])
         .args(["--payment-failure-rate", "0.3"])
         .args(["--payment-latency", "20ms..400ms"])
         .args(["--bind", &format!("127.0.0.1:{port}")])
@@ -115,4 +145,25 @@ pub async fn buy_until_killed(
     };
     let (outcomes, ()) = futures::join!(join_all(purchases), killer);
     outcomes.into_iter().flatten().collect()
+}
+
+/// After a crash and a restart: every ticket in `acknowledged` (answered `201` before the
+/// crash) is confirmed, and no ticket or payment is left `pending`.
+pub async fn assert_nothing_lost(db: &TestDb, acknowledged: &[String]) {
+    for ticket in acknowledged {
+        let n = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM tickets WHERE id = '{ticket}' AND status = 'confirmed'"
+            ))
+            .await;
+        assert_eq!(n, 1, "acknowledged ticket {ticket} was lost");
+    }
+    for table in ["tickets", "payments"] {
+        let pending = db
+            .count(&format!(
+                "SELECT COUNT(*) FROM {table} WHERE status = 'pending'"
+            ))
+            .await;
+        assert_eq!(pending, 0, "{table} left pending");
+    }
 }

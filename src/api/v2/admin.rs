@@ -108,3 +108,31 @@ pub async fn queue_stats(
         )),
     }
 }
+
+/// `GET /api/v2/admin/nodes`: stage `services`' topology, every node with its role, id, pid,
+/// address and state, and for each inventory node the shards it holds with their epochs.
+#[utoipa::path(
+    get,
+    path = "/api/v2/admin/nodes",
+    tag = "v2",
+    operation_id = "v2AdminNodes",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The nodes and the shards each inventory node holds.", body = Object),
+        (status = 404, description = "This stage runs as one process (`not-services`).", body = Problem, content_type = "application/problem+json"),
+        AdminAuthProblems,
+    ),
+)]
+pub async fn nodes(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    match state.stage.topology().await {
+        Some(topology) => Ok(HttpResponse::Ok().json(topology?)),
+        None => Err(Problem::not_found(
+            "not-services",
+            format!(
+                "the {} stage runs as one process; stage services has nodes",
+                state.stage.kind()
+            ),
+        )),
+    }
+}
