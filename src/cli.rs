@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
     parse_duration, Durability, Failpoints, LatencyModel, LockedSettings, PaymentSettings,
-    Settings, StageKind,
+    Settings, StageKind, V1Access,
 };
 
 #[derive(Debug, Parser)]
@@ -199,9 +199,30 @@ pub struct ServeArgs {
     /// HTTP worker threads; 0 means one per core.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Most connections open at once (all workers together); past it a new connection is
+    /// answered 503 and closed at once. Keep it below the descriptor limit (`ulimit -n`).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Longest a request body may take to arrive in full; past it the request is answered 408
+    /// and its connection closed.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub body_timeout: Duration,
+    /// Longest a client may take to send a request's headers (answered 408 past it).
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pub header_timeout: Duration,
     /// Bearer token for API v2's admin routes; if unset, a random one is made and logged.
     #[arg(long, env = "TICKETFLOW_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Serve API v1 (no tokens, as in the seed) `open`, or `off`. Default: open when bound to a
+    /// loopback address, off otherwise.
+    #[arg(long, value_enum, env = "TICKETFLOW_V1")]
+    pub v1: Option<V1Access>,
+    /// Rate limit, repeatable: `off` (every limit lifted, for load tests), or `KIND=N/UNIT`
+    /// (unit `s`, `min` or `h`) or `KIND=off`, KIND one of `purchases` (v1, per client
+    /// address; default 20/s), `orders` (v2, per user; 10/s), `accounts` (v2 users created per
+    /// client address; 10/min).
+    #[arg(long = "rate-limit", value_parser = parse_rate_limit)]
+    pub rate_limit: Vec<String>,
     /// Most tickets one user may hold or own per event through API v2 orders.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub per_user_limit: u32,
@@ -263,6 +284,19 @@ fn parse_hold_ttl(raw: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+fn parse_rate_limit(raw: &str) -> Result<String, String> {
+    crate::config::RateLimits::default().apply(raw)?;
+    Ok(raw.to_owned())
+}
+
+fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d < Duration::from_millis(10) {
+        return Err("must be at least 10ms".into());
+    }
+    Ok(d)
+}
+
 fn parse_lock_ttl(raw: &str) -> Result<Duration, String> {
     let ttl = parse_duration(raw)?;
     if ttl < Duration::from_millis(10) {
@@ -290,8 +324,19 @@ impl ServeArgs {
             mailbox_capacity: self.mailbox_capacity as usize,
             max_batch: self.max_batch as usize,
             http_workers: self.workers,
+            max_connections: self.max_connections as usize,
+            body_timeout: self.body_timeout,
+            header_timeout: self.header_timeout,
             admin_token: self.admin_token.clone(),
             per_user_limit: self.per_user_limit,
+            v1: self.v1,
+            rate_limits: {
+                let mut limits = crate::config::RateLimits::default();
+                for rule in &self.rate_limit {
+                    limits.apply(rule).expect("checked by the parser");
+                }
+                limits
+            },
             purchase_transaction: self.purchase_transaction,
             locked: LockedSettings {
                 redis_url: self.locked.redis_url.clone(),

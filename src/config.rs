@@ -50,6 +50,120 @@ impl fmt::Display for StageKind {
     }
 }
 
+/// Whether API v1 (no tokens, as in the seed) is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum V1Access {
+    /// Served as in the seed: events created and tickets bought without a token.
+    Open,
+    /// Not served: every `/api/v1/...` path answers `404 api-v1-off`.
+    Off,
+}
+
+impl V1Access {
+    /// The setting when none is given: open only on a loopback address.
+    pub fn default_for(bind: SocketAddr) -> Self {
+        if bind.ip().is_loopback() {
+            Self::Open
+        } else {
+            Self::Off
+        }
+    }
+}
+
+/// A token bucket: `count` requests per `period`, in a burst or spread out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateRule {
+    pub count: u32,
+    pub period: Duration,
+}
+
+/// Per-client rate limits; `None` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    /// v1 purchases per client address.
+    pub purchases: Option<RateRule>,
+    /// v2 orders per user.
+    pub orders: Option<RateRule>,
+    /// v2 accounts created per client address.
+    pub accounts: Option<RateRule>,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        let second = Duration::from_secs(1);
+        Self {
+            purchases: Some(RateRule {
+                count: 20,
+                period: second,
+            }),
+            orders: Some(RateRule {
+                count: 10,
+                period: second,
+            }),
+            accounts: Some(RateRule {
+                count: 10,
+                period: Duration::from_secs(60),
+            }),
+        }
+    }
+}
+
+impl RateLimits {
+    /// Every limit lifted (load tests, most integration tests).
+    pub fn off() -> Self {
+        Self {
+            purchases: None,
+            orders: None,
+            accounts: None,
+        }
+    }
+
+    /// Applies one `--rate-limit` value: `off`, or `KIND=N/UNIT` (`s`, `min`, `h`) or
+    /// `KIND=off`, KIND one of `purchases`, `orders`, `accounts`.
+    pub fn apply(&mut self, raw: &str) -> Result<(), String> {
+        let raw = raw.trim();
+        if raw == "off" {
+            *self = Self::off();
+            return Ok(());
+        }
+        let (kind, rule) = raw
+            .split_once('=')
+            .ok_or_else(|| format!("`{raw}`: write off, or KIND=N/UNIT such as purchases=20/s"))?;
+        let slot = match kind.trim() {
+            "purchases" => &mut self.purchases,
+            "orders" => &mut self.orders,
+            "accounts" => &mut self.accounts,
+            other => {
+                return Err(format!(
+                    "`{other}` is not a limit; use purchases, orders or accounts"
+                ))
+            }
+        };
+        *slot = match rule.trim() {
+            "off" => None,
+            rule => {
+                let (count, unit) = rule
+                    .split_once('/')
+                    .ok_or_else(|| format!("`{rule}`: write N/UNIT, e.g. 20/s or 10/min"))?;
+                let count: u32 = count
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or_else(|| format!("`{count}`: the count must be 1 to 1000000"))?;
+                let period = match unit.trim() {
+                    "s" => Duration::from_secs(1),
+                    "min" => Duration::from_secs(60),
+                    "h" => Duration::from_secs(3600),
+                    other => return Err(format!("`{other}`: the unit must be s, min or h")),
+                };
+                Some(RateRule { count, period })
+            }
+        };
+        Ok(())
+    }
+}
+
 /// How long the simulated payment gateway takes to answer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LatencyModel {
@@ -245,10 +359,21 @@ pub struct Settings {
     pub http_workers: usize,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Most connections open at once, across every HTTP worker; past it a new connection is
+    /// answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Longest a request body may take to arrive in full (408 and the connection closed after).
+    pub body_timeout: Duration,
+    /// Longest a client may take to send a request's headers (408 after).
+    pub header_timeout: Duration,
     /// Bearer token for admin routes (API v2); when `None` the server makes one and logs it.
     pub admin_token: Option<String>,
     /// Most tickets one user may hold or own per event through API v2 orders.
     pub per_user_limit: u32,
+    /// Whether API v1 is served; `None`: open on a loopback address only.
+    pub v1: Option<V1Access>,
+    /// Per-client rate limits.
+    pub rate_limits: RateLimits,
     /// The `locked` stage's Redis settings.
     pub locked: LockedSettings,
     /// Stage `services`: this node's id and its shard leases.
@@ -259,6 +384,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Whether API v1 is served: the setting, or by default open on a loopback address only.
+    pub fn v1_access(&self) -> V1Access {
+        self.v1.unwrap_or_else(|| V1Access::default_for(self.bind))
+    }
+
     /// Defaults for a given database: the actor stage, the seed's payment gateway.
     pub fn new(database: impl Into<String>) -> Self {
         Self {
@@ -275,8 +405,13 @@ impl Settings {
             max_batch: 512,
             http_workers: 0,
             max_body_bytes: 16 * 1024,
+            max_connections: 10_000,
+            body_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(5),
             admin_token: None,
             per_user_limit: 4,
+            v1: None,
+            rate_limits: RateLimits::default(),
             locked: LockedSettings::default(),
             services: ServicesSettings::default(),
             purchase_transaction: false,
@@ -340,5 +475,54 @@ mod tests {
         assert!("3s..1s".parse::<LatencyModel>().is_err());
         assert!("fast".parse::<LatencyModel>().is_err());
         assert!("50".parse::<LatencyModel>().is_err());
+    }
+
+    #[test]
+    fn rate_limits_parse_off_and_per_kind_rules() {
+        let mut limits = RateLimits::default();
+        limits.apply("purchases=5/min").unwrap();
+        assert_eq!(
+            limits.purchases,
+            Some(RateRule {
+                count: 5,
+                period: Duration::from_secs(60)
+            })
+        );
+        limits.apply("orders=off").unwrap();
+        assert_eq!(limits.orders, None);
+        assert!(limits.accounts.is_some());
+        limits.apply("off").unwrap();
+        assert_eq!(limits, RateLimits::off());
+        for bad in [
+            "purchases",
+            "seats=1/s",
+            "orders=0/s",
+            "orders=3/day",
+            "orders=x/s",
+        ] {
+            assert!(RateLimits::default().apply(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn v1_is_open_by_default_on_loopback_only() {
+        for (bind, access) in [
+            ("127.0.0.1:8080", V1Access::Open),
+            ("[::1]:8080", V1Access::Open),
+            ("0.0.0.0:8080", V1Access::Off),
+            ("192.168.1.10:8080", V1Access::Off),
+        ] {
+            let mut settings = Settings::new("x.db");
+            settings.bind = bind.parse().unwrap();
+            assert_eq!(settings.v1_access(), access, "{bind}");
+        }
+        let mut settings = Settings::new("x.db");
+        settings.bind = "0.0.0.0:8080".parse().unwrap();
+        settings.v1 = Some(V1Access::Open);
+        assert_eq!(
+            settings.v1_access(),
+            V1Access::Open,
+            "an explicit setting wins"
+        );
     }
 }

@@ -60,8 +60,13 @@ impl fmt::Display for OrderId {
 /// How many tickets one order may hold.
 pub const MAX_TICKETS_PER_ORDER: u32 = 100;
 
+/// The prefix of every API v2 user's id. API v1's `userId` is a label the client declares; it
+/// may not start with this prefix, so a v1 label can never name (or count as) a v2 user.
+pub const V2_USER_PREFIX: &str = "v2:";
+
 /// A buyer's id. The seed's clients send it as a string or a number; both are accepted and
-/// kept as text (1..=200 characters, no control characters).
+/// kept as text (1..=200 characters, no control characters). API v2 users' ids are
+/// `v2:<uuid>`; API v1 labels are anything else (see [`UserId::v1_label`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct UserId(String);
@@ -85,6 +90,22 @@ impl UserId {
             ));
         }
         Ok(Self(trimmed.to_owned()))
+    }
+
+    /// API v1's `userId`: a label the client declares, which may not take a v2 user's
+    /// namespace (the `v2:` prefix, in any case).
+    pub fn v1_label(raw: &str) -> Result<Self, DomainError> {
+        let id = Self::parse(raw)?;
+        let reserved =
+            id.0.get(..V2_USER_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(V2_USER_PREFIX));
+        if reserved {
+            return Err(DomainError::invalid(
+                "userId",
+                "must not start with `v2:`, which is reserved for API v2 users",
+            ));
+        }
+        Ok(id)
     }
 
     pub fn as_str(&self) -> &str {
@@ -112,7 +133,8 @@ impl<'de> Deserialize<'de> for UserId {
             Raw::Text(s) => s,
             Raw::Number(n) => n.to_string(),
         };
-        UserId::parse(&raw).map_err(serde::de::Error::custom)
+        // Only API v1 reads a user id from a body: it is a v1 label.
+        UserId::v1_label(&raw).map_err(serde::de::Error::custom)
     }
 }
 
@@ -410,6 +432,20 @@ mod tests {
         assert!(serde_json::from_str::<UserId>("\"  \"").is_err());
         assert!(serde_json::from_str::<UserId>("-3").is_err());
         assert!(serde_json::from_str::<UserId>("true").is_err());
+    }
+
+    #[test]
+    fn a_v1_label_cannot_take_the_v2_namespace() {
+        for taken in ["v2:0b7c", "V2:0b7c", "  v2:x"] {
+            assert!(UserId::v1_label(taken).is_err(), "{taken}");
+            assert!(serde_json::from_str::<UserId>(&format!("\"{taken}\"")).is_err());
+        }
+        assert!(UserId::v1_label("v2").is_ok());
+        assert!(UserId::v1_label("alice:v2:").is_ok());
+        assert!(
+            UserId::parse("v2:0b7c").is_ok(),
+            "stored v2 ids still parse"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
 //! - [`api`]: the thin actix-web front, API v1 and v2 (a file per resource under [`api::v2`]),
 //!   admin routes, problem documents, and the OpenAPI document ([`api::openapi`]).
+//! - [`limits`]: the connection cap and the request-body deadline.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
 
@@ -32,6 +33,7 @@ pub mod domain;
 pub mod event_core;
 pub mod idempotency;
 pub mod inventory;
+pub mod limits;
 pub mod lock;
 pub mod payments;
 pub mod queue;

@@ -3,12 +3,13 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use actix_web::{dev::ServerHandle, web, App, HttpServer};
+use actix_web::{dev::ServerHandle, dev::Service, web, App, HttpServer};
 use anyhow::Context;
 
 use crate::api::{self, AppState};
 use crate::config::{cores, Settings};
 use crate::demo;
+use crate::limits::{self, ConnectionGate};
 use crate::payments::PaymentGateway;
 use crate::stages::{self, Stage, StageParts};
 use crate::store::{backend, DatabaseUrl, Store};
@@ -96,23 +97,43 @@ impl Server {
         })?;
         let addr = listener.local_addr()?;
         stage.bound(addr);
+        let limiters = api::rate::Limiters::new(&settings.rate_limits);
         let state = web::Data::new(AppState {
             stage: Arc::clone(&stage),
             payments,
             settings: settings.clone(),
             admin_token,
+            limiters: limiters.clone(),
+        });
+        // Buckets full again are forgotten now and then, so memory follows active clients.
+        actix_rt::spawn(async move {
+            loop {
+                actix_rt::time::sleep(api::rate::FORGET_EVERY).await;
+                limiters.forget_idle();
+            }
         });
         let serve_v2 = settings.stage != crate::config::StageKind::Monolith;
+        let serve_v1 = settings.v1_access() == crate::config::V1Access::Open;
         let max_body = settings.max_body_bytes;
         let workers = match settings.http_workers {
             0 => cores(),
             n => n,
         };
+        let gate = ConnectionGate::new(settings.max_connections);
+        let body_timeout = settings.body_timeout;
         let http = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .configure(|cfg| api::configure(cfg, max_body, serve_v2))
+                .configure(|cfg| api::configure(cfg, max_body, serve_v2, serve_v1))
+                .wrap_fn(move |mut req, srv| {
+                    limits::body_deadline(&mut req, body_timeout);
+                    srv.call(req)
+                })
         })
+        .on_connect(move |io, ext| gate.on_connect(io, ext))
+        .client_request_timeout(settings.header_timeout)
+        // actix's own per-worker cap stays above ours, which counts all workers together.
+        .max_connections(settings.max_connections + 1)
         .workers(workers)
         .backlog(4096)
         .max_connection_rate(4096)

@@ -136,6 +136,8 @@ async fn execute(
             settings.scenario, settings.seed, settings.seed
         );
     }
+    server::set_admin_token(common.admin_token.clone());
+    let admin_token = server::admin_token();
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut runs = Vec::new();
     if let Some(addr) = target {
@@ -143,25 +145,35 @@ async fn execute(
         let (stage, backend) = check_reachable(addr, &url).await?;
         let stage = stage.unwrap_or_else(|| "external".into());
         let label = crate::backend::label(&stage, backend);
-        runs.push(match measure(addr, &settings, &label, quiet).await? {
-            Err(why) => skipped(&stage, backend, why, Some(url)),
-            Ok((results, audit)) => RunReport {
-                stage,
-                backend,
-                status: "completed",
-                skip_reason: None,
-                target: Some(url),
-                server_args: None,
-                results: Some(results),
-                audit: Some(audit),
+        runs.push(
+            match measure(addr, &settings, &label, quiet, admin_token).await? {
+                Err(why) => skipped(&stage, backend, why, Some(url)),
+                Ok((results, audit)) => RunReport {
+                    stage,
+                    backend,
+                    status: "completed",
+                    skip_reason: None,
+                    target: Some(url),
+                    server_args: None,
+                    results: Some(results),
+                    audit: Some(audit),
+                },
             },
-        });
+        );
     } else {
         let bin = server::locate_server(common.server_bin.as_deref());
         let mut interrupts = Interrupts::new();
         for spec in stages {
             let bin = bin.as_deref();
-            let run = run_interruptible(spec, bin, &settings, common, quiet, &mut interrupts);
+            let run = run_interruptible(
+                spec,
+                bin,
+                &settings,
+                common,
+                quiet,
+                admin_token,
+                &mut interrupts,
+            );
             runs.push(run.await?);
         }
     }
@@ -208,6 +220,7 @@ pub(crate) async fn run_fresh(
         settings,
         common,
         quiet,
+        server::admin_token(),
         &mut interrupts,
     )
     .await
@@ -221,6 +234,7 @@ async fn run_stage(
     settings: &Settings,
     common: &Common,
     quiet: bool,
+    admin_token: &str,
     database: &mut Option<TempDatabase>,
 ) -> anyhow::Result<RunReport> {
     let label = spec.label();
@@ -264,7 +278,7 @@ async fn run_stage(
             return Ok(run);
         }
     };
-    let measured = measure(spawned.addr, settings, &label, quiet).await;
+    let measured = measure(spawned.addr, settings, &label, quiet, admin_token).await;
     spawned.stop().await;
     let target = Some(format!("http://{}", spawned.addr));
     let (results, audit) = match measured? {
@@ -296,11 +310,12 @@ async fn run_interruptible(
     settings: &Settings,
     common: &Common,
     quiet: bool,
+    admin_token: &str,
     interrupts: &mut Interrupts,
 ) -> anyhow::Result<RunReport> {
     let mut database = None;
     let outcome = tokio::select! {
-        run = run_stage(spec, bin, settings, common, quiet, &mut database) => run,
+        run = run_stage(spec, bin, settings, common, quiet, admin_token, &mut database) => run,
         signal = interrupts.next() => Err(anyhow::anyhow!(
             "interrupted by {signal}: stage {} stopped", spec.label()
         )),
@@ -401,6 +416,7 @@ async fn measure(
     settings: &Settings,
     label: &str,
     quiet: bool,
+    admin_token: &str,
 ) -> anyhow::Result<Result<(Results, audit::Audit), String>> {
     let fixture = match driver::setup(addr, settings).await {
         Ok(f) => f,
@@ -441,7 +457,14 @@ async fn measure(
     if !quiet {
         eprintln!("loadgen: {label}: load done, auditing");
     }
-    let audit = audit::audit(addr, &fixture, &outcome.buyers, settings.settle).await;
+    let audit = audit::audit(
+        addr,
+        &fixture,
+        &outcome.buyers,
+        settings.settle,
+        admin_token,
+    )
+    .await;
     Ok(Ok((Results::from_outcome(&outcome, settings), audit)))
 }
 

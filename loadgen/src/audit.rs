@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::driver::{BuyerRecord, Fixture};
-use crate::http::Conn;
+use crate::http::{Conn, Failure};
 
 /// One invariant's verdict.
 #[derive(Debug, Clone, Serialize)]
@@ -151,11 +151,13 @@ pub async fn audit(
     fixture: &Fixture,
     buyers: &[BuyerRecord],
     settle: Duration,
+    admin_token: &str,
 ) -> Audit {
     let mut conn = Conn::new(addr, Duration::from_secs(30));
     let mut notes = vec![];
-    let (server, quiet) = settled_audit(&mut conn, settle, &mut notes).await;
-    let ledger = read_ledger(&mut conn, &mut notes).await;
+    let admin = Admin(format!("Bearer {admin_token}"));
+    let (server, quiet) = settled_audit(&mut conn, &admin, settle, &mut notes).await;
+    let ledger = read_ledger(&mut conn, &admin, &mut notes).await;
     let client = check_client(addr, fixture, buyers, &mut notes).await;
     let mut invariants = judge(server.as_ref(), &client);
     if server.is_some() && !quiet.quiet {
@@ -261,11 +263,31 @@ fn server_count(server: &Value, id: &str) -> Option<(String, i64)> {
         .and_then(|(k, v)| v.as_i64().map(|n| (k.clone(), n)))
 }
 
+/// The `Authorization` header of the admin routes.
+struct Admin(String);
+
+impl Admin {
+    async fn get(&self, conn: &mut Conn, path: &str) -> Result<crate::http::Response, Failure> {
+        conn.send("GET", path, &[("Authorization", &self.0)], None)
+            .await
+    }
+}
+
+/// A note for an admin route's answer, with the fix for a refused token.
+fn refused(path: &str, status: u16) -> String {
+    if status == 401 || status == 403 {
+        format!("GET {path} answered {status}: give loadgen the server's --admin-token")
+    } else {
+        format!("GET {path} answered {status}")
+    }
+}
+
 /// Polls the server's audit until it says it is quiet, or `settle` runs out; returns the last
 /// audit document. A server that does not report `quiet` counts as quiet once nothing is
 /// pending (I4 zero).
 async fn settled_audit(
     conn: &mut Conn,
+    admin: &Admin,
     settle: Duration,
     notes: &mut Vec<String>,
 ) -> (Option<Value>, Quiet) {
@@ -277,7 +299,7 @@ async fn settled_audit(
         activity: None,
     };
     loop {
-        let doc = match conn.get("/api/v1/admin/audit").await {
+        let doc = match admin.get(conn, "/api/v1/admin/audit").await {
             Ok(r) if r.status == 200 => match serde_json::from_slice::<Value>(&r.body) {
                 Ok(v) => v,
                 Err(e) => {
@@ -286,7 +308,7 @@ async fn settled_audit(
                 }
             },
             Ok(r) => {
-                notes.push(format!("GET /api/v1/admin/audit answered {}", r.status));
+                notes.push(refused("/api/v1/admin/audit", r.status));
                 return (None, quiet);
             }
             Err(f) => {
@@ -308,7 +330,11 @@ async fn settled_audit(
 }
 
 /// Sums the whole ledger, following its pages (`next`) to the end.
-async fn read_ledger(conn: &mut Conn, notes: &mut Vec<String>) -> Option<LedgerSummary> {
+async fn read_ledger(
+    conn: &mut Conn,
+    admin: &Admin,
+    notes: &mut Vec<String>,
+) -> Option<LedgerSummary> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Entry {
@@ -323,10 +349,10 @@ async fn read_ledger(conn: &mut Conn, notes: &mut Vec<String>) -> Option<LedgerS
     let mut sum = LedgerSummary::default();
     let mut path = Some("/api/v1/admin/ledger?limit=1000".to_owned());
     while let Some(current) = path.take() {
-        let answer = match conn.get(&current).await {
+        let answer = match admin.get(conn, &current).await {
             Ok(r) if r.status == 200 => r,
             Ok(r) => {
-                notes.push(format!("GET {current} answered {}", r.status));
+                notes.push(refused(&current, r.status));
                 return None;
             }
             Err(f) => {

@@ -104,6 +104,11 @@ pub struct Common {
     /// Extra argument for started servers, repeatable (e.g. `--server-arg=--workers=2`).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+    /// The server's admin token, for its audit and ledger (`/api/v1/admin/...`). A started
+    /// stage is given it as `--admin-token`; without it, a random one is made for the run.
+    /// Against `--target`, give the token that server was started with.
+    #[arg(long, env = "TICKETFLOW_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// PostgreSQL server for `STAGE@postgres`: each such stage gets a fresh database there
     /// (`loadgen_<hex>`), dropped when the stage stops.
     #[arg(long, env = "POSTGRES_URL", default_value = crate::backend::DEFAULT_POSTGRES_URL)]

@@ -210,6 +210,7 @@ impl Ctx<'_> {
             server_bin: Some(self.bin.clone()),
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
             postgres_url: self.args.postgres_url.clone(),
+            admin_token: None,
             output: Output {
                 json: None,
                 markdown: None,
@@ -613,8 +614,14 @@ async fn start(
 /// The server's own audit (`GET /api/v1/admin/audit`).
 async fn server_audit(addr: SocketAddr) -> anyhow::Result<Value> {
     let mut conn = Conn::new(addr, Duration::from_secs(10));
+    let auth = format!("Bearer {}", crate::server::admin_token());
     let answer = conn
-        .get("/api/v1/admin/audit")
+        .send(
+            "GET",
+            "/api/v1/admin/audit",
+            &[("Authorization", &auth)],
+            None,
+        )
         .await
         .map_err(|f| anyhow::anyhow!("reading the audit: {}", f.as_str()))?;
     Ok(serde_json::from_slice(&answer.body)?)
@@ -841,8 +848,17 @@ async fn paused_holder(addr: SocketAddr, settings: &Settings) -> anyhow::Result<
     });
     let mut conn = Conn::new(addr, Duration::from_secs(10));
     let give_up = Instant::now() + Duration::from_secs(5);
+    let auth = format!("Bearer {}", crate::server::admin_token());
     loop {
-        let granted = match conn.get("/api/v1/admin/stats").await {
+        let granted = match conn
+            .send(
+                "GET",
+                "/api/v1/admin/stats",
+                &[("Authorization", &auth)],
+                None,
+            )
+            .await
+        {
             Ok(r) => serde_json::from_slice::<Value>(&r.body)
                 .ok()
                 .and_then(|s| s["lock"]["granted"].as_u64())

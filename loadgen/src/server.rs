@@ -82,6 +82,20 @@ impl From<String> for StartFailure {
 /// Starts `stage` on `database` (`None`: a fresh SQLite file in the temporary directory),
 /// waits for `GET /health`, or says why it could not. A port taken between choosing it and
 /// the server binding it (another run starting at the same moment) is retried on another port.
+static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the admin token this run uses (`--admin-token`); without one, a random one is made.
+/// The first call wins.
+pub fn set_admin_token(token: Option<String>) {
+    let _ = ADMIN_TOKEN
+        .set(token.unwrap_or_else(|| format!("loadgen-{:032x}", rand::random::<u128>())));
+}
+
+/// The admin token of this run: handed to every server loadgen starts, sent to the admin routes.
+pub fn admin_token() -> &'static str {
+    ADMIN_TOKEN.get_or_init(|| format!("loadgen-{:032x}", rand::random::<u128>()))
+}
+
 pub async fn start(
     bin: &Path,
     stage: &str,
@@ -120,6 +134,7 @@ async fn start_once(
     settings: &Settings,
     extra_args: &[String],
 ) -> Result<Spawned, StartFailure> {
+    let admin_token = admin_token();
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let (dir, owns_dir) = match place {
@@ -154,6 +169,10 @@ async fn start_once(
             settings.payment_failure_rate.to_string(),
             "--hold-ttl".into(),
             settings.hold_ttl.clone(),
+            // Every virtual user comes from 127.0.0.1: lift the per-client limits so a run
+            // measures the stage, not the limiter (a `--server-arg` may set them again).
+            "--rate-limit".into(),
+            "off".into(),
         ];
         args.extend(extra_args.iter().cloned());
         args
@@ -182,6 +201,8 @@ async fn start_once(
     let child = command
         .args(&args)
         .env("TICKETFLOW_LOG_FORMAT", "human")
+        // In the environment, not the arguments, so the report's command line never shows it.
+        .env("TICKETFLOW_ADMIN_TOKEN", admin_token)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

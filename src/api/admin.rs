@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
 
-use super::openapi::{GatewayProblem, PagingProblem};
+use super::auth::require_admin;
+use super::openapi::{AdminAuthProblems, GatewayProblem, PagingProblem};
 use super::{AppState, Problem};
 use crate::audit;
 use crate::domain::DomainError;
@@ -108,14 +109,18 @@ impl LedgerPage {
     path = "/api/v1/admin/ledger",
     tag = "v1",
     operation_id = "v1AdminLedger",
+    security(("admin_token" = [])),
     params(LedgerQuery),
     responses(
         (status = 200, description = "One page of the gateway's ledger: every run on this database, in the order written.", body = super::openapi::Ledger),
         PagingProblem,
+        AdminAuthProblems,
         GatewayProblem,
     ),
 )]
 pub async fn ledger(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    // The token first: a caller without one learns nothing from the paging parameters.
+    require_admin(&req, &state).await?;
     let page = LedgerQuery::from_request(&req)?.page()?;
     // One line more than the page tells whether another page follows.
     let mut entries = state
@@ -139,12 +144,15 @@ pub async fn ledger(req: HttpRequest, state: web::Data<AppState>) -> Result<Http
     path = "/api/v1/admin/audit",
     tag = "v1",
     operation_id = "v1AdminAudit",
+    security(("admin_token" = [])),
     responses(
         (status = 200, description = "Violation counts per invariant, per event.", body = audit::AuditReport),
+        AdminAuthProblems,
         GatewayProblem,
     ),
 )]
-pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+pub async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
     // What is under way is read first: work that ends between this read and the counts below
     // can only make the counts more settled, never hide a payment still in flight.
     let mut activity = state.stage.activity().await;
@@ -163,12 +171,15 @@ pub async fn audit(state: web::Data<AppState>) -> Result<HttpResponse, Problem> 
     path = "/api/v1/admin/stats",
     tag = "v1",
     operation_id = "v1AdminStats",
+    security(("admin_token" = [])),
     responses(
         (status = 200, description = "The stage's own figures; their shape depends on the stage.", body = Object),
+        AdminAuthProblems,
     ),
 )]
-pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.stage.stats().await)
+pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    Ok(HttpResponse::Ok().json(state.stage.stats().await))
 }
 
 #[cfg(test)]

@@ -32,11 +32,13 @@ pub async fn caller(req: &HttpRequest, state: &AppState) -> Result<Caller, Probl
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return Ok(Caller::Anonymous);
     };
+    // The scheme is case-insensitive (RFC 7235 section 2.1): `bearer` and `BEARER` are `Bearer`.
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| unauthenticated("send `Authorization: Bearer <token>`"))?;
     if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) {

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod openapi;
 pub mod problem;
+pub mod rate;
 pub mod v1;
 pub mod v2;
 
@@ -24,11 +25,19 @@ pub struct AppState {
     pub settings: Settings,
     /// The admin's bearer token (configured, or made at start and logged).
     pub admin_token: String,
+    /// Per-client rate limits.
+    pub limiters: rate::Limiters,
 }
 
 /// Registers every route, with problem documents for bad bodies, paths and methods. API v2 is
-/// served only when `serve_v2` (the monolith, like the seed's step 1, serves v1 only).
-pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: bool) {
+/// served only when `serve_v2` (the monolith, like the seed's step 1, serves v1 only), API v1
+/// only when `serve_v1` (`--v1`).
+pub fn configure(
+    cfg: &mut web::ServiceConfig,
+    max_body_bytes: usize,
+    serve_v2: bool,
+    serve_v1: bool,
+) {
     cfg.service(resource("/api").route(web::get().to(v2::root)))
         .service(resource(openapi::PATH).route(web::get().to(openapi::openapi_json)));
     if serve_v2 {
@@ -67,8 +76,13 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize, serve_v2: 
             .error_handler(problem::json_error),
     )
     .app_data(web::QueryConfig::default().error_handler(problem::query_error))
-    .service(resource("/health").route(web::get().to(admin::health)))
-    .service(
+    .service(resource("/health").route(web::get().to(admin::health)));
+    if !serve_v1 {
+        cfg.service(web::scope("/api/v1").default_service(web::to(v1_off)))
+            .default_service(web::to(not_found));
+        return;
+    }
+    cfg.service(
         resource("/api/v1/events")
             .route(web::get().to(v1::list_events))
             .route(web::post().to(v1::create_event)),
@@ -99,6 +113,13 @@ async fn v2_not_served() -> Problem {
     Problem::not_found(
         "api-v2-not-served",
         "this stage serves API v1 only, like the seed's step 1; start the server with another --stage for API v2",
+    )
+}
+
+async fn v1_off() -> Problem {
+    Problem::not_found(
+        "api-v1-off",
+        "API v1 is off on this server (`--v1 off`, the default off loopback); use API v2",
     )
 }
 

@@ -222,6 +222,12 @@ pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         JsonPayloadError::Deserialize(e) => {
             Problem::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
         }
+        JsonPayloadError::Payload(e) if crate::limits::is_body_timeout(e) => Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "Request body too slow",
+            e.to_string(),
+        ),
         other => Problem::bad_request("invalid-body", format!("could not read the body: {other}")),
     };
     problem.into()

@@ -253,15 +253,18 @@ pub async fn create_event(
         (status = 400, description = "No tickets left (`sold-out`, the seed's code), all remaining seats held (`tickets-held`, with `Retry-After`), or a bad body.", body = Problem, content_type = "application/problem+json"),
         (status = 402, description = "Payment failed; the ticket is cancelled and the seat returned (`payment-declined`).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The per-user limit is reached (`user-limit`), or the hold expired during payment (`hold-expired`).", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Past this client's rate limit (`rate-limited`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Overloaded or a dependency is down (`overloaded`, `dependency-unavailable`, `payment-gateway-unavailable`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         UnknownEventProblem,
         BodyProblems,
     ),
 )]
 pub async fn purchase(
+    req: actix_web::HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<PurchaseBody>,
 ) -> Result<HttpResponse, Problem> {
+    state.limiters.purchase(&req)?;
     let body = body.into_inner();
     let event = body.event_id.event_id()?;
     let ticket = state.stage.purchase(event, body.user_id).await?;
@@ -284,6 +287,6 @@ pub async fn user_tickets(
     state: web::Data<AppState>,
     user: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
-    let user = UserId::parse(&user)?;
+    let user = UserId::v1_label(&user)?;
     Ok(HttpResponse::Ok().json(state.stage.user_tickets(&user).await?))
 }

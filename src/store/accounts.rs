@@ -42,7 +42,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[async_trait]
 impl Accounts for Store {
     async fn create_user(&self, name: &str) -> StoreResult<NewUser> {
-        let id = Uuid::new_v4().to_string();
+        let id = format!("{}{}", crate::domain::V2_USER_PREFIX, Uuid::new_v4());
         let token =
             format!("tf_{}", Uuid::new_v4().simple()) + &Uuid::new_v4().simple().to_string();
         let created_at = timestamp(Utc::now());

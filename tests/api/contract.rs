@@ -263,7 +263,7 @@ async fn the_admin_ledger_and_audit_show_each_charge_and_decline() {
     let event = app.create_event(5).await;
     assert_eq!(app.purchase(event, "alice").await.0, 201);
 
-    let (status, ledger) = app.get_json("/api/v1/admin/ledger").await;
+    let (status, ledger) = app.admin_json("/api/v1/admin/ledger").await;
 
     assert_eq!(status, 200, "{ledger}");
     let entries = ledger["entries"].as_array().expect("ledger entries");

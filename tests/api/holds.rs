@@ -19,7 +19,7 @@ async fn a_payment_that_succeeds_after_the_hold_expired_is_refunded_and_the_seat
 
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["code"], "hold-expired");
-    let (_, ledger) = app.get_json("/api/v1/admin/ledger").await;
+    let (_, ledger) = app.admin_json("/api/v1/admin/ledger").await;
     let kinds: Vec<&str> = ledger["entries"]
         .as_array()
         .unwrap()

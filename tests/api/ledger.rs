@@ -41,6 +41,7 @@ async fn whole_ledger(client: &reqwest::Client, base: &str, limit: u32) -> Vec<V
     while let Some(path) = next.take() {
         let page: Value = client
             .get(format!("{base}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()
@@ -122,6 +123,7 @@ async fn kill_9_keeps_the_books(backend: Backend) {
 
     let audit: Value = client
         .get(format!("{}/api/v1/admin/audit", server.base))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()

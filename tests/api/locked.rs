@@ -89,7 +89,7 @@ async fn locked_app_on(
 }
 
 async fn stats(app: &TestApp) -> Value {
-    let (status, stats) = app.get_json("/api/v1/admin/stats").await;
+    let (status, stats) = app.admin_json("/api/v1/admin/stats").await;
     assert_eq!(status, 200, "{stats}");
     stats
 }
@@ -109,7 +109,7 @@ async fn stats_when(app: &TestApp, ready: impl Fn(&Value) -> bool) -> Value {
 
 /// Ledger lines of `kind` under `key`.
 async fn ledger_count(app: &TestApp, key_prefix: &str, kind: &str) -> usize {
-    let (status, ledger) = app.get_json("/api/v1/admin/ledger").await;
+    let (status, ledger) = app.admin_json("/api/v1/admin/ledger").await;
     assert_eq!(status, 200, "{ledger}");
     ledger["entries"]
         .as_array()

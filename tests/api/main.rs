@@ -6,12 +6,15 @@ mod helpers;
 
 mod contract;
 mod holds;
+mod identity;
 mod inventory_model;
 mod inventory_nodes;
 mod ledger;
+mod limits;
 mod locked;
 mod openapi;
 mod process;
+mod rate;
 mod recovery;
 mod seed_scripts;
 mod shards;

@@ -399,6 +399,22 @@ async fn real_answers_use_the_status_codes_the_document_declares() {
         "/api/v1/admin/ledger",
         "/api/v1/admin/audit",
         "/api/v1/admin/stats",
+    ] {
+        check("GET", path, app.get(path).await, 401);
+        check(
+            "GET",
+            path,
+            send(&app, Method::GET, path, user, None, None).await,
+            403,
+        );
+        check(
+            "GET",
+            path,
+            send(&app, Method::GET, path, admin, None, None).await,
+            200,
+        );
+    }
+    for path in [
         "/health",
         "/api",
         "/api/v2",

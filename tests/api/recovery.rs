@@ -3,6 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::backends::{on_both_backends, Backend, TestDb};
+use crate::helpers::ADMIN_TOKEN;
 use crate::process::{assert_nothing_lost, buy_until_killed, create_event, start_server};
 
 const SEATS: i64 = 60;
@@ -62,6 +63,7 @@ async fn kill_9_mid_purchase(backend: Backend) {
     );
     let audit: Value = client
         .get(format!("{}/api/v1/admin/audit", server.base))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -133,7 +135,11 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
             .await,
         1
     );
-    let audit: Value = reqwest::get(format!("{base}/api/v1/admin/audit"))
+    let admin = reqwest::Client::new();
+    let audit: Value = admin
+        .get(format!("{base}/api/v1/admin/audit"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
         .await
         .unwrap()
         .json()
@@ -141,7 +147,10 @@ async fn a_payment_left_pending_behind_an_expired_hold_is_settled_and_refunded_o
         .unwrap();
     assert_eq!(audit["ok"], true, "{audit}");
     // the test settings approve every charge, so the gateway must show it refunded
-    let ledger: Value = reqwest::get(format!("{base}/api/v1/admin/ledger"))
+    let ledger: Value = admin
+        .get(format!("{base}/api/v1/admin/ledger"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
         .await
         .unwrap()
         .json()

@@ -47,7 +47,7 @@ async fn stampede_on_actor(backend: Backend, seed: u64) {
     let audit = app.audit().await;
     assert_eq!(audit["ok"], true, "seed {seed}: {audit}");
     // the writer grouped the writes and never had to fall back to one transaction per write
-    let (_, stats) = app.get_json("/api/v1/admin/stats").await;
+    let (_, stats) = app.admin_json("/api/v1/admin/stats").await;
     let writer = &stats["writer"];
     assert_eq!(writer["fallbacks"], 0, "seed {seed}: {stats}");
     assert!(

@@ -166,7 +166,7 @@ async fn retry_storm(backend: Backend) {
     assert_eq!(app.count("SELECT COUNT(*) FROM tickets").await, 2);
     let location = original.headers["location"].to_str().unwrap().to_owned();
     settled(&app, &bob, &location).await;
-    let (_, ledger) = app.get_json("/api/v1/admin/ledger").await;
+    let (_, ledger) = app.admin_json("/api/v1/admin/ledger").await;
     assert_eq!(ledger["entries"].as_array().unwrap().len(), 1, "{ledger}");
     assert_eq!(app.audit().await["ok"], true);
     app.stop().await;

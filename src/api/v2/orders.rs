@@ -56,6 +56,7 @@ struct NewOrderBody {
             headers(("Location" = String, description = "The order's status URL."), ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key."))),
         (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, a value out of range, a missing or invalid Idempotency-Key, or no tickets left (`sold-out`, `tickets-held`).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not enough tickets left (`not-enough-tickets`), the per-user limit (`user-limit`), or a request with this Idempotency-Key still running (`idempotency-key-in-use`).", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Past this client's rate limit (`rate-limited`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Overloaded or a dependency is down (`overloaded`, `dependency-unavailable`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         UserAuthProblems,
         UnknownEventProblem,
@@ -69,6 +70,7 @@ pub async fn create_order(
     body: web::Json<Value>,
 ) -> Result<HttpResponse, Problem> {
     let user = require_user(&req, &state).await?;
+    state.limiters.order(user.as_str())?;
     let key = idempotency_key(&req)?;
     let body = body.into_inner();
     let print = fingerprint(&req, &body);

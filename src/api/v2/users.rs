@@ -36,13 +36,16 @@ struct NewUserBody {
         (status = 201, description = "The user and its bearer token, shown once.", body = openapi::UserCreated,
             headers(("Location" = String, description = "The user's orders."))),
         (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, or a bad name (`malformed-json`, `invalid-body`, `validation-failed`).", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Past this client's rate limit (`rate-limited`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
     ),
 )]
 pub async fn create_user(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<Value>,
 ) -> Result<HttpResponse, Problem> {
+    state.limiters.account(&req)?;
     let body: NewUserBody = parse_body(body.into_inner())?;
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
