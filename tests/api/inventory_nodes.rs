@@ -349,6 +349,7 @@ async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowled
     let (status, audit): (u16, serde_json::Value) = {
         let r = client
             .get(format!("{}/api/v1/admin/audit", second.base))
+            .bearer_auth(crate::helpers::ADMIN_TOKEN)
             .send()
             .await
             .unwrap();
