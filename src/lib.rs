@@ -10,7 +10,8 @@
 //! - [`payments`]: the simulated payment gateway, a pool of payment actors whose books (every
 //!   charge, decline and refund) are group-committed to the database and survive restarts.
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
-//!   the migrations of each, and the group-commit writer.
+//!   the migrations of each, the group-commit writer, and (`store::shards`) the shard leases
+//!   and epoch fence of stage `services`.
 //! - [`idempotency`]: the Idempotency-Key protocol (claim, run once, store, replay, recover).
 //! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
