@@ -120,34 +120,3 @@ fn timed_out(timeout: Duration) -> PayloadError {
 pub fn is_body_timeout(err: &PayloadError) -> bool {
     matches!(err, PayloadError::Io(e) if e.kind() == io::ErrorKind::TimedOut)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[actix_rt::test]
-    async fn a_body_that_never_ends_fails_at_its_deadline_and_a_complete_one_passes() {
-        let never: BodyStream = Box::pin(futures::stream::pending());
-        let mut req = actix_web::test::TestRequest::post()
-            .insert_header(("content-length", "10"))
-            .set_payload(Bytes::new())
-            .to_srv_request();
-        req.set_payload(Payload::from(never));
-        body_deadline(&mut req, Duration::from_millis(50));
-        let mut body = req.take_payload();
-        let err = body.next().await.unwrap().unwrap_err();
-        assert!(is_body_timeout(&err), "{err}");
-        assert!(
-            body.next().await.is_none(),
-            "the stream ends after the timeout"
-        );
-
-        let mut req = actix_web::test::TestRequest::post()
-            .insert_header(("content-length", "5"))
-            .set_payload(Bytes::from_static(b"hello"))
-            .to_srv_request();
-        body_deadline(&mut req, Duration::from_millis(50));
-        let mut body = req.take_payload();
-        assert_eq!(body.next().await.unwrap().unwrap(), "hello");
-    }
-}
