@@ -302,7 +302,7 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
 #[actix_web::test]
 async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowledged_is_lost() {
     use crate::process::{
-        assert_nothing_lost, buy_until_killed, create_event, start_inventory_node,
+        admin_get, assert_nothing_lost, buy_until_killed, create_event, start_inventory_node,
     };
     const SEATS: i64 = 60;
     let db = TestDb::new(Backend::Postgres);
@@ -346,28 +346,13 @@ async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowled
         .count("SELECT MAX(epoch) FROM shard_leases WHERE owner = 'inv-2'")
         .await;
     assert!(epochs >= 2, "the new owner's epoch is above the dead one's");
-    let (status, audit): (u16, serde_json::Value) = {
-        let r = client
-            .get(format!("{}/api/v1/admin/audit", second.base))
-            .bearer_auth(crate::helpers::ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    };
+    let (status, audit) = admin_get(&client, &second.base, "/api/v1/admin/audit").await;
     assert_eq!(status, 200, "{audit}");
     assert_eq!(audit["ok"], true, "{audit}");
 
     // The topology: the dead node down and holding nothing, the new one up with every shard.
-    let topology: serde_json::Value = client
-        .get(format!("{}/api/v2/admin/nodes", second.base))
-        .bearer_auth(crate::helpers::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, topology) = admin_get(&client, &second.base, "/api/v2/admin/nodes").await;
+    assert_eq!(status, 200, "{topology}");
     let nodes = topology["nodes"].as_array().expect("nodes");
     let node = |id: &str| {
         nodes

@@ -169,3 +169,14 @@ pub async fn assert_nothing_lost(db: &TestDb, acknowledged: &[String]) {
         assert_eq!(pending, 0, "{table} left pending");
     }
 }
+
+/// `GET base+path` with the admin token: the status and the JSON body.
+pub async fn admin_get(client: &reqwest::Client, base: &str, path: &str) -> (u16, Value) {
+    let r = client
+        .get(format!("{base}{path}"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}

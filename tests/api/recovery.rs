@@ -4,7 +4,9 @@ use serde_json::{json, Value};
 
 use crate::backends::{on_both_backends, Backend, TestDb};
 use crate::helpers::ADMIN_TOKEN;
-use crate::process::{assert_nothing_lost, buy_until_killed, create_event, start_server};
+use crate::process::{
+    admin_get, assert_nothing_lost, buy_until_killed, create_event, start_server,
+};
 
 const SEATS: i64 = 60;
 const BUYERS: usize = 150;
@@ -61,15 +63,7 @@ async fn kill_9_mid_purchase(backend: Backend) {
         db.count("SELECT COUNT(*) FROM (SELECT user_id FROM tickets WHERE status != 'cancelled' GROUP BY user_id HAVING COUNT(*) > 1) AS twice").await,
         0
     );
-    let audit: Value = client
-        .get(format!("{}/api/v1/admin/audit", server.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, audit) = admin_get(&client, &server.base, "/api/v1/admin/audit").await;
     assert_eq!(audit["ok"], true, "{audit}");
 
     // the restarted server keeps selling what is left
