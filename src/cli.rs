@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::config::NodeRole;
 use crate::config::{
     parse_duration, Durability, Failpoints, LatencyModel, LockedSettings, PaymentSettings,
     Settings, StageKind, V1Access,
@@ -42,23 +43,19 @@ pub enum Command {
     Node(Box<NodeArgs>),
 }
 
-/// The roles a `services` node can take. Only the inventory node is built so far; the
-/// gateway, catalog and payments nodes follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NodeRole {
-    /// Runs the event actors of the shards it holds a lease on, and serves the API for them.
-    Inventory,
-}
-
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// What this node does.
     #[arg(value_enum)]
     pub role: NodeRole,
     /// This node's id, unique in the deployment (it names the owner of its shard leases).
-    /// Defaults to `inventory-PID`.
+    /// Defaults to `ROLE-PID`.
     #[arg(long, env = "TICKETFLOW_NODE_ID")]
     pub node_id: Option<String>,
+    /// Where the payments node answers (`http://HOST:PORT`). By default the live payments
+    /// node is looked up in the database's node list.
+    #[arg(long, env = "TICKETFLOW_PAYMENTS_URL")]
+    pub payments_url: Option<String>,
     /// How long a shard lease lasts without renewal: a dead node's shards move to the others
     /// after at most this plus one renewal interval.
     #[arg(long, default_value = "3s", value_parser = parse_lease_ttl)]
@@ -100,10 +97,12 @@ impl NodeArgs {
         let mut settings = self.serve.settings();
         settings.stage = StageKind::Services;
         settings.services = crate::config::ServicesSettings {
+            role: self.role,
+            payments_url: self.payments_url.clone(),
             node_id: self
                 .node_id
                 .clone()
-                .unwrap_or_else(|| format!("inventory-{}", std::process::id())),
+                .unwrap_or_else(|| format!("{}-{}", self.role, std::process::id())),
             lease_ttl: self.lease_ttl,
             renew_every: self.renew_every,
             epoch_fence: !self.unsafe_no_epoch,

@@ -419,9 +419,45 @@ impl Settings {
     }
 }
 
+/// The roles a process of stage `services` can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Serves API v1 and v2 to clients and routes each purchase to its event's inventory node.
+    Gateway,
+    /// Owns the events: creates them and answers the event reads.
+    Catalog,
+    /// Runs the event actors of the shards it holds a lease on.
+    Inventory,
+    /// The payment actor pool and its books, behind an endpoint of its own.
+    Payments,
+}
+
+impl NodeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Catalog => "catalog",
+            Self::Inventory => "inventory",
+            Self::Payments => "payments",
+        }
+    }
+}
+
+impl fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Settings of a node of stage `services` (ignored by the other stages).
 #[derive(Debug, Clone)]
 pub struct ServicesSettings {
+    /// What this process does.
+    pub role: NodeRole,
+    /// Where the payments node answers (`http://HOST:PORT`); `None`: look the live one up in
+    /// the database's node list.
+    pub payments_url: Option<String>,
     /// This node's id, unique in the deployment: it names the owner of its shard leases.
     pub node_id: String,
     /// How long a shard lease lasts without renewal; a dead node's shards move after it.
@@ -435,6 +471,8 @@ pub struct ServicesSettings {
 impl Default for ServicesSettings {
     fn default() -> Self {
         Self {
+            role: NodeRole::Inventory,
+            payments_url: None,
             node_id: format!("inventory-{}", std::process::id()),
             lease_ttl: Duration::from_secs(3),
             renew_every: Duration::from_secs(1),

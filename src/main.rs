@@ -60,10 +60,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Simulate(_) => unreachable!("answered before the runtime is needed"),
         Command::Node(args) => {
             let settings = args.settings().map_err(|e| anyhow::anyhow!(e))?;
+            let role = settings.services.role;
+            if role != ticketflow::config::NodeRole::Inventory {
+                anyhow::bail!("`ticketflow node {role}` is not built yet (issue 8): only `node inventory` runs so far");
+            }
             let server = Server::build(settings.clone()).await?;
             tracing::info!(
                 addr = %server.addr(),
-                role = "inventory",
+                role = %role,
                 node = %settings.services.node_id,
                 db = %backend::redacted(&settings.database),
                 lease_ttl = ?settings.services.lease_ttl,
