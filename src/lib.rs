@@ -36,6 +36,7 @@ pub mod idempotency;
 pub mod inventory;
 pub mod limits;
 pub mod lock;
+pub mod meter;
 pub mod payments;
 pub mod queue;
 pub mod server;

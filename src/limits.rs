@@ -145,7 +145,10 @@ mod tests {
         req.set_payload(Payload::from(never));
         body_deadline(&mut req, Duration::from_millis(50));
         let mut body = req.take_payload();
-        let err = within("the deadline", body.next()).await.unwrap().unwrap_err();
+        let err = within("the deadline", body.next())
+            .await
+            .unwrap()
+            .unwrap_err();
         assert!(is_body_timeout(&err), "{err}");
         assert!(
             within("the end of the stream", body.next()).await.is_none(),

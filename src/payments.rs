@@ -143,13 +143,23 @@ impl PaymentGateway {
         amount: Money,
     ) -> Result<ChargeOutcome, GatewayUnavailable> {
         let _counted = self.track();
-        self.shard(key)
+        let started = std::time::Instant::now();
+        let answer = self
+            .shard(key)
             .send(Charge {
                 key: key.to_owned(),
                 amount_cents: amount.cents(),
             })
             .await
-            .map_err(|_| GatewayUnavailable)?
+            .map_err(|_| GatewayUnavailable)
+            .and_then(|answer| answer);
+        let outcome = match &answer {
+            Ok(ChargeOutcome::Approved { .. }) => "approved",
+            Ok(ChargeOutcome::Declined) => "declined",
+            Err(_) => "unavailable",
+        };
+        crate::meter::payment(outcome, started.elapsed());
+        answer
     }
 
     /// Refunds the successful charge made under `key`, if there is one.

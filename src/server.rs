@@ -97,6 +97,8 @@ impl Server {
         })?;
         let addr = listener.local_addr()?;
         stage.bound(addr);
+        crate::meter::install(settings.stage.as_str());
+        crate::meter::spawn_upkeep(std::time::Duration::from_secs(5));
         let limiters = api::rate::Limiters::new(&settings.rate_limits);
         let state = web::Data::new(AppState {
             stage: Arc::clone(&stage),
@@ -129,6 +131,7 @@ impl Server {
                     limits::body_deadline(&mut req, body_timeout);
                     srv.call(req)
                 })
+                .wrap(actix_web::middleware::from_fn(crate::meter::observe))
         })
         .on_connect(move |io, ext| gate.on_connect(io, ext))
         .client_request_timeout(settings.header_timeout)

@@ -76,7 +76,8 @@ pub fn configure(
             .error_handler(problem::json_error),
     )
     .app_data(web::QueryConfig::default().error_handler(problem::query_error))
-    .service(resource("/health").route(web::get().to(admin::health)));
+    .service(resource("/health").route(web::get().to(admin::health)))
+    .service(resource("/metrics").route(web::get().to(crate::meter::scrape)));
     if !serve_v1 {
         cfg.service(web::scope("/api/v1").default_service(web::to(v1_off)))
             .default_service(web::to(not_found));

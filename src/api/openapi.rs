@@ -38,6 +38,7 @@ pub const PATH: &str = "/api/openapi.json";
     paths(
         openapi_json,
         admin::health,
+        crate::meter::scrape,
         v2::root,
         v1::list_events,
         v1::create_event,

@@ -267,7 +267,12 @@ pub async fn purchase(
     state.limiters.purchase(&req)?;
     let body = body.into_inner();
     let event = body.event_id.event_id()?;
-    let ticket = state.stage.purchase(event, body.user_id).await?;
+    crate::meter::record_id("event_id", &event);
+    crate::meter::record_id("user_id", &body.user_id);
+    let started = std::time::Instant::now();
+    let bought = state.stage.purchase(event, body.user_id).await;
+    crate::meter::purchase_answered(started, bought.as_ref().err());
+    let ticket = bought?;
     Ok(HttpResponse::Created().json(ticket))
 }
 

@@ -130,6 +130,7 @@ impl Store {
         sql::finish_order(&mut tx, order, OrderStatus::Cancelled, Some(reason), &now).await?;
         sql::settle_payment(&mut tx, order, payment, &now).await?;
         tx.commit().await?;
+        crate::meter::settled(Some(reason));
         Ok(true)
     }
 
@@ -140,6 +141,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sql::confirm_order(&mut tx, order, &now).await?;
         tx.commit().await?;
+        crate::meter::settled(None);
         Ok(())
     }
 

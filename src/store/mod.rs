@@ -333,7 +333,9 @@ impl Store {
     pub async fn confirm_order(&self, order: OrderId) -> StoreResult<()> {
         let now = timestamp(Utc::now());
         let mut conn = self.pool.acquire().await?;
-        Ok(sql::confirm_order(&mut conn, order, &now).await?)
+        sql::confirm_order(&mut conn, order, &now).await?;
+        crate::meter::settled(None);
+        Ok(())
     }
 
     /// Step 4b: the order cancelled, then its payment failed; inventory is not touched.
@@ -342,6 +344,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         sql::finish_order(&mut conn, order, OrderStatus::Cancelled, Some(reason), &now).await?;
         sql::settle_payment(&mut conn, order, PaymentStatus::Failed, &now).await?;
+        crate::meter::settled(Some(reason));
         Ok(())
     }
 
@@ -369,6 +372,7 @@ impl Store {
         Ok(WriteTx {
             conn,
             finished: false,
+            settled: Vec::new(),
         })
     }
 
@@ -732,6 +736,8 @@ fn money(cents: i64) -> StoreResult<Money> {
 pub struct WriteTx {
     conn: sqlx::pool::PoolConnection<sqlx::Any>,
     finished: bool,
+    /// Outcomes written in this transaction, counted in the metrics once it commits.
+    settled: Vec<Option<CancelReason>>,
 }
 
 impl WriteTx {
@@ -760,6 +766,7 @@ impl WriteTx {
             .bind(event.0)
             .execute(&mut *self.conn)
             .await?;
+        self.settled.push(None);
         Ok(())
     }
 
@@ -774,11 +781,16 @@ impl WriteTx {
         )
         .await?;
         sql::settle_payment(&mut self.conn, order, PaymentStatus::Failed, &now).await?;
+        self.settled.push(Some(reason));
         Ok(())
     }
 
     pub async fn commit(mut self) -> StoreResult<()> {
-        self.end("COMMIT").await
+        self.end("COMMIT").await?;
+        for outcome in self.settled.drain(..) {
+            crate::meter::settled(outcome);
+        }
+        Ok(())
     }
 
     pub async fn rollback(mut self) -> StoreResult<()> {

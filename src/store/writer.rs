@@ -216,7 +216,9 @@ async fn commit(
             stats
                 .writes
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            for (_, ack) in batch.drain(..) {
+            crate::meter::writer_batch(batch.len());
+            for (op, ack) in batch.drain(..) {
+                committed(&op);
                 answer(stats, ack, Ok(()));
             }
         }
@@ -234,12 +236,26 @@ async fn commit(
                     Ok(())
                 }
                 .await;
-                if let Err(error) = &alone {
-                    tracing::error!(%error, ?op, "write refused");
+                match &alone {
+                    Ok(()) => {
+                        crate::meter::writer_batch(1);
+                        committed(&op);
+                    }
+                    Err(error) => tracing::error!(%error, ?op, "write refused"),
                 }
                 answer(stats, ack, alone);
             }
         }
+    }
+}
+
+/// Counts a committed write that settled a purchase in the metrics, and tells the event's
+/// availability streams when seats moved.
+fn committed(op: &WriteOp) {
+    match op {
+        WriteOp::Confirm { .. } => crate::meter::settled(None),
+        WriteOp::Cancel { reason, .. } => crate::meter::settled(Some(*reason)),
+        WriteOp::Hold(_) | WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
     }
 }
 

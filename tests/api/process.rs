@@ -64,6 +64,19 @@ async fn start_binary(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
+    start_binary_with(command, &[], (Stdio::null(), "warn"), db, seed, client).await
+}
+
+/// [`start_binary`] with `extra` arguments after the usual ones (a later flag wins, e.g.
+/// `--rate-limit`), and the server's log (`stderr`, filtered by `RUST_LOG`) as `log` says.
+pub async fn start_binary_with(
+    command: &[&str],
+    extra: &[&str],
+    log: (Stdio, &str),
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
         .args(command)
@@ -75,9 +88,10 @@ async fn start_binary(
         .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
         // The buyers all come from loopback: measure the stage, not the limiter.
         .args(["--rate-limit", "off"])
-        .env("RUST_LOG", "warn")
+        .args(extra)
+        .env("RUST_LOG", log.1)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.0)
         .spawn()
         .expect("the ticketflow binary starts");
     let base = format!("http://127.0.0.1:{port}");

@@ -70,6 +70,7 @@ pub async fn create_order(
     body: web::Json<Value>,
 ) -> Result<HttpResponse, Problem> {
     let user = require_user(&req, &state).await?;
+    crate::meter::record_id("user_id", &user);
     state.limiters.order(user.as_str())?;
     let key = idempotency_key(&req)?;
     let body = body.into_inner();
@@ -78,6 +79,7 @@ pub async fn create_order(
     if parsed.event_id <= 0 {
         return Err(DomainError::invalid("eventId", "must be a positive integer").into());
     }
+    crate::meter::record_id("event_id", &parsed.event_id);
     let request = OrderRequest {
         event: EventId(parsed.event_id),
         user: user.clone(),
@@ -91,8 +93,14 @@ pub async fn create_order(
         }),
     };
     let stage = Arc::clone(&state.stage);
+    // The order is placed in a task of its own: it records its id on this request's span.
+    let span = tracing::Span::current();
     idempotent(&state, &user, &key, print, async move {
-        let order = stage.place_order(request).await?;
+        let started = std::time::Instant::now();
+        let placed = stage.place_order(request).await;
+        crate::meter::purchase_answered(started, placed.as_ref().err());
+        let order = placed?;
+        span.record("order_id", tracing::field::display(&order.id));
         Ok(Answer {
             status: StatusCode::ACCEPTED,
             body: accepted_answer(&order),
