@@ -12,6 +12,7 @@ mod inventory_nodes;
 mod ledger;
 mod limits;
 mod locked;
+mod logs;
 mod metrics;
 mod openapi;
 mod process;
