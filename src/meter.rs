@@ -43,6 +43,7 @@ pub const LOCK_WAIT: &str = "ticketflow_lock_wait_seconds";
 pub const QUEUE_DEPTH: &str = "ticketflow_queue_depth";
 pub const RATE_LIMITED: &str = "ticketflow_rate_limited_total";
 pub const STREAMS_OPEN: &str = "ticketflow_availability_streams_open";
+pub const STREAM_READS: &str = "ticketflow_availability_reads_total";
 
 /// The label every path that matched no route shares.
 pub const UNMATCHED: &str = "unmatched";
@@ -128,6 +129,10 @@ fn describe() {
         "Requests answered 429 by a rate limit, by limit"
     );
     describe_gauge!(STREAMS_OPEN, "Availability streams open now");
+    describe_counter!(
+        STREAM_READS,
+        "Reads of an event by its availability streams (one at the start, then one per change)"
+    );
 }
 
 fn stage() -> &'static str {
@@ -193,6 +198,11 @@ pub fn rate_limited(limit: &'static str) {
 /// One availability stream more (`+1.0`) or fewer (`-1.0`).
 pub fn stream(delta: f64) {
     gauge!(STREAMS_OPEN).increment(delta);
+}
+
+/// An availability stream read its event.
+pub fn stream_read() {
+    counter!(STREAM_READS).increment(1);
 }
 
 /// The `X-Request-Id` header: the client's if it sent a short printable one, else made here.

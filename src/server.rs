@@ -106,6 +106,11 @@ impl Server {
             settings: settings.clone(),
             admin_token,
             limiters: limiters.clone(),
+            streams: api::streams::StreamSlots::new(
+                settings.max_streams,
+                settings.max_streams_per_client,
+            ),
+            changes: store.changes().clone(),
         });
         // Buckets full again are forgotten now and then, so memory follows active clients.
         actix_rt::spawn(async move {

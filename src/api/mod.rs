@@ -5,6 +5,7 @@ pub mod auth;
 pub mod openapi;
 pub mod problem;
 pub mod rate;
+pub mod streams;
 pub mod v1;
 pub mod v2;
 
@@ -27,6 +28,10 @@ pub struct AppState {
     pub admin_token: String,
     /// Per-client rate limits.
     pub limiters: rate::Limiters,
+    /// The availability streams open, under their caps.
+    pub streams: streams::StreamSlots,
+    /// Told when an event's availability changes (the streams wait on it).
+    pub changes: crate::store::changes::Changes,
 }
 
 /// Registers every route, with problem documents for bad bodies, paths and methods. API v2 is

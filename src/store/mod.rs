@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod backend;
+pub mod changes;
 pub mod fenced;
 pub mod gateway;
 pub mod shards;
@@ -191,6 +192,8 @@ pub trait Records: Catalog + OrderBook + Accounts + IdempotencyRecords + AuditRe
 pub struct Store {
     pool: AnyPool,
     url: DatabaseUrl,
+    /// Told after each committed change of an event's availability (the streams listen).
+    changes: changes::Changes,
 }
 
 /// An order whose payment was left `pending` by a run that stopped (found at start-up).
@@ -262,7 +265,11 @@ impl Store {
     pub async fn open(database: &str, durability: Durability) -> StoreResult<Self> {
         let url = DatabaseUrl::parse(database, durability)?;
         let pool = url.open_pool().await?;
-        Ok(Self { pool, url })
+        Ok(Self {
+            pool,
+            url,
+            changes: changes::Changes::default(),
+        })
     }
 
     /// Another handle on the same database with a pool of its own of at most `connections`,
@@ -272,7 +279,13 @@ impl Store {
         Ok(Self {
             pool: self.url.pool_of(connections).await?,
             url: self.url.clone(),
+            changes: self.changes.clone(),
         })
+    }
+
+    /// Who is told when an event's availability changes (shared by every clone).
+    pub fn changes(&self) -> &changes::Changes {
+        &self.changes
     }
 
     /// Which engine this store runs on.
@@ -288,7 +301,13 @@ impl Store {
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity, None))
+        Ok(writer::start(
+            conn,
+            max_batch,
+            capacity,
+            None,
+            self.changes.clone(),
+        ))
     }
 
     /// Like [`Self::start_writer`], for an inventory node of stage `services`: every
@@ -302,7 +321,13 @@ impl Store {
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         self.require_postgres("an epoch-fenced writer")?;
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity, Some(fence)))
+        Ok(writer::start(
+            conn,
+            max_batch,
+            capacity,
+            Some(fence),
+            self.changes.clone(),
+        ))
     }
 
     pub async fn close(&self) {
@@ -356,6 +381,7 @@ impl Store {
             .bind(id.0)
             .execute(&self.pool)
             .await?;
+        self.changes.changed(id);
         Ok(())
     }
 
@@ -373,6 +399,8 @@ impl Store {
             conn,
             finished: false,
             settled: Vec::new(),
+            moved: Vec::new(),
+            changes: self.changes.clone(),
         })
     }
 
@@ -738,6 +766,9 @@ pub struct WriteTx {
     finished: bool,
     /// Outcomes written in this transaction, counted in the metrics once it commits.
     settled: Vec<Option<CancelReason>>,
+    /// Events whose availability this transaction moved, told once it commits.
+    moved: Vec<EventId>,
+    changes: changes::Changes,
 }
 
 impl WriteTx {
@@ -767,6 +798,7 @@ impl WriteTx {
             .execute(&mut *self.conn)
             .await?;
         self.settled.push(None);
+        self.moved.push(event);
         Ok(())
     }
 
@@ -789,6 +821,9 @@ impl WriteTx {
         self.end("COMMIT").await?;
         for outcome in self.settled.drain(..) {
             crate::meter::settled(outcome);
+        }
+        for event in self.moved.drain(..) {
+            self.changes.changed(event);
         }
         Ok(())
     }

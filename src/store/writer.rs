@@ -14,6 +14,7 @@ use chrono::Utc;
 use sqlx::{AnyConnection, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::changes::Changes;
 use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
 use super::{StoreError, StoreResult};
@@ -150,10 +151,15 @@ pub(super) fn start(
     max_batch: usize,
     capacity: usize,
     fence: Option<Arc<ShardFence>>,
+    changes: Changes,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
-    let task = tokio::spawn(run(conn, rx, max_batch.max(1), Arc::clone(&stats), fence));
+    let told = Told {
+        stats: Arc::clone(&stats),
+        changes,
+    };
+    let task = tokio::spawn(run(conn, rx, max_batch.max(1), told, fence));
     (WriteHandle { tx, stats }, task)
 }
 
@@ -180,16 +186,22 @@ pub fn start_acknowledging(
     (WriteHandle { tx, stats }, task)
 }
 
+/// What the writer reports to: its counters, and the availability streams.
+struct Told {
+    stats: Arc<WriterStats>,
+    changes: Changes,
+}
+
 async fn run(
     mut conn: AnyConnection,
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
-    stats: Arc<WriterStats>,
+    told: Told,
     fence: Option<Arc<ShardFence>>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut conn, &mut batch, &stats, fence.as_deref()).await;
+        commit(&mut conn, &mut batch, &told, fence.as_deref()).await;
     }
     let _ = sqlx::Connection::close(conn).await;
 }
@@ -197,9 +209,10 @@ async fn run(
 async fn commit(
     conn: &mut AnyConnection,
     batch: &mut Vec<(WriteOp, Ack)>,
-    stats: &WriterStats,
+    told: &Told,
     fence: Option<&ShardFence>,
 ) {
+    let stats = told.stats.as_ref();
     let together = async {
         let mut tx = conn.begin().await?;
         if let Some(fence) = fence {
@@ -218,7 +231,7 @@ async fn commit(
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             crate::meter::writer_batch(batch.len());
             for (op, ack) in batch.drain(..) {
-                committed(&op);
+                committed(&op, &told.changes);
                 answer(stats, ack, Ok(()));
             }
         }
@@ -239,7 +252,7 @@ async fn commit(
                 match &alone {
                     Ok(()) => {
                         crate::meter::writer_batch(1);
-                        committed(&op);
+                        committed(&op, &told.changes);
                     }
                     Err(error) => tracing::error!(%error, ?op, "write refused"),
                 }
@@ -251,11 +264,15 @@ async fn commit(
 
 /// Counts a committed write that settled a purchase in the metrics, and tells the event's
 /// availability streams when seats moved.
-fn committed(op: &WriteOp) {
+fn committed(op: &WriteOp, changes: &Changes) {
     match op {
+        WriteOp::Hold(order) => changes.changed(order.event),
         WriteOp::Confirm { .. } => crate::meter::settled(None),
-        WriteOp::Cancel { reason, .. } => crate::meter::settled(Some(*reason)),
-        WriteOp::Hold(_) | WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
+        WriteOp::Cancel { reason, event, .. } => {
+            crate::meter::settled(Some(*reason));
+            changes.changed(*event);
+        }
+        WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
     }
 }
 

@@ -23,4 +23,5 @@ mod shards;
 mod simulate;
 mod stampede;
 mod storage;
+mod streams;
 mod v2;

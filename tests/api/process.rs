@@ -78,11 +78,20 @@ pub async fn start_binary_with(
     client: &reqwest::Client,
 ) -> Process {
     let port = free_port();
+    // A default is left out when `extra` gives the same flag.
+    let defaults = [
+        ["--payment-failure-rate", "0.3"],
+        ["--payment-latency", "20ms..400ms"],
+    ];
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
         .args(command)
         .args(["--seed", &seed.to_string()])
-        .args(["--payment-failure-rate", "0.3"])
-        .args(["--payment-latency", "20ms..400ms"])
+        .args(
+            defaults
+                .iter()
+                .filter(|[flag, _]| !extra.contains(flag))
+                .flatten(),
+        )
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args(["--db", db.url()])
         .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
