@@ -246,7 +246,7 @@ pub async fn create_event(
 ) -> Result<HttpResponse, Problem> {
     require_admin(&req, &state).await?;
     let key = idempotency_key(&req)?;
-    let body = body.into_inner();
+    let body = crate::api::integral_numbers(body.into_inner());
     let print = fingerprint(&req, &body);
     let parsed: NewEventBody = parse_body(body)?;
     let price = Money::from_cents(parsed.price_cents)
