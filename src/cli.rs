@@ -95,6 +95,9 @@ impl NodeArgs {
             ));
         }
         let mut settings = self.serve.settings();
+        if settings.admin_token.is_none() {
+            return Err("`ticketflow node` needs --admin-token (TICKETFLOW_ADMIN_TOKEN), the same on every node: the nodes call each other with it".into());
+        }
         settings.stage = StageKind::Services;
         settings.services = crate::config::ServicesSettings {
             role: self.role,

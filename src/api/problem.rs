@@ -22,6 +22,9 @@ pub struct Problem {
     pub code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+    /// Stage `services`: the order whose outcome is not known yet, to look up later.
+    #[serde(rename = "orderId", skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
     #[serde(skip)]
     pub retry_after_secs: Option<u64>,
 }
@@ -40,6 +43,7 @@ impl Problem {
             detail: detail.into(),
             code,
             field: None,
+            order_id: None,
             retry_after_secs: None,
         }
     }
@@ -106,6 +110,16 @@ impl From<StoreError> for Problem {
                 "Conflict",
                 "the request conflicts with the current state",
             );
+        }
+        if let StoreError::Unavailable(cause) = &e {
+            tracing::warn!(%cause, "a dependency is unavailable");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "dependency-unavailable",
+                "Service unavailable",
+                e.to_string(),
+            )
+            .retry_after(1);
         }
         tracing::error!(error = %e, "storage failure");
         Self::internal()
@@ -175,6 +189,17 @@ impl From<PurchaseError> for Problem {
                 detail,
             )
             .retry_after(1),
+            PurchaseError::Unresolved { order } => {
+                let mut problem = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome-unknown",
+                    "Outcome not known yet",
+                    detail,
+                )
+                .retry_after(2);
+                problem.order_id = Some(order.to_string());
+                problem
+            }
             PurchaseError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dependency-unavailable",
