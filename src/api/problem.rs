@@ -24,9 +24,10 @@ pub struct Problem {
     pub field: Option<&'static str>,
     /// Stage `services`: the order whose outcome is not known yet, to look up later.
     #[serde(rename = "orderId", skip_serializing_if = "Option::is_none")]
-    pub order_id: Option<String>,
+    /// Boxed: a problem is every handler's error, so it stays small.
+    pub order_id: Option<Box<crate::domain::OrderId>>,
     #[serde(skip)]
-    pub retry_after_secs: Option<u64>,
+    pub retry_after_secs: Option<u32>,
 }
 
 impl Problem {
@@ -49,7 +50,7 @@ impl Problem {
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
-        self.retry_after_secs = Some(secs);
+        self.retry_after_secs = Some(u32::try_from(secs).unwrap_or(u32::MAX));
         self
     }
 
@@ -197,7 +198,7 @@ impl From<PurchaseError> for Problem {
                     detail,
                 )
                 .retry_after(2);
-                problem.order_id = Some(order.to_string());
+                problem.order_id = Some(Box::new(order));
                 problem
             }
             PurchaseError::Unavailable(_) => Self::new(

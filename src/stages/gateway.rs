@@ -124,7 +124,11 @@ impl GatewayNode {
         let keeper = Arc::clone(&gateway);
         actix_rt::spawn(async move {
             while !keeper.stopping.load(Ordering::Acquire) {
-                let addr = keeper.addr.lock().expect("gateway address poisoned").clone();
+                let addr = keeper
+                    .addr
+                    .lock()
+                    .expect("gateway address poisoned")
+                    .clone();
                 if let Err(error) = keeper
                     .store
                     .node_seen(
@@ -403,9 +407,10 @@ impl Gateway {
 fn ticket_of(order: &Order) -> Result<Ticket, PurchaseError> {
     match order.status {
         OrderStatus::Confirmed => {
-            let id = *order.tickets.first().ok_or_else(|| {
-                StoreError::Corrupt(format!("order {} has no ticket", order.id))
-            })?;
+            let id = *order
+                .tickets
+                .first()
+                .ok_or_else(|| StoreError::Corrupt(format!("order {} has no ticket", order.id)))?;
             let price = Money::from_cents(order.amount_cents)
                 .map_err(|e| StoreError::Corrupt(format!("order {}: {e}", order.id)))?;
             Ok(Ticket {
@@ -470,7 +475,10 @@ impl Stage for GatewayNode {
             user: request.user.as_str().to_owned(),
             quantity: request.quantity,
             per_user_limit: request.per_user_limit,
-            idempotency: request.idempotency.as_ref().map(|k| (k.key.clone(), k.status)),
+            idempotency: request
+                .idempotency
+                .as_ref()
+                .map(|k| (k.key.clone(), k.status)),
         };
         match self
             .inner
