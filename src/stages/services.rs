@@ -24,6 +24,10 @@ use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::store::shards::{ShardFence, ShardLease, NOT_OWNER, SHARDS};
 use crate::store::{Records, Store, StoreError};
 
+/// Whether `serve --stage services` starts a payments node (issue 8: not built yet; until
+/// then each inventory node runs its own payment actors).
+pub const PAYMENTS_NODE_BUILT: bool = false;
+
 /// The role an inventory node reports itself under.
 pub const INVENTORY: &str = "inventory";
 
