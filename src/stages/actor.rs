@@ -253,6 +253,17 @@ impl Inner {
         self.actor(event).ok_or(PurchaseError::UnknownEvent)
     }
 
+    /// The seed of the ids an event's actor mints: the run's seed, and on an inventory node
+    /// the epoch it holds the event's shard at, so two owners of one shard never mint the same
+    /// ids (an owner that lost its shard is stopped by the epoch fence, not by an id clash).
+    fn id_seed(&self, event: EventId) -> u64 {
+        let seed = self.parts.settings.seed;
+        match self.fence.as_ref().and_then(|f| f.epoch(shard_of(event))) {
+            Some(epoch) => seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            None => seed,
+        }
+    }
+
     async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
         let price = Money::from_cents(event.price_cents)
             .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
@@ -271,7 +282,7 @@ impl Inner {
             price,
             inventory,
             self.writer.clone(),
-            settings.seed,
+            self.id_seed(event.id),
             issued,
             settings.hold_ttl,
             queued.clone(),
