@@ -61,8 +61,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(args) => {
             let settings = args.settings().map_err(|e| anyhow::anyhow!(e))?;
             let role = settings.services.role;
-            if role != ticketflow::config::NodeRole::Inventory {
-                anyhow::bail!("`ticketflow node {role}` is not built yet (issue 8): only `node inventory` runs so far");
+            use ticketflow::config::NodeRole;
+            if !matches!(role, NodeRole::Inventory | NodeRole::Payments) {
+                anyhow::bail!("`ticketflow node {role}` is not built yet (issue 8): only `node inventory` and `node payments` run so far");
             }
             let server = Server::build(settings.clone()).await?;
             tracing::info!(

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::audit::Activity;
-use crate::config::{Settings, StageKind};
+use crate::config::{NodeRole, Settings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
 use crate::store::{EventQuery, OrderKey, Records, Store, StoreError, StoreResult};
@@ -190,6 +190,9 @@ pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
         StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
+        StageKind::Services if parts.settings.services.role == NodeRole::Payments => {
+            Arc::new(crate::payments::service::PaymentsNode::start(parts).await?)
+        }
         StageKind::Services => Arc::new(services::InventoryNode::start(parts).await?),
     })
 }

@@ -347,11 +347,14 @@ impl Stage for InventoryNode {
 }
 
 /// A write the epoch fence refused mid-purchase: the shard moved, and the new owner settles it.
+/// The payments node not answering is a dependency down (`503 dependency-unavailable`): the
+/// node keeps asking it under the same key in the background and settles the purchase then.
 fn owner_changed(error: PurchaseError) -> PurchaseError {
     match error {
         PurchaseError::Store(StoreError::Conflict(message)) if message.contains(NOT_OWNER) => {
             PurchaseError::OwnerChanged
         }
+        PurchaseError::Gateway(_) => PurchaseError::Unavailable("the payments node"),
         other => other,
     }
 }
