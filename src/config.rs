@@ -16,8 +16,8 @@ pub enum StageKind {
     /// The seed's step 2: a Redis lock per event (with a fencing token), a Redis payment queue.
     Locked,
     /// The seed's step 3: event actors sharded over inventory nodes on PostgreSQL. So far only
-    /// the inventory node is built (`ticketflow node inventory`), so `serve --stage` does not
-    /// offer it yet.
+    /// the inventory and payments nodes are built (`ticketflow node inventory|payments`), so
+    /// `serve --stage` does not offer it yet.
     #[value(skip)]
     Services,
 }

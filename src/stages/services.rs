@@ -5,9 +5,10 @@
 //! ([`crate::store::shards`]). Its writer proves each shard's epoch in every transaction, so a
 //! node that paused past its lease cannot write once another node has taken over.
 //!
-//! Built so far: the inventory node. Still to come (issue 8): the gateway that routes each
-//! purchase to its owner, the catalog and payments nodes, and `serve --stage services`
-//! supervising them as processes.
+//! Built so far: the inventory node, and the payments node it calls
+//! ([`crate::payments::service`]). Still to come (issue 8): the gateway that routes each
+//! purchase to its owner, the catalog node, and `serve --stage services` supervising them as
+//! processes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
