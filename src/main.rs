@@ -61,9 +61,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(args) => {
             let settings = args.settings().map_err(|e| anyhow::anyhow!(e))?;
             let role = settings.services.role;
-            if role == ticketflow::config::NodeRole::Payments {
-                anyhow::bail!("`ticketflow node payments` is not built yet (issue 8)");
-            }
             let server = Server::build(settings.clone()).await?;
             tracing::info!(
                 addr = %server.addr(),

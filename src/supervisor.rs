@@ -253,10 +253,10 @@ pub async fn run(args: &ServeArgs, raw: &[String]) -> anyhow::Result<()> {
         demo_data: settings.demo_data,
     };
     let inventory = args.services.inventory_nodes.unwrap_or(3);
-    let mut order: Vec<(String, NodeRole)> = vec![("catalog-1".into(), NodeRole::Catalog)];
-    if crate::stages::services::PAYMENTS_NODE_BUILT {
-        order.push(("payments-1".into(), NodeRole::Payments));
-    }
+    let mut order: Vec<(String, NodeRole)> = vec![
+        ("catalog-1".into(), NodeRole::Catalog),
+        ("payments-1".into(), NodeRole::Payments),
+    ];
     order.extend((1..=inventory).map(|i| (format!("inventory-{i}"), NodeRole::Inventory)));
     order.push(("gateway-1".into(), NodeRole::Gateway));
 

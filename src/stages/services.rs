@@ -5,9 +5,10 @@
 //! ([`crate::store::shards`]). Its writer proves each shard's epoch in every transaction, so a
 //! node that paused past its lease cannot write once another node has taken over.
 //!
-//! Built so far: the inventory node. Still to come (issue 8): the gateway that routes each
-//! purchase to its owner, the catalog and payments nodes, and `serve --stage services`
-//! supervising them as processes.
+//! Built so far: the inventory node, and the payments node it calls
+//! ([`crate::payments::service`]). Still to come (issue 8): the gateway that routes each
+//! purchase to its owner, the catalog node, and `serve --stage services` supervising them as
+//! processes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +24,6 @@ use crate::config::{NodeRole, ServicesSettings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::store::shards::{ShardFence, ShardLease, NOT_OWNER, SHARDS};
 use crate::store::{Records, Store, StoreError};
-
-/// Whether `serve --stage services` starts a payments node (issue 8: not built yet; until
-/// then each inventory node runs its own payment actors).
-pub const PAYMENTS_NODE_BUILT: bool = false;
 
 /// The role an inventory node reports itself under.
 pub const INVENTORY: &str = "inventory";
@@ -438,11 +435,14 @@ impl Stage for InventoryNode {
 }
 
 /// A write the epoch fence refused mid-purchase: the shard moved, and the new owner settles it.
+/// The payments node not answering is a dependency down (`503 dependency-unavailable`): the
+/// node keeps asking it under the same key in the background and settles the purchase then.
 fn owner_changed(error: PurchaseError) -> PurchaseError {
     match error {
         PurchaseError::Store(StoreError::Conflict(message)) if message.contains(NOT_OWNER) => {
             PurchaseError::OwnerChanged
         }
+        PurchaseError::Gateway(_) => PurchaseError::Unavailable("the payments node"),
         other => other,
     }
 }

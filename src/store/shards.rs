@@ -216,6 +216,26 @@ impl Store {
         Ok(count as usize)
     }
 
+    /// The node of `role` that reported itself last, if it did within `within`: its id and
+    /// address (the payments node, for the nodes that call it).
+    pub async fn live_node(
+        &self,
+        role: &str,
+        within: Duration,
+    ) -> StoreResult<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT id, addr FROM service_nodes
+              WHERE role = $1
+                AND seen_at > now() - CAST($2 AS DOUBLE PRECISION) * interval '1 millisecond'
+              ORDER BY seen_at DESC LIMIT 1",
+        )
+        .bind(role)
+        .bind(millis(within))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
     /// Every node that ever reported itself, with whether it did within `within` (up).
     pub async fn service_nodes(&self, within: Duration) -> StoreResult<Vec<NodeRow>> {
         let rows = sqlx::query(
