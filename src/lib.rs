@@ -8,7 +8,9 @@
 //! - [`sim`]: the deterministic simulator (`ticketflow simulate`): the event core under a seeded
 //!   scheduler in simulated time, with payments, the writer, crashes, and the invariants.
 //! - [`payments`]: the simulated payment gateway, a pool of payment actors whose books (every
-//!   charge, decline and refund) are group-committed to the database and survive restarts.
+//!   charge, decline and refund) are group-committed to the database and survive restarts; in
+//!   stage `services` it runs in the payments node ([`payments::service`]), which the other
+//!   nodes call over HTTP ([`payments::remote`]).
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, the group-commit writer, (`store::changes`) who is told when an
 //!   event's availability changes, and (`store::shards`) the shard leases and epoch fence of
@@ -25,6 +27,9 @@
 //!   streaming connection.
 //! - [`meter`]: Prometheus metrics (`GET /metrics`) and the per-request span of the logs.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
+//! - [`supervisor`]: `serve --stage services`, the nodes of stage `services` as child
+//!   processes (the gateway, catalog and inventory nodes are [`stages::gateway`],
+//!   [`stages::catalog`] and [`stages::services`]; their calls are [`api::internal`]).
 //! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
 
 pub mod api;
@@ -46,4 +51,5 @@ pub mod server;
 pub mod sim;
 pub mod stages;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;

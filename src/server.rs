@@ -7,7 +7,7 @@ use actix_web::{dev::ServerHandle, dev::Service, web, App, HttpServer};
 use anyhow::Context;
 
 use crate::api::{self, AppState};
-use crate::config::{cores, Settings};
+use crate::config::{cores, NodeRole, Settings, StageKind};
 use crate::demo;
 use crate::limits::{self, ConnectionGate};
 use crate::payments::PaymentGateway;
@@ -33,7 +33,7 @@ impl Server {
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
         if !settings.stage.runs_on(url.backend) {
             match settings.stage {
-                crate::config::StageKind::Services => anyhow::bail!(
+                StageKind::Services => anyhow::bail!(
                     "stage services runs on PostgreSQL only (its shard leases live there): give \
                      --db postgres://USER@HOST:PORT/DATABASE"
                 ),
@@ -48,20 +48,29 @@ impl Server {
         let store = Store::open(&settings.database, settings.durability)
             .await
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
-        // The gateway keeps its books (a table of its own) in the same database.
-        let payments = PaymentGateway::start(
-            &settings.payments,
-            settings.seed,
-            Arc::new(
-                store
-                    .with_own_pool(BOOKS_CONNECTIONS)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?,
-            ),
-            &[],
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        // Stage services: the payments node runs the gateway, the other nodes call it. Every
+        // other process runs its own. The books are a table of their own in the same database.
+        let payments_node =
+            settings.stage == StageKind::Services && settings.services.role == NodeRole::Payments;
+        let payments =
+            if settings.stage == StageKind::Services && !payments_node {
+                PaymentGateway::remote(
+                    &settings.services,
+                    store.clone(),
+                    settings.admin_token.clone(),
+                )?
+            } else {
+                PaymentGateway::start(
+                    &settings.payments,
+                    settings.seed,
+                    Arc::new(store.with_own_pool(BOOKS_CONNECTIONS).await.map_err(|e| {
+                        anyhow::anyhow!(backend::open_failure(&settings.database, &e))
+                    })?),
+                    &[],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?
+            };
         let parts = StageParts {
             store: store.clone(),
             payments: payments.clone(),
@@ -70,9 +79,15 @@ impl Server {
         let stage = stages::build(parts)
             .await
             .context("starting the stage failed")?;
-        crate::idempotency::recover_claims(stage.as_ref(), api::v2::accepted_answer)
-            .await
-            .context("settling Idempotency-Key claims left by the previous run failed")?;
+        // Stage services: only the gateway takes Idempotency-Key claims; another node settling
+        // them would take the claims of a gateway still running.
+        let claims_here =
+            settings.stage != StageKind::Services || settings.services.role == NodeRole::Gateway;
+        if claims_here {
+            crate::idempotency::recover_claims(stage.as_ref(), api::v2::accepted_answer)
+                .await
+                .context("settling Idempotency-Key claims left by the previous run failed")?;
+        }
         let admin_token = match &settings.admin_token {
             Some(token) => token.clone(),
             None => {
@@ -119,7 +134,8 @@ impl Server {
                 limiters.forget_idle();
             }
         });
-        let serve_v2 = settings.stage != crate::config::StageKind::Monolith;
+        let serve_v2 = settings.stage != StageKind::Monolith;
+        let internal = settings.stage == StageKind::Services;
         let serve_v1 = settings.v1_access() == crate::config::V1Access::Open;
         let max_body = settings.max_body_bytes;
         let workers = match settings.http_workers {
@@ -131,7 +147,15 @@ impl Server {
         let http = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .configure(|cfg| api::configure(cfg, max_body, serve_v2, serve_v1))
+                .configure(|cfg| match payments_node {
+                    true => crate::payments::service::configure(cfg),
+                    false => {
+                        if internal {
+                            api::internal::configure(cfg);
+                        }
+                        api::configure(cfg, max_body, serve_v2, serve_v1)
+                    }
+                })
                 .wrap_fn(move |mut req, srv| {
                     limits::body_deadline(&mut req, body_timeout);
                     srv.call(req)

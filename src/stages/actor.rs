@@ -35,6 +35,11 @@ use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
 use crate::store::{AuditReads, Catalog, OrderKey, Records, StoreError, WriteHandle, WriteOp};
 
+/// First pause before a payment whose outcome is unknown is asked about again; it doubles
+/// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
+const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How to reach one event's actor.
 #[derive(Clone)]
 struct EventHandle {
@@ -180,6 +185,20 @@ impl ActorStage {
     }
 
     /// The settings this stage was started with.
+    /// A v1 purchase under `order` when the caller chose its id (a `services` gateway, so that
+    /// a retry names the same order), or a new one.
+    pub async fn purchase_as(
+        &self,
+        order: Option<OrderId>,
+        event: EventId,
+        user: UserId,
+    ) -> Result<Ticket, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        // Detached: runs to the end even if the client disconnects.
+        let task = actix_rt::spawn(async move { inner.purchase(order, event, user).await });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
     pub fn settings(&self) -> &crate::config::Settings {
         &self.inner.parts.settings
     }
@@ -239,6 +258,17 @@ impl Inner {
         self.actor(event).ok_or(PurchaseError::UnknownEvent)
     }
 
+    /// The seed of the ids an event's actor mints: the run's seed, and on an inventory node
+    /// the epoch it holds the event's shard at, so two owners of one shard never mint the same
+    /// ids (an owner that lost its shard is stopped by the epoch fence, not by an id clash).
+    fn id_seed(&self, event: EventId) -> u64 {
+        let seed = self.parts.settings.seed;
+        match self.fence.as_ref().and_then(|f| f.epoch(shard_of(event))) {
+            Some(epoch) => seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            None => seed,
+        }
+    }
+
     async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
         let price = Money::from_cents(event.price_cents)
             .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
@@ -257,7 +287,7 @@ impl Inner {
             price,
             inventory,
             self.writer.clone(),
-            settings.seed,
+            self.id_seed(event.id),
             issued,
             settings.hold_ttl,
             queued.clone(),
@@ -359,6 +389,7 @@ impl Inner {
         quantity: u32,
         per_user_limit: Option<u32>,
         idempotency: Option<OrderKey>,
+        order: Option<OrderId>,
     ) -> Result<(Addr<EventActor>, Held), PurchaseError> {
         let EventHandle { addr, queued } = self.actor_for_purchase(event).await?;
         if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
@@ -373,6 +404,7 @@ impl Inner {
             quantity,
             per_user_limit,
             idempotency,
+            order,
             created_at: created_at.clone(),
             reply,
         });
@@ -409,8 +441,10 @@ impl Inner {
     }
 
     /// Charges a durable hold and settles it: confirmed, released, or refunded if it expired.
+    /// When the gateway does not answer, the outcome is unknown: the purchase fails with
+    /// [`PurchaseError::Gateway`] and is settled later, in the background ([`Self::settle_later`]).
     async fn pay(
-        &self,
+        self: &Arc<Self>,
         addr: Addr<EventActor>,
         order: OrderId,
         key: String,
@@ -418,7 +452,21 @@ impl Inner {
     ) -> Result<(), PurchaseError> {
         // In flight until the outcome is written, the refund of a late success included.
         let _in_flight = self.parts.payments.track();
-        let result = match self.parts.payments.charge(&key, amount).await? {
+        let settled = self.charge_and_settle(&addr, order, &key, amount).await;
+        if let Err(PurchaseError::Gateway(_)) = &settled {
+            self.settle_later(addr, order, key, amount);
+        }
+        settled
+    }
+
+    async fn charge_and_settle(
+        &self,
+        addr: &Addr<EventActor>,
+        order: OrderId,
+        key: &str,
+        amount: Money,
+    ) -> Result<(), PurchaseError> {
+        let result = match self.parts.payments.charge(key, amount).await? {
             ChargeOutcome::Approved { .. } => PaymentResult::Approved,
             ChargeOutcome::Declined => PaymentResult::Declined,
         };
@@ -434,7 +482,7 @@ impl Inner {
             }
             Settlement::Expired(durable) => {
                 durable.await?;
-                self.parts.payments.refund(&key).await?;
+                self.parts.payments.refund(key).await?;
                 self.writer
                     .submit(WriteOp::SettlePayment {
                         order,
@@ -446,9 +494,56 @@ impl Inner {
         }
     }
 
-    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+    /// The gateway did not answer `key`'s charge (or the refund after it): asks again under
+    /// the same key, backing off, until it answers, then settles the order as [`Self::pay`]
+    /// would have; a hold that ran out meanwhile has its seats back already, and a charge
+    /// approved late is refunded. Every step is safe to repeat: the gateway answers a key
+    /// once, an approval settled twice stays confirmed, and an order whose hold is gone
+    /// settles as expired again, so only the (idempotent) refund is asked for again. Counted
+    /// in flight meanwhile, so the audit waits for it. Given up when the settlement cannot be
+    /// written (the shard moved, say: its new owner resolves the purchase from the database).
+    fn settle_later(
+        self: &Arc<Self>,
+        addr: Addr<EventActor>,
+        order: OrderId,
+        key: String,
+        amount: Money,
+    ) {
+        let inner = Arc::clone(self);
+        let counted = self.parts.payments.track();
+        actix_rt::spawn(async move {
+            let _counted = counted;
+            let mut backoff = SETTLE_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
+                match inner.charge_and_settle(&addr, order, &key, amount).await {
+                    Err(PurchaseError::Gateway(_)) => continue,
+                    Ok(()) => {
+                        tracing::info!(%order, "a payment unknown at first is settled: confirmed")
+                    }
+                    Err(
+                        outcome @ (PurchaseError::PaymentDeclined | PurchaseError::HoldExpired),
+                    ) => {
+                        tracing::info!(%order, %outcome, "a payment unknown at first is settled")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%order, %error, "gave up settling a payment unknown at first; a restart or the shard's next owner resolves it")
+                    }
+                }
+                return;
+            }
+        });
+    }
+
+    async fn purchase(
+        self: &Arc<Self>,
+        order: Option<OrderId>,
+        event: EventId,
+        user: UserId,
+    ) -> Result<Ticket, PurchaseError> {
         let user_id = user.as_str().to_owned();
-        let (addr, grant) = self.reserve(event, user, 1, None, None).await?;
+        let (addr, grant) = self.reserve(event, user, 1, None, None, order).await?;
         self.pay(addr, grant.order, grant.payment_key, grant.amount)
             .await?;
         // The confirmation is durable; the ticket is answered from what was written rather than
@@ -499,10 +594,7 @@ impl Stage for ActorStage {
 
     #[tracing::instrument(skip(self), fields(stage = "actor"))]
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
-        let inner = Arc::clone(&self.inner);
-        // Detached: runs to the end even if the client disconnects.
-        let task = actix_rt::spawn(async move { inner.purchase(event, user).await });
-        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+        self.purchase_as(None, event, user).await
     }
 
     #[tracing::instrument(skip(self), fields(stage = "actor"))]
@@ -514,12 +606,20 @@ impl Stage for ActorStage {
             quantity,
             per_user_limit,
             idempotency,
+            order,
         } = request;
         let user_id = user.as_str().to_owned();
         // Detached, like a v1 purchase; the payment goes on after the 202.
         let task = actix_rt::spawn(async move {
             let (addr, grant) = inner
-                .reserve(event, user, quantity, Some(per_user_limit), idempotency)
+                .reserve(
+                    event,
+                    user,
+                    quantity,
+                    Some(per_user_limit),
+                    idempotency,
+                    order,
+                )
                 .await?;
             let (order, key, amount) = (grant.order, grant.payment_key.clone(), grant.amount);
             actix_rt::spawn(async move {

@@ -191,6 +191,16 @@ impl Store {
         Ok(())
     }
 
+    /// Marks node `id` down at once (its supervisor saw it die), instead of waiting for its
+    /// reports to age.
+    pub async fn node_gone(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE service_nodes SET seen_at = '-infinity' WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// How many nodes of `role` reported themselves within `within` (by the database's clock).
     pub async fn live_nodes(&self, role: &str, within: Duration) -> StoreResult<usize> {
         let row = sqlx::query(
@@ -204,6 +214,26 @@ impl Store {
         .await?;
         let count: i64 = row.try_get(0)?;
         Ok(count as usize)
+    }
+
+    /// The node of `role` that reported itself last, if it did within `within`: its id and
+    /// address (the payments node, for the nodes that call it).
+    pub async fn live_node(
+        &self,
+        role: &str,
+        within: Duration,
+    ) -> StoreResult<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT id, addr FROM service_nodes
+              WHERE role = $1
+                AND seen_at > now() - CAST($2 AS DOUBLE PRECISION) * interval '1 millisecond'
+              ORDER BY seen_at DESC LIMIT 1",
+        )
+        .bind(role)
+        .bind(millis(within))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
     }
 
     /// Every node that ever reported itself, with whether it did within `within` (up).

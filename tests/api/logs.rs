@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::backends::{Backend, TestDb};
-use crate::process::{create_event, start_binary_with, Process};
+use crate::process::{create_event, start_stage_with, Process};
 
 /// Debug for the server's own lines (each request's `answered` line), info for the rest.
 const FILTER: &str = "info,ticketflow=debug";
@@ -40,7 +40,7 @@ async fn a_log_sent_to_a_file_has_no_colour_codes() {
     let db = TestDb::new(Backend::Sqlite);
     let client = reqwest::Client::new();
     let (path, file) = log_file();
-    let server = start_binary_with(
+    let server = start_stage_with(
         &["serve", "--stage", "actor"],
         &[],
         (Stdio::from(file), FILTER),
@@ -75,7 +75,7 @@ async fn json_log_lines_carry_the_request_event_order_and_user_ids() {
     let db = TestDb::new(Backend::Sqlite);
     let client = reqwest::Client::new();
     let (path, file) = log_file();
-    let server = start_binary_with(
+    let server = start_stage_with(
         &["serve", "--stage", "actor"],
         &["--log-format", "json"],
         (Stdio::from(file), FILTER),

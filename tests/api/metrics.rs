@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::backends::{Backend, TestDb};
 use crate::helpers::{spawn_app, ADMIN_TOKEN};
 use crate::locked::Keys;
-use crate::process::{admin_get, create_event, start_binary_with, Process};
+use crate::process::{admin_get, create_event, start_stage_with, Process};
 use ticketflow::config::StageKind;
 
 const SEATS: i64 = 40;
@@ -104,8 +104,7 @@ async fn stampede_then_scrape(stage: &str, extra: &[&str]) {
     let command = ["serve", "--stage", stage];
     // A later --rate-limit wins: account creation is limited, to see the 429 counter.
     let extra = [extra, &["--rate-limit", "accounts=2/min"]].concat();
-    let server =
-        start_binary_with(&command, &extra, (Stdio::null(), "warn"), &db, 5, &client).await;
+    let server = start_stage_with(&command, &extra, (Stdio::null(), "warn"), &db, 5, &client).await;
     let event = create_event(&client, &server.base, "Metrics", SEATS).await;
 
     let answers = join_all((0..BUYERS).map(|i| {

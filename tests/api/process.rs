@@ -39,14 +39,44 @@ pub async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> P
 }
 
 /// `ticketflow node inventory --node-id ID` on `db` (stage `services`, PostgreSQL), with
-/// short leases (1 s, renewed every 250 ms) and the payments of [`start_server`].
+/// short leases (1 s, renewed every 250 ms). Its payments go to the payments node it finds
+/// in the database's node list ([`start_payments_node`]).
 pub async fn start_inventory_node(
     db: &TestDb,
     id: &str,
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
+    start_inventory_node_with(db, id, seed, client, &[]).await
+}
+
+/// [`start_inventory_node`] with `extra` arguments (`--hold-ttl 2s`, `--payments-url URL`).
+pub async fn start_inventory_node_with(
+    db: &TestDb,
+    id: &str,
+    seed: u64,
+    client: &reqwest::Client,
+    extra: &[&str],
+) -> Process {
     let args = ["node", "inventory", "--node-id", id, "--lease-ttl", "1s"];
+    start_binary(
+        &[&args[..], &["--renew-every", "250ms"], extra].concat(),
+        db,
+        seed,
+        client,
+    )
+    .await
+}
+
+/// `ticketflow node payments --node-id ID` on `db`: the payment actors and their books, with
+/// the payments of [`start_server`], reported in the node list every 250 ms (up for 1 s).
+pub async fn start_payments_node(
+    db: &TestDb,
+    id: &str,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    let args = ["node", "payments", "--node-id", id, "--lease-ttl", "1s"];
     start_binary(
         &[&args[..], &["--renew-every", "250ms"]].concat(),
         db,
@@ -64,12 +94,13 @@ async fn start_binary(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
-    start_binary_with(command, &[], (Stdio::null(), "warn"), db, seed, client).await
+    start_stage_with(command, &[], (Stdio::null(), "warn"), db, seed, client).await
 }
 
 /// [`start_binary`] with `extra` arguments after the usual ones (a later flag wins, e.g.
-/// `--rate-limit`), and the server's log (`stderr`, filtered by `RUST_LOG`) as `log` says.
-pub async fn start_binary_with(
+/// `--rate-limit`; a payment default is left out when `extra` gives the same flag), and the
+/// server's log (`stderr`, filtered by `RUST_LOG`) as `log` says.
+pub async fn start_stage_with(
     command: &[&str],
     extra: &[&str],
     log: (Stdio, &str),
@@ -77,34 +108,59 @@ pub async fn start_binary_with(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
-    let port = free_port();
-    // A default is left out when `extra` gives the same flag.
     let defaults = [
         ["--payment-failure-rate", "0.3"],
         ["--payment-latency", "20ms..400ms"],
     ];
+    let mut args: Vec<&str> = command.to_vec();
+    args.extend(
+        defaults
+            .iter()
+            .filter(|[flag, _]| !extra.contains(flag))
+            .flatten()
+            .copied(),
+    );
+    spawn(&args, extra, log, db, seed, client).await
+}
+
+/// The binary run with `args` on `db` (the payment settings among them), outcomes drawn
+/// from `seed`; answers once `GET /health` does.
+pub async fn start_binary_with(
+    args: &[&str],
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    spawn(args, &[], (Stdio::null(), "warn"), db, seed, client).await
+}
+
+/// Starts the binary with `args`, then the test settings, then `last` (which can override
+/// them), logging as `log` says; answers once `GET /health` does.
+async fn spawn(
+    args: &[&str],
+    last: &[&str],
+    log: (Stdio, &str),
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
-        .args(command)
+        .args(args)
         .args(["--seed", &seed.to_string()])
-        .args(
-            defaults
-                .iter()
-                .filter(|[flag, _]| !extra.contains(flag))
-                .flatten(),
-        )
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args(["--db", db.url()])
         .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
         // The buyers all come from loopback: measure the stage, not the limiter.
         .args(["--rate-limit", "off"])
-        .args(extra)
+        .args(last)
         .env("RUST_LOG", log.1)
         .stdout(Stdio::null())
         .stderr(log.0)
         .spawn()
         .expect("the ticketflow binary starts");
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = client.get(format!("{base}/health")).send().await {
             if r.status() == 200 {

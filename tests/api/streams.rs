@@ -11,7 +11,7 @@ use ticketflow::config::StageKind;
 use crate::backends::{Backend, TestDb};
 use crate::helpers::{spawn_app, TestApp};
 use crate::locked::Keys;
-use crate::process::{create_event, start_binary_with, Process};
+use crate::process::{create_event, start_stage_with, Process};
 
 const STREAMS: usize = 20;
 
@@ -45,7 +45,7 @@ async fn idle_streams_cost_no_reads_and_a_purchase_is_pushed(stage: &str, extra:
     let client = reqwest::Client::new();
     // Payments always succeed here, so a purchase is one change (its hold) and no more.
     let extra = [extra, &["--payment-failure-rate", "0"]].concat();
-    let server = start_binary_with(
+    let server = start_stage_with(
         &["serve", "--stage", stage],
         &extra,
         (Stdio::null(), "warn"),

@@ -91,6 +91,7 @@ pub async fn create_order(
             status: StatusCode::ACCEPTED.as_u16(),
             render: accepted_answer,
         }),
+        order: None,
     };
     let stage = Arc::clone(&state.stage);
     // The order is placed in a task of its own: it records its id on this request's span.
