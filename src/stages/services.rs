@@ -49,10 +49,10 @@ impl InventoryNode {
         let services = parts.settings.services.clone();
         let store = parts.store.clone();
         store.ensure_shards().await?;
-        let fence = Arc::new(ShardFence::new(
-            services.node_id.clone(),
-            services.epoch_fence,
-        ));
+        let fence = Arc::new(
+            ShardFence::new(services.node_id.clone(), services.epoch_fence)
+                .with_write_delay(services.delay_writes),
+        );
         if !services.epoch_fence {
             tracing::warn!("the epoch fence is OFF: a node paused past its lease can double-sell (unsafe; for the lesson only)");
         }

@@ -200,6 +200,9 @@ async fn commit(
     stats: &WriterStats,
     fence: Option<&ShardFence>,
 ) {
+    if let Some(delay) = fence.and_then(ShardFence::write_delay) {
+        tokio::time::sleep(delay).await;
+    }
     let together = async {
         let mut tx = conn.begin().await?;
         if let Some(fence) = fence {
