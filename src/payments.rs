@@ -138,11 +138,10 @@ impl PaymentGateway {
     /// refunds go to it over HTTP; the ledger and the reconciliation are read from its books
     /// in `store`. Needs no actix `System` until it is used.
     pub fn remote(services: &ServicesSettings, store: Store) -> Result<Self, RemoteError> {
-        let remote = RemotePayments::new(
-            services.payments_url.as_deref(),
-            store.clone(),
-            services.lease_ttl,
-        )?;
+        // The address of the node seen last within a generous window: a report late under
+        // load is still worth a try, and a dead node's address fails fast (refused).
+        let window = (services.lease_ttl * 5).max(Duration::from_secs(10));
+        let remote = RemotePayments::new(services.payments_url.as_deref(), store.clone(), window)?;
         Ok(Self {
             pool: Pool::Remote(Arc::new(remote)),
             books: Arc::new(store),
