@@ -461,3 +461,39 @@ async fn a_charge_whose_answer_was_lost_is_retried_under_its_key_and_charged_onc
     assert_eq!(refunds, 1);
     store.close().await;
 }
+
+#[actix_web::test]
+async fn a_second_payments_node_on_the_same_database_refuses_to_start() {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    let _first = start_payments_node(&db, "pay-1", 24, &client).await;
+    let started = Instant::now();
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .args([
+            "node",
+            "payments",
+            "--node-id",
+            "pay-2",
+            "--lease-ttl",
+            "1s",
+        ])
+        .args(["--renew-every", "250ms", "--bind", "127.0.0.1:0"])
+        .args(["--db", db.url()])
+        .env("RUST_LOG", "error")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second payments node neither started nor gave up")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("payments node pay-1 is up"),
+        "{stderr}"
+    );
+    eprintln!(
+        "second payments node refused after {:?}: {last}",
+        started.elapsed()
+    );
+}
