@@ -137,11 +137,22 @@ impl PaymentGateway {
     /// if given, else the live `payments` node of `store`'s `service_nodes`. Charges and
     /// refunds go to it over HTTP; the ledger and the reconciliation are read from its books
     /// in `store`. Needs no actix `System` until it is used.
-    pub fn remote(services: &ServicesSettings, store: Store) -> Result<Self, RemoteError> {
+    /// A gateway whose charges and refunds go to the payments node, authenticated with the
+    /// deployment's admin token (`token`).
+    pub fn remote(
+        services: &ServicesSettings,
+        store: Store,
+        token: Option<String>,
+    ) -> Result<Self, RemoteError> {
         // The address of the node seen last within a generous window: a report late under
         // load is still worth a try, and a dead node's address fails fast (refused).
         let window = (services.lease_ttl * 5).max(Duration::from_secs(10));
-        let remote = RemotePayments::new(services.payments_url.as_deref(), store.clone(), window)?;
+        let remote = RemotePayments::new(
+            services.payments_url.as_deref(),
+            store.clone(),
+            window,
+            token,
+        )?;
         Ok(Self {
             pool: Pool::Remote(Arc::new(remote)),
             books: Arc::new(store),

@@ -54,7 +54,11 @@ impl Server {
             settings.stage == StageKind::Services && settings.services.role == NodeRole::Payments;
         let payments =
             if settings.stage == StageKind::Services && !payments_node {
-                PaymentGateway::remote(&settings.services, store.clone())?
+                PaymentGateway::remote(
+                    &settings.services,
+                    store.clone(),
+                    settings.admin_token.clone(),
+                )?
             } else {
                 PaymentGateway::start(
                     &settings.payments,
@@ -75,7 +79,11 @@ impl Server {
         let stage = stages::build(parts)
             .await
             .context("starting the stage failed")?;
-        if !payments_node {
+        // Stage services: only the gateway takes Idempotency-Key claims; another node settling
+        // them would take the claims of a gateway still running.
+        let claims_here =
+            settings.stage != StageKind::Services || settings.services.role == NodeRole::Gateway;
+        if claims_here {
             crate::idempotency::recover_claims(stage.as_ref(), api::v2::accepted_answer)
                 .await
                 .context("settling Idempotency-Key claims left by the previous run failed")?;
@@ -120,6 +128,7 @@ impl Server {
             }
         });
         let serve_v2 = settings.stage != StageKind::Monolith;
+        let internal = settings.stage == StageKind::Services;
         let serve_v1 = settings.v1_access() == crate::config::V1Access::Open;
         let max_body = settings.max_body_bytes;
         let workers = match settings.http_workers {
@@ -133,7 +142,12 @@ impl Server {
                 .app_data(state.clone())
                 .configure(|cfg| match payments_node {
                     true => crate::payments::service::configure(cfg),
-                    false => api::configure(cfg, max_body, serve_v2, serve_v1),
+                    false => {
+                        if internal {
+                            api::internal::configure(cfg);
+                        }
+                        api::configure(cfg, max_body, serve_v2, serve_v1)
+                    }
                 })
                 .wrap_fn(move |mut req, srv| {
                     limits::body_deadline(&mut req, body_timeout);

@@ -53,6 +53,8 @@ pub struct RemotePayments {
     /// Bounds the calls open at once ([`MAX_CALLS`]). A semaphore: reqwest bounds only the
     /// idle connections it keeps, not the ones in use.
     calls: Semaphore,
+    /// The deployment's admin token, which the payments node asks of its callers.
+    token: Option<String>,
 }
 
 /// Where the payments node answers.
@@ -84,7 +86,12 @@ enum Failure {
 impl RemotePayments {
     /// A client of the node at `url` if given, else of the one `store`'s `service_nodes`
     /// reports up within `window`.
-    pub fn new(url: Option<&str>, store: Store, window: Duration) -> Result<Self, RemoteError> {
+    pub fn new(
+        url: Option<&str>,
+        store: Store,
+        window: Duration,
+        token: Option<String>,
+    ) -> Result<Self, RemoteError> {
         let route = match url {
             Some(url) => Route::Fixed(base_url(url)?),
             None => Route::Lookup {
@@ -104,6 +111,7 @@ impl RemotePayments {
             client,
             route,
             calls: Semaphore::new(MAX_CALLS),
+            token,
         })
     }
 
@@ -168,13 +176,11 @@ impl RemotePayments {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let response = match self
-            .client
-            .post(format!("{base}{path}"))
-            .json(body)
-            .send()
-            .await
-        {
+        let mut request = self.client.post(format!("{base}{path}")).json(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
                 // Refused, reset, timed out: the node may have died or moved.

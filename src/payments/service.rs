@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::api::auth::require_admin;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -137,9 +139,11 @@ fn payment_key(key: &str) -> Result<&str, Problem> {
 }
 
 async fn charge(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<ChargeRequest>,
 ) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
     let key = payment_key(&body.key)?;
     let amount = Money::from_cents(body.amount_cents)
         .map_err(|e| Problem::bad_request("invalid-body", format!("amountCents: {e}")))?;
@@ -148,9 +152,11 @@ async fn charge(
 }
 
 async fn refund(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<RefundRequest>,
 ) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
     let key = payment_key(&body.key)?;
     let outcome = state.payments.refund(key).await?;
     Ok(HttpResponse::Ok().json(RefundAnswer::from(outcome)))

@@ -397,7 +397,12 @@ async fn a_charge_whose_answer_was_lost_is_retried_under_its_key_and_charged_onc
             ..ServicesSettings::default()
         };
         // A fresh client each time, so the call opens a new connection for the proxy to drop.
-        PaymentGateway::remote(&services, store.clone()).unwrap()
+        PaymentGateway::remote(
+            &services,
+            store.clone(),
+            Some(crate::helpers::ADMIN_TOKEN.into()),
+        )
+        .unwrap()
     };
     let amount = Money::from_cents(1_500).unwrap();
 
