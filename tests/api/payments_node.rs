@@ -484,6 +484,7 @@ async fn a_second_payments_node_on_the_same_database_refuses_to_start() {
         ])
         .args(["--renew-every", "250ms", "--bind", "127.0.0.1:0"])
         .args(["--db", db.url()])
+        .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
         .env("RUST_LOG", "error")
         .output();
     let output = tokio::time::timeout(Duration::from_secs(30), second)
