@@ -289,7 +289,9 @@ async fn with_the_payments_node_down_purchases_answer_503_and_holds_come_back() 
     );
     // Their seats are held until the hold TTL, then come back; nothing was charged.
     assert_eq!(available().await, before - 5, "the five holds");
-    within(HOLD_TTL * 2, "the held seats to come back", || async {
+    // Bounded generously: in a full parallel run at load average 18 the seats took over
+    // 10 s (the node's own rounds starved); alone they come back at the TTL.
+    within(HOLD_TTL * 4, "the held seats to come back", || async {
         (available().await == before).then_some(())
     })
     .await;
