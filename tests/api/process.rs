@@ -122,7 +122,13 @@ pub async fn start_binary_with(
         .args(["--rate-limit", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(match std::env::var_os("TF_TEST_LOGS") { Some(dir) => Stdio::from(std::fs::File::create(std::path::Path::new(&dir).join(format!("{port}.log"))).unwrap()), None => Stdio::null() })
+        .stderr(match std::env::var_os("TF_TEST_LOGS") {
+            Some(dir) => Stdio::from(
+                std::fs::File::create(std::path::Path::new(&dir).join(format!("{port}.log")))
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("the ticketflow binary starts");
     let base = format!("http://127.0.0.1:{port}");

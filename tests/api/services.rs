@@ -537,7 +537,11 @@ async fn a_node_paused_past_its_lease_cannot_sell_again_but_without_the_epoch_ch
     // sends them again, under the same order ids, to the new owner, which has none left.
     let run = pause_past_the_lease(true).await;
     assert_eq!(statuses(&run.current), [201, 201, 201]);
-    assert_eq!(statuses(&run.late), [400, 400], "sold out, by the new owner");
+    assert_eq!(
+        statuses(&run.late),
+        [400, 400],
+        "sold out, by the new owner"
+    );
     assert!(run.late.iter().all(|(_, b)| b["code"] == "sold-out"));
     assert_eq!(run.confirmed, 4);
     assert_eq!(run.audit["ok"], true, "{}", run.audit);
