@@ -144,10 +144,13 @@ impl PaymentGateway {
         store: Store,
         token: Option<String>,
     ) -> Result<Self, RemoteError> {
+        // The address of the node seen last within a generous window: a report late under
+        // load is still worth a try, and a dead node's address fails fast (refused).
+        let window = (services.lease_ttl * 5).max(Duration::from_secs(10));
         let remote = RemotePayments::new(
             services.payments_url.as_deref(),
             store.clone(),
-            services.lease_ttl,
+            window,
             token,
         )?;
         Ok(Self {

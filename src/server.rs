@@ -17,6 +17,8 @@ use crate::store::{backend, DatabaseUrl, Store};
 /// Connections of the payment gateway's own pool: its books task writes on one, and the admin
 /// routes read the ledger on the other.
 const BOOKS_CONNECTIONS: u32 = 2;
+/// Connections of a `services` node's pool (its writer has one more of its own).
+const NODE_CONNECTIONS: u32 = 4;
 
 /// A bound server, not yet running. Must be built and run inside an actix `System`.
 pub struct Server {
@@ -48,6 +50,19 @@ impl Server {
         let store = Store::open(&settings.database, settings.durability)
             .await
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        // Stage services: five or more processes share one PostgreSQL, whose connections
+        // (`max_connections`, 100 by default) count for every database on it; each node
+        // reads little, so each gets a small pool.
+        let store = if settings.stage == StageKind::Services {
+            let small = store
+                .with_own_pool(NODE_CONNECTIONS)
+                .await
+                .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+            store.close().await;
+            small
+        } else {
+            store
+        };
         // Stage services: the payments node runs the gateway, the other nodes call it. Every
         // other process runs its own. The books are a table of their own in the same database.
         let payments_node =

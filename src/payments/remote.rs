@@ -230,7 +230,7 @@ impl Route {
         }
         if let Some(at) = found.looked_up {
             if at.elapsed() < LOOKUP_EVERY {
-                return Err("no payments node is up in service_nodes".into());
+                return Err("no payments node has reported itself in service_nodes lately".into());
             }
         }
         found.looked_up = Some(Instant::now());
@@ -241,7 +241,7 @@ impl Route {
                 found.base = Some(base.clone());
                 Ok(base)
             }
-            Ok(None) => Err("no payments node is up in service_nodes".into()),
+            Ok(None) => Err("no payments node has reported itself in service_nodes lately".into()),
             Err(error) => Err(format!("service_nodes cannot be read: {error}")),
         }
     }

@@ -49,10 +49,10 @@ impl InventoryNode {
         let services = parts.settings.services.clone();
         let store = parts.store.clone();
         store.ensure_shards().await?;
-        let fence = Arc::new(ShardFence::new(
-            services.node_id.clone(),
-            services.epoch_fence,
-        ));
+        let fence = Arc::new(
+            ShardFence::new(services.node_id.clone(), services.epoch_fence)
+                .with_write_delay(services.delay_writes),
+        );
         if !services.epoch_fence {
             tracing::warn!("the epoch fence is OFF: a node paused past its lease can double-sell (unsafe; for the lesson only)");
         }
@@ -66,6 +66,21 @@ impl InventoryNode {
             stopping: AtomicBool::new(false),
         });
         node.keep_leases(&services).await?;
+        // Reporting and renewal on their own beat as well: a keeper round that adopts many
+        // shards, resolving their pending purchases through a slow gateway, can outlast a lease.
+        let renewer = Arc::clone(&node);
+        actix_rt::spawn(async move {
+            let services = renewer.actors_settings();
+            while !renewer.stopping.load(Ordering::Acquire) {
+                tokio::time::sleep(services.renew_every).await;
+                if renewer.stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Err(error) = renewer.report_and_renew(&services).await {
+                    tracing::warn!(%error, "could not renew the shard leases");
+                }
+            }
+        });
         let keeper = Arc::clone(&node);
         actix_rt::spawn(async move {
             let services = keeper.actors_settings();
@@ -244,6 +259,20 @@ pub async fn topology(
 impl Node {
     fn actors_settings(&self) -> crate::config::ServicesSettings {
         self.actors.settings().services.clone()
+    }
+
+    /// Reports the node alive and extends its leases, nothing more.
+    async fn report_and_renew(
+        &self,
+        services: &crate::config::ServicesSettings,
+    ) -> Result<(), StoreError> {
+        let node = self.fence.node();
+        let addr = self.addr.lock().expect("node address poisoned").clone();
+        self.store
+            .node_seen(node, INVENTORY, &addr, std::process::id())
+            .await?;
+        self.store.renew_leases(node, services.lease_ttl).await?;
+        Ok(())
     }
 
     /// One round: report alive, renew, drop what was lost, take or give back shards to hold

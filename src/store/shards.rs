@@ -280,6 +280,9 @@ pub struct ShardFence {
     epochs: RwLock<HashMap<u32, i64>>,
     /// `false` only for the lesson that shows why the check exists (`--unsafe-no-epoch`).
     enforce: bool,
+    /// A failpoint for the tests: the writer waits this long before each transaction, so a
+    /// test can pause the node while writes it decided are still unwritten.
+    write_delay: Option<std::time::Duration>,
 }
 
 impl ShardFence {
@@ -288,7 +291,18 @@ impl ShardFence {
             node: node.into(),
             epochs: RwLock::new(HashMap::new()),
             enforce,
+            write_delay: None,
         }
+    }
+
+    /// The failpoint of [`Self::write_delay`].
+    pub fn with_write_delay(mut self, delay: Option<std::time::Duration>) -> Self {
+        self.write_delay = delay;
+        self
+    }
+
+    pub fn write_delay(&self) -> Option<std::time::Duration> {
+        self.write_delay
     }
 
     pub fn node(&self) -> &str {

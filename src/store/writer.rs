@@ -213,6 +213,9 @@ async fn commit(
     fence: Option<&ShardFence>,
 ) {
     let stats = told.stats.as_ref();
+    if let Some(delay) = fence.and_then(ShardFence::write_delay) {
+        tokio::time::sleep(delay).await;
+    }
     let together = async {
         let mut tx = conn.begin().await?;
         if let Some(fence) = fence {

@@ -43,7 +43,7 @@ async fn a_log_sent_to_a_file_has_no_colour_codes() {
     let server = start_stage_with(
         &["serve", "--stage", "actor"],
         &[],
-        (Stdio::from(file), FILTER),
+        (Some(Stdio::from(file)), FILTER),
         &db,
         1,
         &client,
@@ -78,7 +78,7 @@ async fn json_log_lines_carry_the_request_event_order_and_user_ids() {
     let server = start_stage_with(
         &["serve", "--stage", "actor"],
         &["--log-format", "json"],
-        (Stdio::from(file), FILTER),
+        (Some(Stdio::from(file)), FILTER),
         &db,
         1,
         &client,

@@ -2,7 +2,6 @@
 //! server here is a process of its own and its counts are its own.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -104,7 +103,7 @@ async fn stampede_then_scrape(stage: &str, extra: &[&str]) {
     let command = ["serve", "--stage", stage];
     // A later --rate-limit wins: account creation is limited, to see the 429 counter.
     let extra = [extra, &["--rate-limit", "accounts=2/min"]].concat();
-    let server = start_stage_with(&command, &extra, (Stdio::null(), "warn"), &db, 5, &client).await;
+    let server = start_stage_with(&command, &extra, (None, "warn"), &db, 5, &client).await;
     let event = create_event(&client, &server.base, "Metrics", SEATS).await;
 
     let answers = join_all((0..BUYERS).map(|i| {

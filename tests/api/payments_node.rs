@@ -150,7 +150,9 @@ async fn two_inventory_nodes_share_one_payments_node_and_each_key_is_charged_onc
     }
     assert_eq!(events.len(), 4, "four events, two per node");
 
-    // 160 buyers for 60 seats, each at the event's owner (the other node if it says 421).
+    // 160 buyers for 60 seats, each at the event's owner. A shard may move under load (a
+    // lease running out): a 421 sends the buyer to the other node, and a 503 owner-changed
+    // leaves the purchase to its new owner, who settles it.
     let buyers = (0..160).map(|i| {
         let (event, owner) = events[i % events.len()];
         let (client, nodes) = (client.clone(), nodes.clone());
@@ -158,26 +160,28 @@ async fn two_inventory_nodes_share_one_payments_node_and_each_key_is_charged_onc
             tokio::time::sleep(Duration::from_millis((i % 20) as u64 * 10)).await;
             let other = if owner == "inv-a" { "inv-b" } else { "inv-a" };
             let user = format!("buyer-{i}");
-            let (mut status, mut body) = purchase(&client, &nodes[owner].base, event, &user).await;
-            let mut served = owner;
-            if status == 421 {
-                (status, body) = purchase(&client, &nodes[other].base, event, &user).await;
-                served = other;
+            for attempt in 0..20 {
+                let served = if attempt % 2 == 0 { owner } else { other };
+                let (status, body) = purchase(&client, &nodes[served].base, event, &user).await;
+                if status != 421 {
+                    return (status, body, served);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            (status, body, served)
+            panic!("{user}: twenty 421s")
         }
     });
     let answers = futures::future::join_all(buyers).await;
     let mut sold: HashMap<&str, usize> = HashMap::new();
-    let mut confirmed = Vec::new();
+    let mut acknowledged = Vec::new();
     for (status, body, served) in &answers {
-        match status {
-            201 => {
+        match (status, body["code"].as_str()) {
+            (201, _) => {
                 *sold.entry(served).or_default() += 1;
-                confirmed.push(body["id"].as_str().unwrap().to_owned());
+                acknowledged.push(body["id"].as_str().unwrap().to_owned());
             }
-            402 | 400 | 409 => {}
-            other => panic!("{served} answered {other}: {body}"),
+            (402 | 400 | 409, _) | (503, Some("owner-changed")) => {}
+            (other, _) => panic!("{served} answered {other}: {body}"),
         }
     }
     eprintln!("payments node: tickets sold per inventory node {sold:?}");
@@ -202,12 +206,15 @@ async fn two_inventory_nodes_share_one_payments_node_and_each_key_is_charged_onc
     let refunds = db
         .count("SELECT COUNT(*) FROM gateway_ledger WHERE kind = 'refund'")
         .await;
+    let confirmed = db
+        .count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
+        .await;
     assert_eq!(
         charges - refunds,
-        confirmed.len() as i64,
+        confirmed,
         "one net charge per confirmed ticket"
     );
-    assert_nothing_lost(&db, &confirmed).await;
+    assert_nothing_lost(&db, &acknowledged).await;
 
     // The topology shows the payments node, up, where it answers.
     let (_, topology) = admin_get(&client, &b.base, "/api/v2/admin/nodes").await;
@@ -241,16 +248,22 @@ async fn with_the_payments_node_down_purchases_answer_503_and_holds_come_back() 
         let (client, base) = (client.clone(), inventory.base.clone());
         async move {
             // Payments are declined 30 % of the time: retry until one is approved.
-            for attempt in 0..20 {
+            let mut last = Value::Null;
+            for attempt in 0..50 {
                 let (status, body) =
                     purchase(&client, &base, event, &format!("{user}-{attempt}")).await;
-                match status {
-                    201 => return body["id"].as_str().unwrap().to_owned(),
-                    402 => continue,
-                    other => panic!("{user}: {other} {body}"),
+                match (status, body["code"].as_str()) {
+                    (201, _) => return body["id"].as_str().unwrap().to_owned(),
+                    (402, _) => {}
+                    // The shard's lease ran out under load and is taken again.
+                    (503, Some("owner-changed")) | (421, _) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    (other, _) => panic!("{user}: {other} {body}"),
                 }
+                last = body;
             }
-            panic!("{user}: twenty declines")
+            panic!("{user}: no ticket in 50 tries; the last answer: {last}")
         }
     };
     let mut acknowledged = vec![buy_one("before".into()).await];
@@ -276,7 +289,9 @@ async fn with_the_payments_node_down_purchases_answer_503_and_holds_come_back() 
     );
     // Their seats are held until the hold TTL, then come back; nothing was charged.
     assert_eq!(available().await, before - 5, "the five holds");
-    within(HOLD_TTL * 2, "the held seats to come back", || async {
+    // Bounded generously: in a full parallel run at load average 18 the seats took over
+    // 10 s (the node's own rounds starved); alone they come back at the TTL.
+    within(HOLD_TTL * 4, "the held seats to come back", || async {
         (available().await == before).then_some(())
     })
     .await;
@@ -452,4 +467,41 @@ async fn a_charge_whose_answer_was_lost_is_retried_under_its_key_and_charged_onc
         .count();
     assert_eq!(refunds, 1);
     store.close().await;
+}
+
+#[actix_web::test]
+async fn a_second_payments_node_on_the_same_database_refuses_to_start() {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    let _first = start_payments_node(&db, "pay-1", 24, &client).await;
+    let started = Instant::now();
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .args([
+            "node",
+            "payments",
+            "--node-id",
+            "pay-2",
+            "--lease-ttl",
+            "1s",
+        ])
+        .args(["--renew-every", "250ms", "--bind", "127.0.0.1:0"])
+        .args(["--db", db.url()])
+        .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
+        .env("RUST_LOG", "error")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second payments node neither started nor gave up")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("payments node pay-1 is up"),
+        "{stderr}"
+    );
+    eprintln!(
+        "second payments node refused after {:?}: {last}",
+        started.elapsed()
+    );
 }

@@ -94,16 +94,17 @@ async fn start_binary(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
-    start_stage_with(command, &[], (Stdio::null(), "warn"), db, seed, client).await
+    start_stage_with(command, &[], (None, "warn"), db, seed, client).await
 }
 
 /// [`start_binary`] with `extra` arguments after the usual ones (a later flag wins, e.g.
 /// `--rate-limit`; a payment default is left out when `extra` gives the same flag), and the
-/// server's log (`stderr`, filtered by `RUST_LOG`) as `log` says.
+/// server's log (`stderr`, filtered by `RUST_LOG`) sent where `log` says (`None`: nowhere, or
+/// to `$TF_TEST_LOGS/PORT.log` when that is set).
 pub async fn start_stage_with(
     command: &[&str],
     extra: &[&str],
-    log: (Stdio, &str),
+    log: (Option<Stdio>, &str),
     db: &TestDb,
     seed: u64,
     client: &reqwest::Client,
@@ -131,7 +132,7 @@ pub async fn start_binary_with(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
-    spawn(args, &[], (Stdio::null(), "warn"), db, seed, client).await
+    spawn(args, &[], (None, "warn"), db, seed, client).await
 }
 
 /// Starts the binary with `args`, then the test settings, then `last` (which can override
@@ -139,7 +140,7 @@ pub async fn start_binary_with(
 async fn spawn(
     args: &[&str],
     last: &[&str],
-    log: (Stdio, &str),
+    log: (Option<Stdio>, &str),
     db: &TestDb,
     seed: u64,
     client: &reqwest::Client,
@@ -156,7 +157,14 @@ async fn spawn(
         .args(last)
         .env("RUST_LOG", log.1)
         .stdout(Stdio::null())
-        .stderr(log.0)
+        .stderr(match (log.0, std::env::var_os("TF_TEST_LOGS")) {
+            (Some(sink), _) => sink,
+            (None, Some(dir)) => Stdio::from(
+                std::fs::File::create(std::path::Path::new(&dir).join(format!("{port}.log")))
+                    .unwrap(),
+            ),
+            (None, None) => Stdio::null(),
+        })
         .spawn()
         .expect("the ticketflow binary starts");
     let base = format!("http://127.0.0.1:{port}");

@@ -1,7 +1,6 @@
 //! The availability stream: pushed from the committed writes, not polled; capped per client
 //! and overall; a closed stream's place freed at once.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -48,7 +47,7 @@ async fn idle_streams_cost_no_reads_and_a_purchase_is_pushed(stage: &str, extra:
     let server = start_stage_with(
         &["serve", "--stage", stage],
         &extra,
-        (Stdio::null(), "warn"),
+        (None, "warn"),
         &db,
         2,
         &client,
