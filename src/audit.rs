@@ -74,23 +74,41 @@ pub struct Activity {
     pub jobs_running: i64,
     /// Writes handed to the group-commit writer and not yet committed.
     pub unflushed_writes: i64,
+    /// Purchases the stage is running (counted by the `monolith`, whose pending rows are its
+    /// only other trace of them; the other stages' work shows as held seats, payments in
+    /// flight and jobs).
+    pub purchases_running: i64,
+    /// True when the stage runs nothing that could still settle its pending rows: the
+    /// `monolith` with no purchase running, since it never takes up a purchase it lost (a
+    /// crash, a hung-up client). Its pending rows are then lost tickets (I4), not work under
+    /// way, and do not keep the system from being quiet.
+    pub pending_stranded: bool,
+    /// Bumped by the stage each time it starts work; two reads with the same value saw none
+    /// start in between (see `pending_stranded`). Not reported.
+    #[serde(skip)]
+    pub work_started: u64,
     /// What could not be counted (e.g. the queue, with Redis down); anything here means not quiet.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
 }
 
 impl Activity {
-    /// Nothing under way and everything counted.
+    /// Nothing under way and everything counted. Stranded pending rows are not under way.
     pub fn is_quiet(&self) -> bool {
+        let pending = if self.pending_stranded {
+            0
+        } else {
+            self.pending_tickets + self.pending_orders
+        };
         self.unreadable.is_empty()
             && [
-                self.pending_tickets,
-                self.pending_orders,
+                pending,
                 self.held_seats,
                 self.payments_in_flight,
                 self.jobs_queued,
                 self.jobs_running,
                 self.unflushed_writes,
+                self.purchases_running,
             ]
             .iter()
             .all(|n| *n == 0)
