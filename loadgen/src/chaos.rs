@@ -199,7 +199,8 @@ impl Plan {
 }
 
 /// The faults of one run in order, drawn from the seed alone: the same seed and flags give the
-/// same faults at the same offsets.
+/// same faults, with the same gaps between them and the same outages (when each lands in the
+/// load also depends on how long the previous one took to recover).
 pub struct Schedule {
     rng: StdRng,
     faults: Vec<Fault>,
@@ -216,9 +217,14 @@ impl Schedule {
             outage: plan.outage,
         }
     }
+}
 
-    /// The next fault: the wait before it, which fault, and its outage.
-    pub fn next(&mut self) -> Option<(Duration, Fault, Duration)> {
+/// The next fault: the wait before it, which fault, and its outage (endless; none without
+/// faults).
+impl Iterator for Schedule {
+    type Item = (Duration, Fault, Duration);
+
+    fn next(&mut self) -> Option<Self::Item> {
         if self.faults.is_empty() {
             return None;
         }
