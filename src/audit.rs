@@ -320,7 +320,7 @@ mod tests {
         assert!(activity.is_quiet());
         activity.unreadable.push("payment queue".into());
         assert!(!activity.is_quiet());
-        for field in 0..7 {
+        for field in 0..8 {
             let mut a = Activity::default();
             *[
                 &mut a.pending_tickets,
@@ -330,8 +330,35 @@ mod tests {
                 &mut a.jobs_queued,
                 &mut a.jobs_running,
                 &mut a.unflushed_writes,
+                &mut a.purchases_running,
             ][field] = 1;
             assert!(!a.is_quiet(), "field {field}");
         }
+    }
+
+    #[test]
+    fn stranded_pending_rows_are_quiet_and_a_verdict_on_lost_tickets() {
+        // the monolith after a crash: rows pending, nothing running that could settle them
+        let mut counts = sold(0);
+        counts.pending = 3;
+        counts.available -= 3;
+        let stranded = Activity {
+            pending_tickets: 3,
+            pending_orders: 3,
+            pending_stranded: true,
+            ..Activity::default()
+        };
+        let report = audit(&[counts], &Reconciliation::default(), stranded.clone());
+        assert!(report.quiet);
+        assert_eq!(report.verdict, Verdict::Fail);
+        assert_eq!(report.invariants.stuck_pending, 3);
+        // the same rows while a purchase runs are work under way
+        let running = Activity {
+            purchases_running: 1,
+            pending_stranded: false,
+            ..stranded
+        };
+        let report = audit(&[counts], &Reconciliation::default(), running);
+        assert_eq!(report.verdict, Verdict::NotQuiet);
     }
 }
