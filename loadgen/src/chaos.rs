@@ -133,7 +133,10 @@ impl Span {
     }
 
     fn show(&self) -> String {
-        let f = |d: Duration| humantime::format_duration(d).to_string();
+        let f = |d: Duration| match d.as_millis() {
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
         if self.min == self.max {
             f(self.min)
         } else {
@@ -172,6 +175,8 @@ impl Plan {
                 faults.push(fault);
             }
         }
+        // one order whatever the order given: the schedule depends on the set of faults only
+        faults.sort_by_key(|f| Fault::ALL.iter().position(|a| a == f));
         if faults.is_empty() {
             if list.is_empty() {
                 return Ok(None);
@@ -913,6 +918,11 @@ mod tests {
         assert_eq!(names(off), ["kill-redis", "kill-postgres"]);
         let (on, _) = plan.split(&spec("locked@postgres"));
         assert_eq!(names(on), ["kill-server", "kill-redis", "kill-postgres"]);
+        // the order given does not change the schedule
+        let reversed = Plan::parse(&["kill-redis".into(), "kill-server".into()], "1s", "1s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(names(reversed.faults), ["kill-server", "kill-redis"]);
         let e = Plan::parse(&["kill-everything".into()], "1s", "1s").unwrap_err();
         assert!(
             e.starts_with("--chaos kill-everything: unknown fault"),

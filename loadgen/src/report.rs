@@ -422,8 +422,23 @@ pub fn terminal(report: &Report) -> String {
             t.label()
         ));
     }
+    let chaos = report
+        .runs
+        .iter()
+        .find_map(|r| r.chaos.as_ref())
+        .map_or(String::new(), |c| {
+            let mut faults = c.faults_drawn_from.clone();
+            faults.extend(&c.not_applicable);
+            faults.sort_by_key(|f| crate::chaos::Fault::ALL.iter().position(|a| a.name() == *f));
+            format!(
+                " --chaos {} --chaos-gap {} --chaos-outage {}",
+                faults.join(","),
+                c.gap,
+                c.outage
+            )
+        });
     out.push_str(&format!(
-        "replay with: --seed {} --scenario {}\n",
+        "replay with: --seed {} --scenario {}{chaos}\n",
         report.seed, s.scenario
     ));
     out
