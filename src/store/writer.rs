@@ -381,7 +381,8 @@ async fn transaction(
 /// the statement: the writes must be tried again on a new connection.
 fn connection_lost(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        // not `Protocol`: the epoch fence refuses a write with it (`shards::not_owner`)
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         // SQLSTATE class 08 (connection exception) and 57P01-57P03 (shutdown, crash, cannot
         // connect now)
         sqlx::Error::Database(db) => db
