@@ -22,3 +22,4 @@ mod simulate;
 mod stampede;
 mod storage;
 mod v2;
+mod writer;
