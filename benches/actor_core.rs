@@ -154,6 +154,7 @@ fn actor_core(c: &mut Criterion) {
                         quantity: 1,
                         per_user_limit: None,
                         idempotency: None,
+                        order: None,
                         // the stage formats this on the buyer's side, not the actor's
                         created_at: CREATED_AT.to_owned(),
                         reply,
@@ -188,6 +189,7 @@ fn actor_core(c: &mut Criterion) {
                 quantity: 1,
                 per_user_limit: None,
                 idempotency: None,
+                order: None,
                 created_at: CREATED_AT.to_owned(),
                 reply,
             });

@@ -55,7 +55,7 @@ impl Invariants {
 /// Work still under way, counted when the audit was taken. The system is *quiet* when every
 /// count is zero: only then can I3, I4 and I5 be judged, since a payment in flight (a late
 /// success still to be refunded, say) is not yet a violation.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Activity {
     /// Tickets stored `pending`.
@@ -88,7 +88,7 @@ pub struct Activity {
     #[serde(skip)]
     pub work_started: u64,
     /// What could not be counted (e.g. the queue, with Redis down); anything here means not quiet.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
 }
 

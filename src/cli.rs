@@ -56,19 +56,45 @@ pub struct NodeArgs {
     /// node is looked up in the database's node list.
     #[arg(long, env = "TICKETFLOW_PAYMENTS_URL")]
     pub payments_url: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Settings of stage `services` (ignored by the other stages).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Stage services")]
+pub struct ServicesArgs {
+    /// How many inventory nodes `serve --stage services` starts.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub inventory_nodes: Option<u32>,
+    /// Restart a node of `serve --stage services` that dies. Off by default, so that a
+    /// failover can be watched.
+    #[arg(long)]
+    pub restart_nodes: bool,
     /// How long a shard lease lasts without renewal: a dead node's shards move to the others
     /// after at most this plus one renewal interval.
     #[arg(long, default_value = "3s", value_parser = parse_lease_ttl)]
     pub lease_ttl: Duration,
-    /// How often the node renews its leases and looks for shards to take; under the TTL.
+    /// How often a node renews its leases and looks for shards to take; under the TTL.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub renew_every: Duration,
     /// UNSAFE, for the lesson only: inventory writes stop proving their shard's epoch, so a
     /// node paused past its lease can double-sell.
     #[arg(long)]
     pub unsafe_no_epoch: bool,
-    #[command(flatten)]
-    pub serve: ServeArgs,
+}
+
+impl ServicesArgs {
+    /// Whether the lease settings fit together.
+    pub fn check(&self) -> Result<(), String> {
+        if self.renew_every >= self.lease_ttl {
+            return Err(format!(
+                "--renew-every {:?} must be shorter than --lease-ttl {:?}, or leases run out between renewals",
+                self.renew_every, self.lease_ttl
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn parse_lease_ttl(raw: &str) -> Result<Duration, String> {
@@ -88,13 +114,15 @@ impl NodeArgs {
                 self.serve.stage
             ));
         }
-        if self.renew_every >= self.lease_ttl {
-            return Err(format!(
-                "--renew-every {:?} must be shorter than --lease-ttl {:?}, or leases run out between renewals",
-                self.renew_every, self.lease_ttl
-            ));
+        let services = &self.serve.services;
+        services.check()?;
+        if services.inventory_nodes.is_some() || services.restart_nodes {
+            return Err("--inventory-nodes and --restart-nodes belong to `ticketflow serve --stage services`, which starts the nodes; `ticketflow node` runs one".into());
         }
         let mut settings = self.serve.settings();
+        if settings.admin_token.is_none() {
+            return Err("`ticketflow node` needs --admin-token (TICKETFLOW_ADMIN_TOKEN), the same on every node: the nodes call each other with it".into());
+        }
         settings.stage = StageKind::Services;
         settings.services = crate::config::ServicesSettings {
             role: self.role,
@@ -103,9 +131,9 @@ impl NodeArgs {
                 .node_id
                 .clone()
                 .unwrap_or_else(|| format!("{}-{}", self.role, std::process::id())),
-            lease_ttl: self.lease_ttl,
-            renew_every: self.renew_every,
-            epoch_fence: !self.unsafe_no_epoch,
+            lease_ttl: services.lease_ttl,
+            renew_every: services.renew_every,
+            epoch_fence: !services.unsafe_no_epoch,
         };
         Ok(settings)
     }
@@ -235,6 +263,8 @@ pub struct ServeArgs {
     pub sqlite_busy_timeout: Duration,
     #[command(flatten)]
     pub locked: LockedArgs,
+    #[command(flatten)]
+    pub services: ServicesArgs,
 }
 
 /// Settings of the `locked` stage (ignored by the others).

@@ -15,10 +15,8 @@ pub enum StageKind {
     Actor,
     /// The seed's step 2: a Redis lock per event (with a fencing token), a Redis payment queue.
     Locked,
-    /// The seed's step 3: event actors sharded over inventory nodes on PostgreSQL. So far only
-    /// the inventory node is built (`ticketflow node inventory`), so `serve --stage` does not
-    /// offer it yet.
-    #[value(skip)]
+    /// The seed's step 3: a gateway, a catalog and event actors sharded over inventory nodes,
+    /// as separate processes on PostgreSQL.
     Services,
 }
 

@@ -30,6 +30,9 @@ pub struct ReserveRequest {
     /// API v2 caps what one user may hold or own; API v1 does not.
     pub per_user_limit: Option<u32>,
     pub idempotency: Option<OrderKey>,
+    /// The order's id when the caller chose it (a `services` gateway, so that a retry names
+    /// the same order); minted by the core otherwise.
+    pub order: Option<OrderId>,
     /// When the order was placed (RFC 3339), as the sender formatted it.
     pub created_at: String,
 }
@@ -231,7 +234,9 @@ impl EventCore {
     }
 
     fn reserve(&mut self, request: ReserveRequest, now: Millis) -> Result<Granted, ReserveError> {
-        let order = OrderId(self.mint_id());
+        // Minted either way, so a chosen id leaves the ids that follow unchanged.
+        let minted = OrderId(self.mint_id());
+        let order = request.order.unwrap_or(minted);
         let limit = match self.planted {
             Some(PlantedBug::UncountedReservation) if request.quantity == 1 => None,
             _ => request.per_user_limit,
@@ -317,6 +322,7 @@ mod tests {
             quantity,
             per_user_limit: Some(2),
             idempotency: None,
+            order: None,
             created_at: String::new(),
         };
         match core.step(Input::Reserve(request), now) {
@@ -423,6 +429,7 @@ mod tests {
             quantity: 1,
             per_user_limit: Some(2),
             idempotency: None,
+            order: None,
             created_at: String::new(),
         };
         assert!(matches!(

@@ -22,6 +22,9 @@
 //!   admin routes, problem documents, and the OpenAPI document ([`api::openapi`]).
 //! - [`limits`]: the connection cap and the request-body deadline.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
+//! - [`supervisor`]: `serve --stage services`, the nodes of stage `services` as child
+//!   processes (the gateway, catalog and inventory nodes are [`stages::gateway`],
+//!   [`stages::catalog`] and [`stages::services`]; their calls are [`api::internal`]).
 //! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
 
 pub mod api;
@@ -42,4 +45,5 @@ pub mod server;
 pub mod sim;
 pub mod stages;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;

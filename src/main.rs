@@ -61,8 +61,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(args) => {
             let settings = args.settings().map_err(|e| anyhow::anyhow!(e))?;
             let role = settings.services.role;
-            if role != ticketflow::config::NodeRole::Inventory {
-                anyhow::bail!("`ticketflow node {role}` is not built yet (issue 8): only `node inventory` runs so far");
+            if role == ticketflow::config::NodeRole::Payments {
+                anyhow::bail!("`ticketflow node payments` is not built yet (issue 8)");
             }
             let server = Server::build(settings.clone()).await?;
             tracing::info!(
@@ -77,7 +77,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tracing::info!("stopped");
             Ok(())
         }
+        Command::Serve(args) if args.stage == ticketflow::config::StageKind::Services => {
+            // What followed `serve`, passed on to every node.
+            let raw: Vec<String> = std::env::args()
+                .skip_while(|a| a != "serve")
+                .skip(1)
+                .collect();
+            ticketflow::supervisor::run(&args, &raw).await
+        }
         Command::Serve(args) => {
+            if args.services.inventory_nodes.is_some() || args.services.restart_nodes {
+                anyhow::bail!(
+                    "--inventory-nodes and --restart-nodes apply to --stage services only"
+                );
+            }
             backend::set_sqlite_busy_timeout(args.sqlite_busy_timeout);
             let settings = args.settings();
             let server = Server::build(settings.clone()).await?;

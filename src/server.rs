@@ -113,6 +113,7 @@ impl Server {
             }
         });
         let serve_v2 = settings.stage != crate::config::StageKind::Monolith;
+        let internal = settings.stage == crate::config::StageKind::Services;
         let serve_v1 = settings.v1_access() == crate::config::V1Access::Open;
         let max_body = settings.max_body_bytes;
         let workers = match settings.http_workers {
@@ -124,7 +125,12 @@ impl Server {
         let http = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .configure(|cfg| api::configure(cfg, max_body, serve_v2, serve_v1))
+                .configure(|cfg| {
+                    if internal {
+                        api::internal::configure(cfg);
+                    }
+                    api::configure(cfg, max_body, serve_v2, serve_v1)
+                })
                 .wrap_fn(move |mut req, srv| {
                     limits::body_deadline(&mut req, body_timeout);
                     srv.call(req)

@@ -737,6 +737,7 @@ impl World {
         };
         let buyer = &self.buyers[b];
         let request = ReserveRequest {
+            order: None,
             user: buyer.user.clone(),
             quantity,
             per_user_limit: buyer.v2.then_some(PER_USER_LIMIT),

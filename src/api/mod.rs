@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod internal;
 pub mod openapi;
 pub mod problem;
 pub mod rate;

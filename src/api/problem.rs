@@ -22,8 +22,12 @@ pub struct Problem {
     pub code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+    /// Stage `services`: the order whose outcome is not known yet, to look up later.
+    #[serde(rename = "orderId", skip_serializing_if = "Option::is_none")]
+    /// Boxed: a problem is every handler's error, so it stays small.
+    pub order_id: Option<Box<crate::domain::OrderId>>,
     #[serde(skip)]
-    pub retry_after_secs: Option<u64>,
+    pub retry_after_secs: Option<u32>,
 }
 
 impl Problem {
@@ -40,12 +44,13 @@ impl Problem {
             detail: detail.into(),
             code,
             field: None,
+            order_id: None,
             retry_after_secs: None,
         }
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
-        self.retry_after_secs = Some(secs);
+        self.retry_after_secs = Some(u32::try_from(secs).unwrap_or(u32::MAX));
         self
     }
 
@@ -106,6 +111,16 @@ impl From<StoreError> for Problem {
                 "Conflict",
                 "the request conflicts with the current state",
             );
+        }
+        if let StoreError::Unavailable(cause) = &e {
+            tracing::warn!(%cause, "a dependency is unavailable");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "dependency-unavailable",
+                "Service unavailable",
+                e.to_string(),
+            )
+            .retry_after(1);
         }
         tracing::error!(error = %e, "storage failure");
         Self::internal()
@@ -175,6 +190,17 @@ impl From<PurchaseError> for Problem {
                 detail,
             )
             .retry_after(1),
+            PurchaseError::Unresolved { order } => {
+                let mut problem = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome-unknown",
+                    "Outcome not known yet",
+                    detail,
+                )
+                .retry_after(2);
+                problem.order_id = Some(Box::new(order));
+                problem
+            }
             PurchaseError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "dependency-unavailable",

@@ -180,6 +180,20 @@ impl ActorStage {
     }
 
     /// The settings this stage was started with.
+    /// A v1 purchase under `order` when the caller chose its id (a `services` gateway, so that
+    /// a retry names the same order), or a new one.
+    pub async fn purchase_as(
+        &self,
+        order: Option<OrderId>,
+        event: EventId,
+        user: UserId,
+    ) -> Result<Ticket, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        // Detached: runs to the end even if the client disconnects.
+        let task = actix_rt::spawn(async move { inner.purchase(order, event, user).await });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
     pub fn settings(&self) -> &crate::config::Settings {
         &self.inner.parts.settings
     }
@@ -239,6 +253,17 @@ impl Inner {
         self.actor(event).ok_or(PurchaseError::UnknownEvent)
     }
 
+    /// The seed of the ids an event's actor mints: the run's seed, and on an inventory node
+    /// the epoch it holds the event's shard at, so two owners of one shard never mint the same
+    /// ids (an owner that lost its shard is stopped by the epoch fence, not by an id clash).
+    fn id_seed(&self, event: EventId) -> u64 {
+        let seed = self.parts.settings.seed;
+        match self.fence.as_ref().and_then(|f| f.epoch(shard_of(event))) {
+            Some(epoch) => seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            None => seed,
+        }
+    }
+
     async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
         let price = Money::from_cents(event.price_cents)
             .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
@@ -257,7 +282,7 @@ impl Inner {
             price,
             inventory,
             self.writer.clone(),
-            settings.seed,
+            self.id_seed(event.id),
             issued,
             settings.hold_ttl,
             queued.clone(),
@@ -359,6 +384,7 @@ impl Inner {
         quantity: u32,
         per_user_limit: Option<u32>,
         idempotency: Option<OrderKey>,
+        order: Option<OrderId>,
     ) -> Result<(Addr<EventActor>, Held), PurchaseError> {
         let EventHandle { addr, queued } = self.actor_for_purchase(event).await?;
         if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
@@ -373,6 +399,7 @@ impl Inner {
             quantity,
             per_user_limit,
             idempotency,
+            order,
             created_at: created_at.clone(),
             reply,
         });
@@ -446,9 +473,14 @@ impl Inner {
         }
     }
 
-    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+    async fn purchase(
+        &self,
+        order: Option<OrderId>,
+        event: EventId,
+        user: UserId,
+    ) -> Result<Ticket, PurchaseError> {
         let user_id = user.as_str().to_owned();
-        let (addr, grant) = self.reserve(event, user, 1, None, None).await?;
+        let (addr, grant) = self.reserve(event, user, 1, None, None, order).await?;
         self.pay(addr, grant.order, grant.payment_key, grant.amount)
             .await?;
         // The confirmation is durable; the ticket is answered from what was written rather than
@@ -499,10 +531,7 @@ impl Stage for ActorStage {
 
     #[tracing::instrument(skip(self), fields(stage = "actor"))]
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
-        let inner = Arc::clone(&self.inner);
-        // Detached: runs to the end even if the client disconnects.
-        let task = actix_rt::spawn(async move { inner.purchase(event, user).await });
-        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+        self.purchase_as(None, event, user).await
     }
 
     #[tracing::instrument(skip(self), fields(stage = "actor"))]
@@ -514,12 +543,20 @@ impl Stage for ActorStage {
             quantity,
             per_user_limit,
             idempotency,
+            order,
         } = request;
         let user_id = user.as_str().to_owned();
         // Detached, like a v1 purchase; the payment goes on after the 202.
         let task = actix_rt::spawn(async move {
             let (addr, grant) = inner
-                .reserve(event, user, quantity, Some(per_user_limit), idempotency)
+                .reserve(
+                    event,
+                    user,
+                    quantity,
+                    Some(per_user_limit),
+                    idempotency,
+                    order,
+                )
                 .await?;
             let (order, key, amount) = (grant.order, grant.payment_key.clone(), grant.amount);
             actix_rt::spawn(async move {

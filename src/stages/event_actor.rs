@@ -157,6 +157,8 @@ pub struct Reserve {
     /// API v2 caps what one user may hold or own; API v1 does not.
     pub per_user_limit: Option<u32>,
     pub idempotency: Option<OrderKey>,
+    /// The order's id, when the caller chose it.
+    pub order: Option<crate::domain::OrderId>,
     /// When the order was placed (RFC 3339), formatted by the sender so that the actor's
     /// thread, which every purchase of the event goes through, does not.
     pub created_at: String,
@@ -173,6 +175,7 @@ impl Handler<Reserve> for EventActor {
             quantity: msg.quantity,
             per_user_limit: msg.per_user_limit,
             idempotency: msg.idempotency,
+            order: msg.order,
             created_at: msg.created_at,
         };
         let Output::Reserved(decided) = self.step(Input::Reserve(request)) else {

@@ -6,7 +6,9 @@
 //! stages is how a purchase is decided.
 
 pub mod actor;
+pub mod catalog;
 pub mod event_actor;
+pub mod gateway;
 pub mod locked;
 pub mod monolith;
 pub mod services;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::audit::Activity;
-use crate::config::{Settings, StageKind};
+use crate::config::{NodeRole, Settings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::payments::{GatewayUnavailable, PaymentGateway};
 use crate::store::{EventQuery, OrderKey, Records, Store, StoreError, StoreResult};
@@ -57,6 +59,10 @@ pub enum PurchaseError {
     /// its write was refused; the new owner settles the purchase from what was stored.
     #[error("the event moved to another node during the purchase; its new owner settles it, so look the ticket or order up shortly")]
     OwnerChanged,
+    /// Stage `services`: the gateway sent the purchase to its event's node and heard nothing
+    /// back, and the database did not show its outcome in time. The order keeps this id.
+    #[error("the purchase's outcome is not known yet (its node stopped answering); look order {order} up shortly")]
+    Unresolved { order: OrderId },
     /// A service the stage depends on (Redis for `locked`) does not answer.
     #[error("{0} is unavailable; try again shortly")]
     Unavailable(&'static str),
@@ -76,6 +82,18 @@ pub trait Stage: Send + Sync + 'static {
 
     /// Buys one ticket; answers when payment has settled (API v1 semantics).
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError>;
+
+    /// A v1 purchase under an order id the caller chose (a `services` gateway, so that a
+    /// retry can never make a second order or a second charge). Only inventory nodes serve it.
+    async fn purchase_as(
+        &self,
+        order: OrderId,
+        event: EventId,
+        user: UserId,
+    ) -> Result<Ticket, PurchaseError> {
+        let _ = (order, event, user);
+        Err(PurchaseError::NotServed)
+    }
 
     /// Places an order (API v2): answers once its seats are held durably, with the order
     /// `pending`; payment and confirmation continue in the background.
@@ -164,6 +182,9 @@ pub struct OrderRequest {
     pub per_user_limit: u32,
     /// The client's Idempotency-Key; stored on the order so a key yields at most one order.
     pub idempotency: Option<OrderKey>,
+    /// The order's id when the caller chose it (a `services` gateway, so that a retry names
+    /// the same order and the same payment key); `None` lets the stage mint one.
+    pub order: Option<OrderId>,
 }
 
 /// What every stage is built from.
@@ -190,6 +211,15 @@ pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
         StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
-        StageKind::Services => Arc::new(services::InventoryNode::start(parts).await?),
+        StageKind::Services => match parts.settings.services.role {
+            NodeRole::Inventory => Arc::new(services::InventoryNode::start(parts).await?),
+            NodeRole::Gateway => Arc::new(gateway::GatewayNode::start(parts).await?),
+            NodeRole::Catalog => Arc::new(catalog::CatalogNode::start(parts).await?),
+            NodeRole::Payments => {
+                return Err(StartError::Store(StoreError::Internal(
+                    "the payments node is not built yet".into(),
+                )))
+            }
+        },
     })
 }

@@ -19,10 +19,14 @@ use async_trait::async_trait;
 use super::actor::ActorStage;
 use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::audit::Activity;
-use crate::config::StageKind;
-use crate::domain::{Event, EventId, NewEvent, Order, Ticket, UserId};
+use crate::config::{NodeRole, ServicesSettings, StageKind};
+use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::store::shards::{ShardFence, ShardLease, NOT_OWNER, SHARDS};
 use crate::store::{Records, Store, StoreError};
+
+/// Whether `serve --stage services` starts a payments node (issue 8: not built yet; until
+/// then each inventory node runs its own payment actors).
+pub const PAYMENTS_NODE_BUILT: bool = false;
 
 /// The role an inventory node reports itself under.
 pub const INVENTORY: &str = "inventory";
@@ -138,44 +142,106 @@ impl InventoryNode {
     }
 }
 
-impl InventoryNode {
-    async fn read_topology(&self) -> Result<serde_json::Value, StoreError> {
-        let services = self.inner.actors_settings();
-        let store = &self.inner.store;
-        let nodes = store.service_nodes(services.lease_ttl).await?;
-        let leases = store.shard_leases().await?;
-        let listed: Vec<serde_json::Value> = nodes
-            .iter()
-            .map(|n| {
-                let mut node = serde_json::json!({
-                    "id": n.id,
-                    "role": n.role,
-                    "pid": n.pid,
-                    "address": n.addr,
-                    "state": if n.up { "up" } else { "down" },
-                });
-                if n.role == INVENTORY {
-                    node["shards"] = leases
-                        .iter()
-                        .filter(|l| l.owner.as_deref() == Some(n.id.as_str()) && l.remaining_ms > 0)
-                        .map(|l| serde_json::json!({ "shard": l.shard, "epoch": l.epoch }))
-                        .collect::<Vec<_>>()
-                        .into();
+/// A node that is neither inventory nor payments reporting itself alive in `service_nodes`
+/// (role, address, pid) at start, as soon as it is bound, and every renewal interval.
+pub struct Presence {
+    store: Store,
+    id: String,
+    role: NodeRole,
+    addr: Mutex<String>,
+    stopping: AtomicBool,
+}
+
+impl Presence {
+    pub async fn start(
+        store: Store,
+        services: &ServicesSettings,
+        role: NodeRole,
+        addr: String,
+    ) -> Result<Arc<Self>, StoreError> {
+        let presence = Arc::new(Self {
+            store,
+            id: services.node_id.clone(),
+            role,
+            addr: Mutex::new(addr),
+            stopping: AtomicBool::new(false),
+        });
+        presence.report().await?;
+        let every = services.renew_every;
+        let keeper = Arc::clone(&presence);
+        actix_rt::spawn(async move {
+            while !keeper.stopping.load(Ordering::Acquire) {
+                tokio::time::sleep(every).await;
+                if let Err(error) = keeper.report().await {
+                    tracing::warn!(%error, role = %keeper.role, "could not report the node alive");
                 }
-                node
-            })
-            .collect();
-        let unowned = leases
-            .iter()
-            .filter(|l| l.owner.is_none() || l.remaining_ms <= 0)
-            .map(|l| l.shard)
-            .collect::<Vec<_>>();
-        Ok(serde_json::json!({
-            "shards": SHARDS,
-            "nodes": listed,
-            "unownedShards": unowned,
-        }))
+            }
+        });
+        Ok(presence)
     }
+
+    async fn report(&self) -> Result<(), StoreError> {
+        let addr = self.addr.lock().expect("node address poisoned").clone();
+        self.store
+            .node_seen(&self.id, self.role.as_str(), &addr, std::process::id())
+            .await
+    }
+
+    /// The address the node is bound to, reported at once.
+    pub fn bound(self: &Arc<Self>, addr: std::net::SocketAddr) {
+        *self.addr.lock().expect("node address poisoned") = addr.to_string();
+        let presence = Arc::clone(self);
+        actix_rt::spawn(async move {
+            if let Err(error) = presence.report().await {
+                tracing::warn!(%error, "could not report the node's address");
+            }
+        });
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
+/// Every node with its role, id, pid, address and state, and the shards each inventory node
+/// holds with their epochs (`GET /api/v2/admin/nodes`).
+pub async fn topology(
+    store: &Store,
+    services: &ServicesSettings,
+) -> Result<serde_json::Value, StoreError> {
+    let nodes = store.service_nodes(services.lease_ttl).await?;
+    let leases = store.shard_leases().await?;
+    let listed: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            let mut node = serde_json::json!({
+                "id": n.id,
+                "role": n.role,
+                "pid": n.pid,
+                "address": n.addr,
+                "state": if n.up { "up" } else { "down" },
+            });
+            if n.role == INVENTORY {
+                node["shards"] = leases
+                    .iter()
+                    .filter(|l| l.owner.as_deref() == Some(n.id.as_str()) && l.remaining_ms > 0)
+                    .map(|l| serde_json::json!({ "shard": l.shard, "epoch": l.epoch }))
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+            node
+        })
+        .collect();
+    let unowned = leases
+        .iter()
+        .filter(|l| l.owner.is_none() || l.remaining_ms <= 0)
+        .map(|l| l.shard)
+        .collect::<Vec<_>>();
+    Ok(serde_json::json!({
+        "shards": SHARDS,
+        "nodes": listed,
+        "unownedShards": unowned,
+    }))
 }
 
 impl Node {
@@ -307,6 +373,19 @@ impl Stage for InventoryNode {
             .map_err(owner_changed)
     }
 
+    async fn purchase_as(
+        &self,
+        order: OrderId,
+        event: EventId,
+        user: UserId,
+    ) -> Result<Ticket, PurchaseError> {
+        self.inner
+            .actors
+            .purchase_as(Some(order), event, user)
+            .await
+            .map_err(owner_changed)
+    }
+
     async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
         self.inner
             .actors
@@ -330,10 +409,22 @@ impl Stage for InventoryNode {
 
     fn bound(&self, addr: std::net::SocketAddr) {
         self.set_addr(addr.to_string());
+        // Reported at once, so the gateway can reach the node before its next round.
+        let node = Arc::clone(&self.inner);
+        actix_rt::spawn(async move {
+            let id = node.fence.node().to_owned();
+            if let Err(error) = node
+                .store
+                .node_seen(&id, INVENTORY, &addr.to_string(), std::process::id())
+                .await
+            {
+                tracing::warn!(%error, "could not report the node's address");
+            }
+        });
     }
 
     async fn topology(&self) -> Option<Result<serde_json::Value, StoreError>> {
-        Some(self.read_topology().await)
+        Some(topology(&self.inner.store, &self.inner.actors_settings()).await)
     }
 
     async fn activity(&self) -> Activity {

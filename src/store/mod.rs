@@ -207,7 +207,7 @@ pub struct PendingPurchase {
 }
 
 /// A search over events (API v2): filters, sort, one page.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EventQuery {
     /// Exact venue, ignoring case.
     pub venue: Option<String>,
@@ -223,7 +223,7 @@ pub struct EventQuery {
 }
 
 /// What events can be sorted by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EventSort {
     Date,
     Name,

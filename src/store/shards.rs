@@ -191,6 +191,16 @@ impl Store {
         Ok(())
     }
 
+    /// Marks node `id` down at once (its supervisor saw it die), instead of waiting for its
+    /// reports to age.
+    pub async fn node_gone(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE service_nodes SET seen_at = '-infinity' WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// How many nodes of `role` reported themselves within `within` (by the database's clock).
     pub async fn live_nodes(&self, role: &str, within: Duration) -> StoreResult<usize> {
         let row = sqlx::query(

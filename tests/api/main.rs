@@ -17,6 +17,7 @@ mod process;
 mod rate;
 mod recovery;
 mod seed_scripts;
+mod services;
 mod shards;
 mod simulate;
 mod stampede;

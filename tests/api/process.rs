@@ -64,12 +64,27 @@ async fn start_binary(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
+    let payments = [
+        "--payment-failure-rate",
+        "0.3",
+        "--payment-latency",
+        "20ms..400ms",
+    ];
+    start_binary_with(&[command, &payments].concat(), db, seed, client).await
+}
+
+/// The binary run with `args` on `db` (the payment settings among them), outcomes drawn
+/// from `seed`; answers once `GET /health` does.
+pub async fn start_binary_with(
+    args: &[&str],
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_ticketflow"))
-        .args(command)
+        .args(args)
         .args(["--seed", &seed.to_string()])
-        .args(["--payment-failure-rate", "0.3"])
-        .args(["--payment-latency", "20ms..400ms"])
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args(["--db", db.url()])
         .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
@@ -81,7 +96,7 @@ async fn start_binary(
         .spawn()
         .expect("the ticketflow binary starts");
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = client.get(format!("{base}/health")).send().await {
             if r.status() == 200 {

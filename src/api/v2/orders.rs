@@ -89,6 +89,7 @@ pub async fn create_order(
             status: StatusCode::ACCEPTED.as_u16(),
             render: accepted_answer,
         }),
+        order: None,
     };
     let stage = Arc::clone(&state.stage);
     idempotent(&state, &user, &key, print, async move {
