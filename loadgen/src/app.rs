@@ -88,8 +88,8 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Ok(Some(_)) if stages.iter().any(|s| s.stage == "services") => {
             eprintln!(
-                "error: --chaos: stage services is not served by `ticketflow serve` yet; \
-                 chaos runs the other stages"
+                "error: --chaos does not fault stage services yet (its nodes are the \
+                 supervisor's children, not loadgen's); chaos runs the other stages"
             );
             return ExitCode::from(EXIT_USAGE);
         }
