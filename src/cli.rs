@@ -82,6 +82,10 @@ pub struct ServicesArgs {
     /// node paused past its lease can double-sell.
     #[arg(long)]
     pub unsafe_no_epoch: bool,
+    /// A failpoint for the tests: an inventory node's writer waits this long before each
+    /// transaction.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub failpoint_delay_writes: Option<Duration>,
 }
 
 impl ServicesArgs {
@@ -134,6 +138,7 @@ impl NodeArgs {
             lease_ttl: services.lease_ttl,
             renew_every: services.renew_every,
             epoch_fence: !services.unsafe_no_epoch,
+            delay_writes: services.failpoint_delay_writes,
         };
         Ok(settings)
     }

@@ -464,6 +464,9 @@ pub struct ServicesSettings {
     pub renew_every: Duration,
     /// `false` only for the lesson: inventory writes stop proving their shard's epoch.
     pub epoch_fence: bool,
+    /// A failpoint for the tests: an inventory node's writer waits this long before each
+    /// transaction.
+    pub delay_writes: Option<Duration>,
 }
 
 impl Default for ServicesSettings {
@@ -475,6 +478,7 @@ impl Default for ServicesSettings {
             lease_ttl: Duration::from_secs(3),
             renew_every: Duration::from_secs(1),
             epoch_fence: true,
+            delay_writes: None,
         }
     }
 }

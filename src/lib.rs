@@ -8,7 +8,9 @@
 //! - [`sim`]: the deterministic simulator (`ticketflow simulate`): the event core under a seeded
 //!   scheduler in simulated time, with payments, the writer, crashes, and the invariants.
 //! - [`payments`]: the simulated payment gateway, a pool of payment actors whose books (every
-//!   charge, decline and refund) are group-committed to the database and survive restarts.
+//!   charge, decline and refund) are group-committed to the database and survive restarts; in
+//!   stage `services` it runs in the payments node ([`payments::service`]), which the other
+//!   nodes call over HTTP ([`payments::remote`]).
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, the group-commit writer, and (`store::shards`) the shard leases
 //!   and epoch fence of stage `services`.

@@ -10,9 +10,15 @@
 //! got before, and the audit reconciles against everything ever charged. Each actor remembers
 //! the keys it answered last ([`recent`], bounded) so a retry rarely needs the books; nothing
 //! else about charges is held in memory.
+//!
+//! Stage `services` runs the pool in one process, the payments node ([`service`]); the other
+//! nodes hold a [`PaymentGateway::remote`] handle with the same methods, whose charges and
+//! refunds go to it over HTTP ([`remote`]) and whose ledger reads go to the same books.
 
 pub mod books;
 pub mod recent;
+pub mod remote;
+pub mod service;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,10 +31,11 @@ use uuid::Uuid;
 
 use self::books::{BooksHandle, Known};
 use self::recent::RecentKeys;
-use crate::config::{LatencyModel, PaymentSettings};
+use self::remote::{RemoteError, RemotePayments};
+use crate::config::{LatencyModel, PaymentSettings, ServicesSettings};
 use crate::domain::Money;
 pub use crate::store::gateway::{LedgerEntry, LedgerKind, Reconciliation};
-use crate::store::{GatewayBooks, StoreError, StoreResult};
+use crate::store::{GatewayBooks, Store, StoreError, StoreResult};
 
 /// Room in each payment actor's mailbox; callers wait (backpressure) when it is full.
 const PAYMENT_MAILBOX: usize = 1024;
@@ -61,11 +68,20 @@ pub struct GatewayUnavailable;
 /// A handle on the pool and its books; cheap to clone.
 #[derive(Clone)]
 pub struct PaymentGateway {
-    actors: Vec<Addr<PaymentActor>>,
+    pool: Pool,
     books: Arc<dyn GatewayBooks>,
     /// Payments under way, for the audit's quiet check. An atomic: every purchase task touches
     /// it, and it is one integer with no invariant to share.
     in_flight: Arc<AtomicUsize>,
+}
+
+/// Where charges and refunds are answered.
+#[derive(Clone)]
+enum Pool {
+    /// This process's payment actors: the stages of one process, and the payments node.
+    Local(Vec<Addr<PaymentActor>>),
+    /// The payments node, over HTTP: the other nodes of stage `services`.
+    Remote(Arc<RemotePayments>),
 }
 
 /// One payment under way; counted in [`PaymentGateway::in_flight`] until dropped.
@@ -111,8 +127,35 @@ impl PaymentGateway {
             })
             .collect();
         Ok(Self {
-            actors,
+            pool: Pool::Local(actors),
             books,
+            in_flight: Arc::default(),
+        })
+    }
+
+    /// A handle on the payments node of a `services` deployment: at `services.payments_url`
+    /// if given, else the live `payments` node of `store`'s `service_nodes`. Charges and
+    /// refunds go to it over HTTP; the ledger and the reconciliation are read from its books
+    /// in `store`. Needs no actix `System` until it is used.
+    /// A gateway whose charges and refunds go to the payments node, authenticated with the
+    /// deployment's admin token (`token`).
+    pub fn remote(
+        services: &ServicesSettings,
+        store: Store,
+        token: Option<String>,
+    ) -> Result<Self, RemoteError> {
+        // The address of the node seen last within a generous window: a report late under
+        // load is still worth a try, and a dead node's address fails fast (refused).
+        let window = (services.lease_ttl * 5).max(Duration::from_secs(10));
+        let remote = RemotePayments::new(
+            services.payments_url.as_deref(),
+            store.clone(),
+            window,
+            token,
+        )?;
+        Ok(Self {
+            pool: Pool::Remote(Arc::new(remote)),
+            books: Arc::new(store),
             in_flight: Arc::default(),
         })
     }
@@ -131,8 +174,8 @@ impl PaymentGateway {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    fn shard(&self, key: &str) -> &Addr<PaymentActor> {
-        &self.actors[(fnv1a(key.as_bytes()) % self.actors.len() as u64) as usize]
+    fn shard<'a>(actors: &'a [Addr<PaymentActor>], key: &str) -> &'a Addr<PaymentActor> {
+        &actors[(fnv1a(key.as_bytes()) % actors.len() as u64) as usize]
     }
 
     /// Charges `amount` under `key`; the same key never charges twice, in this run or any other
@@ -143,24 +186,30 @@ impl PaymentGateway {
         amount: Money,
     ) -> Result<ChargeOutcome, GatewayUnavailable> {
         let _counted = self.track();
-        self.shard(key)
-            .send(Charge {
-                key: key.to_owned(),
-                amount_cents: amount.cents(),
-            })
-            .await
-            .map_err(|_| GatewayUnavailable)?
+        match &self.pool {
+            Pool::Local(actors) => Self::shard(actors, key)
+                .send(Charge {
+                    key: key.to_owned(),
+                    amount_cents: amount.cents(),
+                })
+                .await
+                .map_err(|_| GatewayUnavailable)?,
+            Pool::Remote(remote) => remote.charge(key, amount).await,
+        }
     }
 
     /// Refunds the successful charge made under `key`, if there is one.
     pub async fn refund(&self, key: &str) -> Result<RefundOutcome, GatewayUnavailable> {
         let _counted = self.track();
-        self.shard(key)
-            .send(Refund {
-                key: key.to_owned(),
-            })
-            .await
-            .map_err(|_| GatewayUnavailable)?
+        match &self.pool {
+            Pool::Local(actors) => Self::shard(actors, key)
+                .send(Refund {
+                    key: key.to_owned(),
+                })
+                .await
+                .map_err(|_| GatewayUnavailable)?,
+            Pool::Remote(remote) => remote.refund(key).await,
+        }
     }
 
     /// Up to `limit` ledger lines after position `after` (0: from the start), in the order the
@@ -482,13 +531,16 @@ mod tests {
             .map(|i| format!("k-{i}"))
             .collect();
         let first = futures::future::join_all(keys.iter().map(|k| gw.charge(k, amount))).await;
-        let remembered = gw.actors[0].send(CountRecent).await.unwrap();
+        let Pool::Local(actors) = &gw.pool else {
+            unreachable!("a local gateway")
+        };
+        let remembered = actors[0].send(CountRecent).await.unwrap();
         assert_eq!(remembered, RECENT_KEYS_PER_ACTOR);
         // the oldest keys are forgotten: their retries are answered from the books
         for (key, outcome) in keys.iter().zip(&first).take(50) {
             assert_eq!(&gw.charge(key, amount).await, outcome);
         }
         assert_eq!(ledger(&gw).await.len(), keys.len());
-        assert!(gw.actors[0].send(CountRecent).await.unwrap() <= RECENT_KEYS_PER_ACTOR);
+        assert!(actors[0].send(CountRecent).await.unwrap() <= RECENT_KEYS_PER_ACTOR);
     }
 }

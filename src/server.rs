@@ -7,7 +7,7 @@ use actix_web::{dev::ServerHandle, dev::Service, web, App, HttpServer};
 use anyhow::Context;
 
 use crate::api::{self, AppState};
-use crate::config::{cores, Settings};
+use crate::config::{cores, NodeRole, Settings, StageKind};
 use crate::demo;
 use crate::limits::{self, ConnectionGate};
 use crate::payments::PaymentGateway;
@@ -17,6 +17,8 @@ use crate::store::{backend, DatabaseUrl, Store};
 /// Connections of the payment gateway's own pool: its books task writes on one, and the admin
 /// routes read the ledger on the other.
 const BOOKS_CONNECTIONS: u32 = 2;
+/// Connections of a `services` node's pool (its writer has one more of its own).
+const NODE_CONNECTIONS: u32 = 4;
 
 /// A bound server, not yet running. Must be built and run inside an actix `System`.
 pub struct Server {
@@ -33,7 +35,7 @@ impl Server {
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
         if !settings.stage.runs_on(url.backend) {
             match settings.stage {
-                crate::config::StageKind::Services => anyhow::bail!(
+                StageKind::Services => anyhow::bail!(
                     "stage services runs on PostgreSQL only (its shard leases live there): give \
                      --db postgres://USER@HOST:PORT/DATABASE"
                 ),
@@ -48,20 +50,42 @@ impl Server {
         let store = Store::open(&settings.database, settings.durability)
             .await
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
-        // The gateway keeps its books (a table of its own) in the same database.
-        let payments = PaymentGateway::start(
-            &settings.payments,
-            settings.seed,
-            Arc::new(
-                store
-                    .with_own_pool(BOOKS_CONNECTIONS)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?,
-            ),
-            &[],
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        // Stage services: five or more processes share one PostgreSQL, whose connections
+        // (`max_connections`, 100 by default) count for every database on it; each node
+        // reads little, so each gets a small pool.
+        let store = if settings.stage == StageKind::Services {
+            let small = store
+                .with_own_pool(NODE_CONNECTIONS)
+                .await
+                .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+            store.close().await;
+            small
+        } else {
+            store
+        };
+        // Stage services: the payments node runs the gateway, the other nodes call it. Every
+        // other process runs its own. The books are a table of their own in the same database.
+        let payments_node =
+            settings.stage == StageKind::Services && settings.services.role == NodeRole::Payments;
+        let payments =
+            if settings.stage == StageKind::Services && !payments_node {
+                PaymentGateway::remote(
+                    &settings.services,
+                    store.clone(),
+                    settings.admin_token.clone(),
+                )?
+            } else {
+                PaymentGateway::start(
+                    &settings.payments,
+                    settings.seed,
+                    Arc::new(store.with_own_pool(BOOKS_CONNECTIONS).await.map_err(|e| {
+                        anyhow::anyhow!(backend::open_failure(&settings.database, &e))
+                    })?),
+                    &[],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?
+            };
         let parts = StageParts {
             store: store.clone(),
             payments: payments.clone(),
@@ -70,9 +94,15 @@ impl Server {
         let stage = stages::build(parts)
             .await
             .context("starting the stage failed")?;
-        crate::idempotency::recover_claims(stage.as_ref(), api::v2::accepted_answer)
-            .await
-            .context("settling Idempotency-Key claims left by the previous run failed")?;
+        // Stage services: only the gateway takes Idempotency-Key claims; another node settling
+        // them would take the claims of a gateway still running.
+        let claims_here =
+            settings.stage != StageKind::Services || settings.services.role == NodeRole::Gateway;
+        if claims_here {
+            crate::idempotency::recover_claims(stage.as_ref(), api::v2::accepted_answer)
+                .await
+                .context("settling Idempotency-Key claims left by the previous run failed")?;
+        }
         let admin_token = match &settings.admin_token {
             Some(token) => token.clone(),
             None => {
@@ -112,8 +142,8 @@ impl Server {
                 limiters.forget_idle();
             }
         });
-        let serve_v2 = settings.stage != crate::config::StageKind::Monolith;
-        let internal = settings.stage == crate::config::StageKind::Services;
+        let serve_v2 = settings.stage != StageKind::Monolith;
+        let internal = settings.stage == StageKind::Services;
         let serve_v1 = settings.v1_access() == crate::config::V1Access::Open;
         let max_body = settings.max_body_bytes;
         let workers = match settings.http_workers {
@@ -125,11 +155,14 @@ impl Server {
         let http = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .configure(|cfg| {
-                    if internal {
-                        api::internal::configure(cfg);
+                .configure(|cfg| match payments_node {
+                    true => crate::payments::service::configure(cfg),
+                    false => {
+                        if internal {
+                            api::internal::configure(cfg);
+                        }
+                        api::configure(cfg, max_body, serve_v2, serve_v1)
                     }
-                    api::configure(cfg, max_body, serve_v2, serve_v1)
                 })
                 .wrap_fn(move |mut req, srv| {
                     limits::body_deadline(&mut req, body_timeout);

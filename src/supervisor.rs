@@ -179,7 +179,7 @@ async fn wait_ready(store: &Store, node: &mut Node) -> anyhow::Result<String> {
         let rows = store.service_nodes(Duration::from_secs(3600)).await?;
         if let Some(row) = rows.iter().find(|r| r.id == node.id) {
             let ported = row.addr.rsplit(':').next().is_some_and(|p| p != "0");
-            if row.pid == i64::from(node.pid) && ported {
+            if row.pid == i64::from(node.pid) && ported && answers(&row.addr).await {
                 return Ok(row.addr.clone());
             }
         }
@@ -192,6 +192,21 @@ async fn wait_ready(store: &Store, node: &mut Node) -> anyhow::Result<String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether a server answers `GET /health` at `addr` (any status: it is up and serving).
+async fn answers(addr: &str) -> bool {
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    else {
+        return false;
+    };
+    client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .is_ok()
 }
 
 /// Stops every node: SIGTERM (gateway first), then SIGKILL for those still running after
@@ -253,10 +268,10 @@ pub async fn run(args: &ServeArgs, raw: &[String]) -> anyhow::Result<()> {
         demo_data: settings.demo_data,
     };
     let inventory = args.services.inventory_nodes.unwrap_or(3);
-    let mut order: Vec<(String, NodeRole)> = vec![("catalog-1".into(), NodeRole::Catalog)];
-    if crate::stages::services::PAYMENTS_NODE_BUILT {
-        order.push(("payments-1".into(), NodeRole::Payments));
-    }
+    let mut order: Vec<(String, NodeRole)> = vec![
+        ("catalog-1".into(), NodeRole::Catalog),
+        ("payments-1".into(), NodeRole::Payments),
+    ];
     order.extend((1..=inventory).map(|i| (format!("inventory-{i}"), NodeRole::Inventory)));
     order.push(("gateway-1".into(), NodeRole::Gateway));
 

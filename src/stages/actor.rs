@@ -35,6 +35,11 @@ use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
 use crate::store::{AuditReads, Catalog, OrderKey, Records, StoreError, WriteHandle, WriteOp};
 
+/// First pause before a payment whose outcome is unknown is asked about again; it doubles
+/// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
+const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How to reach one event's actor.
 #[derive(Clone)]
 struct EventHandle {
@@ -436,8 +441,10 @@ impl Inner {
     }
 
     /// Charges a durable hold and settles it: confirmed, released, or refunded if it expired.
+    /// When the gateway does not answer, the outcome is unknown: the purchase fails with
+    /// [`PurchaseError::Gateway`] and is settled later, in the background ([`Self::settle_later`]).
     async fn pay(
-        &self,
+        self: &Arc<Self>,
         addr: Addr<EventActor>,
         order: OrderId,
         key: String,
@@ -445,7 +452,21 @@ impl Inner {
     ) -> Result<(), PurchaseError> {
         // In flight until the outcome is written, the refund of a late success included.
         let _in_flight = self.parts.payments.track();
-        let result = match self.parts.payments.charge(&key, amount).await? {
+        let settled = self.charge_and_settle(&addr, order, &key, amount).await;
+        if let Err(PurchaseError::Gateway(_)) = &settled {
+            self.settle_later(addr, order, key, amount);
+        }
+        settled
+    }
+
+    async fn charge_and_settle(
+        &self,
+        addr: &Addr<EventActor>,
+        order: OrderId,
+        key: &str,
+        amount: Money,
+    ) -> Result<(), PurchaseError> {
+        let result = match self.parts.payments.charge(key, amount).await? {
             ChargeOutcome::Approved { .. } => PaymentResult::Approved,
             ChargeOutcome::Declined => PaymentResult::Declined,
         };
@@ -461,7 +482,7 @@ impl Inner {
             }
             Settlement::Expired(durable) => {
                 durable.await?;
-                self.parts.payments.refund(&key).await?;
+                self.parts.payments.refund(key).await?;
                 self.writer
                     .submit(WriteOp::SettlePayment {
                         order,
@@ -473,8 +494,50 @@ impl Inner {
         }
     }
 
+    /// The gateway did not answer `key`'s charge (or the refund after it): asks again under
+    /// the same key, backing off, until it answers, then settles the order as [`Self::pay`]
+    /// would have; a hold that ran out meanwhile has its seats back already, and a charge
+    /// approved late is refunded. Every step is safe to repeat: the gateway answers a key
+    /// once, an approval settled twice stays confirmed, and an order whose hold is gone
+    /// settles as expired again, so only the (idempotent) refund is asked for again. Counted
+    /// in flight meanwhile, so the audit waits for it. Given up when the settlement cannot be
+    /// written (the shard moved, say: its new owner resolves the purchase from the database).
+    fn settle_later(
+        self: &Arc<Self>,
+        addr: Addr<EventActor>,
+        order: OrderId,
+        key: String,
+        amount: Money,
+    ) {
+        let inner = Arc::clone(self);
+        let counted = self.parts.payments.track();
+        actix_rt::spawn(async move {
+            let _counted = counted;
+            let mut backoff = SETTLE_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
+                match inner.charge_and_settle(&addr, order, &key, amount).await {
+                    Err(PurchaseError::Gateway(_)) => continue,
+                    Ok(()) => {
+                        tracing::info!(%order, "a payment unknown at first is settled: confirmed")
+                    }
+                    Err(
+                        outcome @ (PurchaseError::PaymentDeclined | PurchaseError::HoldExpired),
+                    ) => {
+                        tracing::info!(%order, %outcome, "a payment unknown at first is settled")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%order, %error, "gave up settling a payment unknown at first; a restart or the shard's next owner resolves it")
+                    }
+                }
+                return;
+            }
+        });
+    }
+
     async fn purchase(
-        &self,
+        self: &Arc<Self>,
         order: Option<OrderId>,
         event: EventId,
         user: UserId,

@@ -37,6 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const POOL_PER_NODE: usize = 64;
 /// How often the outcome of an unanswered call is looked up in the database.
 const RESOLVE_EVERY: Duration = Duration::from_millis(100);
+/// How many times one purchase is sent (the same order each time) across failovers.
+const MAX_ATTEMPTS: usize = 3;
 /// The shard map is read again at most this often on demand (many buyers meeting the same
 /// "not owner" share one read).
 const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(50);
@@ -78,7 +80,9 @@ struct Gateway {
     token: String,
     map: RwLock<ShardMap>,
     refreshed: tokio::sync::Mutex<Option<Instant>>,
-    addr: Mutex<String>,
+    /// The bound address, reported only once known: a report before the bind could make the
+    /// supervisor take a gateway that failed to bind for one that is up.
+    addr: Mutex<Option<String>>,
     stopping: AtomicBool,
     figures: Figures,
 }
@@ -116,7 +120,7 @@ impl GatewayNode {
             token,
             map: RwLock::new(ShardMap::default()),
             refreshed: tokio::sync::Mutex::new(None),
-            addr: Mutex::new(settings.bind.to_string()),
+            addr: Mutex::new(None),
             stopping: AtomicBool::new(false),
             figures: Figures::default(),
         });
@@ -129,17 +133,8 @@ impl GatewayNode {
                     .lock()
                     .expect("gateway address poisoned")
                     .clone();
-                if let Err(error) = keeper
-                    .store
-                    .node_seen(
-                        &keeper.services.node_id,
-                        NodeRole::Gateway.as_str(),
-                        &addr,
-                        std::process::id(),
-                    )
-                    .await
-                {
-                    tracing::warn!(%error, "could not report the gateway alive");
+                if let Some(addr) = addr {
+                    keeper.report(&addr).await;
                 }
                 if let Err(error) = keeper.refresh(true).await {
                     tracing::warn!(%error, "could not read the shard map");
@@ -152,6 +147,21 @@ impl GatewayNode {
 }
 
 impl Gateway {
+    async fn report(&self, addr: &str) {
+        if let Err(error) = self
+            .store
+            .node_seen(
+                &self.services.node_id,
+                NodeRole::Gateway.as_str(),
+                addr,
+                std::process::id(),
+            )
+            .await
+        {
+            tracing::warn!(%error, "could not report the gateway alive");
+        }
+    }
+
     /// Reads the shard owners and the live nodes again, unless that was done just now and
     /// `force` is false.
     async fn refresh(&self, force: bool) -> StoreResult<()> {
@@ -270,10 +280,16 @@ impl Gateway {
                 let _ = self.refresh(false).await;
                 continue;
             };
-            match self
-                .call::<B, T>(&owner.addr, path, Some(body), self.call_timeout())
-                .await
-            {
+            // A node that hangs (paused, partitioned) is not waited for past the moment its
+            // shard moves: the call is dropped, and its outcome read from the database.
+            let answer = tokio::select! {
+                answer = self.call::<B, T>(&owner.addr, path, Some(body), self.call_timeout()) => answer,
+                () = self.moved(shard, owner.epoch) => {
+                    tracing::warn!(shard, node = %owner.node, "the shard moved while its old owner held a call; reading the outcome from the database");
+                    return Err(owner.epoch);
+                }
+            };
+            match answer {
                 Ok(Reply::Ok(value)) => return Ok(Ok(value)),
                 Ok(Reply::Err(WireError::OwnerChanged)) => return Err(owner.epoch),
                 Ok(Reply::Err(WireError::NotOwner { .. })) | Err(CallError::NotSent(_))
@@ -294,6 +310,17 @@ impl Gateway {
                     tracing::warn!(shard, node = %owner.node, %error, "an inventory node did not answer; reading the outcome from the database");
                     return Err(owner.epoch);
                 }
+            }
+        }
+    }
+
+    /// Returns once the shard map shows `shard` at another epoch than `epoch` (the map is
+    /// read again every renewal interval).
+    async fn moved(&self, shard: u32, epoch: i64) {
+        loop {
+            tokio::time::sleep(RESOLVE_EVERY).await;
+            if self.owner(shard).is_some_and(|o| o.epoch != epoch) {
+                return;
             }
         }
     }
@@ -348,8 +375,9 @@ impl Gateway {
         body: &B,
         pending_is_final: bool,
     ) -> Result<Result<T, Order>, PurchaseError> {
-        let deadline = Instant::now() + self.resolve_budget();
-        loop {
+        // Each attempt gets the whole budget: a failover may follow another.
+        for _ in 0..MAX_ATTEMPTS {
+            let deadline = Instant::now() + self.resolve_budget();
             match self.route::<B, T>(event, path, body, deadline).await {
                 Ok(answer) => return answer.map(Ok).map_err(PurchaseError::from),
                 Err(epoch) => {
@@ -364,6 +392,8 @@ impl Gateway {
                 }
             }
         }
+        self.figures.unresolved.fetch_add(1, Ordering::Relaxed);
+        Err(PurchaseError::Unresolved { order })
     }
 
     async fn catalog<B: Serialize, T: DeserializeOwned>(
@@ -570,7 +600,9 @@ impl Stage for GatewayNode {
     }
 
     fn bound(&self, addr: std::net::SocketAddr) {
-        *self.inner.addr.lock().expect("gateway address poisoned") = addr.to_string();
+        *self.inner.addr.lock().expect("gateway address poisoned") = Some(addr.to_string());
+        let gateway = Arc::clone(&self.inner);
+        actix_rt::spawn(async move { gateway.report(&addr.to_string()).await });
     }
 
     async fn shutdown(&self) {

@@ -216,9 +216,7 @@ pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
             NodeRole::Gateway => Arc::new(gateway::GatewayNode::start(parts).await?),
             NodeRole::Catalog => Arc::new(catalog::CatalogNode::start(parts).await?),
             NodeRole::Payments => {
-                return Err(StartError::Store(StoreError::Internal(
-                    "the payments node is not built yet".into(),
-                )))
+                Arc::new(crate::payments::service::PaymentsNode::start(parts).await?)
             }
         },
     })

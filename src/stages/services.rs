@@ -5,9 +5,10 @@
 //! ([`crate::store::shards`]). Its writer proves each shard's epoch in every transaction, so a
 //! node that paused past its lease cannot write once another node has taken over.
 //!
-//! Built so far: the inventory node. Still to come (issue 8): the gateway that routes each
-//! purchase to its owner, the catalog and payments nodes, and `serve --stage services`
-//! supervising them as processes.
+//! Built so far: the inventory node, and the payments node it calls
+//! ([`crate::payments::service`]). Still to come (issue 8): the gateway that routes each
+//! purchase to its owner, the catalog node, and `serve --stage services` supervising them as
+//! processes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +24,6 @@ use crate::config::{NodeRole, ServicesSettings, StageKind};
 use crate::domain::{Event, EventId, NewEvent, Order, OrderId, Ticket, UserId};
 use crate::store::shards::{ShardFence, ShardLease, NOT_OWNER, SHARDS};
 use crate::store::{Records, Store, StoreError};
-
-/// Whether `serve --stage services` starts a payments node (issue 8: not built yet; until
-/// then each inventory node runs its own payment actors).
-pub const PAYMENTS_NODE_BUILT: bool = false;
 
 /// The role an inventory node reports itself under.
 pub const INVENTORY: &str = "inventory";
@@ -52,10 +49,10 @@ impl InventoryNode {
         let services = parts.settings.services.clone();
         let store = parts.store.clone();
         store.ensure_shards().await?;
-        let fence = Arc::new(ShardFence::new(
-            services.node_id.clone(),
-            services.epoch_fence,
-        ));
+        let fence = Arc::new(
+            ShardFence::new(services.node_id.clone(), services.epoch_fence)
+                .with_write_delay(services.delay_writes),
+        );
         if !services.epoch_fence {
             tracing::warn!("the epoch fence is OFF: a node paused past its lease can double-sell (unsafe; for the lesson only)");
         }
@@ -69,6 +66,21 @@ impl InventoryNode {
             stopping: AtomicBool::new(false),
         });
         node.keep_leases(&services).await?;
+        // Reporting and renewal on their own beat as well: a keeper round that adopts many
+        // shards, resolving their pending purchases through a slow gateway, can outlast a lease.
+        let renewer = Arc::clone(&node);
+        actix_rt::spawn(async move {
+            let services = renewer.actors_settings();
+            while !renewer.stopping.load(Ordering::Acquire) {
+                tokio::time::sleep(services.renew_every).await;
+                if renewer.stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Err(error) = renewer.report_and_renew(&services).await {
+                    tracing::warn!(%error, "could not renew the shard leases");
+                }
+            }
+        });
         let keeper = Arc::clone(&node);
         actix_rt::spawn(async move {
             let services = keeper.actors_settings();
@@ -247,6 +259,20 @@ pub async fn topology(
 impl Node {
     fn actors_settings(&self) -> crate::config::ServicesSettings {
         self.actors.settings().services.clone()
+    }
+
+    /// Reports the node alive and extends its leases, nothing more.
+    async fn report_and_renew(
+        &self,
+        services: &crate::config::ServicesSettings,
+    ) -> Result<(), StoreError> {
+        let node = self.fence.node();
+        let addr = self.addr.lock().expect("node address poisoned").clone();
+        self.store
+            .node_seen(node, INVENTORY, &addr, std::process::id())
+            .await?;
+        self.store.renew_leases(node, services.lease_ttl).await?;
+        Ok(())
     }
 
     /// One round: report alive, renew, drop what was lost, take or give back shards to hold
@@ -438,11 +464,14 @@ impl Stage for InventoryNode {
 }
 
 /// A write the epoch fence refused mid-purchase: the shard moved, and the new owner settles it.
+/// The payments node not answering is a dependency down (`503 dependency-unavailable`): the
+/// node keeps asking it under the same key in the background and settles the purchase then.
 fn owner_changed(error: PurchaseError) -> PurchaseError {
     match error {
         PurchaseError::Store(StoreError::Conflict(message)) if message.contains(NOT_OWNER) => {
             PurchaseError::OwnerChanged
         }
+        PurchaseError::Gateway(_) => PurchaseError::Unavailable("the payments node"),
         other => other,
     }
 }

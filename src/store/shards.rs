@@ -216,6 +216,26 @@ impl Store {
         Ok(count as usize)
     }
 
+    /// The node of `role` that reported itself last, if it did within `within`: its id and
+    /// address (the payments node, for the nodes that call it).
+    pub async fn live_node(
+        &self,
+        role: &str,
+        within: Duration,
+    ) -> StoreResult<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT id, addr FROM service_nodes
+              WHERE role = $1
+                AND seen_at > now() - CAST($2 AS DOUBLE PRECISION) * interval '1 millisecond'
+              ORDER BY seen_at DESC LIMIT 1",
+        )
+        .bind(role)
+        .bind(millis(within))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
     /// Every node that ever reported itself, with whether it did within `within` (up).
     pub async fn service_nodes(&self, within: Duration) -> StoreResult<Vec<NodeRow>> {
         let rows = sqlx::query(
@@ -260,6 +280,9 @@ pub struct ShardFence {
     epochs: RwLock<HashMap<u32, i64>>,
     /// `false` only for the lesson that shows why the check exists (`--unsafe-no-epoch`).
     enforce: bool,
+    /// A failpoint for the tests: the writer waits this long before each transaction, so a
+    /// test can pause the node while writes it decided are still unwritten.
+    write_delay: Option<std::time::Duration>,
 }
 
 impl ShardFence {
@@ -268,7 +291,18 @@ impl ShardFence {
             node: node.into(),
             epochs: RwLock::new(HashMap::new()),
             enforce,
+            write_delay: None,
         }
+    }
+
+    /// The failpoint of [`Self::write_delay`].
+    pub fn with_write_delay(mut self, delay: Option<std::time::Duration>) -> Self {
+        self.write_delay = delay;
+        self
+    }
+
+    pub fn write_delay(&self) -> Option<std::time::Duration> {
+        self.write_delay
     }
 
     pub fn node(&self) -> &str {

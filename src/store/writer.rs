@@ -219,6 +219,9 @@ async fn commit(
     stats: &WriterStats,
     fence: Option<&ShardFence>,
 ) {
+    if let Some(delay) = fence.and_then(ShardFence::write_delay) {
+        tokio::time::sleep(delay).await;
+    }
     let together = {
         let ops: Vec<&WriteOp> = batch.iter().map(|(op, _)| op).collect();
         link.write(&ops, fence, false).await

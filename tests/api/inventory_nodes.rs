@@ -303,10 +303,12 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
 async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowledged_is_lost() {
     use crate::process::{
         admin_get, assert_nothing_lost, buy_until_killed, create_event, start_inventory_node,
+        start_payments_node,
     };
     const SEATS: i64 = 60;
     let db = TestDb::new(Backend::Postgres);
     let client = reqwest::Client::new();
+    let _payments = start_payments_node(&db, "pay", 5, &client).await;
     let mut first = start_inventory_node(&db, "inv-1", 5, &client).await;
     let event = create_event(&client, &first.base, "Node crash", SEATS).await;
 

@@ -13,6 +13,7 @@ mod ledger;
 mod limits;
 mod locked;
 mod openapi;
+mod payments_node;
 mod process;
 mod rate;
 mod recovery;

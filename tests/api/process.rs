@@ -39,14 +39,44 @@ pub async fn start_server(db: &TestDb, seed: u64, client: &reqwest::Client) -> P
 }
 
 /// `ticketflow node inventory --node-id ID` on `db` (stage `services`, PostgreSQL), with
-/// short leases (1 s, renewed every 250 ms) and the payments of [`start_server`].
+/// short leases (1 s, renewed every 250 ms). Its payments go to the payments node it finds
+/// in the database's node list ([`start_payments_node`]).
 pub async fn start_inventory_node(
     db: &TestDb,
     id: &str,
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
+    start_inventory_node_with(db, id, seed, client, &[]).await
+}
+
+/// [`start_inventory_node`] with `extra` arguments (`--hold-ttl 2s`, `--payments-url URL`).
+pub async fn start_inventory_node_with(
+    db: &TestDb,
+    id: &str,
+    seed: u64,
+    client: &reqwest::Client,
+    extra: &[&str],
+) -> Process {
     let args = ["node", "inventory", "--node-id", id, "--lease-ttl", "1s"];
+    start_binary(
+        &[&args[..], &["--renew-every", "250ms"], extra].concat(),
+        db,
+        seed,
+        client,
+    )
+    .await
+}
+
+/// `ticketflow node payments --node-id ID` on `db`: the payment actors and their books, with
+/// the payments of [`start_server`], reported in the node list every 250 ms (up for 1 s).
+pub async fn start_payments_node(
+    db: &TestDb,
+    id: &str,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    let args = ["node", "payments", "--node-id", id, "--lease-ttl", "1s"];
     start_binary(
         &[&args[..], &["--renew-every", "250ms"]].concat(),
         db,
@@ -92,7 +122,13 @@ pub async fn start_binary_with(
         .args(["--rate-limit", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match std::env::var_os("TF_TEST_LOGS") {
+            Some(dir) => Stdio::from(
+                std::fs::File::create(std::path::Path::new(&dir).join(format!("{port}.log")))
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("the ticketflow binary starts");
     let base = format!("http://127.0.0.1:{port}");

@@ -425,23 +425,25 @@ async fn topology_after_failover(
 
 /// What the buyers of [`pause_past_the_lease`] were answered, and what was stored.
 struct PauseRun {
-    /// The buyers whose purchases waited in the paused node's socket.
+    /// The buyers who asked the paused node itself, whose holds it decided but had not
+    /// written when it was paused.
     late: Vec<(u16, Value)>,
-    /// The buyers served by the new owner before the paused node went on, and after.
-    before: Vec<(u16, Value)>,
-    after: Vec<(u16, Value)>,
+    /// The buyers the new owner served, through the gateway, while the old one was paused.
+    current: Vec<(u16, Value)>,
     confirmed: i64,
     audit: Value,
 }
 
-/// The schedule of a node paused past its lease, on a 4-seat event:
-/// 1. its owner sells one seat, so its event actor holds the other 3 as free, in memory;
-/// 2. the owner is paused (SIGSTOP) with 2 purchases sent to it through the gateway;
-/// 3. the other node takes the shard (from PostgreSQL: 3 free) and sells one seat;
-/// 4. the paused node goes on (SIGCONT) and handles the 2 purchases from its stale memory;
-/// 5. the new owner is asked for 2 more seats, which its own memory still counts as free.
+/// The schedule of a node paused past its lease, on a 5-seat event, with every inventory
+/// write held back 800 ms (a failpoint) so that the pause can fall between a decision and
+/// its write:
+/// 1. the owner sells one seat;
+/// 2. two buyers ask the owner directly; its event actor grants their holds in memory and,
+///    while those wait to be written, the owner is paused (SIGSTOP);
+/// 3. the other node takes the shard and, from PostgreSQL (4 seats free), sells all 4;
+/// 4. the paused node goes on (SIGCONT) and its writer writes the two holds it had queued.
 async fn pause_past_the_lease(fence: bool) -> PauseRun {
-    const SEATS: i64 = 4;
+    const SEATS: i64 = 5;
     let db = TestDb::new(Backend::Postgres);
     let client = reqwest::Client::new();
     let mut args = vec![
@@ -451,6 +453,8 @@ async fn pause_past_the_lease(fence: bool) -> PauseRun {
         "50ms",
         "--hold-ttl",
         "5s",
+        "--failpoint-delay-writes",
+        "800ms",
     ];
     if !fence {
         args.push("--unsafe-no-epoch");
@@ -460,18 +464,39 @@ async fn pause_past_the_lease(fence: bool) -> PauseRun {
     let event = create_event(&client, &deployment.base, "Paused", SEATS).await;
     let paused = owner_of(&topology, event).expect("an owner");
     let pid = pid_of(&topology, &paused);
-    let base = deployment.base.clone();
-    let sell = |user: String| {
-        let (client, base) = (client.clone(), base.clone());
+    let paused_base = format!(
+        "http://{}",
+        node(&topology, &paused)["address"].as_str().unwrap()
+    );
+    let sell = |base: String, user: String| {
+        let client = client.clone();
         async move { buy(&client, &base, event, &user).await }
     };
-    let (status, body) = sell("early".into()).await;
+    let gateway = deployment.base.clone();
+    let (status, body) = sell(gateway.clone(), "early".into()).await;
     assert_eq!(status, 201, "{body}");
 
-    signal(pid, libc::SIGSTOP);
-    let late = join_all((0..2).map(|i| sell(format!("late-{i}"))));
-    let takeover = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = join_all((0..2).map(|i| sell(paused_base.clone(), format!("late-{i}"))));
+    let schedule = async {
+        // Pause once both holds are decided and waiting for the writer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r: Value = client
+                .get(format!("{paused_base}/internal/v1/activity"))
+                .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if r["ok"]["unflushedWrites"].as_i64() >= Some(2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the holds never queued: {r}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signal(pid, libc::SIGSTOP);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let now = read_topology(&client, &deployment).await;
@@ -481,26 +506,21 @@ async fn pause_past_the_lease(fence: bool) -> PauseRun {
             assert!(Instant::now() < deadline, "the shard never moved: {now}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let before = vec![sell("current-0".into()).await];
+        let current = join_all((0..4).map(|i| sell(gateway.clone(), format!("current-{i}")))).await;
         signal(pid, libc::SIGCONT);
-        before
+        current
     };
-    let (late, before) = futures::join!(late, takeover);
-    let mut after = Vec::new();
-    for i in 1..3 {
-        after.push(sell(format!("current-{i}")).await);
-    }
+    let (late, current) = futures::join!(late, schedule);
     let audit = quiet_audit(&client, &deployment).await;
     let confirmed = db
         .count(&format!(
             "SELECT COUNT(*) FROM tickets WHERE event_id = {event} AND status = 'confirmed'"
         ))
         .await;
-    eprintln!("fence {fence}: late {late:?}; before {before:?}; after {after:?}");
+    eprintln!("fence {fence}: late {late:?}; current {current:?}");
     PauseRun {
         late,
-        before,
-        after,
+        current,
         confirmed,
         audit,
     }
@@ -512,27 +532,31 @@ fn statuses(answers: &[(u16, Value)]) -> Vec<u16> {
 
 #[actix_web::test]
 async fn a_node_paused_past_its_lease_cannot_sell_again_but_without_the_epoch_check_it_does() {
-    // The fence: the paused node's late holds are refused, the gateway sends them to the new
-    // owner, and every seat is sold once, by the owner of the day.
+    // The fence: the paused node's late holds are refused (its epoch is old), and its buyers
+    // are told the event moved.
     let run = pause_past_the_lease(true).await;
-    assert_eq!(statuses(&run.before), [201]);
-    assert_eq!(statuses(&run.late), [201, 201], "re-sent to the new owner");
-    assert_eq!(statuses(&run.after), [400, 400], "sold out, and known so");
-    assert_eq!(run.confirmed, 4);
+    assert_eq!(statuses(&run.current), [201, 201, 201, 201]);
+    assert_eq!(statuses(&run.late), [503, 503]);
+    assert!(
+        run.late.iter().all(|(_, b)| b["code"] == "owner-changed"),
+        "{:?}",
+        run.late
+    );
+    assert_eq!(run.confirmed, 5);
     assert_eq!(run.audit["ok"], true, "{}", run.audit);
 
-    // Without it: the paused node sells from its stale memory seats the new owner still
-    // counts as free. Both nodes sold the same two seats; the new owner's sales of them are
-    // refused only by the database's last line (available_tickets >= 0), as a 409.
+    // Without it: the paused node writes the holds it granted from memory, for seats the new
+    // owner has sold meanwhile. Nothing but the database's last line (available_tickets >= 0)
+    // stops that double sale; its buyers get 409.
     let run = pause_past_the_lease(false).await;
-    assert_eq!(statuses(&run.before), [201]);
-    assert_eq!(statuses(&run.late), [201, 201], "sold by the paused node");
-    assert!(
-        run.after.iter().all(|(status, _)| *status == 409),
-        "the new owner sold seats already sold: {:?}",
-        run.after
+    assert_eq!(statuses(&run.current), [201, 201, 201, 201]);
+    assert_eq!(
+        statuses(&run.late),
+        [409, 409],
+        "the stale holds reached the database: {:?}",
+        run.late
     );
-    assert_eq!(run.confirmed, 4, "the CHECK kept the count");
+    assert_eq!(run.confirmed, 5, "the CHECK kept the count");
 }
 
 #[actix_web::test]
@@ -608,13 +632,28 @@ fn a_node_that_fails_to_start_is_reported_by_the_supervisor_with_its_own_words()
     let db = TestDb::new(Backend::Postgres);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let bind = taken.local_addr().unwrap().to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
         .args(["serve", "--stage", "services", "--inventory-nodes", "1"])
         .args(["--db", db.url(), "--bind", &bind, "--admin-token", "t"])
-        .output()
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the supervisor did not give up on a node that cannot start");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("error: node gateway-1 exited during start")

@@ -29,7 +29,14 @@ fn closed_port() -> u16 {
 fn an_inventory_node_on_sqlite_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.db");
-    let (code, stderr) = ticketflow(&["node", "inventory", "--db", path.to_str().unwrap()]);
+    let (code, stderr) = ticketflow(&[
+        "node",
+        "inventory",
+        "--admin-token",
+        "t",
+        "--db",
+        path.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("PostgreSQL only"), "{stderr}");
@@ -37,9 +44,22 @@ fn an_inventory_node_on_sqlite_is_refused_in_one_line() {
 }
 
 #[test]
+fn a_node_without_the_deployments_admin_token_is_refused_in_one_line() {
+    let (code, stderr) = ticketflow(&["node", "gateway", "--db", "postgres://x@127.0.0.1/y"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--admin-token"), "{stderr}");
+}
+
+#[test]
 fn an_unreachable_postgres_is_one_line_naming_db_and_the_fix() {
     let url = format!("postgres://postgres:s3cret@127.0.0.1:{}/x", closed_port());
-    for command in [&["serve"][..], &["migrate"], &["node", "inventory"]] {
+    for command in [
+        &["serve"][..],
+        &["migrate"],
+        &["node", "inventory", "--admin-token", "t"],
+        &["serve", "--stage", "services"],
+    ] {
         let (code, stderr) = ticketflow(&[command, &["--db", &url]].concat());
         let command = command.join(" ");
         assert_eq!(code, 2, "{command}: {stderr}");
