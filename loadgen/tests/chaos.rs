@@ -119,6 +119,14 @@ fn drawn(seed: u64, faults: &str, n: usize) -> Vec<&'static str> {
     (0..n).map(|_| schedule.next().unwrap().1.name()).collect()
 }
 
+/// The first seed whose schedule starts with `first`: under load only the first two or three
+/// faults may fit in the 3 s, so the fault a test is about is made one of them.
+fn seed_starting_with(faults: &str, first: &[&str]) -> u64 {
+    (1..10_000)
+        .find(|seed| drawn(*seed, faults, first.len()) == first)
+        .expect("some seed draws it")
+}
+
 /// Every fault was injected in the order the seed draws them, and each process came back.
 fn assert_faults_as_scheduled(run: &Value, seed: u64, faults: &str, out: &Output) {
     let got = injected(run);
@@ -154,8 +162,9 @@ fn assert_clean_audit(run: &Value, out: &Output) -> u64 {
 #[test]
 fn actor_survives_kill_and_pause_of_the_server_with_a_full_clean_audit() {
     let faults = "kill-server,pause-server";
-    let (run, out) = chaos_run("actor", faults, 11);
-    assert_faults_as_scheduled(&run, 11, faults, &out);
+    let seed = seed_starting_with(faults, &["kill-server", "pause-server"]);
+    let (run, out) = chaos_run("actor", faults, seed);
+    assert_faults_as_scheduled(&run, seed, faults, &out);
     let unknown = assert_clean_audit(&run, &out);
     assert!(
         unknown > 0,
@@ -204,8 +213,9 @@ fn the_monolith_killed_leaves_tickets_pending_for_ever_counted_by_i4() {
 #[test]
 fn locked_survives_kill_and_pause_of_its_own_redis_and_of_the_server() {
     let faults = "kill-redis,pause-redis,kill-server";
-    let (run, out) = chaos_run("locked", faults, 5);
-    assert_faults_as_scheduled(&run, 5, faults, &out);
+    let seed = seed_starting_with(faults, &["kill-redis", "pause-redis"]);
+    let (run, out) = chaos_run("locked", faults, seed);
+    assert_faults_as_scheduled(&run, seed, faults, &out);
     let services = run["chaos"]["services"].as_array().unwrap();
     assert!(
         services.len() == 1 && services[0].as_str().unwrap().contains("own redis-server"),
@@ -236,8 +246,9 @@ fn locked_survives_kill_and_pause_of_its_own_redis_and_of_the_server() {
 #[test]
 fn actor_on_postgres_survives_kill_and_pause_of_its_own_cluster() {
     let faults = "kill-postgres,pause-postgres,kill-server";
-    let (run, out) = chaos_run("actor@postgres", faults, 3);
-    assert_faults_as_scheduled(&run, 3, faults, &out);
+    let seed = seed_starting_with(faults, &["kill-postgres", "pause-postgres"]);
+    let (run, out) = chaos_run("actor@postgres", faults, seed);
+    assert_faults_as_scheduled(&run, seed, faults, &out);
     assert!(
         injected(&run).iter().any(|f| f["fault"] == "kill-postgres"),
         "kill-postgres among the injected: {}",
@@ -263,8 +274,9 @@ fn actor_on_postgres_survives_kill_and_pause_of_its_own_cluster() {
 #[test]
 fn locked_on_postgres_survives_kill_of_its_own_cluster_and_redis() {
     let faults = "kill-postgres,kill-redis,pause-postgres";
-    let (run, out) = chaos_run("locked@postgres", faults, 2);
-    assert_faults_as_scheduled(&run, 2, faults, &out);
+    let seed = seed_starting_with(faults, &["kill-postgres", "kill-redis"]);
+    let (run, out) = chaos_run("locked@postgres", faults, seed);
+    assert_faults_as_scheduled(&run, seed, faults, &out);
     assert_eq!(run["chaos"]["services"].as_array().unwrap().len(), 2);
     assert_clean_audit(&run, &out);
 }
