@@ -288,7 +288,13 @@ impl Store {
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity, None))
+        Ok(writer::start(
+            conn,
+            self.url.clone(),
+            max_batch,
+            capacity,
+            None,
+        ))
     }
 
     /// Like [`Self::start_writer`], for an inventory node of stage `services`: every
@@ -302,7 +308,13 @@ impl Store {
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         self.require_postgres("an epoch-fenced writer")?;
         let conn = self.url.connect().await?;
-        Ok(writer::start(conn, max_batch, capacity, Some(fence)))
+        Ok(writer::start(
+            conn,
+            self.url.clone(),
+            max_batch,
+            capacity,
+            Some(fence),
+        ))
     }
 
     pub async fn close(&self) {

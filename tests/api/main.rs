@@ -24,3 +24,4 @@ mod simulate;
 mod stampede;
 mod storage;
 mod v2;
+mod writer;
