@@ -74,23 +74,41 @@ pub struct Activity {
     pub jobs_running: i64,
     /// Writes handed to the group-commit writer and not yet committed.
     pub unflushed_writes: i64,
+    /// Purchases the stage is running (counted by the `monolith`, whose pending rows are its
+    /// only other trace of them; the other stages' work shows as held seats, payments in
+    /// flight and jobs).
+    pub purchases_running: i64,
+    /// True when the stage runs nothing that could still settle its pending rows: the
+    /// `monolith` with no purchase running, since it never takes up a purchase it lost (a
+    /// crash, a hung-up client). Its pending rows are then lost tickets (I4), not work under
+    /// way, and do not keep the system from being quiet.
+    pub pending_stranded: bool,
+    /// Bumped by the stage each time it starts work; two reads with the same value saw none
+    /// start in between (see `pending_stranded`). Not reported.
+    #[serde(skip)]
+    pub work_started: u64,
     /// What could not be counted (e.g. the queue, with Redis down); anything here means not quiet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
 }
 
 impl Activity {
-    /// Nothing under way and everything counted.
+    /// Nothing under way and everything counted. Stranded pending rows are not under way.
     pub fn is_quiet(&self) -> bool {
+        let pending = if self.pending_stranded {
+            0
+        } else {
+            self.pending_tickets + self.pending_orders
+        };
         self.unreadable.is_empty()
             && [
-                self.pending_tickets,
-                self.pending_orders,
+                pending,
                 self.held_seats,
                 self.payments_in_flight,
                 self.jobs_queued,
                 self.jobs_running,
                 self.unflushed_writes,
+                self.purchases_running,
             ]
             .iter()
             .all(|n| *n == 0)
@@ -302,7 +320,7 @@ mod tests {
         assert!(activity.is_quiet());
         activity.unreadable.push("payment queue".into());
         assert!(!activity.is_quiet());
-        for field in 0..7 {
+        for field in 0..8 {
             let mut a = Activity::default();
             *[
                 &mut a.pending_tickets,
@@ -312,8 +330,35 @@ mod tests {
                 &mut a.jobs_queued,
                 &mut a.jobs_running,
                 &mut a.unflushed_writes,
+                &mut a.purchases_running,
             ][field] = 1;
             assert!(!a.is_quiet(), "field {field}");
         }
+    }
+
+    #[test]
+    fn stranded_pending_rows_are_quiet_and_a_verdict_on_lost_tickets() {
+        // the monolith after a crash: rows pending, nothing running that could settle them
+        let mut counts = sold(0);
+        counts.pending = 3;
+        counts.available -= 3;
+        let stranded = Activity {
+            pending_tickets: 3,
+            pending_orders: 3,
+            pending_stranded: true,
+            ..Activity::default()
+        };
+        let report = audit(&[counts], &Reconciliation::default(), stranded.clone());
+        assert!(report.quiet);
+        assert_eq!(report.verdict, Verdict::Fail);
+        assert_eq!(report.invariants.stuck_pending, 3);
+        // the same rows while a purchase runs are work under way
+        let running = Activity {
+            purchases_running: 1,
+            pending_stranded: false,
+            ..stranded
+        };
+        let report = audit(&[counts], &Reconciliation::default(), running);
+        assert_eq!(report.verdict, Verdict::NotQuiet);
     }
 }

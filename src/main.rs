@@ -38,7 +38,9 @@ async fn main() -> ExitCode {
             } else {
                 eprintln!("error: {top}: {root}");
             }
-            ExitCode::from(2)
+            // Now, not after the runtime's teardown: background tasks dropped then could log
+            // (or panic) after the one line that says what went wrong.
+            std::process::exit(2)
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::backend::{Backend, StageSpec, TempDatabase};
 use crate::cli::{Cli, Command, Common, Thresholds};
 use crate::report::{Report, Results, RunReport, ThresholdResult, SCHEMA_VERSION};
 use crate::scenario::{Overrides, ScenarioKind, Settings};
-use crate::{audit, driver, html, http, report, server};
+use crate::{audit, chaos, driver, html, http, report, server};
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -74,6 +74,27 @@ pub fn main(cli: Cli) -> ExitCode {
             ("compare", None, stages, args.common)
         }
     };
+    match common.chaos.plan() {
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Ok(Some(_)) if target.is_some() => {
+            eprintln!(
+                "error: --chaos signals only processes loadgen started itself: give --stage \
+                 (or use compare), not --target"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Ok(Some(_)) if stages.iter().any(|s| s.stage == "services") => {
+            eprintln!(
+                "error: --chaos does not fault stage services yet (its nodes are the \
+                 supervisor's children, not loadgen's); chaos runs the other stages"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Ok(_) => {}
+    }
     if stages.iter().any(|s| s.backend == Backend::Postgres) {
         if let Err(e) = crate::backend::check_url(&common.postgres_url) {
             eprintln!("error: {e}");
@@ -146,7 +167,7 @@ async fn execute(
         let stage = stage.unwrap_or_else(|| "external".into());
         let label = crate::backend::label(&stage, backend);
         runs.push(
-            match measure(addr, &settings, &label, quiet, admin_token).await? {
+            match measure(addr, &settings, &label, quiet, admin_token, None).await? {
                 Err(why) => skipped(&stage, backend, why, Some(url)),
                 Ok((results, audit)) => RunReport {
                     stage,
@@ -157,6 +178,7 @@ async fn execute(
                     server_args: None,
                     results: Some(results),
                     audit: Some(audit),
+                    chaos: None,
                 },
             },
         );
@@ -226,8 +248,18 @@ pub(crate) async fn run_fresh(
     .await
 }
 
-/// Starts one stage fresh on its backend, measures, stops it. A PostgreSQL database made for
-/// it is left in `database`, for [`run_interruptible`] to drop whatever happened here.
+/// The services loadgen started for one stage's `--chaos` faults; dropped (killed, their
+/// directories removed) once the stage and its database are gone.
+#[derive(Default)]
+struct OwnServices {
+    redis: Option<chaos::OwnService>,
+    postgres: Option<chaos::OwnService>,
+}
+
+/// Starts one stage fresh on its backend, measures (injecting `--chaos` faults, if asked),
+/// stops it. A PostgreSQL database made for it is left in `database`, and the services started
+/// for its faults in `services`, for [`run_interruptible`] to drop whatever happened here.
+#[allow(clippy::too_many_arguments)]
 async fn run_stage(
     spec: &StageSpec,
     bin: Result<&Path, &String>,
@@ -236,6 +268,7 @@ async fn run_stage(
     quiet: bool,
     admin_token: &str,
     database: &mut Option<TempDatabase>,
+    services: &mut OwnServices,
 ) -> anyhow::Result<RunReport> {
     let label = spec.label();
     let skip = |why: String, target: Option<String>| {
@@ -248,8 +281,67 @@ async fn run_stage(
         Ok(b) => b,
         Err(why) => return Ok(skipped(&spec.stage, Some(spec.backend), why.clone(), None)),
     };
+    // validated in `main`
+    let plan = common.chaos.plan().ok().flatten();
+    let mut chaos_report = plan.as_ref().map(|p| chaos::ChaosReport::new(p, spec));
+    let faults = plan.as_ref().map(|p| p.split(spec).0).unwrap_or_default();
+    let faulted = |v: chaos::Victim| faults.iter().any(|f| f.victim() == v);
+    // loadgen's own arguments first, so a `--server-arg` given by hand wins
+    let mut server_args: Vec<String> = vec![];
+    let mut postgres_url = common.postgres_url.clone();
+    if faulted(chaos::Victim::Redis) {
+        match chaos::OwnService::redis().await {
+            Ok(svc) => {
+                server_args.extend(["--redis-url".into(), svc.url()]);
+                if let Some(r) = chaos_report.as_mut() {
+                    r.services.push(svc.describe());
+                }
+                services.redis = Some(svc);
+            }
+            Err(why) => return Ok(skip(why, None)),
+        }
+    }
+    if faulted(chaos::Victim::Postgres) {
+        match chaos::OwnService::postgres().await {
+            Ok(svc) => {
+                postgres_url = svc.url();
+                if let Some(r) = chaos_report.as_mut() {
+                    r.services.push(svc.describe());
+                }
+                services.postgres = Some(svc);
+            }
+            Err(why) => return Ok(skip(why, None)),
+        }
+    }
+    if faults.contains(&chaos::Fault::KillPostgres) {
+        // `normal` (synchronous_commit off) lets PostgreSQL acknowledge a commit before its
+        // WAL is flushed: a killed PostgreSQL loses it. That promise is for a killed server.
+        server_args.extend(["--synchronous".into(), "full".into()]);
+        if let Some(r) = chaos_report.as_mut() {
+            r.notes.push(
+                "kill-postgres: the stage runs with --synchronous full (synchronous_commit on): \
+                 with `normal` PostgreSQL acknowledges commits it has not flushed, and a \
+                 killed PostgreSQL loses them"
+                    .into(),
+            );
+        }
+    }
+    if let Some(r) = chaos_report.as_mut() {
+        if !r.not_applicable.is_empty() {
+            r.notes.push(format!(
+                "not applicable to {label}, left out: {}",
+                r.not_applicable.join(", ")
+            ));
+        }
+        if faults.is_empty() {
+            r.notes.push(format!(
+                "no fault asked for applies to {label}: none injected"
+            ));
+        }
+    }
+    server_args.extend(common.server_args.iter().cloned());
     if spec.backend == Backend::Postgres {
-        match TempDatabase::create(&common.postgres_url).await {
+        match TempDatabase::create(&postgres_url).await {
             Ok(db) => {
                 if !quiet {
                     eprintln!("loadgen: {label}: created database {}", db.shown_url);
@@ -262,14 +354,7 @@ async fn run_stage(
     if !quiet {
         eprintln!("loadgen: starting stage {label} ({})", bin.display());
     }
-    let started = server::start(
-        bin,
-        &spec.stage,
-        database.as_ref(),
-        settings,
-        &common.server_args,
-    )
-    .await;
+    let started = server::start(bin, &spec.stage, database.as_ref(), settings, &server_args).await;
     let mut spawned = match started {
         Ok(s) => s,
         Err(failure) => {
@@ -278,7 +363,29 @@ async fn run_stage(
             return Ok(run);
         }
     };
-    let measured = measure(spawned.addr, settings, &label, quiet, admin_token).await;
+    let addr = spawned.addr;
+    let measured = match (plan.as_ref(), chaos_report.as_mut()) {
+        (Some(plan), Some(report)) => {
+            let injector = chaos::Injector {
+                spawned: &mut spawned,
+                restart: chaos::Restart {
+                    bin,
+                    stage: &spec.stage,
+                    database: database.as_ref(),
+                    settings,
+                    extra_args: &server_args,
+                },
+                redis: services.redis.as_mut(),
+                postgres: services.postgres.as_mut(),
+                schedule: chaos::Schedule::new(settings.seed, faults.clone(), plan),
+                report,
+                quiet,
+                label: &label,
+            };
+            measure(addr, settings, &label, quiet, admin_token, Some(injector)).await
+        }
+        _ => measure(addr, settings, &label, quiet, admin_token, None).await,
+    };
     spawned.stop().await;
     let target = Some(format!("http://{}", spawned.addr));
     let (results, audit) = match measured? {
@@ -298,6 +405,7 @@ async fn run_stage(
         server_args: Some(spawned.args.clone()),
         results: Some(results),
         audit: Some(audit),
+        chaos: chaos_report,
     })
 }
 
@@ -314,8 +422,11 @@ async fn run_interruptible(
     interrupts: &mut Interrupts,
 ) -> anyhow::Result<RunReport> {
     let mut database = None;
+    let mut services = OwnServices::default();
     let outcome = tokio::select! {
-        run = run_stage(spec, bin, settings, common, quiet, admin_token, &mut database) => run,
+        run = run_stage(
+            spec, bin, settings, common, quiet, admin_token, &mut database, &mut services,
+        ) => run,
         signal = interrupts.next() => Err(anyhow::anyhow!(
             "interrupted by {signal}: stage {} stopped", spec.label()
         )),
@@ -329,6 +440,7 @@ async fn run_interruptible(
             Err(why) => eprintln!("loadgen: warning: {why}"),
         }
     }
+    drop(services);
     outcome
 }
 
@@ -379,6 +491,7 @@ fn skipped(
         server_args: None,
         results: None,
         audit: None,
+        chaos: None,
     }
 }
 
@@ -417,6 +530,7 @@ async fn measure(
     label: &str,
     quiet: bool,
     admin_token: &str,
+    chaos: Option<chaos::Injector<'_>>,
 ) -> anyhow::Result<Result<(Results, audit::Audit), String>> {
     let fixture = match driver::setup(addr, settings).await {
         Ok(f) => f,
@@ -450,7 +564,19 @@ async fn measure(
             }
         })
     };
-    let outcome = driver::drive(addr, settings, fixture.clone(), progress).await;
+    let (done, load_over) = tokio::sync::watch::channel(false);
+    let load_start = Instant::now();
+    let load = async {
+        let outcome = driver::drive(addr, settings, fixture.clone(), progress).await;
+        let _ = done.send(true);
+        outcome
+    };
+    let faults = async {
+        if let Some(mut injector) = chaos {
+            injector.run(load_over, load_start).await;
+        }
+    };
+    let (outcome, ()) = tokio::join!(load, faults);
     ticker.abort();
     bar.finish_and_clear();
     let outcome = outcome?;

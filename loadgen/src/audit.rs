@@ -88,7 +88,7 @@ impl Quiet {
         };
         let busy: Vec<String> = activity
             .iter()
-            .filter(|(_, v)| v.as_i64() != Some(0))
+            .filter(|(_, v)| v.as_i64() != Some(0) && v.as_bool() != Some(false))
             .map(|(k, v)| match v.as_i64() {
                 Some(n) => format!("{k} {n}"),
                 None => format!("{k} {v}"),

@@ -18,6 +18,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Stages the server only runs on SQLite.
 const SQLITE_ONLY: &[&str] = &["monolith"];
+/// Stages the server only runs on PostgreSQL: a bare name means `@postgres`.
+const POSTGRES_ONLY: &[&str] = &["services"];
 
 /// A storage backend of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -77,6 +79,7 @@ impl StageSpec {
     pub fn parse(text: &str, flag: &str) -> Result<Self, String> {
         let text = text.trim();
         let (stage, backend) = match text.split_once('@') {
+            None if POSTGRES_ONLY.contains(&text) => (text, Backend::Postgres),
             None => (text, Backend::Sqlite),
             Some((stage, name)) => {
                 let backend = Backend::named(name.trim()).ok_or_else(|| {
@@ -98,6 +101,12 @@ impl StageSpec {
             return Err(format!(
                 "{flag} {text}: the {stage} stage runs on SQLite only; use {stage} \
                  (= {stage}@sqlite)"
+            ));
+        }
+        if backend != Backend::Postgres && POSTGRES_ONLY.contains(&stage) {
+            return Err(format!(
+                "{flag} {text}: the {stage} stage runs on PostgreSQL only (its shard leases \
+                 live there); use {stage} (= {stage}@postgres)"
             ));
         }
         Ok(Self {
@@ -300,6 +309,9 @@ mod tests {
         let e = parse("monolith@postgres").unwrap_err();
         assert!(e.contains("runs on SQLite only"), "{e}");
         assert!(parse("monolith@sqlite").is_ok());
+        let e = parse("services@sqlite").unwrap_err();
+        assert!(e.contains("PostgreSQL only"), "{e}");
+        assert_eq!(parse("services").unwrap().label(), "services@postgres");
     }
 
     #[test]

@@ -114,9 +114,39 @@ pub struct Common {
     #[arg(long, env = "POSTGRES_URL", default_value = crate::backend::DEFAULT_POSTGRES_URL)]
     pub postgres_url: String,
     #[command(flatten)]
+    pub chaos: ChaosArgs,
+    #[command(flatten)]
     pub output: Output,
     #[command(flatten)]
     pub thresholds: Thresholds,
+}
+
+/// Faults injected into real processes during the load (`--chaos`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct ChaosArgs {
+    /// Faults to inject during the load, comma-separated, on a schedule drawn from the seed:
+    /// `kill-server` (SIGKILL, restarted on the same database and port), `pause-server`
+    /// (SIGSTOP, then SIGCONT); `kill-redis`, `pause-redis` (stage `locked`: loadgen starts it
+    /// its own redis-server); `kill-postgres`, `pause-postgres` (`STAGE@postgres`: loadgen
+    /// starts it its own PostgreSQL cluster). Faults that do not apply to a stage are left
+    /// out of its schedule. Only for stages loadgen starts: it signals no other process.
+    #[arg(long, value_delimiter = ',', value_name = "FAULT,...")]
+    pub chaos: Vec<String>,
+    /// Time before each fault (from the start of the load, then from the end of the previous
+    /// fault), drawn uniformly from `MIN..MAX`.
+    #[arg(long, default_value = "1s..2s", value_name = "MIN..MAX")]
+    pub chaos_gap: String,
+    /// How long a paused process stays stopped, and a killed Redis or PostgreSQL down, drawn
+    /// from `MIN..MAX`. A killed server is started again at once.
+    #[arg(long, default_value = "300ms..1s", value_name = "MIN..MAX")]
+    pub chaos_outage: String,
+}
+
+impl ChaosArgs {
+    /// The plan, or why the flags are wrong (`None` without `--chaos`).
+    pub fn plan(&self) -> Result<Option<crate::chaos::Plan>, String> {
+        crate::chaos::Plan::parse(&self.chaos, &self.chaos_gap, &self.chaos_outage)
+    }
 }
 
 #[derive(Debug, Args)]

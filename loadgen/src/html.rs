@@ -150,6 +150,33 @@ fn report_body(report: &Report) -> String {
     body.push_str("<h2>Side by side</h2>");
     body.push_str(&table(report));
     for r in &report.runs {
+        if let Some(c) = &r.chaos {
+            body.push_str(&format!(
+                "<h3>Chaos: {}</h3><p>faults drawn from: {} · gap {} · outage {}</p><ul>",
+                esc(&r.label()),
+                esc(&c.faults_drawn_from.join(", ")),
+                esc(&c.gap),
+                esc(&c.outage)
+            ));
+            for s in &c.services {
+                body.push_str(&format!("<li>service: {}</li>", esc(s)));
+            }
+            for (l, rec) in c.lines().iter().zip(&c.injected) {
+                body.push_str(&format!(
+                    "<li class={}>{}</li>",
+                    if rec.error.is_some() || rec.back_after_ms.is_none() {
+                        "fail"
+                    } else {
+                        "pass"
+                    },
+                    esc(l)
+                ));
+            }
+            for n in &c.notes {
+                body.push_str(&format!("<li>note: {}</li>", esc(n)));
+            }
+            body.push_str("</ul>");
+        }
         if let Some(a) = &r.audit {
             body.push_str(&format!("<h3>Invariants: {}</h3><ul>", esc(&r.label())));
             body.push_str(&format!(

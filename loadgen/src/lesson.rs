@@ -211,6 +211,7 @@ impl Ctx<'_> {
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
             postgres_url: self.args.postgres_url.clone(),
             admin_token: None,
+            chaos: Default::default(),
             output: Output {
                 json: None,
                 markdown: None,

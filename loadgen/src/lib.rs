@@ -9,6 +9,8 @@
 //! - `metrics`  — per-worker HDR histograms and answer counts, merged at the end.
 //! - `audit`    — I1-I8: the server's audit, the ledger, and the client's record (I7).
 //! - `server`   — starting a stage fresh on a free port with a fresh database; SIGTERM.
+//! - `chaos`    — `--chaos`: faults on a seeded schedule (the server, its own Redis or
+//!   PostgreSQL), signalled only to processes loadgen started.
 //! - `backend`  — `STAGE@BACKEND`, and the PostgreSQL database made for (and dropped after)
 //!   each `STAGE@postgres` started.
 //! - `report`   — the versioned report: terminal table, JSON, Markdown.
@@ -18,6 +20,7 @@
 pub mod app;
 pub mod audit;
 pub mod backend;
+pub mod chaos;
 pub mod cli;
 pub mod driver;
 pub mod html;

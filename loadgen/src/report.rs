@@ -46,6 +46,8 @@ pub struct RunReport {
     pub server_args: Option<Vec<String>>,
     pub results: Option<Results>,
     pub audit: Option<Audit>,
+    /// `--chaos`: the faults injected during the load (null without `--chaos`).
+    pub chaos: Option<crate::chaos::ChaosReport>,
 }
 
 impl RunReport {
@@ -326,6 +328,11 @@ pub fn table_rows(report: &Report) -> Vec<(String, Vec<String>)> {
                 })
         });
     }
+    if runs.iter().any(|r| r.chaos.is_some()) {
+        row("chaos: faults injected", &|r| {
+            r.chaos.as_ref().map_or("-".into(), |c| c.summary())
+        });
+    }
     row("audit", &|r| {
         r.audit.as_ref().map_or("-".into(), |a| {
             if !a.quiet.quiet && a.server.is_some() {
@@ -391,6 +398,14 @@ pub fn terminal(report: &Report) -> String {
         out.push_str(&format!("note: {}\n", purchase_note(s)));
     }
     for r in &report.runs {
+        if let Some(c) = &r.chaos {
+            for l in c.lines() {
+                out.push_str(&format!("chaos ({}): {l}\n", r.label()));
+            }
+            for n in &c.notes {
+                out.push_str(&format!("chaos note ({}): {n}\n", r.label()));
+            }
+        }
         if let Some(a) = &r.audit {
             for n in &a.notes {
                 out.push_str(&format!("note ({}): {n}\n", r.label()));
@@ -407,8 +422,23 @@ pub fn terminal(report: &Report) -> String {
             t.label()
         ));
     }
+    let chaos = report
+        .runs
+        .iter()
+        .find_map(|r| r.chaos.as_ref())
+        .map_or(String::new(), |c| {
+            let mut faults = c.faults_drawn_from.clone();
+            faults.extend(&c.not_applicable);
+            faults.sort_by_key(|f| crate::chaos::Fault::ALL.iter().position(|a| a.name() == *f));
+            format!(
+                " --chaos {} --chaos-gap {} --chaos-outage {}",
+                faults.join(","),
+                c.gap,
+                c.outage
+            )
+        });
     out.push_str(&format!(
-        "replay with: --seed {} --scenario {}\n",
+        "replay with: --seed {} --scenario {}{chaos}\n",
         report.seed, s.scenario
     ));
     out
@@ -488,6 +518,28 @@ pub fn markdown(report: &Report) -> String {
         out.push_str(&format!("\n{}\n", purchase_note(s)));
     }
     for r in &report.runs {
+        if let Some(c) = &r.chaos {
+            out.push_str(&format!(
+                "\n## Chaos: {}\n\nFaults drawn from: {} · gap {} · outage {}\n\n",
+                r.label(),
+                if c.faults_drawn_from.is_empty() {
+                    "none".to_owned()
+                } else {
+                    c.faults_drawn_from.join(", ")
+                },
+                c.gap,
+                c.outage
+            ));
+            for s in &c.services {
+                out.push_str(&format!("- service: {s}\n"));
+            }
+            for l in c.lines() {
+                out.push_str(&format!("- {l}\n"));
+            }
+            for n in &c.notes {
+                out.push_str(&format!("- note: {n}\n"));
+            }
+        }
         if let Some(a) = &r.audit {
             out.push_str(&format!("\n## Audit: {}\n\n", r.label()));
             out.push_str(&format!(

@@ -35,6 +35,9 @@ pub struct Spawned {
 pub struct Place {
     pub dir: PathBuf,
     pub own: bool,
+    /// Bind this port again (a server restarted by `--chaos` keeps its address); `None`: a
+    /// free one.
+    pub port: Option<u16>,
 }
 
 /// Where the server binary is: `--server-bin`, else `ticketflow` next to this executable
@@ -119,7 +122,13 @@ pub async fn start_in(
     for _ in 0..3 {
         match start_once(bin, stage, place, database, settings, extra_args).await {
             Ok(spawned) => return Ok(spawned),
-            Err(why) if why.reason.to_ascii_lowercase().contains("in use") => last = why,
+            Err(why) if why.reason.to_ascii_lowercase().contains("in use") => {
+                last = why;
+                if place.is_some_and(|p| p.port.is_some()) {
+                    // the same port again, once whatever held it lets go
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
             Err(why) => return Err(why),
         }
     }
@@ -135,7 +144,10 @@ async fn start_once(
     extra_args: &[String],
 ) -> Result<Spawned, StartFailure> {
     let admin_token = admin_token();
-    let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+    let port = match place.and_then(|p| p.port) {
+        Some(port) => port,
+        None => free_port().map_err(|e| format!("no free port: {e}"))?,
+    };
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let (dir, owns_dir) = match place {
         Some(p) => (p.dir.clone(), p.own),
@@ -287,13 +299,29 @@ impl Spawned {
     /// `kill -9`: the server dies mid-whatever, its SQLite file stays; returns where it is, to
     /// start a server again on it.
     pub async fn kill9(mut self) -> Place {
+        let place = self.kill9_in_place().await;
+        Place {
+            port: None,
+            ..place
+        }
+    }
+
+    /// [`Self::kill9`], leaving this handle as the dead server's (it no longer owns the
+    /// directory: the returned place does); the place names the port, to bind it again.
+    pub async fn kill9_in_place(&mut self) -> Place {
         let _ = self.child.kill().await;
         let place = Place {
             dir: self.dir.clone(),
             own: self.owns_dir,
+            port: Some(self.port),
         };
         self.owns_dir = false;
         place
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// What the server has logged so far (warnings and errors).
@@ -307,6 +335,7 @@ impl Spawned {
         Place {
             dir: self.dir.clone(),
             own: false,
+            port: None,
         }
     }
 

@@ -161,6 +161,14 @@ pub async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpR
     activity.pending_orders = records.pending_orders().await?;
     let counts = records.event_counts().await?;
     activity.pending_tickets = counts.iter().map(|c| c.pending).sum();
+    if activity.pending_stranded {
+        // stranded only if no purchase started while the rows were counted
+        let again = state.stage.activity().await;
+        if !again.pending_stranded || again.work_started != activity.work_started {
+            activity.pending_stranded = false;
+            activity.purchases_running = activity.purchases_running.max(1);
+        }
+    }
     let books = state.payments.reconciliation().await?;
     Ok(HttpResponse::Ok().json(audit::audit(&counts, &books, activity)))
 }

@@ -6,10 +6,14 @@
 //! `available`, all pass the check, all get confirmed (oversell) and all write back the same
 //! value (lost update). That is the lesson this stage exists to teach; do not fix it here.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{PurchaseError, Stage, StageParts};
+use crate::audit::Activity;
 use crate::config::StageKind;
 use chrono::Utc;
 
@@ -21,11 +25,40 @@ use crate::store::{Catalog, NewOrder, Records, StoreError};
 
 pub struct Monolith {
     parts: StageParts,
+    work: Arc<Work>,
+}
+
+/// Purchases running, and purchases ever started: the audit's view of what the monolith has
+/// under way (it has no recovery, so a pending row no running purchase owns is lost).
+#[derive(Default)]
+struct Work {
+    running: AtomicI64,
+    started: AtomicU64,
+}
+
+/// Counts one purchase as running until dropped (finished, failed, or cut short).
+struct Running(Arc<Work>);
+
+impl Running {
+    fn start(work: &Arc<Work>) -> Self {
+        work.started.fetch_add(1, Ordering::AcqRel);
+        work.running.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(work))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Monolith {
     pub fn new(parts: StageParts) -> Self {
-        Self { parts }
+        Self {
+            parts,
+            work: Arc::default(),
+        }
     }
 }
 
@@ -43,14 +76,30 @@ impl Stage for Monolith {
         self.parts.store.create_event(&new).await
     }
 
+    async fn activity(&self) -> Activity {
+        // `started` first: a purchase starting after this read changes it, which the audit
+        // checks before calling pending rows stranded
+        let started = self.work.started.load(Ordering::Acquire);
+        let running = self.work.running.load(Ordering::Acquire);
+        Activity {
+            purchases_running: running,
+            pending_stranded: running == 0,
+            work_started: started,
+            ..Activity::default()
+        }
+    }
+
     #[tracing::instrument(skip(self), fields(stage = "monolith"))]
     async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let _running = Running::start(&self.work);
         if self.parts.settings.purchase_transaction {
             // its own task: a client hanging up must not cut a transaction short
             let parts = self.parts.clone();
-            return tokio::spawn(
-                async move { purchase_in_one_transaction(&parts, event, user).await },
-            )
+            let running = Running::start(&self.work);
+            return tokio::spawn(async move {
+                let _running = running;
+                purchase_in_one_transaction(&parts, event, user).await
+            })
             .await
             .map_err(|e| StoreError::Unavailable(format!("the purchase task failed: {e}")))?;
         }

@@ -303,6 +303,7 @@ impl Store {
         let conn = self.url.connect().await?;
         Ok(writer::start(
             conn,
+            self.url.clone(),
             max_batch,
             capacity,
             None,
@@ -323,6 +324,7 @@ impl Store {
         let conn = self.url.connect().await?;
         Ok(writer::start(
             conn,
+            self.url.clone(),
             max_batch,
             capacity,
             Some(fence),

@@ -6,6 +6,12 @@
 //! that has its answer knows the write is durable. If one write in a batch fails (a constraint
 //! refused it), the batch is rolled back and every write retried in a transaction of its own, so
 //! one bad write never takes its neighbours down with it.
+//!
+//! If the connection is lost (PostgreSQL restarted, or killed), the writer reconnects, with a
+//! backoff, for as long as it takes, and writes the batch again: the writes wait in the queue
+//! meanwhile, so what the event actors decided reaches storage in order once the database is
+//! back. A connection lost during `COMMIT` leaves the batch in doubt; PostgreSQL is then asked
+//! whether the batch's transaction committed (`txid_status`), so it is written exactly once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +20,7 @@ use chrono::Utc;
 use sqlx::{AnyConnection, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::backend::{Backend, DatabaseUrl};
 use super::changes::Changes;
 use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
@@ -70,6 +77,8 @@ pub struct WriterStats {
     pub fallbacks: AtomicU64,
     /// Writes queued and not yet answered (committed or refused), for the audit's quiet check.
     pub unflushed: AtomicU64,
+    /// Times the writer lost its connection and opened a new one.
+    pub reconnects: AtomicU64,
 }
 
 impl WriterStats {
@@ -79,6 +88,7 @@ impl WriterStats {
             "writes": self.writes.load(Ordering::Relaxed),
             "fallbacks": self.fallbacks.load(Ordering::Relaxed),
             "unflushed": self.unflushed(),
+            "reconnects": self.reconnects.load(Ordering::Relaxed),
         })
     }
 
@@ -145,9 +155,11 @@ impl WriteHandle {
     }
 }
 
-/// Starts the writer task; it stops when every handle is dropped, after draining the queue.
+/// Starts the writer task on `conn`, opened from `url` (and opened again from it if lost); it
+/// stops when every handle is dropped, after draining the queue.
 pub(super) fn start(
     conn: AnyConnection,
+    url: DatabaseUrl,
     max_batch: usize,
     capacity: usize,
     fence: Option<Arc<ShardFence>>,
@@ -155,11 +167,19 @@ pub(super) fn start(
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
-    let told = Told {
+    let link = Link {
+        conn: Some(conn),
+        url,
         stats: Arc::clone(&stats),
-        changes,
     };
-    let task = tokio::spawn(run(conn, rx, max_batch.max(1), told, fence));
+    let task = tokio::spawn(run(
+        link,
+        rx,
+        max_batch.max(1),
+        Arc::clone(&stats),
+        fence,
+        changes,
+    ));
     (WriteHandle { tx, stats }, task)
 }
 
@@ -186,46 +206,37 @@ pub fn start_acknowledging(
     (WriteHandle { tx, stats }, task)
 }
 
-/// What the writer reports to: its counters, and the availability streams.
-struct Told {
-    stats: Arc<WriterStats>,
-    changes: Changes,
-}
-
 async fn run(
-    mut conn: AnyConnection,
+    mut link: Link,
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
-    told: Told,
+    stats: Arc<WriterStats>,
     fence: Option<Arc<ShardFence>>,
+    changes: Changes,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut conn, &mut batch, &told, fence.as_deref()).await;
+        commit(&mut link, &mut batch, &stats, fence.as_deref(), &changes).await;
     }
-    let _ = sqlx::Connection::close(conn).await;
+    if let Some(conn) = link.conn.take() {
+        let _ = sqlx::Connection::close(conn).await;
+    }
 }
 
 async fn commit(
-    conn: &mut AnyConnection,
+    link: &mut Link,
     batch: &mut Vec<(WriteOp, Ack)>,
-    told: &Told,
+    stats: &WriterStats,
     fence: Option<&ShardFence>,
+    changes: &Changes,
 ) {
-    let stats = told.stats.as_ref();
     if let Some(delay) = fence.and_then(ShardFence::write_delay) {
         tokio::time::sleep(delay).await;
     }
-    let together = async {
-        let mut tx = conn.begin().await?;
-        if let Some(fence) = fence {
-            let ops: Vec<&WriteOp> = batch.iter().map(|(op, _)| op).collect();
-            prove_epochs(&mut tx, fence, &ops).await?;
-        }
-        apply_batch(&mut tx, batch).await?;
-        tx.commit().await
-    }
-    .await;
+    let together = {
+        let ops: Vec<&WriteOp> = batch.iter().map(|(op, _)| op).collect();
+        link.write(&ops, fence, false).await
+    };
     match together {
         Ok(()) => {
             stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -234,7 +245,7 @@ async fn commit(
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             crate::meter::writer_batch(batch.len());
             for (op, ack) in batch.drain(..) {
-                committed(&op, &told.changes);
+                committed(&op, changes);
                 answer(stats, ack, Ok(()));
             }
         }
@@ -242,24 +253,15 @@ async fn commit(
             stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, writes = batch.len(), "group commit failed; retrying writes one by one");
             for (op, ack) in batch.drain(..) {
-                let alone = async {
-                    let mut tx = conn.begin().await?;
-                    if let Some(fence) = fence {
-                        prove_epochs(&mut tx, fence, &[&op]).await?;
-                    }
-                    apply(&mut tx, &op).await?;
-                    tx.commit().await?;
-                    Ok(())
-                }
-                .await;
+                let alone = link.write(&[&op], fence, true).await;
                 match &alone {
                     Ok(()) => {
                         crate::meter::writer_batch(1);
-                        committed(&op, &told.changes);
+                        committed(&op, changes);
                     }
                     Err(error) => tracing::error!(%error, ?op, "write refused"),
                 }
-                answer(stats, ack, alone);
+                answer(stats, ack, alone.map_err(StoreError::from));
             }
         }
     }
@@ -276,6 +278,151 @@ fn committed(op: &WriteOp, changes: &Changes) {
             changes.changed(*event);
         }
         WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
+    }
+}
+
+/// How far a transaction got before it failed.
+enum Failed {
+    /// Before `COMMIT` was sent: nothing was written.
+    Before(sqlx::Error),
+    /// `COMMIT` itself failed: written or not, PostgreSQL knows (`xid`, if it was read).
+    AtCommit(sqlx::Error, Option<i64>),
+}
+
+/// The writer's connection, opened again when it is lost.
+struct Link {
+    conn: Option<AnyConnection>,
+    url: DatabaseUrl,
+    stats: Arc<WriterStats>,
+}
+
+impl Link {
+    /// Writes `ops` in one transaction. A lost connection is not an answer: the link
+    /// reconnects (as long as it takes) and writes them again, unless the lost `COMMIT` turns
+    /// out to have committed. Returns the database's refusal, if it refused. `alone`: one
+    /// write on its own, the fallback path ([`apply`] rather than [`apply_batch`]).
+    async fn write(
+        &mut self,
+        ops: &[&WriteOp],
+        fence: Option<&ShardFence>,
+        alone: bool,
+    ) -> Result<(), sqlx::Error> {
+        loop {
+            let postgres = self.url.backend == Backend::Postgres;
+            let conn = self.connected().await;
+            let error = match transaction(conn, ops, fence, postgres, alone).await {
+                Ok(()) => return Ok(()),
+                Err(Failed::Before(e)) if postgres && connection_lost(&e) => e,
+                Err(Failed::AtCommit(e, xid)) if postgres && connection_lost(&e) => {
+                    self.lost(&e);
+                    match xid {
+                        Some(xid) if self.committed(xid).await => return Ok(()),
+                        _ => continue,
+                    }
+                }
+                Err(Failed::Before(e) | Failed::AtCommit(e, _)) => return Err(e),
+            };
+            self.lost(&error);
+        }
+    }
+
+    fn lost(&mut self, error: &sqlx::Error) {
+        tracing::warn!(%error, "the database writer lost its connection; reconnecting");
+        self.conn = None;
+    }
+
+    /// The connection, opened again (with a backoff up to 1 s) if it was lost.
+    async fn connected(&mut self) -> &mut AnyConnection {
+        let mut pause = std::time::Duration::from_millis(50);
+        while self.conn.is_none() {
+            match self.url.connect().await {
+                Ok(conn) => {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("the database writer reconnected");
+                    self.conn = Some(conn);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "the database writer cannot reconnect yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+        self.conn.as_mut().expect("connected above")
+    }
+
+    /// Whether the transaction `xid`, whose `COMMIT` got no answer, committed. Asked on a new
+    /// connection until PostgreSQL answers; a transaction it does not know (lost in its crash
+    /// recovery, `xid` "in the future") did not.
+    async fn committed(&mut self, xid: i64) -> bool {
+        loop {
+            let conn = self.connected().await;
+            let status: Result<Option<String>, sqlx::Error> =
+                sqlx::query_scalar("SELECT CAST(txid_status($1) AS TEXT)")
+                    .bind(xid)
+                    .fetch_one(&mut *conn)
+                    .await;
+            match status {
+                Ok(Some(s)) if s == "committed" => return true,
+                Ok(Some(s)) if s == "in progress" => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                Ok(_) => return false,
+                Err(e) if connection_lost(&e) => self.lost(&e),
+                Err(error) => {
+                    tracing::warn!(%error, xid, "transaction status unknown; taken as not committed");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// One transaction: the fence's proof if any, the writes, `COMMIT`. On PostgreSQL it first
+/// reads its transaction id, to ask after a `COMMIT` whose answer was lost.
+async fn transaction(
+    conn: &mut AnyConnection,
+    ops: &[&WriteOp],
+    fence: Option<&ShardFence>,
+    postgres: bool,
+    alone: bool,
+) -> Result<(), Failed> {
+    let mut tx = conn.begin().await.map_err(Failed::Before)?;
+    let xid = if postgres {
+        let xid: i64 = sqlx::query_scalar("SELECT CAST(txid_current() AS BIGINT)")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(Failed::Before)?;
+        Some(xid)
+    } else {
+        None
+    };
+    let body = async {
+        if let Some(fence) = fence {
+            prove_epochs(&mut tx, fence, ops).await?;
+        }
+        match ops {
+            [op] if alone => apply(&mut tx, op).await,
+            ops => apply_batch(&mut tx, ops).await,
+        }
+    }
+    .await;
+    body.map_err(Failed::Before)?;
+    tx.commit().await.map_err(|e| Failed::AtCommit(e, xid))
+}
+
+/// The connection is gone (or the server is going down), as opposed to the database refusing
+/// the statement: the writes must be tried again on a new connection.
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        // not `Protocol`: the epoch fence refuses a write with it (`shards::not_owner`)
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        // SQLSTATE class 08 (connection exception) and 57P01-57P03 (shutdown, crash, cannot
+        // connect now)
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
     }
 }
 
@@ -306,15 +453,12 @@ async fn prove_epochs(
 /// `available` moved once by its net change. The net change is what the event actor decided
 /// in sequence, so it is valid; moving seats op by op in another order than the actor's could
 /// cross `0 <= available <= total` on the way (a seat returned and taken again in one batch).
-async fn apply_batch(
-    conn: &mut AnyConnection,
-    batch: &[(WriteOp, Ack)],
-) -> Result<(), sqlx::Error> {
+async fn apply_batch(conn: &mut AnyConnection, batch: &[&WriteOp]) -> Result<(), sqlx::Error> {
     let now = timestamp(Utc::now());
     let mut holds = Vec::new();
     let mut confirms = Vec::new();
     let mut cancelled = Vec::new();
-    for (op, _) in batch {
+    for op in batch {
         match op {
             WriteOp::Hold(order) => holds.push(order.as_ref()),
             WriteOp::Confirm { order } => confirms.push(*order),
@@ -323,7 +467,7 @@ async fn apply_batch(
     }
     sql::insert_orders(conn, &holds).await?;
     sql::confirm_orders(conn, &confirms, &now).await?;
-    for (op, _) in batch {
+    for op in batch {
         match op {
             WriteOp::Cancel {
                 order,

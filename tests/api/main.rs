@@ -27,3 +27,4 @@ mod stampede;
 mod storage;
 mod streams;
 mod v2;
+mod writer;

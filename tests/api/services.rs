@@ -360,19 +360,18 @@ async fn an_inventory_node_killed_mid_stampede_loses_nothing_and_its_shards_move
             }
         })
     });
+    // The failover as a client sees it: a purchase of the dead node's event sent right after
+    // the kill, answered once the gateway has found the shard's new owner.
     let killer = async {
         tokio::time::sleep(Duration::from_millis(450)).await;
         signal(victim_pid, libc::SIGKILL);
-        Instant::now()
+        let killed = Instant::now();
+        let answer = buy(&client, &deployment.base, doomed[0], "right-after-the-kill").await;
+        (answer, killed.elapsed())
     };
-    let (outcomes, killed) = futures::join!(join_all(buyers), killer);
-
-    // The first purchase of the dead node's event begun after the kill, served by its new
-    // owner through the gateway.
-    let (status, body) = buy(&client, &deployment.base, doomed[0], "after-the-kill").await;
+    let (outcomes, ((status, body), failover)) = futures::join!(join_all(buyers), killer);
     eprintln!(
-        "services failover: a purchase of the dead node's event answered {status} {:?} after kill -9",
-        killed.elapsed()
+        "services failover: a purchase of the dead node's event sent at its kill -9 was answered {status} by the new owner {failover:?} later"
     );
     assert!(
         [201, 400, 402].contains(&status),
@@ -425,24 +424,25 @@ async fn topology_after_failover(
 
 /// What the buyers of [`pause_past_the_lease`] were answered, and what was stored.
 struct PauseRun {
-    /// The buyers whose holds the paused node had decided but not written.
+    /// The buyers who asked the paused node itself, whose holds it decided but had not
+    /// written when it was paused.
     late: Vec<(u16, Value)>,
-    /// The buyers the new owner served while the old one was paused.
+    /// The buyers the new owner served, through the gateway, while the old one was paused.
     current: Vec<(u16, Value)>,
     confirmed: i64,
     audit: Value,
 }
 
-/// The schedule of a node paused past its lease, on a 4-seat event, with every inventory
+/// The schedule of a node paused past its lease, on a 5-seat event, with every inventory
 /// write held back 800 ms (a failpoint) so that the pause can fall between a decision and
 /// its write:
 /// 1. the owner sells one seat;
-/// 2. two more buyers are granted holds by the owner's event actor, in memory; while those
-///    holds wait to be written, the owner is paused (SIGSTOP);
-/// 3. the other node takes the shard and, from PostgreSQL (3 seats free), sells 3;
+/// 2. two buyers ask the owner directly; its event actor grants their holds in memory and,
+///    while those wait to be written, the owner is paused (SIGSTOP);
+/// 3. the other node takes the shard and, from PostgreSQL (4 seats free), sells all 4;
 /// 4. the paused node goes on (SIGCONT) and its writer writes the two holds it had queued.
 async fn pause_past_the_lease(fence: bool) -> PauseRun {
-    const SEATS: i64 = 4;
+    const SEATS: i64 = 5;
     let db = TestDb::new(Backend::Postgres);
     let client = reqwest::Client::new();
     let mut args = vec![
@@ -463,25 +463,25 @@ async fn pause_past_the_lease(fence: bool) -> PauseRun {
     let event = create_event(&client, &deployment.base, "Paused", SEATS).await;
     let paused = owner_of(&topology, event).expect("an owner");
     let pid = pid_of(&topology, &paused);
-    let paused_addr = node(&topology, &paused)["address"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let base = deployment.base.clone();
-    let sell = |user: String| {
-        let (client, base) = (client.clone(), base.clone());
+    let paused_base = format!(
+        "http://{}",
+        node(&topology, &paused)["address"].as_str().unwrap()
+    );
+    let sell = |base: String, user: String| {
+        let client = client.clone();
         async move { buy(&client, &base, event, &user).await }
     };
-    let (status, body) = sell("early".into()).await;
+    let gateway = deployment.base.clone();
+    let (status, body) = sell(gateway.clone(), "early".into()).await;
     assert_eq!(status, 201, "{body}");
 
-    let late = join_all((0..2).map(|i| sell(format!("late-{i}"))));
+    let late = join_all((0..2).map(|i| sell(paused_base.clone(), format!("late-{i}"))));
     let schedule = async {
         // Pause once both holds are decided and waiting for the writer.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let r: Value = client
-                .get(format!("http://{paused_addr}/internal/v1/activity"))
+                .get(format!("{paused_base}/internal/v1/activity"))
                 .bearer_auth(crate::helpers::ADMIN_TOKEN)
                 .send()
                 .await
@@ -505,9 +505,7 @@ async fn pause_past_the_lease(fence: bool) -> PauseRun {
             assert!(Instant::now() < deadline, "the shard never moved: {now}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // The gateway reads the map every renewal (250 ms): let it see the new owner.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let current = join_all((0..3).map(|i| sell(format!("current-{i}")))).await;
+        let current = join_all((0..4).map(|i| sell(gateway.clone(), format!("current-{i}")))).await;
         signal(pid, libc::SIGCONT);
         current
     };
@@ -533,30 +531,31 @@ fn statuses(answers: &[(u16, Value)]) -> Vec<u16> {
 
 #[actix_web::test]
 async fn a_node_paused_past_its_lease_cannot_sell_again_but_without_the_epoch_check_it_does() {
-    // The fence: the paused node's late holds are refused (its epoch is old); the gateway
-    // sends them again, under the same order ids, to the new owner, which has none left.
+    // The fence: the paused node's late holds are refused (its epoch is old), and its buyers
+    // are told the event moved.
     let run = pause_past_the_lease(true).await;
-    assert_eq!(statuses(&run.current), [201, 201, 201]);
-    assert_eq!(
-        statuses(&run.late),
-        [400, 400],
-        "sold out, by the new owner"
+    assert_eq!(statuses(&run.current), [201, 201, 201, 201]);
+    assert_eq!(statuses(&run.late), [503, 503]);
+    assert!(
+        run.late.iter().all(|(_, b)| b["code"] == "owner-changed"),
+        "{:?}",
+        run.late
     );
-    assert!(run.late.iter().all(|(_, b)| b["code"] == "sold-out"));
-    assert_eq!(run.confirmed, 4);
+    assert_eq!(run.confirmed, 5);
     assert_eq!(run.audit["ok"], true, "{}", run.audit);
 
     // Without it: the paused node writes the holds it granted from memory, for seats the new
     // owner has sold meanwhile. Nothing but the database's last line (available_tickets >= 0)
-    // stops that double sale; the buyers get 409.
+    // stops that double sale; its buyers get 409.
     let run = pause_past_the_lease(false).await;
-    assert_eq!(statuses(&run.current), [201, 201, 201]);
+    assert_eq!(statuses(&run.current), [201, 201, 201, 201]);
     assert_eq!(
         statuses(&run.late),
         [409, 409],
-        "the stale holds reached the database"
+        "the stale holds reached the database: {:?}",
+        run.late
     );
-    assert_eq!(run.confirmed, 4, "the CHECK kept the count");
+    assert_eq!(run.confirmed, 5, "the CHECK kept the count");
 }
 
 #[actix_web::test]
