@@ -239,6 +239,14 @@ pub struct ServeArgs {
     /// and its connection closed.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub body_timeout: Duration,
+    /// Most availability streams (`GET /api/v2/events/{id}/availability`) open at once; past
+    /// it a new one is answered 503. Each costs a connection, so keep it under
+    /// --max-connections.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams: u32,
+    /// Most availability streams one client address may have open; past it, 429.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams_per_client: u32,
     /// Longest a client may take to send a request's headers (answered 408 past it).
     #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     pub header_timeout: Duration,
@@ -360,6 +368,8 @@ impl ServeArgs {
             http_workers: self.workers,
             max_connections: self.max_connections as usize,
             body_timeout: self.body_timeout,
+            max_streams: self.max_streams as usize,
+            max_streams_per_client: self.max_streams_per_client as usize,
             header_timeout: self.header_timeout,
             admin_token: self.admin_token.clone(),
             per_user_limit: self.per_user_limit,

@@ -362,6 +362,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Longest a request body may take to arrive in full (408 and the connection closed after).
     pub body_timeout: Duration,
+    /// Most availability streams open at once (503 past it).
+    pub max_streams: usize,
+    /// Most availability streams one client address may have open (429 past it).
+    pub max_streams_per_client: usize,
     /// Longest a client may take to send a request's headers (408 after).
     pub header_timeout: Duration,
     /// Bearer token for admin routes (API v2); when `None` the server makes one and logs it.
@@ -405,6 +409,8 @@ impl Settings {
             max_body_bytes: 16 * 1024,
             max_connections: 10_000,
             body_timeout: Duration::from_secs(10),
+            max_streams: 2_000,
+            max_streams_per_client: 8,
             header_timeout: Duration::from_secs(5),
             admin_token: None,
             per_user_limit: 4,

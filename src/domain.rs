@@ -126,12 +126,18 @@ impl<'de> Deserialize<'de> for UserId {
         enum Raw {
             Text(String),
             Number(u64),
+            Float(f64),
         }
-        let raw = match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("userId must be a string or a non-negative integer")
-        })? {
+        let wrong =
+            || serde::de::Error::custom("userId must be a string or a non-negative integer");
+        let raw = match Raw::deserialize(d).map_err(|_| wrong())? {
             Raw::Text(s) => s,
             Raw::Number(n) => n.to_string(),
+            // `5.0` is the integer 5, as JSON Schema counts it.
+            Raw::Float(f) => match crate::api::integral(f) {
+                Some(n) if n >= 0 => n.to_string(),
+                _ => return Err(wrong()),
+            },
         };
         // Only API v1 reads a user id from a body: it is a v1 label.
         UserId::v1_label(&raw).map_err(serde::de::Error::custom)

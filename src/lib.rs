@@ -12,8 +12,9 @@
 //!   stage `services` it runs in the payments node ([`payments::service`]), which the other
 //!   nodes call over HTTP ([`payments::remote`]).
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
-//!   the migrations of each, the group-commit writer, and (`store::shards`) the shard leases
-//!   and epoch fence of stage `services`.
+//!   the migrations of each, the group-commit writer, (`store::changes`) who is told when an
+//!   event's availability changes, and (`store::shards`) the shard leases and epoch fence of
+//!   stage `services`.
 //! - [`idempotency`]: the Idempotency-Key protocol (claim, run once, store, replay, recover).
 //! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
@@ -22,7 +23,9 @@
 //! - [`audit`]: the invariants of SPEC section 5, checked against storage and the ledger.
 //! - [`api`]: the thin actix-web front, API v1 and v2 (a file per resource under [`api::v2`]),
 //!   admin routes, problem documents, and the OpenAPI document ([`api::openapi`]).
-//! - [`limits`]: the connection cap and the request-body deadline.
+//! - [`limits`]: the connection cap, the request-body deadline, and the hang-up watch of a
+//!   streaming connection.
+//! - [`meter`]: Prometheus metrics (`GET /metrics`) and the per-request span of the logs.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`supervisor`]: `serve --stage services`, the nodes of stage `services` as child
 //!   processes (the gateway, catalog and inventory nodes are [`stages::gateway`],
@@ -41,6 +44,7 @@ pub mod idempotency;
 pub mod inventory;
 pub mod limits;
 pub mod lock;
+pub mod meter;
 pub mod payments;
 pub mod queue;
 pub mod server;

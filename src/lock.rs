@@ -294,6 +294,7 @@ pub struct LockReport {
 
 impl LockStats {
     fn record_grant(&self, waited: Duration, contended: bool) {
+        crate::meter::lock_wait(waited);
         self.granted.fetch_add(1, Ordering::Relaxed);
         if contended {
             self.contended.fetch_add(1, Ordering::Relaxed);

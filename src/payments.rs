@@ -186,16 +186,25 @@ impl PaymentGateway {
         amount: Money,
     ) -> Result<ChargeOutcome, GatewayUnavailable> {
         let _counted = self.track();
-        match &self.pool {
+        let started = std::time::Instant::now();
+        let answer = match &self.pool {
             Pool::Local(actors) => Self::shard(actors, key)
                 .send(Charge {
                     key: key.to_owned(),
                     amount_cents: amount.cents(),
                 })
                 .await
-                .map_err(|_| GatewayUnavailable)?,
+                .map_err(|_| GatewayUnavailable)
+                .and_then(|answer| answer),
             Pool::Remote(remote) => remote.charge(key, amount).await,
-        }
+        };
+        let outcome = match &answer {
+            Ok(ChargeOutcome::Approved { .. }) => "approved",
+            Ok(ChargeOutcome::Declined) => "declined",
+            Err(_) => "unavailable",
+        };
+        crate::meter::payment(outcome, started.elapsed());
+        answer
     }
 
     /// Refunds the successful charge made under `key`, if there is one.

@@ -127,6 +127,8 @@ impl Server {
         })?;
         let addr = listener.local_addr()?;
         stage.bound(addr);
+        crate::meter::install(settings.stage.as_str());
+        crate::meter::spawn_upkeep(std::time::Duration::from_secs(5));
         let limiters = api::rate::Limiters::new(&settings.rate_limits);
         let state = web::Data::new(AppState {
             stage: Arc::clone(&stage),
@@ -134,6 +136,11 @@ impl Server {
             settings: settings.clone(),
             admin_token,
             limiters: limiters.clone(),
+            streams: api::streams::StreamSlots::new(
+                settings.max_streams,
+                settings.max_streams_per_client,
+            ),
+            changes: store.changes().clone(),
         });
         // Buckets full again are forgotten now and then, so memory follows active clients.
         actix_rt::spawn(async move {
@@ -168,6 +175,7 @@ impl Server {
                     limits::body_deadline(&mut req, body_timeout);
                     srv.call(req)
                 })
+                .wrap(actix_web::middleware::from_fn(crate::meter::observe))
         })
         .on_connect(move |io, ext| gate.on_connect(io, ext))
         .client_request_timeout(settings.header_timeout)

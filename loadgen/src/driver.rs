@@ -655,6 +655,11 @@ async fn buy_v2(
                     if r.status == 409
                         && problem_code(r).as_deref() == Some("idempotency-key-in-use") => {}
                 Ok(r) if r.status < 500 && accepted.is_some() => buyer.disagreeing_answers += 1,
+                // v2 answers an event with no tickets left `409 sold-out`: final.
+                Ok(r) if r.status == 409 && problem_code(r).as_deref() == Some("sold-out") => {
+                    buyer.definite_failures += 1;
+                    outcome = Attempt::SoldOut;
+                }
                 Ok(r) if r.status == 503 || r.status == 402 || r.status == 409 => {
                     buyer.definite_failures += 1;
                     outcome = Attempt::Retry(r.retry_after_secs);

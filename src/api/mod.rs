@@ -6,6 +6,7 @@ pub mod internal;
 pub mod openapi;
 pub mod problem;
 pub mod rate;
+pub mod streams;
 pub mod v1;
 pub mod v2;
 
@@ -28,6 +29,10 @@ pub struct AppState {
     pub admin_token: String,
     /// Per-client rate limits.
     pub limiters: rate::Limiters,
+    /// The availability streams open, under their caps.
+    pub streams: streams::StreamSlots,
+    /// Told when an event's availability changes (the streams wait on it).
+    pub changes: crate::store::changes::Changes,
 }
 
 /// Registers every route, with problem documents for bad bodies, paths and methods. API v2 is
@@ -77,7 +82,8 @@ pub fn configure(
             .error_handler(problem::json_error),
     )
     .app_data(web::QueryConfig::default().error_handler(problem::query_error))
-    .service(resource("/health").route(web::get().to(admin::health)));
+    .service(resource("/health").route(web::get().to(admin::health)))
+    .service(resource("/metrics").route(web::get().to(crate::meter::scrape)));
     if !serve_v1 {
         cfg.service(web::scope("/api/v1").default_service(web::to(v1_off)))
             .default_service(web::to(not_found));
@@ -104,6 +110,47 @@ pub fn configure(
     .service(resource("/api/v1/admin/audit").route(web::get().to(admin::audit)))
     .service(resource("/api/v1/admin/stats").route(web::get().to(admin::stats)))
     .default_service(web::to(not_found));
+}
+
+/// The integer a float stands for, if it has no fraction and is exact (within 2^53): `5.0`
+/// is 5, as JSON Schema (the OpenAPI 3.1 document's dialect) counts `5.0` an integer.
+pub fn integral(f: f64) -> Option<i64> {
+    (f.fract() == 0.0 && f.abs() <= 2f64.powi(53)).then_some(f as i64)
+}
+
+/// A number written with a zero fraction (`5.0`), read as its integer; `5.5` does not read.
+#[derive(Debug, Clone, Copy)]
+pub struct IntegralFloat(pub i64);
+
+impl<'de> serde::Deserialize<'de> for IntegralFloat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = f64::deserialize(d)?;
+        integral(f)
+            .map(Self)
+            .ok_or_else(|| serde::de::Error::custom(format!("{f} is not a whole number")))
+    }
+}
+
+/// A request body with every integral number as an integer ([`integral`]): `5.0` becomes `5`;
+/// `5.5` stays, and a field that wants an integer still refuses it. API v2 normalises its
+/// bodies before anything reads them, Idempotency-Key fingerprints included, so `5` and `5.0`
+/// are the same request. (API v1's typed bodies take `5.0` in their integer fields instead.)
+pub fn integral_numbers(mut body: serde_json::Value) -> serde_json::Value {
+    fn walk(value: &mut serde_json::Value) {
+        use serde_json::Value;
+        match value {
+            Value::Number(n) if n.is_f64() => {
+                if let Some(i) = n.as_f64().and_then(integral) {
+                    *value = Value::from(i);
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            Value::Object(fields) => fields.values_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut body);
+    body
 }
 
 fn resource(path: &str) -> actix_web::Resource {

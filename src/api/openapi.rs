@@ -32,12 +32,13 @@ pub const PATH: &str = "/api/openapi.json";
             API, kept compatible; API v2 adds users and tokens, orders of N tickets answered \
             `202 Accepted`, Idempotency-Key on unsafe requests, searchable events and an \
             availability stream. Every error is an `application/problem+json` document with a \
-            stable `code`. Integer fields take JSON integers only: `5.0` is refused as the wrong \
-            type (400 `invalid-body`), although JSON Schema's `integer` admits it.",
+            stable `code`. An integer field takes any JSON number with no fraction, as JSON \
+            Schema's `integer` does: `5.0` is `5`; `5.5` is refused (400 `invalid-body`).",
     ),
     paths(
         openapi_json,
         admin::health,
+        crate::meter::scrape,
         v2::root,
         v1::list_events,
         v1::create_event,
@@ -65,7 +66,7 @@ pub const PATH: &str = "/api/openapi.json";
         v2::admin::nodes,
     ),
     components(schemas(Availability, Problem)),
-    modifiers(&BearerTokens, &SeedPaths),
+    modifiers(&BearerTokens, &V1UserIds, &SeedPaths),
     tags(
         (name = "discovery", description = "Where to start: versions and links."),
         (name = "health", description = "Liveness and each dependency's state."),
@@ -146,6 +147,42 @@ pub fn document() -> &'static str {
     })
 }
 
+/// A v1 `userId` may not start with `v2:` (any case, after trimming): those are API v2's
+/// user ids. Said in the document as `not: {pattern}` on every `userId` string.
+pub const V2_PREFIX_PATTERN: &str = r"^\s*[vV]2:";
+
+/// Adds `not: {pattern: V2_PREFIX_PATTERN}` to a string schema. utoipa has no `not`; its
+/// extensions are written flat into the schema object, so the keyword goes there.
+fn refuse_v2_prefix(object: &mut utoipa::openapi::schema::Object) {
+    object
+        .extensions
+        .get_or_insert_with(Default::default)
+        .insert(
+            "not".to_owned(),
+            serde_json::json!({ "pattern": V2_PREFIX_PATTERN }),
+        );
+}
+
+/// The `userId` path parameters of API v1 (and the seed's paths) refuse the `v2:` prefix.
+struct V1UserIds;
+
+impl Modify for V1UserIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{schema::Schema, RefOr};
+        for item in openapi.paths.paths.values_mut() {
+            let params = item
+                .get
+                .iter_mut()
+                .flat_map(|op| op.parameters.iter_mut().flatten());
+            for param in params.filter(|p| p.name == "userId") {
+                if let Some(RefOr::T(Schema::Object(object))) = param.schema.as_mut() {
+                    refuse_v2_prefix(object);
+                }
+            }
+        }
+    }
+}
+
 /// The methods the document lists for a route pattern (`/api/v2/events/{id}`), as an `Allow`
 /// header's value.
 pub fn allowed_methods(pattern: &str) -> Option<&'static str> {
@@ -220,13 +257,16 @@ pub fn event_id_input() -> Schema {
 /// or a non-negative integer.
 pub fn user_id_input() -> Schema {
     OneOfBuilder::new()
-        .item(
-            ObjectBuilder::new()
+        .item({
+            let mut text = ObjectBuilder::new()
                 .schema_type(Type::String)
                 .min_length(Some(1))
                 .max_length(Some(200))
-                .pattern(Some(TEXT_PATTERN)),
-        )
+                .pattern(Some(TEXT_PATTERN))
+                .build();
+            refuse_v2_prefix(&mut text);
+            text
+        })
         .item(
             ObjectBuilder::new()
                 .schema_type(Type::Integer)
@@ -234,8 +274,8 @@ pub fn user_id_input() -> Schema {
                 .maximum(Some(utoipa::Number::UInt(u64::MAX as usize))),
         )
         .description(Some(
-            "A string (1 to 200 characters after trimming, no control characters) or a \
-             non-negative integer.",
+            "A string (1 to 200 characters after trimming, no control characters, not \
+             starting with `v2:`, which API v2's user ids do) or a non-negative integer.",
         ))
         .into()
 }

@@ -82,26 +82,32 @@ impl Limiters {
 
     /// A v1 purchase, keyed by the client's address.
     pub fn purchase(&self, req: &HttpRequest) -> Result<(), Problem> {
-        check(&self.purchases, "purchases", client(req))
+        check(&self.purchases, "purchases", "purchases", client(req))
     }
 
     /// A v2 order, keyed by the user.
     pub fn order(&self, user: &str) -> Result<(), Problem> {
-        check(&self.orders, "orders", user.to_owned())
+        check(&self.orders, "orders", "orders", user.to_owned())
     }
 
     /// A new account, keyed by the client's address.
     pub fn account(&self, req: &HttpRequest) -> Result<(), Problem> {
-        check(&self.accounts, "new accounts", client(req))
+        check(&self.accounts, "accounts", "new accounts", client(req))
     }
 }
 
-fn check(limiter: &Option<Arc<Limiter>>, what: &'static str, key: String) -> Result<(), Problem> {
+fn check(
+    limiter: &Option<Arc<Limiter>>,
+    kind: &'static str,
+    what: &'static str,
+    key: String,
+) -> Result<(), Problem> {
     let Some(limiter) = limiter else {
         return Ok(());
     };
     let checked = limiter.check(what, key);
     if checked.is_err() {
+        crate::meter::rate_limited(kind);
         tracing::debug!(what, "rate limited");
     }
     checked

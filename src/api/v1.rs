@@ -79,6 +79,12 @@ mod field {
         fn visit_u64<E: Error>(self, v: u64) -> Result<i64, E> {
             Ok(i64::try_from(v).unwrap_or(i64::MAX))
         }
+
+        /// `5.0` is the integer 5, as JSON Schema has it; `5.5` is the wrong type.
+        fn visit_f64<E: Error>(self, v: f64) -> Result<i64, E> {
+            crate::api::integral(v)
+                .ok_or_else(|| Error::invalid_type(serde::de::Unexpected::Float(v), &self))
+        }
     }
 
     struct Number(&'static str);
@@ -143,6 +149,8 @@ pub struct PurchaseBody {
 pub enum IdInput {
     Number(i64),
     Text(String),
+    /// `5.0`: the integer 5 (see [`crate::api::integral`]).
+    Float(crate::api::IntegralFloat),
 }
 
 impl IdInput {
@@ -150,6 +158,7 @@ impl IdInput {
         let id = match self {
             Self::Number(n) => Some(*n),
             Self::Text(s) => s.trim().parse().ok(),
+            Self::Float(f) => Some(f.0),
         };
         match id {
             Some(n) if n > 0 => Ok(EventId(n)),
@@ -267,7 +276,12 @@ pub async fn purchase(
     state.limiters.purchase(&req)?;
     let body = body.into_inner();
     let event = body.event_id.event_id()?;
-    let ticket = state.stage.purchase(event, body.user_id).await?;
+    crate::meter::record_id("event_id", &event);
+    crate::meter::record_id("user_id", &body.user_id);
+    let started = std::time::Instant::now();
+    let bought = state.stage.purchase(event, body.user_id).await;
+    crate::meter::purchase_answered(started, bought.as_ref().err());
+    let ticket = bought?;
     Ok(HttpResponse::Created().json(ticket))
 }
 

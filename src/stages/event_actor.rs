@@ -49,12 +49,14 @@ impl MailboxGauge {
             self.0.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
+        crate::meter::mailbox(1.0);
         true
     }
 
     /// Gives a slot back (the message was handled, or never sent).
     pub fn release(&self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        crate::meter::mailbox(-1.0);
     }
 
     /// Reservations waiting now.

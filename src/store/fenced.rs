@@ -96,6 +96,7 @@ impl Store {
         }
         sql::insert_order(&mut tx, order).await?;
         tx.commit().await?;
+        self.changes().changed(order.event);
         Ok(true)
     }
 
@@ -130,6 +131,8 @@ impl Store {
         sql::finish_order(&mut tx, order, OrderStatus::Cancelled, Some(reason), &now).await?;
         sql::settle_payment(&mut tx, order, payment, &now).await?;
         tx.commit().await?;
+        self.changes().changed(event);
+        crate::meter::settled(Some(reason));
         Ok(true)
     }
 
@@ -140,6 +143,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sql::confirm_order(&mut tx, order, &now).await?;
         tx.commit().await?;
+        crate::meter::settled(None);
         Ok(())
     }
 

@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod backend;
+pub mod changes;
 pub mod fenced;
 pub mod gateway;
 pub mod shards;
@@ -191,6 +192,8 @@ pub trait Records: Catalog + OrderBook + Accounts + IdempotencyRecords + AuditRe
 pub struct Store {
     pool: AnyPool,
     url: DatabaseUrl,
+    /// Told after each committed change of an event's availability (the streams listen).
+    changes: changes::Changes,
 }
 
 /// An order whose payment was left `pending` by a run that stopped (found at start-up).
@@ -262,7 +265,11 @@ impl Store {
     pub async fn open(database: &str, durability: Durability) -> StoreResult<Self> {
         let url = DatabaseUrl::parse(database, durability)?;
         let pool = url.open_pool().await?;
-        Ok(Self { pool, url })
+        Ok(Self {
+            pool,
+            url,
+            changes: changes::Changes::default(),
+        })
     }
 
     /// Another handle on the same database with a pool of its own of at most `connections`,
@@ -272,7 +279,13 @@ impl Store {
         Ok(Self {
             pool: self.url.pool_of(connections).await?,
             url: self.url.clone(),
+            changes: self.changes.clone(),
         })
+    }
+
+    /// Who is told when an event's availability changes (shared by every clone).
+    pub fn changes(&self) -> &changes::Changes {
+        &self.changes
     }
 
     /// Which engine this store runs on.
@@ -294,6 +307,7 @@ impl Store {
             max_batch,
             capacity,
             None,
+            self.changes.clone(),
         ))
     }
 
@@ -314,6 +328,7 @@ impl Store {
             max_batch,
             capacity,
             Some(fence),
+            self.changes.clone(),
         ))
     }
 
@@ -345,7 +360,9 @@ impl Store {
     pub async fn confirm_order(&self, order: OrderId) -> StoreResult<()> {
         let now = timestamp(Utc::now());
         let mut conn = self.pool.acquire().await?;
-        Ok(sql::confirm_order(&mut conn, order, &now).await?)
+        sql::confirm_order(&mut conn, order, &now).await?;
+        crate::meter::settled(None);
+        Ok(())
     }
 
     /// Step 4b: the order cancelled, then its payment failed; inventory is not touched.
@@ -354,6 +371,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         sql::finish_order(&mut conn, order, OrderStatus::Cancelled, Some(reason), &now).await?;
         sql::settle_payment(&mut conn, order, PaymentStatus::Failed, &now).await?;
+        crate::meter::settled(Some(reason));
         Ok(())
     }
 
@@ -365,6 +383,7 @@ impl Store {
             .bind(id.0)
             .execute(&self.pool)
             .await?;
+        self.changes.changed(id);
         Ok(())
     }
 
@@ -381,6 +400,9 @@ impl Store {
         Ok(WriteTx {
             conn,
             finished: false,
+            settled: Vec::new(),
+            moved: Vec::new(),
+            changes: self.changes.clone(),
         })
     }
 
@@ -744,6 +766,11 @@ fn money(cents: i64) -> StoreResult<Money> {
 pub struct WriteTx {
     conn: sqlx::pool::PoolConnection<sqlx::Any>,
     finished: bool,
+    /// Outcomes written in this transaction, counted in the metrics once it commits.
+    settled: Vec<Option<CancelReason>>,
+    /// Events whose availability this transaction moved, told once it commits.
+    moved: Vec<EventId>,
+    changes: changes::Changes,
 }
 
 impl WriteTx {
@@ -772,6 +799,8 @@ impl WriteTx {
             .bind(event.0)
             .execute(&mut *self.conn)
             .await?;
+        self.settled.push(None);
+        self.moved.push(event);
         Ok(())
     }
 
@@ -786,11 +815,19 @@ impl WriteTx {
         )
         .await?;
         sql::settle_payment(&mut self.conn, order, PaymentStatus::Failed, &now).await?;
+        self.settled.push(Some(reason));
         Ok(())
     }
 
     pub async fn commit(mut self) -> StoreResult<()> {
-        self.end("COMMIT").await
+        self.end("COMMIT").await?;
+        for outcome in self.settled.drain(..) {
+            crate::meter::settled(outcome);
+        }
+        for event in self.moved.drain(..) {
+            self.changes.changed(event);
+        }
+        Ok(())
     }
 
     pub async fn rollback(mut self) -> StoreResult<()> {

@@ -21,6 +21,7 @@ use sqlx::{AnyConnection, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, DatabaseUrl};
+use super::changes::Changes;
 use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
 use super::{StoreError, StoreResult};
@@ -162,6 +163,7 @@ pub(super) fn start(
     max_batch: usize,
     capacity: usize,
     fence: Option<Arc<ShardFence>>,
+    changes: Changes,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
@@ -170,7 +172,11 @@ pub(super) fn start(
         url,
         stats: Arc::clone(&stats),
     };
-    let task = tokio::spawn(run(link, rx, max_batch.max(1), Arc::clone(&stats), fence));
+    let told = Told {
+        stats: Arc::clone(&stats),
+        changes,
+    };
+    let task = tokio::spawn(run(link, rx, max_batch.max(1), told, fence));
     (WriteHandle { tx, stats }, task)
 }
 
@@ -197,16 +203,22 @@ pub fn start_acknowledging(
     (WriteHandle { tx, stats }, task)
 }
 
+/// What the writer reports to: its counters, and the availability streams.
+struct Told {
+    stats: Arc<WriterStats>,
+    changes: Changes,
+}
+
 async fn run(
     mut link: Link,
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
-    stats: Arc<WriterStats>,
+    told: Told,
     fence: Option<Arc<ShardFence>>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut link, &mut batch, &stats, fence.as_deref()).await;
+        commit(&mut link, &mut batch, &told, fence.as_deref()).await;
     }
     if let Some(conn) = link.conn.take() {
         let _ = sqlx::Connection::close(conn).await;
@@ -216,9 +228,10 @@ async fn run(
 async fn commit(
     link: &mut Link,
     batch: &mut Vec<(WriteOp, Ack)>,
-    stats: &WriterStats,
+    told: &Told,
     fence: Option<&ShardFence>,
 ) {
+    let stats = told.stats.as_ref();
     if let Some(delay) = fence.and_then(ShardFence::write_delay) {
         tokio::time::sleep(delay).await;
     }
@@ -232,7 +245,9 @@ async fn commit(
             stats
                 .writes
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            for (_, ack) in batch.drain(..) {
+            crate::meter::writer_batch(batch.len());
+            for (op, ack) in batch.drain(..) {
+                committed(&op, &told.changes);
                 answer(stats, ack, Ok(()));
             }
         }
@@ -241,8 +256,12 @@ async fn commit(
             tracing::warn!(%error, writes = batch.len(), "group commit failed; retrying writes one by one");
             for (op, ack) in batch.drain(..) {
                 let alone = link.write(&[&op], fence, true).await;
-                if let Err(error) = &alone {
-                    tracing::error!(%error, ?op, "write refused");
+                match &alone {
+                    Ok(()) => {
+                        crate::meter::writer_batch(1);
+                        committed(&op, &told.changes);
+                    }
+                    Err(error) => tracing::error!(%error, ?op, "write refused"),
                 }
                 answer(stats, ack, alone.map_err(StoreError::from));
             }
@@ -392,6 +411,20 @@ fn connection_lost(error: &sqlx::Error) -> bool {
             .code()
             .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
         _ => false,
+    }
+}
+
+/// Counts a committed write that settled a purchase in the metrics, and tells the event's
+/// availability streams when seats moved.
+fn committed(op: &WriteOp, changes: &Changes) {
+    match op {
+        WriteOp::Hold(order) => changes.changed(order.event),
+        WriteOp::Confirm { .. } => crate::meter::settled(None),
+        WriteOp::Cancel { reason, event, .. } => {
+            crate::meter::settled(Some(*reason));
+            changes.changed(*event);
+        }
+        WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
     }
 }
 

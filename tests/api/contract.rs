@@ -494,15 +494,20 @@ async fn zero_negative_and_absurd_ticket_counts_are_rejected_and_write_nothing()
             "totalTickets",
         ));
     }
-    // too large for an integer, or written as a float: rejected as the wrong type
-    for total in [json!(1e12), json!(1e2)] {
-        cases.push((
-            "float totalTickets",
-            event_with("totalTickets", total),
-            "invalid-body",
-            "expected `totalTickets` as a whole number",
-        ));
-    }
+    // An integral float is an integer (JSON Schema counts `5.0` one): 1e12 is out of range.
+    cases.push((
+        "integral float totalTickets out of range",
+        event_with("totalTickets", json!(1e12)),
+        "validation-failed",
+        "totalTickets",
+    ));
+    // Past 2^53 a float is not an exact integer: the wrong type.
+    cases.push((
+        "float totalTickets past 2^53",
+        event_with("totalTickets", json!(1e17)),
+        "invalid-body",
+        "expected `totalTickets` as a whole number",
+    ));
     let huge = r#"{"name":"Show","venue":"Hall","date":"2026-12-31T20:00:00Z","totalTickets":99999999999999999999999,"price":1}"#;
     let reply = app
         .send_raw(Method::POST, EVENTS, Some("application/json"), huge)
@@ -523,6 +528,13 @@ async fn zero_negative_and_absurd_ticket_counts_are_rejected_and_write_nothing()
         "the limit itself is allowed: {}",
         largest.body
     );
+    // Written as an integral float, a count is that integer (the document says integer, and
+    // JSON Schema's integer admits 100.0).
+    let float = app
+        .post_json(EVENTS, &event_with("totalTickets", json!(1e2)))
+        .await;
+    assert_eq!(float.status, 201, "{}", float.body);
+    assert_eq!(float.body["totalTickets"], 100);
     app.stop().await;
 }
 
@@ -1016,6 +1028,31 @@ async fn the_monolith_returns_the_seat_of_a_declined_payment() {
         app.count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
             .await,
         0
+    );
+    app.stop().await;
+}
+
+#[actix_web::test]
+async fn integral_floats_are_integers_in_v1_bodies_and_fractions_are_not() {
+    let app = spawn_app(StageKind::Actor, |_| {}).await;
+    let event = app.create_event(5).await;
+    let purchase = |body: Value| {
+        let app = &app;
+        async move { app.post_json("/api/v1/tickets/purchase", &body).await }
+    };
+    let bought = purchase(json!({"eventId": event as f64, "userId": 7.0})).await;
+    assert_eq!(bought.status, 201, "{}", bought.text);
+    assert_eq!(bought.body["eventId"], event);
+    assert_eq!(bought.body["userId"], "7", "the label of the integer 7");
+    let fraction = purchase(json!({"eventId": event as f64 + 0.5, "userId": "u"})).await;
+    assert_eq!(
+        (fraction.status, fraction.body["code"].clone()),
+        (400, json!("invalid-body"))
+    );
+    let fraction = purchase(json!({"eventId": event, "userId": 7.5})).await;
+    assert_eq!(
+        (fraction.status, fraction.body["code"].clone()),
+        (400, json!("invalid-body"))
     );
     app.stop().await;
 }

@@ -24,12 +24,12 @@ fn redis_url() -> String {
 
 /// A unique key prefix, and the clean-up of every key under it when dropped (even when the
 /// test panics).
-struct Keys {
-    prefix: String,
+pub(crate) struct Keys {
+    pub(crate) prefix: String,
 }
 
 impl Keys {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let url = redis_url();
         let client = redis::Client::open(url.as_str()).expect("REDIS_URL is a valid URL");
         let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).unwrap_or_else(|e| {

@@ -14,6 +14,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api"),
     ("GET", "/api/openapi.json"),
     ("GET", "/health"),
+    ("GET", "/metrics"),
     ("GET", "/api/v1/events"),
     ("POST", "/api/v1/events"),
     ("GET", "/api/v1/events/{id}"),
@@ -416,6 +417,7 @@ async fn real_answers_use_the_status_codes_the_document_declares() {
     }
     for path in [
         "/health",
+        "/metrics",
         "/api",
         "/api/v2",
         "/api/v2/health",

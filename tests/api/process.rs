@@ -94,19 +94,53 @@ async fn start_binary(
     seed: u64,
     client: &reqwest::Client,
 ) -> Process {
-    let payments = [
-        "--payment-failure-rate",
-        "0.3",
-        "--payment-latency",
-        "20ms..400ms",
+    start_stage_with(command, &[], (None, "warn"), db, seed, client).await
+}
+
+/// [`start_binary`] with `extra` arguments after the usual ones (a later flag wins, e.g.
+/// `--rate-limit`; a payment default is left out when `extra` gives the same flag), and the
+/// server's log (`stderr`, filtered by `RUST_LOG`) sent where `log` says (`None`: nowhere, or
+/// to `$TF_TEST_LOGS/PORT.log` when that is set).
+pub async fn start_stage_with(
+    command: &[&str],
+    extra: &[&str],
+    log: (Option<Stdio>, &str),
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    let defaults = [
+        ["--payment-failure-rate", "0.3"],
+        ["--payment-latency", "20ms..400ms"],
     ];
-    start_binary_with(&[command, &payments].concat(), db, seed, client).await
+    let mut args: Vec<&str> = command.to_vec();
+    args.extend(
+        defaults
+            .iter()
+            .filter(|[flag, _]| !extra.contains(flag))
+            .flatten()
+            .copied(),
+    );
+    spawn(&args, extra, log, db, seed, client).await
 }
 
 /// The binary run with `args` on `db` (the payment settings among them), outcomes drawn
 /// from `seed`; answers once `GET /health` does.
 pub async fn start_binary_with(
     args: &[&str],
+    db: &TestDb,
+    seed: u64,
+    client: &reqwest::Client,
+) -> Process {
+    spawn(args, &[], (None, "warn"), db, seed, client).await
+}
+
+/// Starts the binary with `args`, then the test settings, then `last` (which can override
+/// them), logging as `log` says; answers once `GET /health` does.
+async fn spawn(
+    args: &[&str],
+    last: &[&str],
+    log: (Option<Stdio>, &str),
     db: &TestDb,
     seed: u64,
     client: &reqwest::Client,
@@ -120,14 +154,16 @@ pub async fn start_binary_with(
         .args(["--admin-token", crate::helpers::ADMIN_TOKEN])
         // The buyers all come from loopback: measure the stage, not the limiter.
         .args(["--rate-limit", "off"])
-        .env("RUST_LOG", "warn")
+        .args(last)
+        .env("RUST_LOG", log.1)
         .stdout(Stdio::null())
-        .stderr(match std::env::var_os("TF_TEST_LOGS") {
-            Some(dir) => Stdio::from(
+        .stderr(match (log.0, std::env::var_os("TF_TEST_LOGS")) {
+            (Some(sink), _) => sink,
+            (None, Some(dir)) => Stdio::from(
                 std::fs::File::create(std::path::Path::new(&dir).join(format!("{port}.log")))
                     .unwrap(),
             ),
-            None => Stdio::null(),
+            (None, None) => Stdio::null(),
         })
         .spawn()
         .expect("the ticketflow binary starts");

@@ -547,3 +547,72 @@ async fn the_actor_stage_has_no_job_queue_to_report() {
     assert_eq!(stats.status, 200);
     app.stop().await;
 }
+
+#[actix_web::test]
+async fn an_order_for_a_sold_out_event_is_a_409_and_an_integral_float_is_an_integer() {
+    let app = spawn_app(StageKind::Actor, |_| {}).await;
+    let event = app.create_event(2).await;
+    let alice = new_user(&app, "alice").await;
+    let bob = new_user(&app, "bob").await;
+
+    // `2.0` is the integer 2 (JSON Schema's integer admits it), and the same request as `2`
+    // under one Idempotency-Key: the retry is answered from the stored answer.
+    let body = |quantity: Value| json!({ "eventId": event, "quantity": quantity });
+    let first = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v2/orders",
+        Some(&alice),
+        Some("float-1"),
+        Some(&body(json!(2.0))),
+    )
+    .await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    assert_eq!(first.body["quantity"], 2);
+    let again = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v2/orders",
+        Some(&alice),
+        Some("float-1"),
+        Some(&body(json!(2))),
+    )
+    .await;
+    assert_eq!(again.status, 202, "{}", again.text);
+    assert_eq!(again.body["id"], first.body["id"], "one order for the key");
+    let fraction = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v2/orders",
+        Some(&bob),
+        Some("float-2"),
+        Some(&body(json!(1.5))),
+    )
+    .await;
+    assert_eq!(
+        (fraction.status, fraction.body["code"].clone()),
+        (400, json!("invalid-body"))
+    );
+
+    // Both seats taken (held or sold): API v2 says 409, the event's state refuses the order.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v2/orders",
+        Some(&bob),
+        Some("late-1"),
+        Some(&body(json!(1))),
+    )
+    .await;
+    assert_eq!(late.status, 409, "{}", late.text);
+    assert!(
+        ["sold-out", "tickets-held"].contains(&late.body["code"].as_str().unwrap_or_default()),
+        "{}",
+        late.text
+    );
+    // API v1 keeps the seed's 400.
+    let (status, v1) = app.purchase(event, "carol").await;
+    assert_eq!(status, 400, "{v1}");
+    app.stop().await;
+}

@@ -246,7 +246,7 @@ pub async fn create_event(
 ) -> Result<HttpResponse, Problem> {
     require_admin(&req, &state).await?;
     let key = idempotency_key(&req)?;
-    let body = body.into_inner();
+    let body = crate::api::integral_numbers(body.into_inner());
     let print = fingerprint(&req, &body);
     let parsed: NewEventBody = parse_body(body)?;
     let price = Money::from_cents(parsed.price_cents)
@@ -276,6 +276,11 @@ pub async fn create_event(
 
 /// `GET /api/v2/events/{id}/availability`: Server-Sent Events, one `availability` event at
 /// once and another whenever the count changes, with a comment every 15 s to keep proxies open.
+///
+/// Pushed, not polled: the stream sleeps until a committed write tells it the event's
+/// availability moved ([`crate::store::changes`]), then reads the event once. Wake-ups within
+/// [`STREAM_MIN_GAP`] of a read collapse into the next read. Streams are capped overall and
+/// per client address (`--max-streams`, `--max-streams-per-client`).
 #[utoipa::path(
     get,
     path = "/api/v2/events/{id}/availability",
@@ -285,53 +290,102 @@ pub async fn create_event(
     responses(
         (status = 200, description = "A stream that does not end: `event: availability` frames whose `data` is an `Availability` object, and `: keep-alive` comments.",
             body = openapi::AvailabilityFrame, content_type = "text/event-stream"),
+        (status = 429, description = "This client has the most streams open it may (`too-many-streams`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The server has the most streams open it serves (`too-many-streams`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         UnknownEventProblem,
     ),
 )]
 pub async fn availability_stream(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, Problem> {
     let id = path_event_id(&id)?;
-    let first = state
-        .stage
+    let client = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let slot = state.streams.take(client)?;
+    let hangup = req
+        .conn_data::<crate::limits::ConnectionFd>()
+        .and_then(|fd| crate::limits::Hangup::watch(*fd));
+    // Subscribed before the first read: a change committed in between still wakes the stream.
+    let changes = state.changes.subscribe(id);
+    let stage = Arc::clone(&state.stage);
+    crate::meter::stream_read();
+    let first = stage
+        .records()
         .event(id)
         .await?
         .ok_or_else(|| Problem::not_found("unknown-event", format!("no event with id {id}")))?;
-    let stage = Arc::clone(&state.stage);
-    let poll = Duration::from_millis(250);
-    let heartbeat_every = 60; // polls, i.e. 15 s
-    let stream = futures::stream::unfold(
-        (stage, None::<u32>, 0u32, Some(first)),
-        move |(stage, last, mut quiet, mut ready)| async move {
-            loop {
-                let event = match ready.take() {
-                    Some(event) => Some(event),
-                    None => {
-                        actix_rt::time::sleep(poll).await;
-                        stage.event(id).await.ok().flatten()
-                    }
-                };
-                if let Some(event) = event.filter(|e| last != Some(e.available_tickets)) {
+    // Another inventory node's writes are not told to this one: re-read at each keep-alive.
+    let reread_on_keep_alive = stage.kind() == crate::config::StageKind::Services;
+    let open = OpenStream {
+        _slot: slot,
+        hangup,
+        changes,
+        stage,
+        last: None,
+        ready: Some(first),
+    };
+    let stream = futures::stream::unfold(open, move |mut open| async move {
+        loop {
+            if let Some(event) = open.ready.take() {
+                if open.last != Some(event.available_tickets) {
+                    open.last = Some(event.available_tickets);
                     let data = json!({
                         "eventId": event.id,
                         "availableTickets": event.available_tickets,
                         "totalTickets": event.total_tickets,
                     });
                     let frame = format!("event: availability\ndata: {data}\n\n");
-                    let next = (stage, Some(event.available_tickets), 0, None);
-                    return Some((Ok::<_, actix_web::Error>(web::Bytes::from(frame)), next));
-                }
-                quiet += 1;
-                if quiet >= heartbeat_every {
-                    let next = (stage, last, 0, None);
-                    return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), next));
+                    return Some((Ok::<_, actix_web::Error>(web::Bytes::from(frame)), open));
                 }
             }
-        },
-    );
+            let hangup = async {
+                match &open.hangup {
+                    Some(hangup) => hangup.closed().await,
+                    None => futures::future::pending().await,
+                }
+            };
+            let woken = tokio::select! {
+                changed = open.changes.changed() => changed.is_ok(),
+                () = actix_rt::time::sleep(STREAM_KEEP_ALIVE) => false,
+                // The client went away: the stream ends, and what it holds is dropped now.
+                () = hangup => return None,
+            };
+            if woken || reread_on_keep_alive {
+                if woken {
+                    actix_rt::time::sleep(STREAM_MIN_GAP).await;
+                    open.changes.borrow_and_update();
+                }
+                crate::meter::stream_read();
+                open.ready = open.stage.records().event(id).await.ok().flatten();
+                if woken {
+                    continue;
+                }
+            }
+            return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), open));
+        }
+    });
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .streaming(stream))
+}
+
+/// How often an idle stream sends a `: keep-alive` comment.
+pub const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Least time between two reads of one stream: changes closer than this share a read.
+pub const STREAM_MIN_GAP: Duration = Duration::from_millis(100);
+
+/// What an open availability stream holds; dropping it (the client went away) frees its slot
+/// and its subscription.
+struct OpenStream {
+    _slot: crate::api::streams::StreamSlot,
+    hangup: Option<crate::limits::Hangup>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    stage: Arc<dyn crate::stages::Stage>,
+    last: Option<u32>,
+    ready: Option<crate::domain::Event>,
 }

@@ -54,8 +54,8 @@ struct NewOrderBody {
     responses(
         (status = 202, description = "Accepted: the seats are held and payment runs; poll the order's URL.", body = OrderView,
             headers(("Location" = String, description = "The order's status URL."), ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key."))),
-        (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, a value out of range, a missing or invalid Idempotency-Key, or no tickets left (`sold-out`, `tickets-held`).", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not enough tickets left (`not-enough-tickets`), the per-user limit (`user-limit`), or a request with this Idempotency-Key still running (`idempotency-key-in-use`).", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON, a wrong, unknown or missing field, a value out of range, or a missing or invalid Idempotency-Key.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The event's state refuses the order: no tickets left (`sold-out`), every free ticket held by buyers still paying (`tickets-held`, with `Retry-After`), not enough tickets left (`not-enough-tickets`), the per-user limit (`user-limit`); or a request with this Idempotency-Key still running (`idempotency-key-in-use`).", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Past this client's rate limit (`rate-limited`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Overloaded or a dependency is down (`overloaded`, `dependency-unavailable`), with `Retry-After`.", body = Problem, content_type = "application/problem+json"),
         UserAuthProblems,
@@ -70,14 +70,16 @@ pub async fn create_order(
     body: web::Json<Value>,
 ) -> Result<HttpResponse, Problem> {
     let user = require_user(&req, &state).await?;
+    crate::meter::record_id("user_id", &user);
     state.limiters.order(user.as_str())?;
     let key = idempotency_key(&req)?;
-    let body = body.into_inner();
+    let body = crate::api::integral_numbers(body.into_inner());
     let print = fingerprint(&req, &body);
     let parsed: NewOrderBody = parse_body(body)?;
     if parsed.event_id <= 0 {
         return Err(DomainError::invalid("eventId", "must be a positive integer").into());
     }
+    crate::meter::record_id("event_id", &parsed.event_id);
     let request = OrderRequest {
         event: EventId(parsed.event_id),
         user: user.clone(),
@@ -92,8 +94,14 @@ pub async fn create_order(
         order: None,
     };
     let stage = Arc::clone(&state.stage);
+    // The order is placed in a task of its own: it records its id on this request's span.
+    let span = tracing::Span::current();
     idempotent(&state, &user, &key, print, async move {
-        let order = stage.place_order(request).await?;
+        let started = std::time::Instant::now();
+        let placed = stage.place_order(request).await;
+        crate::meter::purchase_answered(started, placed.as_ref().err());
+        let order = placed.map_err(order_refused)?;
+        span.record("order_id", tracing::field::display(&order.id));
         Ok(Answer {
             status: StatusCode::ACCEPTED,
             body: accepted_answer(&order),
@@ -130,4 +138,17 @@ pub async fn get_order(
         }
         _ => Err(missing()),
     }
+}
+
+/// API v2 answers an order that the event's state refuses `409 Conflict` (RFC 9110: the
+/// request conflicts with the target's current state), `sold-out` and `tickets-held` included;
+/// API v1 keeps the seed's `400` for those two.
+fn order_refused(e: crate::stages::PurchaseError) -> Problem {
+    use crate::stages::PurchaseError as E;
+    let state_refused = matches!(e, E::SoldOut | E::AllHeld);
+    let mut problem = Problem::from(e);
+    if state_refused {
+        problem.status = StatusCode::CONFLICT.as_u16();
+    }
+    problem
 }

@@ -46,7 +46,7 @@ pub async fn create_user(
     body: web::Json<Value>,
 ) -> Result<HttpResponse, Problem> {
     state.limiters.account(&req)?;
-    let body: NewUserBody = parse_body(body.into_inner())?;
+    let body: NewUserBody = parse_body(crate::api::integral_numbers(body.into_inner()))?;
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(DomainError::invalid("name", "must be 1 to 200 characters").into());
