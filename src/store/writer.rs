@@ -172,14 +172,11 @@ pub(super) fn start(
         url,
         stats: Arc::clone(&stats),
     };
-    let task = tokio::spawn(run(
-        link,
-        rx,
-        max_batch.max(1),
-        Arc::clone(&stats),
-        fence,
+    let told = Told {
+        stats: Arc::clone(&stats),
         changes,
-    ));
+    };
+    let task = tokio::spawn(run(link, rx, max_batch.max(1), told, fence));
     (WriteHandle { tx, stats }, task)
 }
 
@@ -206,17 +203,22 @@ pub fn start_acknowledging(
     (WriteHandle { tx, stats }, task)
 }
 
+/// What the writer reports to: its counters, and the availability streams.
+struct Told {
+    stats: Arc<WriterStats>,
+    changes: Changes,
+}
+
 async fn run(
     mut link: Link,
     mut rx: mpsc::Receiver<(WriteOp, Ack)>,
     max_batch: usize,
-    stats: Arc<WriterStats>,
+    told: Told,
     fence: Option<Arc<ShardFence>>,
-    changes: Changes,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(&mut link, &mut batch, &stats, fence.as_deref(), &changes).await;
+        commit(&mut link, &mut batch, &told, fence.as_deref()).await;
     }
     if let Some(conn) = link.conn.take() {
         let _ = sqlx::Connection::close(conn).await;
@@ -226,10 +228,10 @@ async fn run(
 async fn commit(
     link: &mut Link,
     batch: &mut Vec<(WriteOp, Ack)>,
-    stats: &WriterStats,
+    told: &Told,
     fence: Option<&ShardFence>,
-    changes: &Changes,
 ) {
+    let stats = told.stats.as_ref();
     if let Some(delay) = fence.and_then(ShardFence::write_delay) {
         tokio::time::sleep(delay).await;
     }
@@ -245,7 +247,7 @@ async fn commit(
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             crate::meter::writer_batch(batch.len());
             for (op, ack) in batch.drain(..) {
-                committed(&op, changes);
+                committed(&op, &told.changes);
                 answer(stats, ack, Ok(()));
             }
         }
@@ -257,27 +259,13 @@ async fn commit(
                 match &alone {
                     Ok(()) => {
                         crate::meter::writer_batch(1);
-                        committed(&op, changes);
+                        committed(&op, &told.changes);
                     }
                     Err(error) => tracing::error!(%error, ?op, "write refused"),
                 }
                 answer(stats, ack, alone.map_err(StoreError::from));
             }
         }
-    }
-}
-
-/// Counts a committed write that settled a purchase in the metrics, and tells the event's
-/// availability streams when seats moved.
-fn committed(op: &WriteOp, changes: &Changes) {
-    match op {
-        WriteOp::Hold(order) => changes.changed(order.event),
-        WriteOp::Confirm { .. } => crate::meter::settled(None),
-        WriteOp::Cancel { reason, event, .. } => {
-            crate::meter::settled(Some(*reason));
-            changes.changed(*event);
-        }
-        WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
     }
 }
 
@@ -423,6 +411,20 @@ fn connection_lost(error: &sqlx::Error) -> bool {
             .code()
             .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
         _ => false,
+    }
+}
+
+/// Counts a committed write that settled a purchase in the metrics, and tells the event's
+/// availability streams when seats moved.
+fn committed(op: &WriteOp, changes: &Changes) {
+    match op {
+        WriteOp::Hold(order) => changes.changed(order.event),
+        WriteOp::Confirm { .. } => crate::meter::settled(None),
+        WriteOp::Cancel { reason, event, .. } => {
+            crate::meter::settled(Some(*reason));
+            changes.changed(*event);
+        }
+        WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
     }
 }
 
