@@ -162,6 +162,17 @@ async fn determined(client: reqwest::Client, base: String, event: i64, user: Str
     outcome
 }
 
+/// A [`determined`] buyer that must end with a ticket.
+async fn must_buy(client: &reqwest::Client, base: &str, event: i64, user: &str) {
+    let bought = determined(client.clone(), base.to_owned(), event, user.to_owned()).await;
+    assert!(bought.ticket.is_some(), "{user}: {bought:?}");
+}
+
+/// Sends `request` and reads its answer as JSON.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// Waits for the deployment to be quiet, then returns its audit.
 async fn quiet_audit(client: &reqwest::Client, gateway: &Process) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -223,34 +234,17 @@ async fn the_deployment_serves_both_apis_through_the_gateway_and_dies_with_its_p
 
     // API v1, as the seed's clients call it, through the gateway.
     let event = create_event(&client, &deployment.base, "Gateway show", 5).await;
-    let listed: Value = client
-        .get(format!("{}/api/events/{event}", deployment.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = json_of(client.get(format!("{}/api/events/{event}", deployment.base))).await;
     assert_eq!(listed["totalTickets"], 5, "{listed}");
-    let bought = determined(
-        client.clone(),
-        deployment.base.clone(),
-        event,
-        "v1-buyer".into(),
-    )
-    .await;
-    assert!(bought.ticket.is_some(), "{bought:?}");
+    must_buy(&client, &deployment.base, event, "v1-buyer").await;
 
     // API v2: a user, an order, its Idempotency-Key replayed.
-    let user: Value = client
-        .post(format!("{}/api/v2/users", deployment.base))
-        .json(&json!({"name": "v2 buyer"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let user = json_of(
+        client
+            .post(format!("{}/api/v2/users", deployment.base))
+            .json(&json!({"name": "v2 buyer"})),
+    )
+    .await;
     let token = user["token"].as_str().expect("a token").to_owned();
     let order = |key: &'static str| {
         client
@@ -480,15 +474,12 @@ async fn pause_past_the_lease(fence: bool) -> PauseRun {
         // Pause once both holds are decided and waiting for the writer.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r: Value = client
-                .get(format!("{paused_base}/internal/v1/activity"))
-                .bearer_auth(crate::helpers::ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r = json_of(
+                client
+                    .get(format!("{paused_base}/internal/v1/activity"))
+                    .bearer_auth(crate::helpers::ADMIN_TOKEN),
+            )
+            .await;
             if r["ok"]["unflushedWrites"].as_i64() >= Some(2) {
                 break;
             }
@@ -582,14 +573,7 @@ async fn with_the_catalog_down_event_reads_answer_503_and_purchases_go_on() {
         let problem: Value = r.json().await.unwrap();
         assert_eq!(problem["code"], "dependency-unavailable", "{problem}");
     }
-    let bought = determined(
-        client.clone(),
-        deployment.base.clone(),
-        event,
-        "still-buying".into(),
-    )
-    .await;
-    assert!(bought.ticket.is_some(), "{bought:?}");
+    must_buy(&client, &deployment.base, event, "still-buying").await;
     assert!(Instant::now() < deadline);
     // The supervisor saw it die and marked it down.
     let deadline = Instant::now() + Duration::from_secs(5);
