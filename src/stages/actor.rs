@@ -33,7 +33,9 @@ use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
-use crate::store::{AuditReads, Catalog, OrderKey, Records, StoreError, WriteHandle, WriteOp};
+use crate::store::{
+    AuditReads, Catalog, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp,
+};
 
 /// First pause before a payment whose outcome is unknown is asked about again; it doubles
 /// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
@@ -261,12 +263,20 @@ impl Inner {
     /// The seed of the ids an event's actor mints: the run's seed, and on an inventory node
     /// the epoch it holds the event's shard at, so two owners of one shard never mint the same
     /// ids (an owner that lost its shard is stopped by the epoch fence, not by an id clash).
-    fn id_seed(&self, event: EventId) -> u64 {
+    fn id_seed(&self, stamp: Option<Stamp>) -> u64 {
         let seed = self.parts.settings.seed;
-        match self.fence.as_ref().and_then(|f| f.epoch(shard_of(event))) {
-            Some(epoch) => seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        match stamp {
+            Some(stamp) => seed ^ (stamp.epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             None => seed,
         }
+    }
+
+    /// On an inventory node, the lease an event's new actor decides under: its writes are
+    /// fenced at that epoch, whatever the node holds later.
+    fn stamp(&self, event: EventId) -> Option<Stamp> {
+        let shard = shard_of(event);
+        let epoch = self.fence.as_ref()?.epoch(shard)?;
+        Some(Stamp { shard, epoch })
     }
 
     async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
@@ -282,12 +292,17 @@ impl Inner {
             }
         }
         let queued = MailboxGauge::default();
+        let stamp = self.stamp(event.id);
+        let writer = match stamp {
+            Some(stamp) => self.writer.stamped(stamp),
+            None => self.writer.clone(),
+        };
         let actor = EventActor::new(
             event.id,
             price,
             inventory,
-            self.writer.clone(),
-            self.id_seed(event.id),
+            writer,
+            self.id_seed(stamp),
             issued,
             settings.hold_ttl,
             queued.clone(),

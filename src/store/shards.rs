@@ -339,11 +339,14 @@ impl ShardFence {
     }
 
     /// Inside the writer's transaction, before it writes: locks the lease rows of every shard
-    /// the writes touch and checks each is still this node's, at its epoch, unexpired. The
-    /// events of `orders` are looked up (a confirmation names only its order).
+    /// the writes touch and checks each is still this node's, unexpired, at the right epoch.
+    /// A `stamped` write must find its shard held at its stamp's epoch, here and in the
+    /// database; the shards of `events` and of `orders` (a confirmation names only its order,
+    /// so its event is looked up) at the epoch this node holds them at now.
     pub(crate) async fn check(
         &self,
         conn: &mut AnyConnection,
+        stamped: &[super::Stamp],
         events: &[EventId],
         orders: &[OrderId],
     ) -> Result<(), sqlx::Error> {
@@ -364,22 +367,28 @@ impl ShardFence {
                 shards.push(shard_of(EventId(row.try_get(0)?)));
             }
         }
-        shards.sort_unstable();
-        shards.dedup();
-        if shards.is_empty() {
-            return Ok(());
-        }
-        let held: Vec<(u32, i64)> = {
+        let mut held: Vec<(u32, i64)> = {
             let epochs = self.epochs.read().expect("shard epochs poisoned");
-            let mut held = Vec::with_capacity(shards.len());
+            let mut held = Vec::with_capacity(shards.len() + stamped.len());
             for shard in &shards {
                 match epochs.get(shard) {
                     Some(epoch) => held.push((*shard, *epoch)),
                     None => return Err(not_owner(&self.node, *shard)),
                 }
             }
+            for stamp in stamped {
+                if epochs.get(&stamp.shard) != Some(&stamp.epoch) {
+                    return Err(not_owner(&self.node, stamp.shard));
+                }
+                held.push((stamp.shard, stamp.epoch));
+            }
             held
         };
+        held.sort_unstable();
+        held.dedup();
+        if held.is_empty() {
+            return Ok(());
+        }
         let pairs = (0..held.len())
             .map(|i| format!("(shard = ${} AND epoch = ${})", 2 + 2 * i, 3 + 2 * i))
             .collect::<Vec<_>>()
@@ -404,7 +413,7 @@ impl ShardFence {
         let lost = held
             .iter()
             .find(|(shard, _)| !current.contains(&(*shard as i32)))
-            .map_or(shards[0], |(shard, _)| *shard);
+            .map_or(held[0].0, |(shard, _)| *shard);
         Err(not_owner(&self.node, lost))
     }
 }

@@ -53,6 +53,19 @@ pub enum WriteOp {
 
 type Ack = oneshot::Sender<StoreResult<()>>;
 
+/// Stage `services`: the shard lease under which an event actor decided a write. The fence
+/// lets the write through only while this node still holds that shard at that very epoch, so
+/// what an actor decided before its node lost the shard is refused even after the node has
+/// taken the shard back at a newer epoch (and started a new actor, from what is stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub shard: u32,
+    pub epoch: i64,
+}
+
+/// A write in the queue: what to write, under which lease, and who waits for it.
+type Queued = (WriteOp, Option<Stamp>, Ack);
+
 /// The writer's queue was full: the caller should shed load.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the database writer's queue is full")]
@@ -61,8 +74,9 @@ pub struct WriterFull(pub WriteOp);
 /// Sends writes to the group-commit task; cheap to clone.
 #[derive(Clone)]
 pub struct WriteHandle {
-    tx: mpsc::Sender<(WriteOp, Ack)>,
+    tx: mpsc::Sender<Queued>,
     stats: Arc<WriterStats>,
+    stamp: Option<Stamp>,
 }
 
 /// What the writer has done, for stats and tests. Atomics: written by the writer task, read
@@ -121,6 +135,15 @@ impl WriteHandle {
         &self.stats
     }
 
+    /// The same writer, for an actor that decides under `stamp`: each of its writes is
+    /// refused unless this node still holds `stamp.shard` at `stamp.epoch` when it is written.
+    pub fn stamped(&self, stamp: Stamp) -> Self {
+        Self {
+            stamp: Some(stamp),
+            ..self.clone()
+        }
+    }
+
     /// Queues `op` without waiting for room; the receiver answers once it is committed.
     pub fn try_submit(
         &self,
@@ -128,10 +151,10 @@ impl WriteHandle {
     ) -> Result<oneshot::Receiver<StoreResult<()>>, WriterFull> {
         let (ack, done) = oneshot::channel();
         self.stats.queued();
-        match self.tx.try_send((op, ack)) {
+        match self.tx.try_send((op, self.stamp, ack)) {
             Ok(()) => Ok(done),
-            Err(mpsc::error::TrySendError::Full((op, _)))
-            | Err(mpsc::error::TrySendError::Closed((op, _))) => {
+            Err(mpsc::error::TrySendError::Full((op, _, _)))
+            | Err(mpsc::error::TrySendError::Closed((op, _, _))) => {
                 self.stats.answered();
                 Err(WriterFull(op))
             }
@@ -142,7 +165,7 @@ impl WriteHandle {
     pub async fn submit(&self, op: WriteOp) -> StoreResult<()> {
         let (ack, done) = oneshot::channel();
         self.stats.queued();
-        if self.tx.send((op, ack)).await.is_err() {
+        if self.tx.send((op, self.stamp, ack)).await.is_err() {
             self.stats.answered();
             return Err(StoreError::WriterClosed);
         }
@@ -177,7 +200,14 @@ pub(super) fn start(
         changes,
     };
     let task = tokio::spawn(run(link, rx, max_batch.max(1), told, fence));
-    (WriteHandle { tx, stats }, task)
+    (
+        WriteHandle {
+            tx,
+            stats,
+            stamp: None,
+        },
+        task,
+    )
 }
 
 /// Starts a writer that stores nothing and acknowledges every write as soon as it arrives, for
@@ -188,19 +218,26 @@ pub fn start_acknowledging(
     max_batch: usize,
     capacity: usize,
 ) -> (WriteHandle, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<(WriteOp, Ack)>(capacity.max(1));
+    let (tx, mut rx) = mpsc::channel::<Queued>(capacity.max(1));
     let max_batch = max_batch.max(1);
     let stats = Arc::new(WriterStats::default());
     let acknowledged = Arc::clone(&stats);
     let task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(max_batch);
         while rx.recv_many(&mut batch, max_batch).await > 0 {
-            for (_, ack) in batch.drain(..) {
+            for (_, _, ack) in batch.drain(..) {
                 answer(&acknowledged, ack, Ok(()));
             }
         }
     });
-    (WriteHandle { tx, stats }, task)
+    (
+        WriteHandle {
+            tx,
+            stats,
+            stamp: None,
+        },
+        task,
+    )
 }
 
 /// What the writer reports to: its counters, and the availability streams.
@@ -211,7 +248,7 @@ struct Told {
 
 async fn run(
     mut link: Link,
-    mut rx: mpsc::Receiver<(WriteOp, Ack)>,
+    mut rx: mpsc::Receiver<Queued>,
     max_batch: usize,
     told: Told,
     fence: Option<Arc<ShardFence>>,
@@ -225,18 +262,14 @@ async fn run(
     }
 }
 
-async fn commit(
-    link: &mut Link,
-    batch: &mut Vec<(WriteOp, Ack)>,
-    told: &Told,
-    fence: Option<&ShardFence>,
-) {
+async fn commit(link: &mut Link, batch: &mut Vec<Queued>, told: &Told, fence: Option<&ShardFence>) {
     let stats = told.stats.as_ref();
     if let Some(delay) = fence.and_then(ShardFence::write_delay) {
         tokio::time::sleep(delay).await;
     }
     let together = {
-        let ops: Vec<&WriteOp> = batch.iter().map(|(op, _)| op).collect();
+        let ops: Vec<(&WriteOp, Option<Stamp>)> =
+            batch.iter().map(|(op, stamp, _)| (op, *stamp)).collect();
         link.write(&ops, fence, false).await
     };
     match together {
@@ -246,7 +279,7 @@ async fn commit(
                 .writes
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             crate::meter::writer_batch(batch.len());
-            for (op, ack) in batch.drain(..) {
+            for (op, _, ack) in batch.drain(..) {
                 committed(&op, &told.changes);
                 answer(stats, ack, Ok(()));
             }
@@ -254,8 +287,8 @@ async fn commit(
         Err(error) => {
             stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, writes = batch.len(), "group commit failed; retrying writes one by one");
-            for (op, ack) in batch.drain(..) {
-                let alone = link.write(&[&op], fence, true).await;
+            for (op, stamp, ack) in batch.drain(..) {
+                let alone = link.write(&[(&op, stamp)], fence, true).await;
                 match &alone {
                     Ok(()) => {
                         crate::meter::writer_batch(1);
@@ -291,7 +324,7 @@ impl Link {
     /// write on its own, the fallback path ([`apply`] rather than [`apply_batch`]).
     async fn write(
         &mut self,
-        ops: &[&WriteOp],
+        ops: &[(&WriteOp, Option<Stamp>)],
         fence: Option<&ShardFence>,
         alone: bool,
     ) -> Result<(), sqlx::Error> {
@@ -370,7 +403,7 @@ impl Link {
 /// reads its transaction id, to ask after a `COMMIT` whose answer was lost.
 async fn transaction(
     conn: &mut AnyConnection,
-    ops: &[&WriteOp],
+    ops: &[(&WriteOp, Option<Stamp>)],
     fence: Option<&ShardFence>,
     postgres: bool,
     alone: bool,
@@ -389,9 +422,10 @@ async fn transaction(
         if let Some(fence) = fence {
             prove_epochs(&mut tx, fence, ops).await?;
         }
-        match ops {
+        let writes: Vec<&WriteOp> = ops.iter().map(|(op, _)| *op).collect();
+        match writes[..] {
             [op] if alone => apply(&mut tx, op).await,
-            ops => apply_batch(&mut tx, ops).await,
+            _ => apply_batch(&mut tx, &writes).await,
         }
     }
     .await;
@@ -429,15 +463,23 @@ fn committed(op: &WriteOp, changes: &Changes) {
 }
 
 /// Stage `services`: before writing `ops`, proves in the same transaction that this node still
-/// holds the shard of every event they touch, at its epoch ([`ShardFence::check`]).
+/// holds the shard of every event they touch, at the epoch each was decided under (its
+/// [`Stamp`]) or, unstamped, at the epoch it holds now ([`ShardFence::check`]).
 async fn prove_epochs(
     conn: &mut AnyConnection,
     fence: &ShardFence,
-    ops: &[&WriteOp],
+    ops: &[(&WriteOp, Option<Stamp>)],
 ) -> Result<(), sqlx::Error> {
+    let mut stamped = Vec::new();
     let mut events = Vec::new();
     let mut orders = Vec::new();
-    for op in ops {
+    for (op, stamp) in ops {
+        if let Some(stamp) = stamp {
+            if !matches!(op, WriteOp::Barrier) {
+                stamped.push(*stamp);
+            }
+            continue;
+        }
         match op {
             WriteOp::Hold(order) => events.push(order.event),
             WriteOp::Cancel { event, .. } => events.push(*event),
@@ -447,7 +489,7 @@ async fn prove_epochs(
             WriteOp::Barrier => {}
         }
     }
-    fence.check(conn, &events, &orders).await
+    fence.check(conn, &stamped, &events, &orders).await
 }
 
 /// Applies a whole batch in a few multi-row statements: every hold inserted, every confirmation

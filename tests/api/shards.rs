@@ -173,6 +173,68 @@ async fn without_the_epoch_check_the_paused_node_writes_anyway() {
     current.expect("the new owner writes");
 }
 
+/// Node `a` loses a shard and takes it back at a higher epoch while a write its old actor
+/// decided is still queued: that write carries the old epoch and is refused; the new actor's
+/// writes (stamped with the new epoch) go through. Unstamped, the old write would pass, which
+/// is the double sale the stamp prevents (the node holds the shard again, but not the lease
+/// the old actor decided under).
+#[actix_web::test]
+async fn a_write_decided_before_the_node_took_its_shard_back_is_refused() {
+    use ticketflow::store::Stamp;
+    let db = TestDb::new(Backend::Postgres);
+    let store = store(&db).await;
+    let ttl = Duration::from_secs(30);
+    let event = event(&store).await;
+    let shard = shard_of(event);
+    let fence = Arc::new(ShardFence::new("a", true));
+    let first = lease_of(
+        &store.claim_shards("a", SHARDS as usize, ttl).await.unwrap(),
+        shard,
+    )
+    .unwrap();
+    fence.hold(first);
+    let (writer, task) = store
+        .start_fenced_writer(8, 64, Arc::clone(&fence))
+        .await
+        .unwrap();
+    let old = writer.stamped(Stamp {
+        shard,
+        epoch: first.epoch,
+    });
+    old.submit(hold(event, "early")).await.unwrap();
+
+    // Given back (to balance the nodes), then taken again: a higher epoch.
+    fence.drop_shard(shard);
+    assert!(store.release_shard("a", first).await.unwrap());
+    let again = lease_of(&store.claim_shards("a", 1, ttl).await.unwrap(), shard).unwrap();
+    assert!(again.epoch > first.epoch, "{again:?}");
+    fence.hold(again);
+
+    let stale = old.submit(hold(event, "decided-before")).await;
+    assert!(
+        matches!(&stale, Err(StoreError::Conflict(m)) if m.contains(NOT_OWNER)),
+        "{stale:?}"
+    );
+    let new = writer.stamped(Stamp {
+        shard,
+        epoch: again.epoch,
+    });
+    new.submit(hold(event, "decided-after")).await.unwrap();
+    writer
+        .submit(hold(event, "unstamped"))
+        .await
+        .expect("an unstamped write is checked against the epoch held now");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM orders WHERE user_id = 'decided-before'")
+            .await,
+        0
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM orders").await, 3);
+    drop((writer, old, new));
+    task.await.unwrap();
+    store.close().await;
+}
+
 #[actix_web::test]
 async fn a_write_for_a_shard_the_node_never_held_is_refused() {
     let db = TestDb::new(Backend::Postgres);
