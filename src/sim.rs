@@ -1121,7 +1121,7 @@ impl World {
                 (PaymentResult::Declined, false) => WriteOp::Cancel {
                     order,
                     event,
-                    reason: CancelReason::Interrupted,
+                    reason: CancelReason::PaymentDeclined,
                     payment: Some(PaymentStatus::Failed),
                 },
                 (PaymentResult::Approved, true) => {

@@ -351,7 +351,8 @@ impl Inner {
                 (ChargeOutcome::Declined, false) => WriteOp::Cancel {
                     order,
                     event: p.event,
-                    reason: CancelReason::Interrupted,
+                    // What the buyer is told: the charge under its key was declined.
+                    reason: CancelReason::PaymentDeclined,
                     payment: Some(PaymentStatus::Failed),
                 },
                 // The hold expired before the crash: a successful charge is refunded.
