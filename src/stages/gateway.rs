@@ -498,6 +498,19 @@ impl Stage for GatewayNode {
     }
 
     async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
+        // A retry of an order whose outcome the client was never told (`503 outcome-unknown`
+        // released its Idempotency-Key) finds the order its first try placed, if that one
+        // was written meanwhile, instead of placing a second under the same key.
+        if let Some(key) = &request.idempotency {
+            if let Some(placed) = self
+                .inner
+                .store
+                .order_by_key(&request.user, &key.key)
+                .await?
+            {
+                return Ok(placed);
+            }
+        }
         let order = request.order.unwrap_or(OrderId(uuid::Uuid::new_v4()));
         let call = OrderCall {
             order,

@@ -262,6 +262,20 @@ async fn the_deployment_serves_both_apis_through_the_gateway_and_dies_with_its_p
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let again: Value = again.json().await.unwrap();
     assert_eq!(first["id"], again["id"], "one order per key");
+    // A `503 outcome-unknown` releases the key (the client was told nothing final), while the
+    // order its try placed may be written all the same. The retry must find that order, not
+    // place a second one under the key.
+    db.execute(&["DELETE FROM idempotency_keys WHERE key = 'k-1'"])
+        .await;
+    let retried = order("k-1").await.unwrap();
+    assert_eq!(retried.status(), 202);
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(first["id"], retried["id"], "{retried}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM orders WHERE idempotency_key = 'k-1'")
+            .await,
+        1
+    );
     let audit = quiet_audit(&client, &deployment).await;
     assert_eq!(audit["ok"], true, "{audit}");
 
