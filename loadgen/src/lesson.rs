@@ -150,12 +150,22 @@ pub const LESSONS: &[Lesson] = &[
     },
     Lesson {
         name: "failover",
-        problem: "An inventory node dies: its shards move, nothing is lost",
-        shows: "needs the `services` stage",
-        why: "",
-        unavailable: Some(
-            "needs the `services` stage, not served yet (only its inventory node exists)",
-        ),
+        problem: "One process is one point of failure (the seed's step 3: microservices)",
+        shows: "kill -9 the process selling an event mid-load: `actor@postgres` (one process) \
+                sells nothing more until someone restarts it; `services` moves the dead \
+                inventory node's shards to the survivors and every buyer still gets a ticket",
+        why: "The actor stage is one process: its event actors, its writer and its payment \
+              pool die together, and until it is started again every purchase fails. The \
+              services stage runs the same actors in several inventory nodes, each owning \
+              the events of the shards it holds by a lease in PostgreSQL, renewed by the \
+              database's clock. When a node dies its leases run out, a survivor takes the \
+              shards at a higher epoch, resolves the purchases the dead node left pending \
+              from what PostgreSQL holds, and sells on. The gateway, which chose every \
+              order's id, reroutes the purchases it could not place and reads the outcome of \
+              those it sent to the dead node from the database, so a buyer waits about a \
+              lease, and is never told a wrong answer. The epoch fence is what makes the \
+              takeover safe: a node that only paused cannot write once its shard moved.",
+        unavailable: None,
     },
     Lesson {
         name: "compensation",
@@ -279,6 +289,7 @@ pub fn main(args: LessonArgs) -> ExitCode {
             "lease" => lease(&ctx).await,
             "single-writer" => single_writer(&ctx).await,
             "db-locks" => db_locks(&ctx).await,
+            "failover" => failover(&ctx).await,
             other => unreachable!("lesson {other} is listed without a runner"),
         }
     });
@@ -1194,4 +1205,341 @@ async fn db_locks(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
         details,
         report: Some(report_of(&settings, vec![monolith, actor])),
     })))
+}
+
+/// What the buyers saw around a kill.
+struct AfterKill {
+    /// Purchases sent after the kill that got no ticket: a 5xx or no answer.
+    failed: u64,
+    /// Purchases sent after the kill that got their ticket.
+    served: u64,
+    /// From the kill to the first ticket of a purchase sent after it.
+    first_served: Option<Duration>,
+    /// The longest a purchase in flight at the kill, or sent after it, waited for its answer.
+    longest_wait: Duration,
+    /// Tickets the buyers were given, before and after the kill.
+    told: u64,
+}
+
+impl AfterKill {
+    fn text(&self) -> String {
+        format!(
+            "{} purchases after the kill failed (5xx or no answer), {} got a ticket",
+            self.failed, self.served
+        )
+    }
+}
+
+/// 16 buyers, each buying one ticket after another under a new user id, against `addr`'s
+/// `event`, for `before + after`; `kill` runs at `before`. A failed attempt is retried after
+/// 50 ms. Counts what the purchases sent after the kill got.
+async fn buy_through_a_kill<F, Fut>(
+    addr: SocketAddr,
+    event: i64,
+    before: Duration,
+    after: Duration,
+    kill: F,
+) -> anyhow::Result<AfterKill>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let start = Instant::now();
+    let end = start + before + after;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = vec![];
+    for _ in 0..16 {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            // (got a ticket, sent, answered)
+            let mut seen: Vec<(bool, Instant, Instant)> = vec![];
+            let mut conn = Conn::new(addr, Duration::from_secs(30));
+            while Instant::now() < end {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let body = format!(r#"{{"eventId":{event},"userId":"failover-{i}"}}"#);
+                let sent = Instant::now();
+                let answer = conn
+                    .post_json("/api/v1/tickets/purchase", body.as_bytes())
+                    .await;
+                let ticket = matches!(&answer, Ok(r) if r.status == 201);
+                let failed = !matches!(&answer, Ok(r) if r.status < 500);
+                seen.push((ticket, sent, Instant::now()));
+                if failed {
+                    conn = Conn::new(addr, Duration::from_secs(30));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(before).await;
+    let at = Instant::now();
+    kill().await?;
+    let mut out = AfterKill {
+        failed: 0,
+        served: 0,
+        first_served: None,
+        longest_wait: Duration::ZERO,
+        told: 0,
+    };
+    for task in tasks {
+        for (ticket, sent, answered) in task.await? {
+            out.told += u64::from(ticket);
+            if answered > at {
+                // in flight at the kill, or sent after it
+                out.longest_wait = out.longest_wait.max(answered - sent);
+            }
+            if sent < at {
+                continue;
+            }
+            if ticket {
+                out.served += 1;
+                let since = answered - at;
+                out.first_served = Some(out.first_served.map_or(since, |f| f.min(since)));
+            } else {
+                out.failed += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `GET path` with the admin token, as JSON.
+async fn admin_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let mut conn = Conn::new(addr, Duration::from_secs(10));
+    let auth = format!("Bearer {}", crate::server::admin_token());
+    let answer = conn
+        .send("GET", path, &[("Authorization", &auth)], None)
+        .await
+        .map_err(|f| anyhow::anyhow!("GET {path}: {}", f.as_str()))?;
+    anyhow::ensure!(
+        answer.status == 200,
+        "GET {path} answered {}",
+        answer.status
+    );
+    Ok(serde_json::from_slice(&answer.body)?)
+}
+
+/// The pid of the inventory node that owns `event` now, once every shard has an owner.
+async fn owner_pid(gateway: SocketAddr, event: i64) -> anyhow::Result<(String, i32)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let topology = admin_json(gateway, &format!("/api/v2/admin/nodes?event={event}")).await?;
+        let settled = topology["unownedShards"]
+            .as_array()
+            .is_some_and(|u| u.is_empty());
+        if let (true, Some(owner)) = (settled, topology["event"]["owner"].as_str()) {
+            let pid = topology["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["id"] == owner)
+                .and_then(|n| n["pid"].as_i64())
+                .ok_or_else(|| anyhow::anyhow!("no pid for {owner}: {topology}"))?;
+            return Ok((owner.to_owned(), pid as i32));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the shards never all had an owner: {topology}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The server's audit once it is quiet (nothing pending, nothing in flight), or the last
+/// one read when `within` runs out.
+async fn quiet_audit(addr: SocketAddr, within: Duration) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let audit = server_audit(addr).await?;
+        if audit["quiet"] == true || Instant::now() >= deadline {
+            return Ok(audit);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `failover`: `kill -9` of what sells the event, on `actor@postgres` and on `services`.
+async fn failover(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
+    let pg_url = &ctx.args.postgres_url;
+    match service_addr(pg_url, 5432) {
+        Some(addr) if answers(addr).await => {}
+        _ => {
+            return Ok(Ran::ServiceMissing(format!(
+                "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); both stages \
+                 of this lesson run on it",
+                crate::backend::redact(pg_url)
+            )))
+        }
+    }
+    let (before, after) = if ctx.quick() {
+        (Duration::from_millis(500), Duration::from_secs(3))
+    } else {
+        (Duration::from_secs(2), Duration::from_secs(8))
+    };
+    let settings = Settings {
+        tickets: 1_000_000,
+        ..server_settings(ctx, "20ms", 0.0)?
+    };
+    let lease = ["--lease-ttl", "1s", "--renew-every", "250ms"];
+
+    ctx.say(&format!(
+        "actor@postgres: 16 buyers; kill -9 of the server after {} ms, watched {} s more",
+        before.as_millis(),
+        after.as_secs()
+    ));
+    let db = crate::backend::TempDatabase::create(pg_url)
+        .await
+        .map_err(|why| anyhow::anyhow!(why))?;
+    let one = actor_through_a_kill(ctx, &db, &settings, before, after).await;
+    if let Err(why) = db.drop_database().await {
+        eprintln!("lesson: warning: {why}");
+    }
+    let one = one?;
+
+    ctx.say(&format!(
+        "services (3 inventory nodes, 1 s leases): the same buyers; kill -9 of the event's \
+         inventory node after {} ms",
+        before.as_millis()
+    ));
+    let db = crate::backend::TempDatabase::create(pg_url)
+        .await
+        .map_err(|why| anyhow::anyhow!(why))?;
+    let many = services_through_a_kill(ctx, &db, &settings, &lease, before, after).await;
+    if let Err(why) = db.drop_database().await {
+        eprintln!("lesson: warning: {why}");
+    }
+    let (many, victim, audit) = many?;
+    let stored: i64 = audit["events"]
+        .as_array()
+        .map(|es| es.iter().filter_map(|e| e["confirmed"].as_i64()).sum())
+        .unwrap_or(-1);
+
+    let first = |a: &AfterKill| {
+        a.first_served
+            .map_or("none".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()))
+    };
+    let details = vec![
+        format!(
+            "services: killed {victim}; the first ticket of a purchase sent after the kill came \
+             {} after it; the longest a purchase in flight at the kill or after it waited: {:.2} s; {} tickets given, {stored} \
+             confirmed in PostgreSQL; audit {}",
+            first(&many),
+            many.longest_wait.as_secs_f64(),
+            many.told,
+            ok_word(audit["ok"] == true && audit["quiet"] == true),
+        ),
+        format!(
+            "actor@postgres: first ticket after the kill: {} (nobody restarted it)",
+            first(&one)
+        ),
+    ];
+    let breaking = Side {
+        label: "actor@postgres".into(),
+        value: one.failed as f64,
+        text: one.text(),
+    };
+    let fixing = Side {
+        label: "services".into(),
+        value: many.failed as f64,
+        text: many.text(),
+    };
+    let failure = if one.failed == 0 {
+        Some("the killed actor server failed no purchase: the kill came too late".to_owned())
+    } else if many.failed != 0 {
+        Some(format!("services failed {} purchases", many.failed))
+    } else if many.served == 0 {
+        Some("services sold nothing after the kill".to_owned())
+    } else if audit["ok"] != true || audit["quiet"] != true {
+        Some(format!(
+            "the services audit is not clean and quiet: {audit}"
+        ))
+    } else if stored != many.told as i64 {
+        Some(format!(
+            "services gave {} tickets but PostgreSQL holds {stored} confirmed",
+            many.told
+        ))
+    } else {
+        None
+    };
+    Ok(Ran::Found(Box::new(Finding {
+        metric: format!(
+            "purchases sent in the {} s after the kill that got no ticket (5xx or no answer)",
+            after.as_secs()
+        ),
+        breaking,
+        fixing,
+        passed: failure.is_none(),
+        failure,
+        details,
+        report: None,
+    })))
+}
+
+async fn actor_through_a_kill(
+    ctx: &Ctx<'_>,
+    db: &crate::backend::TempDatabase,
+    settings: &Settings,
+    before: Duration,
+    after: Duration,
+) -> anyhow::Result<AfterKill> {
+    let mut spawned = server::start_in(&ctx.bin, "actor", None, Some(db), settings, &[])
+        .await
+        .map_err(|f| anyhow::anyhow!("stage actor did not start: {}", f.reason))?;
+    let fixture = driver::setup(spawned.addr, settings).await?;
+    let addr = spawned.addr;
+    let pid = spawned
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the actor server is gone"))?;
+    let seen = buy_through_a_kill(addr, fixture.event_ids[0], before, after, || async move {
+        signal(pid as i32, libc::SIGKILL);
+        Ok(())
+    })
+    .await;
+    spawned.stop().await;
+    seen
+}
+
+async fn services_through_a_kill(
+    ctx: &Ctx<'_>,
+    db: &crate::backend::TempDatabase,
+    settings: &Settings,
+    lease: &[&str],
+    before: Duration,
+    after: Duration,
+) -> anyhow::Result<(AfterKill, String, Value)> {
+    let extra: Vec<String> = ["--inventory-nodes", "3"]
+        .iter()
+        .chain(lease)
+        .map(|s| s.to_string())
+        .collect();
+    let mut spawned = server::start_in(&ctx.bin, "services", None, Some(db), settings, &extra)
+        .await
+        .map_err(|f| anyhow::anyhow!("stage services did not start: {}", f.reason))?;
+    let result = async {
+        let addr = spawned.addr;
+        let fixture = driver::setup(addr, settings).await?;
+        let event = fixture.event_ids[0];
+        let (victim, pid) = owner_pid(addr, event).await?;
+        let seen = buy_through_a_kill(addr, event, before, after, || async move {
+            signal(pid, libc::SIGKILL);
+            Ok(())
+        })
+        .await?;
+        let audit = quiet_audit(addr, Duration::from_secs(15)).await?;
+        Ok((seen, victim, audit))
+    }
+    .await;
+    spawned.stop().await;
+    result
+}
+
+/// Sends `sig` to `pid`, a process this run started (the server, or one of its nodes).
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a pid loadgen started (directly, or as the supervisor's child).
+    unsafe {
+        libc::kill(pid, sig);
+    }
 }

@@ -234,6 +234,30 @@ async fn the_deployment_serves_both_apis_through_the_gateway_and_dies_with_its_p
 
     // API v1, as the seed's clients call it, through the gateway.
     let event = create_event(&client, &deployment.base, "Gateway show", 5).await;
+    // Which node sells it: the topology says, for one event.
+    let (status, located) = admin_get(
+        &client,
+        &deployment.base,
+        &format!("/api/v2/admin/nodes?event={event}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{located}");
+    assert_eq!(
+        located["event"]["shard"],
+        shard_of(EventId(event)),
+        "{located}"
+    );
+    assert_eq!(
+        located["event"]["owner"].as_str(),
+        owner_of(&located, event).as_deref(),
+        "{located}"
+    );
+    let (status, refused) =
+        admin_get(&client, &deployment.base, "/api/v2/admin/nodes?event=0").await;
+    assert_eq!(
+        (status, &refused["code"]),
+        (400, &json!("validation-failed"))
+    );
     let listed = json_of(client.get(format!("{}/api/events/{event}", deployment.base))).await;
     assert_eq!(listed["totalTickets"], 5, "{listed}");
     must_buy(&client, &deployment.base, event, "v1-buyer").await;

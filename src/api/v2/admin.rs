@@ -109,30 +109,70 @@ pub async fn queue_stats(
     }
 }
 
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct NodesQuery {
+    /// Also say which shard this event is on and which inventory node owns it now.
+    #[param(minimum = 1)]
+    event: Option<i64>,
+}
+
 /// `GET /api/v2/admin/nodes`: stage `services`' topology, every node with its role, id, pid,
-/// address and state, and for each inventory node the shards it holds with their epochs.
+/// address and state, and for each inventory node the shards it holds with their epochs;
+/// with `?event=ID`, also that event's shard and its owner.
 #[utoipa::path(
     get,
     path = "/api/v2/admin/nodes",
     tag = "v2",
     operation_id = "v2AdminNodes",
     security(("admin_token" = [])),
+    params(NodesQuery),
     responses(
-        (status = 200, description = "The nodes and the shards each inventory node holds.", body = Object),
+        (status = 200, description = "The nodes and the shards each inventory node holds; with `event`, an `event` field: `{id, shard, owner}` (`owner` null while the shard has none).", body = Object),
+        (status = 400, description = "`event` not a positive integer (`validation-failed`), or an unknown parameter (`invalid-query`).", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "This stage runs as one process (`not-services`).", body = Problem, content_type = "application/problem+json"),
         AdminAuthProblems,
     ),
 )]
-pub async fn nodes(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Problem> {
+pub async fn nodes(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<NodesQuery>,
+) -> Result<HttpResponse, Problem> {
     require_admin(&req, &state).await?;
-    match state.stage.topology().await {
-        Some(topology) => Ok(HttpResponse::Ok().json(topology?)),
-        None => Err(Problem::not_found(
+    let event = match query.event {
+        Some(id) if id <= 0 => {
+            return Err(
+                crate::domain::DomainError::invalid("event", "must be a positive integer").into(),
+            )
+        }
+        other => other,
+    };
+    let Some(topology) = state.stage.topology().await else {
+        return Err(Problem::not_found(
             "not-services",
             format!(
                 "the {} stage runs as one process; stage services has nodes",
                 state.stage.kind()
             ),
-        )),
+        ));
+    };
+    let mut topology = topology?;
+    if let Some(id) = event {
+        let shard = crate::store::shards::shard_of(crate::domain::EventId(id));
+        let owner = topology["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| {
+                n["shards"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|l| l["shard"] == shard))
+            })
+            .map(|n| n["id"].clone())
+            .unwrap_or(serde_json::Value::Null);
+        topology["event"] = serde_json::json!({ "id": id, "shard": shard, "owner": owner });
     }
+    Ok(HttpResponse::Ok().json(topology))
 }
