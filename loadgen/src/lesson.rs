@@ -122,7 +122,8 @@ pub const LESSONS: &[Lesson] = &[
         name: "single-writer",
         problem: "Using sqlite which doesnt scale well in distributed systems",
         shows: "two `actor` server processes on one SQLite file, each selling its own event, \
-                against one process selling both; and the same two processes on PostgreSQL",
+                against one process selling both; and the same two processes on PostgreSQL, \
+                and stage `services`, several processes sharing nothing, on PostgreSQL",
         why: "SQLite is a file with one writer at a time, built to be embedded in one process: \
               a second process can only queue for the same file lock (busy_timeout) and gains \
               nothing. Worse, a process that owns its writes, as this server does (one \
@@ -131,8 +132,10 @@ pub const LESSONS: &[Lesson] = &[
               collide, purchases fail and are left pending. The fix is one process owning the \
               file (the single-writer principle), and scaling out needs a database built for \
               client/server and writers that share nothing (PostgreSQL takes the two processes' \
-              writes without a busy wait, but the second writer's assumption still breaks: that \
-              is what the services stage, with shards owned by one node each, is for).",
+              writes without a busy wait, but the second writer's assumption still breaks). \
+              That is the services stage: several processes on one PostgreSQL, each event \
+              owned by one inventory node through a shard lease, the books by one payments \
+              node, so no two processes ever write the same thing, and nothing is lost.",
         unavailable: None,
     },
     Lesson {
@@ -969,9 +972,21 @@ async fn serve_together(
     settings: &Settings,
     buyers: u64,
 ) -> anyhow::Result<Served> {
-    let first = server::start_in(&ctx.bin, "actor", None, pg, settings, &[])
+    serve_stage_together(ctx, "actor", processes, pg, settings, buyers).await
+}
+
+/// [`serve_together`] with `processes` servers of `stage`.
+async fn serve_stage_together(
+    ctx: &Ctx<'_>,
+    stage: &str,
+    processes: usize,
+    pg: Option<&crate::backend::TempDatabase>,
+    settings: &Settings,
+    buyers: u64,
+) -> anyhow::Result<Served> {
+    let first = server::start_in(&ctx.bin, stage, None, pg, settings, &[])
         .await
-        .map_err(|f| anyhow::anyhow!("stage actor did not start: {}", f.reason))?;
+        .map_err(|f| anyhow::anyhow!("stage {stage} did not start: {}", f.reason))?;
     let fixture = driver::setup(first.addr, settings).await?;
     let mut servers = vec![first];
     while servers.len() < processes {
@@ -1043,6 +1058,15 @@ async fn single_writer(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
         eprintln!("lesson: warning: {why}");
     }
     let on_pg = on_pg?;
+    ctx.say("stage services on one PostgreSQL database (inventory nodes owning their shards): the same buyers");
+    let db = crate::backend::TempDatabase::create(pg_url)
+        .await
+        .map_err(|why| anyhow::anyhow!(why))?;
+    let sharded = serve_stage_together(ctx, "services", 1, Some(&db), &settings, buyers).await;
+    if let Err(why) = db.drop_database().await {
+        eprintln!("lesson: warning: {why}");
+    }
+    let sharded = sharded?;
     let broken = |s: &Served| s.stuck.max(s.failed as i64);
     let breaking = Side {
         label: "2 × actor@sqlite, one file".into(),
@@ -1057,16 +1081,26 @@ async fn single_writer(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
     let details = vec![
         format!("2 × actor@postgres, one database: {}", on_pg.text()),
         format!(
-            "audits: two on SQLite {}, one on SQLite {}, two on PostgreSQL {}",
+            "services (3 inventory nodes, 1 payments node), one database: {}",
+            sharded.text()
+        ),
+        format!(
+            "audits: two on SQLite {}, one on SQLite {}, two on PostgreSQL {}, services {}",
             ok_word(two.audit_ok),
             ok_word(one.audit_ok),
-            ok_word(on_pg.audit_ok)
+            ok_word(on_pg.audit_ok),
+            ok_word(sharded.audit_ok)
         ),
     ];
     let failure = if breaking.value <= 0.0 {
         Some("the two processes on one file lost nothing this time".to_owned())
     } else if fixing.value != 0.0 || !one.audit_ok {
         Some(format!("one process lost {} purchases", fixing.value))
+    } else if broken(&sharded) != 0 || !sharded.audit_ok {
+        Some(format!(
+            "services lost {} purchases on one PostgreSQL database",
+            broken(&sharded)
+        ))
     } else {
         None
     };

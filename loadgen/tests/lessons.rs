@@ -117,6 +117,10 @@ fn single_writer_quick_shows_two_processes_on_one_file_losing_purchases() {
         "{out}"
     );
     assert!(out.contains("2 × actor@postgres"), "{out}");
+    assert!(
+        out.contains("services (3 inventory nodes, 1 payments node), one database: 0 purchases failed (5xx or no answer), 0 left pending"),
+        "{out}"
+    );
 }
 
 #[test]
