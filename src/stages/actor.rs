@@ -414,13 +414,25 @@ impl Inner {
                     self.passivations.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%event, "passivated an idle event actor");
                 }
-                // Seats still held or a write uncommitted: it stays.
-                Ok(false) => {
+                // Seats still held or a write uncommitted: it stays, unless its shard was
+                // released meanwhile (an inventory node), which took it out for good.
+                Ok(false) if self.still_owned(&slot) => {
                     actors.insert(event, slot);
                 }
+                Ok(false) => {}
                 // Stopped already (shutdown).
                 Err(_) => {}
             }
+        }
+    }
+
+    /// Whether the lease `slot`'s actor decides under is still held (always, on the `actor`
+    /// stage).
+    fn still_owned(&self, slot: &ActorSlot) -> bool {
+        match (&self.fence, slot.stamp) {
+            (Some(fence), Some(stamp)) => fence.epoch(stamp.shard) == Some(stamp.epoch),
+            (Some(_), None) => false,
+            (None, _) => true,
         }
     }
 
