@@ -323,6 +323,14 @@ impl Inner {
         if let Some(fence) = &self.fence {
             owner(fence)?;
         }
+        // The event's own row (what never changes) is read before taking the lock, so a
+        // purchase of an event that does not exist never waits on it.
+        let stored = self
+            .parts
+            .store
+            .event(event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
         let _one_at_a_time = self.spawning.lock().await;
         if let Some(using) = self.take(event) {
             return Ok(using);
@@ -330,12 +338,6 @@ impl Inner {
         if let Some(fence) = &self.fence {
             owner(fence)?;
         }
-        let stored = self
-            .parts
-            .store
-            .event(event)
-            .await?
-            .ok_or(PurchaseError::UnknownEvent)?;
         let rebuilt = self.rebuild(&stored).await?;
         self.spawn_actor(&stored, rebuilt)?;
         self.take(event).ok_or(PurchaseError::UnknownEvent)
