@@ -225,6 +225,11 @@ pub struct ServeArgs {
     /// Bound of each event actor's mailbox; when full, purchases are answered 503.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub mailbox_capacity: u32,
+    /// How long an event's actor may sit unused, with no purchase under way, before it is
+    /// passivated (`actor` stage and inventory nodes); the next purchase activates it again
+    /// from storage.
+    #[arg(long, default_value = "5min", value_parser = parse_positive_duration)]
+    pub actor_idle: Duration,
     /// Most writes one group commit may take (`actor` stage); 1 means a transaction per write.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_batch: u32,
@@ -364,6 +369,7 @@ impl ServeArgs {
             demo_data: self.demo_data,
             arbiters: self.arbiters,
             mailbox_capacity: self.mailbox_capacity as usize,
+            actor_idle: self.actor_idle,
             max_batch: self.max_batch as usize,
             http_workers: self.workers,
             max_connections: self.max_connections as usize,

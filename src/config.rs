@@ -351,6 +351,9 @@ pub struct Settings {
     pub arbiters: usize,
     /// Bound of each event actor's mailbox; a full mailbox is answered 503.
     pub mailbox_capacity: usize,
+    /// How long an event's actor stays in memory unused (`actor` stage and inventory nodes)
+    /// before it is passivated; the next purchase activates it again from storage.
+    pub actor_idle: Duration,
     /// Most writes one group commit takes.
     pub max_batch: usize,
     /// HTTP worker threads; 0 means one per core.
@@ -404,6 +407,7 @@ impl Settings {
             demo_data: false,
             arbiters: 0,
             mailbox_capacity: 4096,
+            actor_idle: Duration::from_secs(300),
             max_batch: 512,
             http_workers: 0,
             max_body_bytes: 16 * 1024,

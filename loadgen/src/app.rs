@@ -26,6 +26,7 @@ pub const EXIT_NOTHING_MEASURED: u8 = 4;
 pub fn main(cli: Cli) -> ExitCode {
     let (kind, target, stages, common) = match cli.command {
         Command::Lesson(args) => return crate::lesson::main(args),
+        Command::Bench(args) => return crate::bench::main(args),
         Command::Scenarios => {
             for s in ScenarioKind::all() {
                 println!("{:<14} {}", s.as_str(), s.describe());
@@ -246,6 +247,20 @@ pub(crate) async fn run_fresh(
         &mut interrupts,
     )
     .await
+}
+
+/// Runs `settings` against the server at `addr` (started by the caller) and audits it, as
+/// `run --target` does, quietly: the results, or why there are none.
+pub(crate) async fn measure_target(
+    addr: SocketAddr,
+    settings: &Settings,
+    label: &str,
+) -> anyhow::Result<Result<Results, String>> {
+    Ok(
+        measure(addr, settings, label, true, server::admin_token(), None)
+            .await?
+            .map(|(results, _audit)| results),
+    )
 }
 
 /// The services loadgen started for one stage's `--chaos` faults; dropped (killed, their

@@ -1,4 +1,5 @@
-//! The command line: `loadgen run`, `loadgen compare`, `loadgen scenarios`.
+//! The command line: `loadgen run`, `loadgen compare`, `loadgen scenarios`, `loadgen lesson`,
+//! `loadgen bench`.
 
 use std::path::PathBuf;
 
@@ -37,6 +38,45 @@ pub enum Command {
                   stages are not built); 5 a service it needs (Redis, PostgreSQL) is missing."
     )]
     Lesson(LessonArgs),
+    /// Every SPEC §9 ratio in one invocation, on fresh servers it starts: health rate, hot-event
+    /// purchases on v1 and v2 and their ratios to it, p99 at half load (open model), `actor`
+    /// against `locked`, group commit at `--synchronous full`, and loadgen against wrk (when
+    /// installed). Prints a table; writes JSON and HTML.
+    #[command(
+        after_help = "Exit status: 0 every figure was measured (whatever the speeds: goals are \
+                  reported, never asserted); 1 runtime error; 2 bad flags; 4 a figure could \
+                  not be measured (a stage did not start, Redis missing). wrk not installed \
+                  leaves its two figures out without failing."
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The short form, a smoke test for CI: 1 s per run, a 200-seat stampede; under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Measured time of each timed run (default 10 s after 1 s of warm-up; 1 s with --quick).
+    #[arg(long, value_parser = crate::scenario::parse_duration_arg)]
+    pub duration: Option<std::time::Duration>,
+    /// Seed of the workload and of the servers.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Write the figures and the runs behind them as JSON (`schema`: `loadgen-bench-1`).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the table and the runs as a self-contained HTML page.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Server binary (default: `ticketflow` next to this executable).
+    #[arg(long, env = "LOADGEN_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Redis for the `locked` stage's run.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// No running commentary on stderr; the table is still printed.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

@@ -578,3 +578,74 @@ fn line_chart(series: &[Series], unit: &str, hline: Option<(f64, String)>, steps
     ));
     svg
 }
+
+/// `loadgen bench`'s page: the figures with their goals, the table as printed, and each run
+/// behind them (stage, server command line, rate, audit).
+pub fn bench_html(report: &crate::bench::BenchReport, text: &str) -> String {
+    let mut body = format!(
+        "<h1>loadgen bench{}</h1><p class=meta>seed <code>{}</code> · started {} · {} cores, {} {} \
+         · {:.0} s · server <code>{}</code></p><p>{}</p>",
+        if report.quick { " --quick" } else { "" },
+        report.seed,
+        esc(&report.started_at),
+        report.machine.cores,
+        esc(&report.machine.os),
+        esc(&report.machine.kernel),
+        report.took_s,
+        esc(&report.server_bin),
+        if report.complete {
+            "Every figure measured. Goals are reported, never asserted."
+        } else {
+            "NOT every figure was measured."
+        }
+    );
+    body.push_str("<h2>Figures</h2><table><tr><th>figure</th><th>value</th><th>goal (SPEC §9)</th><th>how</th></tr>");
+    for f in &report.figures {
+        let value = match f.value {
+            Some(v) => format!("{v:.2} {}", f.unit),
+            None => "–".into(),
+        };
+        let goal = match (f.goal, f.met) {
+            (Some(g), Some(true)) => format!("{}: met", esc(g)),
+            (Some(g), Some(false)) => format!("{}: <b>not met</b>", esc(g)),
+            (Some(g), None) => esc(g),
+            (None, _) => String::new(),
+        };
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(f.name),
+            esc(&value),
+            goal,
+            esc(&f.how)
+        ));
+    }
+    body.push_str("</table><h2>Runs</h2><table><tr><th>run</th><th>stage</th><th>req/s</th><th>measured</th><th>audit</th><th>server</th></tr>");
+    for r in &report.runs {
+        let (rps, measured) = match &r.run.results {
+            Some(res) => (
+                format!("{:.0}", res.achieved_rps),
+                format!("{:.1} s", res.measured_s),
+            ),
+            None => ("–".into(), r.run.skip_reason.clone().unwrap_or_default()),
+        };
+        let audit = match &r.run.audit {
+            Some(a) if a.ok => "ok",
+            Some(_) => "NOT clean",
+            None => "–",
+        };
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            esc(&r.name),
+            esc(&r.run.label()),
+            rps,
+            esc(&measured),
+            audit,
+            esc(&r.run.server_args.clone().unwrap_or_default().join(" "))
+        ));
+    }
+    body.push_str(&format!(
+        "</table><h2>As printed</h2><pre>{}</pre>",
+        esc(text)
+    ));
+    page("loadgen bench", &body)
+}

@@ -16,10 +16,12 @@
 //! - `report`   — the versioned report: terminal table, JSON, Markdown.
 //! - `html`     — the self-contained HTML report with inline SVG charts.
 //! - `lesson`   — `loadgen lesson`: the seed's problems as ready experiments, break and fix.
+//! - `bench`    — `loadgen bench`: every SPEC §9 ratio in one invocation, on fresh servers.
 
 pub mod app;
 pub mod audit;
 pub mod backend;
+pub mod bench;
 pub mod chaos;
 pub mod cli;
 pub mod driver;

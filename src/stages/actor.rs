@@ -7,18 +7,27 @@
 //! and confirmations are durable before the client hears of them, so a restart finds every
 //! acknowledged ticket, and every purchase it interrupted still `pending`, to be resolved by
 //! asking the gateway again under the same payment key.
+//!
+//! Event actors are virtual, as in Orleans: none runs at start. An event's actor is activated
+//! by the first purchase that needs it, rebuilt from what is stored (seats available, tickets
+//! issued, tickets each user owns), and passivated once it has sat unused for
+//! `Settings::actor_idle` with nothing under way, so start-up and memory cost what is in use,
+//! not what is stored. Activation and passivation both run under one lock, and a purchase counts
+//! itself on the actor under the registry's lock, so an event never has two actors, and an
+//! actor with a purchase, a hold or a write of its own under way is never passivated.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::event_actor::{
-    EventActor, MailboxGauge, PaymentResult, ReadCounts, Reserve, ReserveRefusal, Settle,
-    Settlement,
+    EventActor, MailboxGauge, Passivate, PaymentResult, ReadCounts, Reserve, ReserveRefusal,
+    Settle, Settlement,
 };
 use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
@@ -33,20 +42,62 @@ use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
-use crate::store::{
-    AuditReads, Catalog, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp,
-};
+use crate::store::{Catalog, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp};
 
 /// First pause before a payment whose outcome is unknown is asked about again; it doubles
 /// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
 const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How to reach one event's actor.
-#[derive(Clone)]
-struct EventHandle {
+/// One event's active actor, and what tells whether it may be passivated.
+struct ActorSlot {
     addr: Addr<EventActor>,
     queued: MailboxGauge,
+    /// The lease the actor decides under (inventory nodes), fixed at its activation.
+    stamp: Option<Stamp>,
+    /// Purchases using the actor, from taking it out of the registry until their payment is
+    /// settled or handed over ([`InUse`]). Only ever raised under the registry's lock, and
+    /// passivation checks it under the same lock held for writing: a purchase has either
+    /// counted itself before passivation looks, or finds no actor and activates one.
+    users: AtomicUsize,
+    /// When the last use ended (or the actor was activated), in ms since the stage started.
+    last_used: AtomicU64,
+}
+
+/// How to reach one event's active actor.
+type EventHandle = Arc<ActorSlot>;
+
+/// One purchase's use of an event's actor. Dropping it ends the use, and the actor's idle time
+/// counts from then.
+struct InUse {
+    slot: EventHandle,
+    clock: Instant,
+}
+
+impl InUse {
+    fn addr(&self) -> &Addr<EventActor> {
+        &self.slot.addr
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.slot
+            .last_used
+            .store(millis_since(self.clock), Ordering::Release);
+        self.slot.users.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn millis_since(clock: Instant) -> u64 {
+    clock.elapsed().as_millis() as u64
+}
+
+/// What an event's actor is rebuilt from when it activates.
+struct Rebuilt {
+    available: u32,
+    issued: u64,
+    owned: Vec<(String, u32)>,
 }
 
 pub struct ActorStage {
@@ -68,12 +119,17 @@ struct Inner {
     /// Stage `services`: the shards this inventory node holds, which its writer proves in
     /// every transaction. `None` for the `actor` stage, which owns every event.
     fence: Option<Arc<ShardFence>>,
-    /// Serialises starting an actor on first use (an event created on another node), so an
-    /// event never gets two.
+    /// Serialises activating and passivating actors (and an inventory node taking a shard),
+    /// so an event never gets two, and an activation reads storage only after the actor it
+    /// replaces has stopped with all its writes committed.
     spawning: tokio::sync::Mutex<()>,
-    /// Event id to its actor. A std `RwLock`: read on every purchase, written only when an
-    /// event is created, and never held across an `.await`.
+    /// Event id to its active actor. A std `RwLock`: read on every purchase, written when an
+    /// actor is activated or passivated, and never held across an `.await`.
     actors: RwLock<HashMap<EventId, EventHandle>>,
+    /// What [`ActorSlot::last_used`] counts from.
+    clock: Instant,
+    activations: AtomicU64,
+    passivations: AtomicU64,
     /// Threads hosting the event actors, so purchases of different events use every core.
     arbiters: Vec<Arbiter>,
     next_arbiter: AtomicUsize,
@@ -92,28 +148,26 @@ impl ActorStage {
             0 => cores(),
             n => n,
         };
-        let inner = Inner {
-            writer,
-            fence: None,
-            spawning: tokio::sync::Mutex::new(()),
-            actors: RwLock::new(HashMap::new()),
-            arbiters: (0..arbiter_count).map(|_| Arbiter::new()).collect(),
-            next_arbiter: AtomicUsize::new(0),
-            parts,
-        };
+        let inner = Inner::new(parts, writer, None, arbiter_count);
         inner.recover().await?;
-        for counts in inner.parts.store.event_counts().await? {
-            let event = inner
-                .parts
-                .store
-                .event(counts.event)
-                .await?
-                .ok_or_else(|| StoreError::Conflict("event vanished during start".into()))?;
-            inner.spawn_actor(&event, counts.available as u32).await?;
-        }
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        Ok(Self::with_passivation(inner))
+    }
+
+    /// The stage around `inner`, with the task that passivates idle actors; the task ends
+    /// once the stage is dropped.
+    fn with_passivation(inner: Inner) -> Self {
+        let inner = Arc::new(inner);
+        let every = (inner.parts.settings.actor_idle / 4)
+            .clamp(Duration::from_millis(5), Duration::from_secs(10));
+        let weak: Weak<Inner> = Arc::downgrade(&inner);
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.passivate_idle().await;
+            }
+        });
+        Self { inner }
     }
 
     /// An inventory node of stage `services`: owns no event until its lease keeper hands it
@@ -135,22 +189,19 @@ impl ActorStage {
             0 => cores(),
             n => n,
         };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                writer,
-                fence: Some(fence),
-                spawning: tokio::sync::Mutex::new(()),
-                actors: RwLock::new(HashMap::new()),
-                arbiters: (0..arbiter_count).map(|_| Arbiter::new()).collect(),
-                next_arbiter: AtomicUsize::new(0),
-                parts,
-            }),
-        })
+        Ok(Self::with_passivation(Inner::new(
+            parts,
+            writer,
+            Some(fence),
+            arbiter_count,
+        )))
     }
 
     /// Takes over `lease`'s shard: from now on this node's writes to it carry the lease's
-    /// epoch; the purchases a previous owner left pending in it are resolved, as after a
-    /// crash, and its events' actors start from what PostgreSQL holds.
+    /// epoch, and the purchases a previous owner left pending in it are resolved, as after a
+    /// crash. Its events' actors are activated by their first purchase, from what PostgreSQL
+    /// holds then, stamped with this lease's epoch; none is started here, so taking a shard
+    /// costs its pending purchases, not its events.
     pub async fn adopt(&self, lease: ShardLease) -> Result<(), StoreError> {
         let inner = &self.inner;
         let fence = inner
@@ -159,17 +210,19 @@ impl ActorStage {
             .ok_or_else(|| StoreError::Internal("adopt: not an inventory node".into()))?;
         let _one_at_a_time = inner.spawning.lock().await;
         fence.hold(lease);
-        let in_shard = |event: EventId| shard_of(event) == lease.shard;
-        inner.recover_where(&in_shard).await?;
-        for counts in inner.parts.store.event_counts().await? {
-            if !in_shard(counts.event) || inner.actor(counts.event).is_some() {
-                continue;
-            }
-            if let Some(event) = inner.parts.store.event(counts.event).await? {
-                inner.spawn_actor(&event, counts.available as u32).await?;
-            }
-        }
-        Ok(())
+        // An actor left from an earlier lease of this shard decides under an older epoch, and
+        // every write of it would be refused: the next purchase activates a fresh one instead.
+        inner
+            .actors
+            .write()
+            .expect("actor registry poisoned")
+            .retain(|event, slot| {
+                shard_of(*event) != lease.shard
+                    || slot.stamp.is_some_and(|s| s.epoch >= lease.epoch)
+            });
+        inner
+            .recover_where(&|event: EventId| shard_of(event) == lease.shard)
+            .await
     }
 
     /// Gives up `shard`: its actors stop taking purchases (they are answered "not owner"),
@@ -205,7 +258,7 @@ impl ActorStage {
         &self.inner.parts.settings
     }
 
-    /// The live counters of an event's actor (for tests and stats).
+    /// The live counters of an event's actor, if it is active (for tests and stats).
     pub async fn counts(&self, event: EventId) -> Option<Counts> {
         let handle = self.inner.actor(event)?;
         handle.addr.send(ReadCounts).await.ok()
@@ -213,6 +266,26 @@ impl ActorStage {
 }
 
 impl Inner {
+    fn new(
+        parts: StageParts,
+        writer: WriteHandle,
+        fence: Option<Arc<ShardFence>>,
+        arbiters: usize,
+    ) -> Self {
+        Self {
+            writer,
+            fence,
+            spawning: tokio::sync::Mutex::new(()),
+            actors: RwLock::new(HashMap::new()),
+            clock: Instant::now(),
+            activations: AtomicU64::new(0),
+            passivations: AtomicU64::new(0),
+            arbiters: (0..arbiters).map(|_| Arbiter::new()).collect(),
+            next_arbiter: AtomicUsize::new(0),
+            parts,
+        }
+    }
+
     fn actor(&self, event: EventId) -> Option<EventHandle> {
         self.actors
             .read()
@@ -221,43 +294,154 @@ impl Inner {
             .cloned()
     }
 
-    /// The actor to buy from. On an inventory node, an event of a shard it holds whose actor
-    /// is not running yet (created through another node) gets one, from what is stored; an
-    /// event of a shard it does not hold is answered [`PurchaseError::NotOwner`].
-    async fn actor_for_purchase(&self, event: EventId) -> Result<EventHandle, PurchaseError> {
-        if let Some(handle) = self.actor(event) {
-            return Ok(handle);
+    /// The event's active actor, counted in use until the answer is dropped.
+    fn take(&self, event: EventId) -> Option<InUse> {
+        let actors = self.actors.read().expect("actor registry poisoned");
+        let slot = actors.get(&event)?;
+        // Under the registry's lock: see `ActorSlot::users`.
+        slot.users.fetch_add(1, Ordering::AcqRel);
+        Some(InUse {
+            slot: Arc::clone(slot),
+            clock: self.clock,
+        })
+    }
+
+    /// The actor to buy from, activated from storage if the event has none active. On an
+    /// inventory node, an event of a shard it does not hold is answered
+    /// [`PurchaseError::NotOwner`].
+    async fn actor_for_purchase(&self, event: EventId) -> Result<InUse, PurchaseError> {
+        if let Some(using) = self.take(event) {
+            return Ok(using);
         }
-        let Some(fence) = &self.fence else {
-            return Err(PurchaseError::UnknownEvent);
+        let owner = |fence: &ShardFence| {
+            let shard = shard_of(event);
+            match fence.epoch(shard) {
+                Some(_) => Ok(()),
+                None => Err(PurchaseError::NotOwner { shard }),
+            }
         };
-        let shard = shard_of(event);
-        if fence.epoch(shard).is_none() {
-            return Err(PurchaseError::NotOwner { shard });
+        if let Some(fence) = &self.fence {
+            owner(fence)?;
         }
-        let _one_at_a_time = self.spawning.lock().await;
-        if let Some(handle) = self.actor(event) {
-            return Ok(handle);
-        }
-        if fence.epoch(shard).is_none() {
-            return Err(PurchaseError::NotOwner { shard });
-        }
-        let counts = self
-            .parts
-            .store
-            .event_counts()
-            .await?
-            .into_iter()
-            .find(|c| c.event == event)
-            .ok_or(PurchaseError::UnknownEvent)?;
+        // The event's own row (what never changes) is read before taking the lock, so a
+        // purchase of an event that does not exist never waits on it.
         let stored = self
             .parts
             .store
             .event(event)
             .await?
             .ok_or(PurchaseError::UnknownEvent)?;
-        self.spawn_actor(&stored, counts.available as u32).await?;
-        self.actor(event).ok_or(PurchaseError::UnknownEvent)
+        let _one_at_a_time = self.spawning.lock().await;
+        if let Some(using) = self.take(event) {
+            return Ok(using);
+        }
+        if let Some(fence) = &self.fence {
+            owner(fence)?;
+        }
+        let rebuilt = self.rebuild(&stored).await?;
+        self.spawn_actor(&stored, rebuilt)?;
+        self.take(event).ok_or(PurchaseError::UnknownEvent)
+    }
+
+    /// An event's actor state as storage has it. Called with `spawning` held and no actor of
+    /// the event active, so no write of the event is under way. Repairs a stored `available`
+    /// that disagrees with the tickets (left by the monolith stage, say) first.
+    async fn rebuild(&self, event: &Event) -> Result<Rebuilt, StoreError> {
+        let store = &self.parts.store;
+        let counts = store
+            .stored_counts(event.id)
+            .await?
+            .ok_or_else(|| StoreError::Conflict("event vanished during activation".into()))?;
+        let expected = (counts.total - counts.confirmed - counts.pending).max(0);
+        if counts.available != expected {
+            tracing::error!(
+                event = %counts.event,
+                stored = counts.available,
+                expected,
+                confirmed = counts.confirmed,
+                total = counts.total,
+                "stored availability disagrees with the tickets (left by the monolith stage?); repairing it"
+            );
+            store.write_available(counts.event, expected).await?;
+        }
+        Ok(Rebuilt {
+            available: expected as u32,
+            issued: (counts.confirmed + counts.pending + counts.cancelled) as u64,
+            owned: store.owned_by_user(event.id).await?,
+        })
+    }
+
+    /// Passivates every actor unused for `actor_idle` with no purchase under way, unless it
+    /// still holds seats or has a write of its own uncommitted (it is kept, and tried again
+    /// later).
+    async fn passivate_idle(&self) {
+        let idle_ms = self.parts.settings.actor_idle.as_millis() as u64;
+        let idle = |slot: &ActorSlot, now: u64| {
+            slot.users.load(Ordering::Acquire) == 0
+                && now.saturating_sub(slot.last_used.load(Ordering::Acquire)) >= idle_ms
+        };
+        let now = millis_since(self.clock);
+        let any = self
+            .actors
+            .read()
+            .expect("actor registry poisoned")
+            .values()
+            .any(|slot| idle(slot, now));
+        if !any {
+            return;
+        }
+        let _one_at_a_time = self.spawning.lock().await;
+        let now = millis_since(self.clock);
+        let taken: Vec<(EventId, EventHandle)> = {
+            let mut actors = self.actors.write().expect("actor registry poisoned");
+            let events: Vec<EventId> = actors
+                .iter()
+                .filter(|(_, slot)| idle(slot, now))
+                .map(|(event, _)| *event)
+                .collect();
+            events
+                .into_iter()
+                .filter_map(|event| actors.remove(&event).map(|slot| (event, slot)))
+                .collect()
+        };
+        // Out of the registry, and no purchase holds them: nothing new reaches these actors,
+        // and a purchase of their events waits on `spawning` until each has stopped or is back.
+        let answers =
+            futures::future::join_all(taken.iter().map(|(_, slot)| slot.addr.send(Passivate)))
+                .await;
+        let mut actors = self.actors.write().expect("actor registry poisoned");
+        for ((event, slot), answer) in taken.into_iter().zip(answers) {
+            match answer {
+                Ok(true) => {
+                    self.passivations.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%event, "passivated an idle event actor");
+                }
+                // Seats still held or a write uncommitted: it stays, unless its shard was
+                // released meanwhile (an inventory node), which took it out for good.
+                Ok(false) if self.still_owned(&slot) => {
+                    actors.insert(event, slot);
+                }
+                Ok(false) => {}
+                // Stopped already (shutdown).
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Whether the lease `slot`'s actor decides under is still held (always, on the `actor`
+    /// stage).
+    fn still_owned(&self, slot: &ActorSlot) -> bool {
+        match (&self.fence, slot.stamp) {
+            (Some(fence), Some(stamp)) => fence.epoch(stamp.shard) == Some(stamp.epoch),
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
+
+    /// Whether `handle` is still `event`'s active actor.
+    fn is_active(&self, event: EventId, handle: &EventHandle) -> bool {
+        self.actor(event)
+            .is_some_and(|active| Arc::ptr_eq(&active, handle))
     }
 
     /// The seed of the ids an event's actor mints: the run's seed, and on an inventory node
@@ -279,14 +463,15 @@ impl Inner {
         Some(Stamp { shard, epoch })
     }
 
-    async fn spawn_actor(&self, event: &Event, available: u32) -> Result<(), StoreError> {
+    /// Starts `event`'s actor from `state` and makes it the event's active one. Called with
+    /// `spawning` held.
+    fn spawn_actor(&self, event: &Event, state: Rebuilt) -> Result<(), StoreError> {
         let price = Money::from_cents(event.price_cents)
             .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
-        let issued = self.parts.store.tickets_issued(event.id).await? as u64;
         let settings = &self.parts.settings;
         let hold_ttl_ms = settings.hold_ttl.as_millis() as u64;
-        let mut inventory = Inventory::new(event.total_tickets, available, hold_ttl_ms);
-        for (user, owned) in self.parts.store.owned_by_user(event.id).await? {
+        let mut inventory = Inventory::new(event.total_tickets, state.available, hold_ttl_ms);
+        for (user, owned) in state.owned {
             if let Ok(user) = UserId::parse(&user) {
                 inventory.count_owned(user, owned);
             }
@@ -303,7 +488,7 @@ impl Inner {
             inventory,
             writer,
             self.id_seed(stamp),
-            issued,
+            state.issued,
             settings.hold_ttl,
             queued.clone(),
         );
@@ -313,16 +498,25 @@ impl Inner {
             ctx.set_mailbox_capacity(capacity);
             actor
         });
+        let slot = ActorSlot {
+            addr,
+            queued,
+            stamp,
+            users: AtomicUsize::new(0),
+            last_used: AtomicU64::new(millis_since(self.clock)),
+        };
         self.actors
             .write()
             .expect("actor registry poisoned")
-            .insert(event.id, EventHandle { addr, queued });
+            .insert(event.id, Arc::new(slot));
+        self.activations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Resolves purchases a previous run left `pending`: the gateway is asked again under the
     /// same key (it deduplicates, so nothing is charged twice) and the answer settles the
-    /// ticket. Then each event's stored `available` is checked against its tickets.
+    /// ticket. Only the pending purchases are read; each event's stored `available` is
+    /// checked against its tickets when its actor activates ([`Self::rebuild`]).
     async fn recover(&self) -> Result<(), StoreError> {
         self.recover_where(&|_| true).await
     }
@@ -374,26 +568,6 @@ impl Inner {
         for result in futures::future::join_all(resolutions).await {
             result?;
         }
-        for counts in self.parts.store.event_counts().await? {
-            if !mine(counts.event) {
-                continue;
-            }
-            let expected = (counts.total - counts.confirmed - counts.pending).max(0);
-            if counts.available != expected {
-                tracing::error!(
-                    event = %counts.event,
-                    stored = counts.available,
-                    expected,
-                    confirmed = counts.confirmed,
-                    total = counts.total,
-                    "stored availability disagrees with the tickets (left by the monolith stage?); repairing it"
-                );
-                self.parts
-                    .store
-                    .write_available(counts.event, expected)
-                    .await?;
-            }
-        }
         Ok(())
     }
 
@@ -406,16 +580,20 @@ impl Inner {
         per_user_limit: Option<u32>,
         idempotency: Option<OrderKey>,
         order: Option<OrderId>,
-    ) -> Result<(Addr<EventActor>, Held), PurchaseError> {
-        let EventHandle { addr, queued } = self.actor_for_purchase(event).await?;
-        if !queued.try_admit(self.parts.settings.mailbox_capacity.max(1)) {
+    ) -> Result<(InUse, Held), PurchaseError> {
+        let using = self.actor_for_purchase(event).await?;
+        if !using
+            .slot
+            .queued
+            .try_admit(self.parts.settings.mailbox_capacity.max(1))
+        {
             return Err(PurchaseError::Overloaded);
         }
         let (reply, answer) = oneshot::channel();
         let created_at = timestamp(Utc::now());
         // `do_send` ignores actix's per-sender bound; the gauge above is the bound. If the
         // actor has stopped (shutdown), `reply` is dropped and the answer below is an error.
-        addr.do_send(Reserve {
+        using.addr().do_send(Reserve {
             user,
             quantity,
             per_user_limit,
@@ -445,7 +623,7 @@ impl Inner {
             .await
             .map_err(|_| StoreError::WriterClosed)??;
         Ok((
-            addr,
+            using,
             Held {
                 payment_key: payment_key(grant.order),
                 order: grant.order,
@@ -461,16 +639,19 @@ impl Inner {
     /// [`PurchaseError::Gateway`] and is settled later, in the background ([`Self::settle_later`]).
     async fn pay(
         self: &Arc<Self>,
-        addr: Addr<EventActor>,
+        using: InUse,
         order: OrderId,
         key: String,
         amount: Money,
     ) -> Result<(), PurchaseError> {
         // In flight until the outcome is written, the refund of a late success included.
         let _in_flight = self.parts.payments.track();
-        let settled = self.charge_and_settle(&addr, order, &key, amount).await;
+        let settled = self
+            .charge_and_settle(using.addr(), order, &key, amount)
+            .await;
         if let Err(PurchaseError::Gateway(_)) = &settled {
-            self.settle_later(addr, order, key, amount);
+            // The actor stays in use (not passivated) until the payment is settled.
+            self.settle_later(using, order, key, amount);
         }
         settled
     }
@@ -518,13 +699,7 @@ impl Inner {
     /// settles as expired again, so only the (idempotent) refund is asked for again. Counted
     /// in flight meanwhile, so the audit waits for it. Given up when the settlement cannot be
     /// written (the shard moved, say: its new owner resolves the purchase from the database).
-    fn settle_later(
-        self: &Arc<Self>,
-        addr: Addr<EventActor>,
-        order: OrderId,
-        key: String,
-        amount: Money,
-    ) {
+    fn settle_later(self: &Arc<Self>, using: InUse, order: OrderId, key: String, amount: Money) {
         let inner = Arc::clone(self);
         let counted = self.parts.payments.track();
         actix_rt::spawn(async move {
@@ -533,7 +708,10 @@ impl Inner {
             loop {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
-                match inner.charge_and_settle(&addr, order, &key, amount).await {
+                match inner
+                    .charge_and_settle(using.addr(), order, &key, amount)
+                    .await
+                {
                     Err(PurchaseError::Gateway(_)) => continue,
                     Ok(()) => {
                         tracing::info!(%order, "a payment unknown at first is settled: confirmed")
@@ -559,8 +737,8 @@ impl Inner {
         user: UserId,
     ) -> Result<Ticket, PurchaseError> {
         let user_id = user.as_str().to_owned();
-        let (addr, grant) = self.reserve(event, user, 1, None, None, order).await?;
-        self.pay(addr, grant.order, grant.payment_key, grant.amount)
+        let (using, grant) = self.reserve(event, user, 1, None, None, order).await?;
+        self.pay(using, grant.order, grant.payment_key, grant.amount)
             .await?;
         // The confirmation is durable; the ticket is answered from what was written rather than
         // read back (one query less per purchase).
@@ -600,9 +778,13 @@ impl Stage for ActorStage {
         if owned {
             let _one_at_a_time = self.inner.spawning.lock().await;
             if self.inner.actor(event.id).is_none() {
-                self.inner
-                    .spawn_actor(&event, event.available_tickets)
-                    .await?;
+                // A new event: nothing issued, nobody owns anything yet.
+                let fresh = Rebuilt {
+                    available: event.available_tickets,
+                    issued: 0,
+                    owned: Vec::new(),
+                };
+                self.inner.spawn_actor(&event, fresh)?;
             }
         }
         Ok(event)
@@ -627,7 +809,7 @@ impl Stage for ActorStage {
         let user_id = user.as_str().to_owned();
         // Detached, like a v1 purchase; the payment goes on after the 202.
         let task = actix_rt::spawn(async move {
-            let (addr, grant) = inner
+            let (using, grant) = inner
                 .reserve(
                     event,
                     user,
@@ -639,7 +821,7 @@ impl Stage for ActorStage {
                 .await?;
             let (order, key, amount) = (grant.order, grant.payment_key.clone(), grant.amount);
             actix_rt::spawn(async move {
-                if let Err(error) = inner.pay(addr, order, key, amount).await {
+                if let Err(error) = inner.pay(using, order, key, amount).await {
                     tracing::info!(%order, %error, "order not confirmed");
                 }
             });
@@ -673,25 +855,32 @@ impl Stage for ActorStage {
             "stage": StageKind::Actor,
             "writer": self.inner.writer.stats().report(),
             "mailboxDepth": mailboxes,
+            "actors": {
+                "active": mailboxes.len(),
+                "activations": self.inner.activations.load(Ordering::Relaxed),
+                "passivations": self.inner.passivations.load(Ordering::Relaxed),
+            },
         })
     }
 
     async fn activity(&self) -> Activity {
-        let handles: Vec<EventHandle> = self
+        let handles: Vec<(EventId, EventHandle)> = self
             .inner
             .actors
             .read()
             .expect("actor registry poisoned")
-            .values()
-            .cloned()
+            .iter()
+            .map(|(event, handle)| (*event, Arc::clone(handle)))
             .collect();
         let mut activity = Activity {
             unflushed_writes: self.inner.writer.stats().unflushed() as i64,
             ..Activity::default()
         };
-        for handle in handles {
+        for (event, handle) in handles {
             match handle.addr.send(ReadCounts).await {
                 Ok(counts) => activity.held_seats += i64::from(counts.held),
+                // Passivated meanwhile, which it only is with no seat held.
+                Err(_) if !self.inner.is_active(event, &handle) => {}
                 Err(_) => activity.unreadable.push("an event actor".into()),
             }
         }

@@ -31,6 +31,10 @@ pub struct EventActor {
     tick: Duration,
     /// Reservations sent but not yet handled; see [`MailboxGauge`].
     queued: MailboxGauge,
+    /// Writes this actor queued that nobody waits on (expired and abandoned holds), not yet
+    /// committed. The actor does not passivate while any is, so whoever activates the event
+    /// next reads storage with them in it.
+    unsettled: Arc<AtomicUsize>,
 }
 
 /// Counts `Reserve` messages waiting in one event actor's mailbox, and bounds them.
@@ -85,7 +89,21 @@ impl EventActor {
             started: Instant::now(),
             tick: (hold_ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
             queued,
+            unsettled: Arc::default(),
         }
+    }
+
+    /// Queues `op`, which nobody waits on, and counts it until it is committed.
+    fn write_in_background(&self, op: WriteOp) {
+        let written = durable(&self.writer, op);
+        let unsettled = Arc::clone(&self.unsettled);
+        unsettled.fetch_add(1, Ordering::AcqRel);
+        actix::spawn(async move {
+            // A failure is logged by the writer; a restart's recovery (or the shard's next
+            // owner) resolves whatever it left pending.
+            let _ = written.await;
+            unsettled.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     fn now(&self) -> Millis {
@@ -102,9 +120,7 @@ impl EventActor {
             unreachable!("Expire is answered with Expired")
         };
         for op in cancels {
-            // Nobody waits on this write; a failure is logged by the writer, and a restart's
-            // recovery resolves whatever it left pending.
-            actix::spawn(durable(&self.writer, op));
+            self.write_in_background(op);
         }
     }
 }
@@ -202,7 +218,7 @@ impl Handler<Reserve> for EventActor {
             // The buyer went away before the answer: give the seats back once the hold is
             // written, so storage and memory agree.
             if let Output::Returned { write: Some(op) } = self.step(Input::Abandon(grant.order)) {
-                actix::spawn(durable(&self.writer, op));
+                self.write_in_background(op);
             }
         }
     }
@@ -260,5 +276,24 @@ impl Handler<ReadCounts> for EventActor {
 
     fn handle(&mut self, _: ReadCounts, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.core.counts())
+    }
+}
+
+/// Stop, if nothing is left to decide: no seat held and no write of this actor's own still
+/// uncommitted. Answers whether the actor stopped. The sender makes sure first that no purchase
+/// is using the actor (see `stages::actor`), so nothing new can arrive after it.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Passivate;
+
+impl Handler<Passivate> for EventActor {
+    type Result = bool;
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) -> bool {
+        if self.core.counts().held > 0 || self.unsettled.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        ctx.stop();
+        true
     }
 }

@@ -408,12 +408,17 @@ impl Store {
 
     // --- recovery ---
 
-    /// Purchases that were interrupted: payments still `pending`, with their orders.
+    /// Purchases that were interrupted: payments still `pending`, with their orders. Two
+    /// lookups, each through its partial index (migration 0007), so the cost is the pending
+    /// rows', not every order's.
     pub async fn pending_purchases(&self) -> StoreResult<Vec<PendingPurchase>> {
         let rows = sqlx::query(
             "SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status, o.quantity, o.created_at
-             FROM orders o JOIN payments p ON p.order_id = o.id
-             WHERE p.status = 'pending' OR o.status = 'pending' ORDER BY o.created_at",
+             FROM orders o JOIN payments p ON p.order_id = o.id WHERE o.status = 'pending'
+             UNION
+             SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status, o.quantity, o.created_at
+             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.status = 'pending'
+             ORDER BY 7",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -454,6 +459,24 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.map(Ticket::try_from).transpose()
+    }
+
+    /// One event's counters as stored ([`AuditReads::event_counts`] for one event), or `None`
+    /// if there is no such event: what an event's actor is rebuilt from when it activates.
+    pub async fn stored_counts(&self, event: EventId) -> StoreResult<Option<StoredCounts>> {
+        let row = sqlx::query(
+            "SELECT e.id, e.total_tickets, e.available_tickets,
+                    CAST(COALESCE(SUM(CASE WHEN t.status = 'confirmed' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(CASE WHEN t.status = 'pending' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(CASE WHEN t.status = 'cancelled' THEN 1 ELSE 0 END), 0) AS BIGINT)
+             FROM events e LEFT JOIN tickets t ON t.event_id = e.id
+             WHERE e.id = $1
+             GROUP BY e.id, e.total_tickets, e.available_tickets",
+        )
+        .bind(event.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| stored_counts(&r)).transpose()
     }
 
     /// How many tickets an event has issued so far, in any state.
@@ -642,18 +665,7 @@ impl AuditReads for Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredCounts {
-                    event: EventId(r.try_get(0)?),
-                    total: r.try_get(1)?,
-                    available: r.try_get(2)?,
-                    confirmed: r.try_get(3)?,
-                    pending: r.try_get(4)?,
-                    cancelled: r.try_get(5)?,
-                })
-            })
-            .collect()
+        rows.iter().map(stored_counts).collect()
     }
 
     async fn pending_orders(&self) -> StoreResult<i64> {
@@ -750,6 +762,18 @@ impl TryFrom<TicketRow> for Ticket {
             cancel_reason: r.cancel_reason,
         })
     }
+}
+
+/// A row of `id, total, available, confirmed, pending, cancelled`.
+fn stored_counts(r: &sqlx::any::AnyRow) -> StoreResult<StoredCounts> {
+    Ok(StoredCounts {
+        event: EventId(r.try_get(0)?),
+        total: r.try_get(1)?,
+        available: r.try_get(2)?,
+        confirmed: r.try_get(3)?,
+        pending: r.try_get(4)?,
+        cancelled: r.try_get(5)?,
+    })
 }
 
 fn parse_uuid(raw: String) -> StoreResult<Uuid> {

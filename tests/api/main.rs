@@ -4,6 +4,7 @@
 mod backends;
 mod helpers;
 
+mod actors;
 mod contract;
 mod holds;
 mod identity;
