@@ -277,6 +277,11 @@ pub async fn run(args: &ServeArgs, raw: &[String]) -> anyhow::Result<()> {
 
     let mut nodes: Vec<Node> = Vec::new();
     for (id, role) in &order {
+        if *role == NodeRole::Gateway {
+            // Clients come through the gateway: let the inventory nodes spread the shards
+            // first, so that no purchase meets a shard being handed from node to node.
+            balanced(&store, inventory as usize, &settings.services).await?;
+        }
         let started = match plan.spawn(id, *role) {
             Ok(node) => node,
             Err(error) => {
@@ -304,6 +309,47 @@ pub async fn run(args: &ServeArgs, raw: &[String]) -> anyhow::Result<()> {
     stop_all(&mut nodes).await;
     store.close().await;
     Ok(())
+}
+
+/// Waits (for at most a lease and ten renewals) until every shard has an owner and each of the
+/// `inventory` nodes holds its fair share, as their lease keepers reckon it: at most
+/// `ceil(SHARDS / inventory)`, and at least what the others leave. Past the bound it goes on
+/// with a warning: the nodes keep balancing while the gateway serves.
+async fn balanced(
+    store: &Store,
+    inventory: usize,
+    services: &crate::config::ServicesSettings,
+) -> anyhow::Result<()> {
+    use crate::store::shards::SHARDS;
+    let shards = SHARDS as usize;
+    let fair = shards.div_ceil(inventory.max(1));
+    let least = shards.saturating_sub(fair * (inventory.max(1) - 1));
+    let deadline = std::time::Instant::now() + services.lease_ttl + services.renew_every * 10;
+    loop {
+        let leases = store.shard_leases().await?;
+        let mut held: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut unowned = 0;
+        for lease in &leases {
+            match lease.owner.as_deref() {
+                Some(owner) if lease.remaining_ms > 0 => *held.entry(owner).or_default() += 1,
+                _ => unowned += 1,
+            }
+        }
+        let spread = held.len() == inventory && held.values().all(|n| (least..=fair).contains(n));
+        if unowned == 0 && spread {
+            tracing::info!(?held, "the inventory nodes hold their shares of the shards");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?held,
+                unowned,
+                "the shards are not balanced yet; starting the gateway anyway"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(services.renew_every / 4).await;
+    }
 }
 
 /// Watches the nodes until a stop signal: logs each death, marks the node down, restarts it

@@ -215,6 +215,14 @@ async fn the_deployment_serves_both_apis_through_the_gateway_and_dies_with_its_p
     let db = TestDb::new(Backend::Postgres);
     let client = reqwest::Client::new();
     let mut deployment = deploy(&db, 2, 1, &PAYMENTS, &client).await;
+    // The gateway starts once the inventory nodes hold their shares: no purchase meets a
+    // shard being handed over from node to node.
+    let first = read_topology(&client, &deployment).await;
+    assert_eq!(first["unownedShards"], json!([]), "{first}");
+    for id in ["inventory-1", "inventory-2"] {
+        let held = node(&first, id)["shards"].as_array().unwrap().len();
+        assert_eq!(held, 32, "{id}: {first}");
+    }
     let topology = balanced(&client, &deployment, 2).await;
     for (id, role) in [
         ("catalog-1", "catalog"),
