@@ -11,6 +11,8 @@
 //!   charge, decline and refund) are group-committed to the database and survive restarts; in
 //!   stage `services` it runs in the payments node ([`payments::service`]), which the other
 //!   nodes call over HTTP ([`payments::remote`]).
+//! - [`saga`]: stage `saga`'s pure core: an order as an orchestrated saga, its typed and
+//!   versioned events, and the orchestrator's decision `(state, reply) -> (events, commands)`.
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, the group-commit writer, (`store::changes`) who is told when an
 //!   event's availability changes, and (`store::shards`) the shard leases and epoch fence of
@@ -47,6 +49,7 @@ pub mod lock;
 pub mod meter;
 pub mod payments;
 pub mod queue;
+pub mod saga;
 pub mod server;
 pub mod sim;
 pub mod stages;
