@@ -15,8 +15,9 @@
 //!   versioned events, and the orchestrator's decision `(state, reply) -> (events, commands)`.
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, the group-commit writer, (`store::changes`) who is told when an
-//!   event's availability changes, and (`store::shards`) the shard leases and epoch fence of
-//!   stage `services`.
+//!   event's availability changes, (`store::shards`) the shard leases and epoch fence of
+//!   stage `services`, and (`store::saga`) stage `saga`'s event log, outbox, inboxes and
+//!   projections.
 //! - [`idempotency`]: the Idempotency-Key protocol (claim, run once, store, replay, recover).
 //! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).

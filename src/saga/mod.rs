@@ -12,6 +12,8 @@
 //! Events are typed and versioned: each is stored with [`EVENT_SCHEMA`], and [`upcast`] turns
 //! an older stored form into today's before it is applied.
 
+pub mod projection;
+
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{CancelReason, EventId, OrderId, TicketId};
