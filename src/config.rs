@@ -18,16 +18,19 @@ pub enum StageKind {
     /// The seed's step 3: a gateway, a catalog and event actors sharded over inventory nodes,
     /// as separate processes on PostgreSQL.
     Services,
+    /// The seed's step 4: every order an orchestrated saga over an event-sourced log with a
+    /// transactional outbox, on PostgreSQL.
+    Saga,
 }
 
 impl StageKind {
     /// Whether this stage runs on `backend`: the monolith is SQLite-only, as the seed's step 1;
-    /// `services` is PostgreSQL-only (its shard leases live there).
+    /// `services` and `saga` are PostgreSQL-only (shard leases; the event log and outbox).
     pub fn runs_on(self, backend: crate::store::Backend) -> bool {
         use crate::store::Backend;
         match self {
             Self::Monolith => backend == Backend::Sqlite,
-            Self::Services => backend == Backend::Postgres,
+            Self::Services | Self::Saga => backend == Backend::Postgres,
             Self::Actor | Self::Locked => true,
         }
     }
@@ -38,6 +41,7 @@ impl StageKind {
             Self::Actor => "actor",
             Self::Locked => "locked",
             Self::Services => "services",
+            Self::Saga => "saga",
         }
     }
 }

@@ -79,6 +79,18 @@ impl Store {
         })
     }
 
+    /// Whether `consumer` has applied `message_id` already.
+    pub async fn inbox_has(&self, consumer: Participant, message_id: &str) -> StoreResult<bool> {
+        let seen: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM saga_inbox WHERE consumer = $1 AND message_id = $2",
+        )
+        .bind(consumer.as_str())
+        .bind(message_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seen > 0)
+    }
+
     /// Gives the inventory participant a row of seats for every event that has none (events
     /// created before the stage first ran on this database).
     pub async fn seed_saga_seats(&self) -> StoreResult<u64> {

@@ -225,3 +225,287 @@ async fn the_relay_claims_each_due_message_once_until_its_lease_runs_out() {
     assert_eq!(store.outbox_depth().await.unwrap().due, 0);
     store.close().await;
 }
+
+// ---------- the stage through the API ----------
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use ticketflow::config::{LatencyModel, StageKind};
+
+use crate::helpers::{determined_buyer, spawn_app_on, TestApp};
+
+async fn saga_app(tweak: impl FnOnce(&mut ticketflow::config::Settings)) -> TestApp {
+    spawn_app_on(Backend::Postgres, StageKind::Saga, tweak).await
+}
+
+/// The audit once the stage is quiet (its outbox empty, nothing pending), within `bound`.
+async fn quiet_audit(app: &TestApp, bound: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let audit = app.audit().await;
+        if audit["quiet"] == true || tokio::time::Instant::now() > deadline {
+            return audit;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn new_user(app: &TestApp, name: &str) -> String {
+    let reply = app
+        .post_json("/api/v2/users", &json!({ "name": name }))
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    reply.body["token"].as_str().unwrap().to_owned()
+}
+
+/// The types of an order's saga events, as its owner reads them.
+async fn event_types(app: &TestApp, token: &str, order: &str) -> Vec<String> {
+    let reply = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v2/orders/{order}/events"),
+            Some(token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    reply
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            assert_eq!(e["version"], i as i64 + 1, "in order: {e}");
+            e["type"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Polls the order until it is no longer pending.
+async fn settled_order(app: &TestApp, token: &str, order: &str) -> Value {
+    for _ in 0..200 {
+        let reply = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v2/orders/{order}"),
+                Some(token),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        if reply.body["status"] != "pending" {
+            return reply.body;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("order {order} stayed pending");
+}
+
+#[actix_web::test]
+async fn stage_saga_refuses_sqlite_in_one_line() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = crate::helpers::test_settings(StageKind::Saga, &db);
+    settings.stage = StageKind::Saga;
+    let error = match ticketflow::server::Server::build(settings).await {
+        Ok(_) => panic!("stage saga started on SQLite"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.starts_with("stage saga runs on PostgreSQL only"),
+        "{error}"
+    );
+    assert!(!error.contains('\n'), "{error}");
+}
+
+#[actix_web::test]
+async fn a_v2_order_unfolds_as_a_saga_its_owner_can_watch_and_nobody_else_can() {
+    let app = saga_app(|_| {}).await;
+    let event = app.create_event(10).await;
+    let alice = new_user(&app, "alice").await;
+    let reply = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v2/orders",
+            Some(&alice),
+            Some("order-1"),
+            Some(&json!({ "eventId": event, "quantity": 2 })),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    let order = reply.body["id"].as_str().unwrap().to_owned();
+    let settled = settled_order(&app, &alice, &order).await;
+    assert_eq!(settled["status"], "confirmed", "{settled}");
+    assert_eq!(
+        event_types(&app, &alice, &order).await,
+        [
+            "OrderPlaced",
+            "SeatsHeld",
+            "ChargeRequested",
+            "PaymentSucceeded",
+            "OrderConfirmed"
+        ]
+    );
+    // The same key again: the same order, replayed, no second saga.
+    let again = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v2/orders",
+            Some(&alice),
+            Some("order-1"),
+            Some(&json!({ "eventId": event, "quantity": 2 })),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.text.as_str()),
+        (202, reply.text.as_str())
+    );
+    // Another user's order is 404, exactly like a missing one.
+    let bob = new_user(&app, "bob").await;
+    for id in [order.as_str(), "00000000-0000-0000-0000-000000000000"] {
+        let reply = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v2/orders/{id}/events"),
+                Some(&bob),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, 404, "{}", reply.text);
+        assert_eq!(reply.body["code"], "unknown-order");
+    }
+    let (_, events) = app.get_json(&format!("/api/v1/events/{event}")).await;
+    assert_eq!(events["availableTickets"], 8);
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM saga_events").await,
+        5,
+        "one saga"
+    );
+}
+
+#[actix_web::test]
+async fn a_declined_charge_is_compensated_and_the_seat_comes_back() {
+    let app = saga_app(|s| s.payments.failure_rate = 1.0).await;
+    let event = app.create_event(1).await;
+    let (status, body) = app.purchase(event, "carol").await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["code"], "payment-declined");
+    let (_, stored) = app.get_json(&format!("/api/v1/events/{event}")).await;
+    assert_eq!(stored["availableTickets"], 1, "the seat is back");
+    let kinds: Vec<String> = logged_kinds(&app).await;
+    assert_eq!(
+        kinds,
+        [
+            "OrderPlaced",
+            "SeatsHeld",
+            "ChargeRequested",
+            "PaymentDeclined",
+            "ReleaseRequested",
+            "SeatsReleased",
+            "OrderCancelled"
+        ]
+    );
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE status = 'cancelled' AND cancel_reason = 'payment_declined'")
+            .await,
+        1
+    );
+}
+
+/// Every event type in the log, in order (for tests with one saga).
+async fn logged_kinds(app: &TestApp) -> Vec<String> {
+    app.db
+        .texts("SELECT kind FROM saga_events ORDER BY seq")
+        .await
+}
+
+#[actix_web::test]
+async fn a_success_after_the_hold_expired_goes_forward_to_a_refund() {
+    let app = saga_app(|s| {
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(600));
+        s.hold_ttl = Duration::from_millis(100);
+    })
+    .await;
+    let event = app.create_event(1).await;
+    let (status, body) = app.purchase(event, "dave").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "hold-expired");
+    let kinds = logged_kinds(&app).await;
+    assert_eq!(
+        kinds,
+        [
+            "OrderPlaced",
+            "SeatsHeld",
+            "ChargeRequested",
+            "HoldExpired",
+            "ReleaseRequested",
+            "SeatsReleased",
+            "PaymentSucceeded",
+            "RefundRequested",
+            "RefundIssued",
+            "OrderCancelled"
+        ]
+    );
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payments WHERE status = 'refunded'")
+            .await,
+        1
+    );
+}
+
+#[actix_web::test]
+async fn a_stampede_with_declines_sells_every_seat_exactly_once_and_the_audit_passes() {
+    let app = Arc::new(
+        saga_app(|s| {
+            s.payments.failure_rate = 0.3;
+            s.seed = 7;
+        })
+        .await,
+    );
+    let seats = 20;
+    let event = app.create_event(seats).await;
+    let buyers = (0..60).map(|i| {
+        let app = Arc::clone(&app);
+        tokio::spawn(determined_buyer(
+            app,
+            event,
+            format!("buyer-{i}"),
+            Duration::from_millis(20),
+        ))
+    });
+    let tickets: Vec<String> = futures::future::join_all(buyers)
+        .await
+        .into_iter()
+        .filter_map(|t| t.unwrap())
+        .collect();
+    assert_eq!(tickets.len(), seats as usize);
+    let audit = quiet_audit(&app, Duration::from_secs(20)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    let declined = app
+        .count("SELECT COUNT(*) FROM saga_events WHERE kind = 'PaymentDeclined'")
+        .await;
+    assert!(
+        declined > 0,
+        "no charge was declined: the test lost its teeth"
+    );
+    let (status, stats) = app.admin_json("/api/v2/admin/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["stage"], "saga");
+    assert_eq!(stats["outbox"]["due"], 0, "{stats}");
+    assert!(
+        stats["relay"]["delivered"].as_u64().unwrap() > 100,
+        "{stats}"
+    );
+    assert!(stats["relay"]["lagMs"]["max"].is_i64(), "{stats}");
+}
