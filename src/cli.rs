@@ -1,4 +1,4 @@
-//! The command line: `ticketflow serve`, `ticketflow migrate` and `ticketflow simulate`.
+//! The command line: `ticketflow serve`, `migrate`, `simulate`, `node` and `replay`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,6 +41,10 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run one node of stage `services` (PostgreSQL only), for deployments over machines.
     Node(Box<NodeArgs>),
+    /// Stage `saga` (PostgreSQL only): rebuild every projection (orders, tickets, payments,
+    /// event availability) from the event log alone and compare it with the live tables row by
+    /// row; exit 0 only when they are equal, 1 (printing each difference) otherwise.
+    Replay(DbArgs),
 }
 
 #[derive(Debug, Args)]

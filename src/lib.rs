@@ -29,6 +29,8 @@
 //! - [`limits`]: the connection cap, the request-body deadline, and the hang-up watch of a
 //!   streaming connection.
 //! - [`meter`]: Prometheus metrics (`GET /metrics`) and the per-request span of the logs.
+//! - [`replay`]: `ticketflow replay`, stage `saga`'s projections rebuilt from its log and
+//!   compared with the live tables.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`supervisor`]: `serve --stage services`, the nodes of stage `services` as child
 //!   processes (the gateway, catalog and inventory nodes are [`stages::gateway`],
@@ -50,6 +52,7 @@ pub mod lock;
 pub mod meter;
 pub mod payments;
 pub mod queue;
+pub mod replay;
 pub mod saga;
 pub mod server;
 pub mod sim;

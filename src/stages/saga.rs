@@ -251,9 +251,10 @@ impl Inner {
         }
         let handled = self.handle(&message).await;
         let settled = match handled {
+            // Acknowledged in the consumer's transaction.
             Ok(()) => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
-                self.store.ack_outbox(message.id).await
+                Ok(())
             }
             Err(error) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -275,21 +276,24 @@ impl Inner {
             Uuid::parse_str(&message.saga)
                 .map_err(|_| HandleError::Corrupt(format!("saga id {}", message.saga)))?,
         );
+        let delivery = Delivery {
+            outbox_id: message.id,
+            message_id: message.message_id.clone(),
+        };
         match message.destination {
             Participant::Orchestrator => {
                 let reply: Reply = serde_json::from_value(message.body.clone())
                     .map_err(|e| HandleError::Corrupt(e.to_string()))?;
-                self.orchestrate(order, Some(&message.message_id), &reply)
-                    .await?;
+                self.orchestrate(order, Some(&delivery), &reply).await?;
                 Ok(())
             }
             Participant::Inventory | Participant::Payments => {
                 let command: Command = serde_json::from_value(message.body.clone())
                     .map_err(|e| HandleError::Corrupt(e.to_string()))?;
                 if message.destination == Participant::Inventory {
-                    self.inventory(order, &message.message_id, &command).await
+                    self.inventory(order, &delivery, &command).await
                 } else {
-                    self.payments(order, &message.message_id, &command).await
+                    self.payments(order, &delivery, &command).await
                 }
             }
         }
@@ -304,14 +308,19 @@ impl Inner {
     async fn orchestrate(
         &self,
         order: OrderId,
-        message_id: Option<&str>,
+        delivery: Option<&Delivery>,
         reply: &Reply,
     ) -> Result<Saga, HandleError> {
         for _ in 0..CONFLICT_RETRIES {
             let mut tx = self.store.begin_saga().await?;
-            if let Some(id) = message_id {
+            if let Some(delivery) = delivery {
                 if !tx
-                    .first_delivery(Participant::Orchestrator, id, &order.0.to_string())
+                    .first_delivery(
+                        Participant::Orchestrator,
+                        &delivery.message_id,
+                        delivery.outbox_id,
+                        order,
+                    )
                     .await?
                 {
                     tx.commit().await?;
@@ -385,12 +394,17 @@ impl Inner {
     async fn inventory(
         &self,
         order: OrderId,
-        message_id: &str,
+        delivery: &Delivery,
         command: &Command,
     ) -> Result<(), HandleError> {
         let mut tx = self.store.begin_saga().await?;
         if !tx
-            .first_delivery(Participant::Inventory, message_id, &order.0.to_string())
+            .first_delivery(
+                Participant::Inventory,
+                &delivery.message_id,
+                delivery.outbox_id,
+                order,
+            )
             .await?
         {
             tx.commit().await?;
@@ -432,14 +446,15 @@ impl Inner {
     async fn payments(
         &self,
         order: OrderId,
-        message_id: &str,
+        delivery: &Delivery,
         command: &Command,
     ) -> Result<(), HandleError> {
         if self
             .store
-            .inbox_has(Participant::Payments, message_id)
+            .inbox_has(Participant::Payments, &delivery.message_id)
             .await?
         {
+            self.store.ack_outbox(delivery.outbox_id).await?;
             return Ok(());
         }
         let gateway = &self.parts.payments;
@@ -468,7 +483,12 @@ impl Inner {
         };
         let mut tx = self.store.begin_saga().await?;
         if !tx
-            .first_delivery(Participant::Payments, message_id, &order.0.to_string())
+            .first_delivery(
+                Participant::Payments,
+                &delivery.message_id,
+                delivery.outbox_id,
+                order,
+            )
             .await?
         {
             tx.commit().await?;
@@ -581,6 +601,15 @@ impl Inner {
             }
         }
     }
+}
+
+/// A message as its consumer receives it: its id (for the inbox) and its outbox row (deleted
+/// in the consumer's own transaction, so a handled message is acknowledged exactly when its
+/// effect commits).
+#[derive(Debug, Clone)]
+struct Delivery {
+    outbox_id: i64,
+    message_id: String,
 }
 
 /// What a request asks the saga for.

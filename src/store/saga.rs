@@ -304,21 +304,27 @@ pub enum HoldOutcome {
 }
 
 impl SagaTx {
-    /// Records `message_id` in `consumer`'s inbox; false when it was there already (a
-    /// redelivery, to drop).
+    /// Records `message_id` in `consumer`'s inbox, and takes outbox row `outbox_id` (the
+    /// message's delivery) out of the outbox, both in this transaction; false when the inbox
+    /// had the message already (a redelivery, to drop).
     pub async fn first_delivery(
         &mut self,
         consumer: Participant,
         message_id: &str,
-        saga: &str,
+        outbox_id: i64,
+        saga: OrderId,
     ) -> StoreResult<bool> {
+        sqlx::query("DELETE FROM saga_outbox WHERE id = $1")
+            .bind(outbox_id)
+            .execute(&mut *self.tx)
+            .await?;
         let inserted = sqlx::query(
             "INSERT INTO saga_inbox (consumer, message_id, saga_id) VALUES ($1, $2, $3)
              ON CONFLICT DO NOTHING",
         )
         .bind(consumer.as_str())
         .bind(message_id)
-        .bind(saga)
+        .bind(saga.0.to_string())
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
@@ -653,4 +659,239 @@ async fn update_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResu
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// What `ticketflow replay` found: the projections rebuilt from the log alone against the
+/// live tables, row by row.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    pub sagas: usize,
+    pub events: i64,
+    /// Rows compared per table (`orders`, `tickets`, `payments`, `events`).
+    pub compared: Vec<(&'static str, usize)>,
+    /// Every row that differs, one line each.
+    pub differences: Vec<String>,
+}
+
+/// One table's rows by key, every column as text (`None` for NULL).
+struct Rows {
+    table: &'static str,
+    columns: &'static [&'static str],
+    rows: std::collections::BTreeMap<String, Vec<Option<String>>>,
+}
+
+impl Rows {
+    fn new(table: &'static str, columns: &'static [&'static str]) -> Self {
+        Self {
+            table,
+            columns,
+            rows: Default::default(),
+        }
+    }
+
+    /// The live table, read with `sql` (the key first, then `columns`, all as text).
+    async fn read(
+        table: &'static str,
+        columns: &'static [&'static str],
+        sql: &str,
+        pool: &sqlx::AnyPool,
+    ) -> StoreResult<Self> {
+        let mut rows = Self::new(table, columns);
+        for row in sqlx::query(sql).fetch_all(pool).await? {
+            let key: String = row.try_get(0)?;
+            let values = (1..=columns.len())
+                .map(|i| row.try_get::<Option<String>, _>(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.rows.insert(key, values);
+        }
+        Ok(rows)
+    }
+
+    /// Lines saying how `live` differs from `self` (the rows rebuilt from the log).
+    fn differences(&self, live: &Rows, out: &mut Vec<String>) {
+        let show = |v: &Option<String>| match v {
+            Some(v) => format!("{v:?}"),
+            None => "NULL".into(),
+        };
+        for (key, expected) in &self.rows {
+            match live.rows.get(key) {
+                None => out.push(format!(
+                    "{} {key}: rebuilt from the log, missing from the live table",
+                    self.table
+                )),
+                Some(actual) => {
+                    for ((column, want), have) in self.columns.iter().zip(expected).zip(actual) {
+                        if want != have {
+                            out.push(format!(
+                                "{} {key}: {column} is {} live, {} from the log",
+                                self.table,
+                                show(have),
+                                show(want)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for key in live.rows.keys() {
+            if !self.rows.contains_key(key) {
+                out.push(format!(
+                    "{} {key}: in the live table, explained by no saga in the log",
+                    self.table
+                ));
+            }
+        }
+    }
+}
+
+const ORDER_COLUMNS: &[&str] = &[
+    "event_id",
+    "user_id",
+    "quantity",
+    "amount_cents",
+    "status",
+    "cancel_reason",
+    "idempotency_key",
+    "created_at",
+    "updated_at",
+];
+const TICKET_COLUMNS: &[&str] = &[
+    "order_id",
+    "event_id",
+    "user_id",
+    "purchase_date",
+    "price_cents",
+    "status",
+    "cancel_reason",
+];
+const PAYMENT_COLUMNS: &[&str] = &[
+    "order_id",
+    "user_id",
+    "amount_cents",
+    "status",
+    "idempotency_key",
+    "processed_at",
+    "created_at",
+];
+const EVENT_COLUMNS: &[&str] = &["available_tickets"];
+
+/// `columns` of `table` as text, keyed by `key`: the SQL that reads a live table.
+fn select_text(table: &str, key: &str, columns: &[&str]) -> String {
+    let cast = |c: &str| format!("CAST({c} AS TEXT)");
+    let mut list = vec![cast(key)];
+    list.extend(columns.iter().map(|c| cast(c)));
+    format!("SELECT {} FROM {table}", list.join(", "))
+}
+
+impl Store {
+    /// Rebuilds every projection from the log alone (no snapshot, no live row consulted but
+    /// each event's size) and compares it with the live tables, row by row.
+    pub async fn compare_projections(&self) -> StoreResult<ReplayReport> {
+        self.require_saga_postgres()?;
+        let sagas = self.replay_all_sagas().await?;
+        let events: i64 = sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM saga_events")
+            .fetch_one(&self.pool)
+            .await?;
+        let mut orders = Rows::new("orders", ORDER_COLUMNS);
+        let mut tickets = Rows::new("tickets", TICKET_COLUMNS);
+        let mut payments = Rows::new("payments", PAYMENT_COLUMNS);
+        let mut taken: std::collections::HashMap<i64, i64> = Default::default();
+        let text = |v: i64| Some(v.to_string());
+        for p in sagas.iter().filter_map(rows) {
+            let order = p.order.0.to_string();
+            orders.rows.insert(
+                order.clone(),
+                vec![
+                    text(p.event.0),
+                    Some(p.user.clone()),
+                    text(i64::from(p.quantity)),
+                    text(p.amount_cents),
+                    Some(p.order_status.as_str().into()),
+                    p.order_reason.map(|r| r.as_str().into()),
+                    p.idempotency_key.clone(),
+                    Some(p.created_at.clone()),
+                    Some(p.updated_at.clone()),
+                ],
+            );
+            for ticket in &p.tickets {
+                tickets.rows.insert(
+                    ticket.0.to_string(),
+                    vec![
+                        Some(order.clone()),
+                        text(p.event.0),
+                        Some(p.user.clone()),
+                        Some(p.created_at.clone()),
+                        text(p.unit_price_cents),
+                        Some(p.ticket_status.as_str().into()),
+                        p.ticket_reason.map(|r| r.as_str().into()),
+                    ],
+                );
+            }
+            payments.rows.insert(
+                p.payment_id.to_string(),
+                vec![
+                    Some(order.clone()),
+                    Some(p.user.clone()),
+                    text(p.amount_cents),
+                    Some(p.payment_status.as_str().into()),
+                    Some(p.payment_key.clone()),
+                    p.processed_at.clone(),
+                    Some(p.created_at.clone()),
+                ],
+            );
+            *taken.entry(p.event.0).or_default() += p.seats_taken();
+        }
+        let mut availability = Rows::new("events", EVENT_COLUMNS);
+        for row in sqlx::query("SELECT id, total_tickets FROM events")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let (id, total): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            availability.rows.insert(
+                id.to_string(),
+                vec![text(total - taken.get(&id).copied().unwrap_or(0))],
+            );
+        }
+        let pool = &self.pool;
+        let live = [
+            Rows::read(
+                "orders",
+                ORDER_COLUMNS,
+                &select_text("orders", "id", ORDER_COLUMNS),
+                pool,
+            )
+            .await?,
+            Rows::read(
+                "tickets",
+                TICKET_COLUMNS,
+                &select_text("tickets", "id", TICKET_COLUMNS),
+                pool,
+            )
+            .await?,
+            Rows::read(
+                "payments",
+                PAYMENT_COLUMNS,
+                &select_text("payments", "id", PAYMENT_COLUMNS),
+                pool,
+            )
+            .await?,
+            Rows::read(
+                "events",
+                EVENT_COLUMNS,
+                &select_text("events", "id", EVENT_COLUMNS),
+                pool,
+            )
+            .await?,
+        ];
+        let mut report = ReplayReport {
+            sagas: sagas.len(),
+            events,
+            ..ReplayReport::default()
+        };
+        for (rebuilt, live) in [orders, tickets, payments, availability].iter().zip(&live) {
+            report.compared.push((rebuilt.table, rebuilt.rows.len()));
+            rebuilt.differences(live, &mut report.differences);
+        }
+        Ok(report)
+    }
 }

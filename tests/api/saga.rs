@@ -509,3 +509,101 @@ async fn a_stampede_with_declines_sells_every_seat_exactly_once_and_the_audit_pa
     );
     assert!(stats["relay"]["lagMs"]["max"].is_i64(), "{stats}");
 }
+
+/// `ticketflow replay --db URL`: its exit code and what it printed.
+fn replay(url: &str) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .args(["replay", "--db", url])
+        .output()
+        .expect("ticketflow runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_differs() {
+    // Declines, holds that run out before a slow charge (refunds), confirmations.
+    let app = Arc::new(
+        saga_app(|s| {
+            s.payments.failure_rate = 0.3;
+            s.payments.latency = LatencyModel::LogNormal {
+                median: Duration::from_millis(150),
+                sigma: 1.2,
+            };
+            s.hold_ttl = Duration::from_millis(500);
+            s.seed = 3;
+        })
+        .await,
+    );
+    let event = app.create_event(15).await;
+    let buyers = (0..40).map(|i| {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { app.purchase(event, &format!("r-{i}")).await })
+    });
+    futures::future::join_all(buyers).await;
+    let audit = quiet_audit(&app, Duration::from_secs(20)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    for kind in ["OrderConfirmed", "PaymentDeclined", "RefundIssued"] {
+        let n = app
+            .count(&format!(
+                "SELECT COUNT(*) FROM saga_events WHERE kind = '{kind}'"
+            ))
+            .await;
+        assert!(n > 0, "no {kind}: the run does not cover every path");
+    }
+    let app = Arc::into_inner(app).expect("the buyers are done");
+    let url = app.db.url().to_owned();
+    let (code, out, err) = replay(&url);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("the live projections equal the log's"),
+        "{out}"
+    );
+
+    // Tamper with three projected rows behind the log's back.
+    let (_, tickets) = app.get_json("/api/v1/tickets/user/r-0").await;
+    let ticket = tickets[0]["id"].as_str().unwrap().to_owned();
+    app.db
+        .execute(&[
+            &format!(
+                "UPDATE events SET available_tickets = CASE WHEN available_tickets < total_tickets
+                 THEN available_tickets + 1 ELSE available_tickets - 1 END WHERE id = {event}"
+            ),
+            &format!("DELETE FROM tickets WHERE id = '{ticket}'"),
+            "UPDATE orders SET updated_at = '2000-01-01T00:00:00.000Z' WHERE id = (SELECT MIN(id) FROM orders)",
+        ])
+        .await;
+    let (code, out, _) = replay(&url);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("differs: events {event}: available_tickets")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "differs: tickets {ticket}: rebuilt from the log, missing"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(": updated_at is \"2000-01-01T00:00:00.000Z\" live"),
+        "{out}"
+    );
+    assert!(out.contains("3 rows differ"), "{out}");
+    app.stop().await;
+}
+
+#[test]
+fn replay_refuses_a_database_that_is_not_postgresql_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let (code, out, err) = replay(path.to_str().unwrap());
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.starts_with("error: --db "), "{err}");
+    assert!(err.contains("PostgreSQL only"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!path.exists(), "nothing written");
+}
