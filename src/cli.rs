@@ -274,6 +274,10 @@ pub struct ServeArgs {
     /// `COMMIT`) held across the payment. Correct, and the price of it is the db-locks lesson.
     #[arg(long)]
     pub purchase_transaction: bool,
+    /// `saga` only, for the crash-recovery tests: exit the process at once right after this
+    /// step (its exit code is 86).
+    #[arg(long, value_enum, hide = true)]
+    pub saga_crash_after: Option<crate::config::SagaStep>,
     /// How long a SQLite connection waits for the file's write lock before `database is
     /// locked` (`PRAGMA busy_timeout`).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -386,6 +390,7 @@ impl ServeArgs {
                 limits
             },
             purchase_transaction: self.purchase_transaction,
+            saga_crash_after: self.saga_crash_after,
             locked: LockedSettings {
                 redis_url: self.locked.redis_url.clone(),
                 key_prefix: self.locked.redis_prefix.clone(),

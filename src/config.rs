@@ -52,6 +52,21 @@ impl fmt::Display for StageKind {
     }
 }
 
+/// A step of stage `saga`'s purchase after which a failpoint can stop the process at once
+/// (`--saga-crash-after`, for the crash-recovery tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SagaStep {
+    /// The orchestrator's transaction that records `SeatsHeld` (and `ChargeRequested`).
+    SeatsHeld,
+    /// The relay has handed the `Charge` command to the payments participant, before the
+    /// gateway is called.
+    ChargeRelayed,
+    /// The gateway charged, before the payments participant records `PaymentSucceeded`.
+    Charged,
+    /// The orchestrator's transaction that records `OrderConfirmed`, before the client hears.
+    Confirmed,
+}
+
 /// Whether API v1 (no tokens, as in the seed) is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum V1Access {
@@ -387,6 +402,8 @@ pub struct Settings {
     /// `monolith` only: each purchase is one write transaction (`BEGIN IMMEDIATE` … `COMMIT`)
     /// held across the payment — the obvious fix of its races, for the db-locks lesson.
     pub purchase_transaction: bool,
+    /// Stage `saga`, tests only: the process exits at once right after this step.
+    pub saga_crash_after: Option<SagaStep>,
 }
 
 impl Settings {
@@ -423,6 +440,7 @@ impl Settings {
             locked: LockedSettings::default(),
             services: ServicesSettings::default(),
             purchase_transaction: false,
+            saga_crash_after: None,
         }
     }
 }

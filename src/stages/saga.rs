@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
 use crate::audit::Activity;
-use crate::config::StageKind;
+use crate::config::{SagaStep, StageKind};
 use crate::domain::{
     CancelReason, Event, EventId, NewEvent, Order, OrderId, OrderStatus, Ticket, TicketId,
     TicketStatus, UserId,
@@ -66,6 +66,9 @@ const WAIT_POLL: Duration = Duration::from_millis(250);
 /// How long past the hold's expiry a v1 purchase waits for its saga to end before it answers
 /// that the payment's outcome is not known yet.
 const V1_GRACE: Duration = Duration::from_secs(10);
+
+/// The exit code of a process stopped by `--saga-crash-after`.
+pub const CRASH_EXIT_CODE: i32 = 86;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -185,6 +188,15 @@ impl SagaStage {
 }
 
 impl Inner {
+    /// The failpoint: exits the process at once, as a crash would (no shutdown, no flush),
+    /// right after `step` if the settings ask for it.
+    fn crash_after(&self, step: SagaStep) {
+        if self.parts.settings.saga_crash_after == Some(step) {
+            tracing::error!(?step, "saga failpoint: exiting right after this step");
+            std::process::exit(CRASH_EXIT_CODE);
+        }
+    }
+
     // ---------- the relay ----------
 
     async fn relay(self: Arc<Self>) {
@@ -344,6 +356,12 @@ impl Inner {
             self.queue(&mut tx, order, &decision.commands).await?;
             tx.project(&before, &after).await?;
             tx.commit().await?;
+            if decision.events.iter().any(|e| e.kind() == "SeatsHeld") {
+                self.crash_after(SagaStep::SeatsHeld);
+            }
+            if after.outcome == Some(Outcome::Confirmed) {
+                self.crash_after(SagaStep::Confirmed);
+            }
             self.committed(order, &after);
             return Ok(after);
         }
@@ -466,12 +484,16 @@ impl Inner {
                 amount_cents,
                 ..
             } => {
+                self.crash_after(SagaStep::ChargeRelayed);
                 let amount = crate::domain::Money::from_cents(*amount_cents)
                     .map_err(|e| HandleError::Corrupt(e.to_string()))?;
                 match gateway.charge(payment_key, amount).await? {
-                    ChargeOutcome::Approved { charge_id } => Reply::PaymentSucceeded {
-                        charge_id: charge_id.to_string(),
-                    },
+                    ChargeOutcome::Approved { charge_id } => {
+                        self.crash_after(SagaStep::Charged);
+                        Reply::PaymentSucceeded {
+                            charge_id: charge_id.to_string(),
+                        }
+                    }
                     ChargeOutcome::Declined => Reply::PaymentDeclined,
                 }
             }

@@ -607,3 +607,143 @@ fn replay_refuses_a_database_that_is_not_postgresql_in_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!path.exists(), "nothing written");
 }
+
+// ---------- crash recovery: the process exits right after each step ----------
+
+use crate::process::{admin_get, create_event, start_stage_with, Process};
+
+/// Waits for the audit of the server at `base` to be quiet, within `bound`.
+async fn quiet_audit_of(client: &reqwest::Client, base: &str, bound: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let (status, audit) = admin_get(client, base, "/api/v1/admin/audit").await;
+        assert_eq!(status, 200, "{audit}");
+        if audit["quiet"] == true || tokio::time::Instant::now() > deadline {
+            return audit;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn saga_process(db: &TestDb, client: &reqwest::Client, extra: &[&str]) -> Process {
+    let settings = [
+        &[
+            "--payment-failure-rate",
+            "0",
+            "--payment-latency",
+            "20ms..80ms",
+        ][..],
+        extra,
+    ]
+    .concat();
+    start_stage_with(
+        &["serve", "--stage", "saga"],
+        &settings,
+        (None, "warn"),
+        db,
+        1,
+        client,
+    )
+    .await
+}
+
+/// Buys with `--saga-crash-after STEP` until the process exits there, starts it again on the
+/// same database, and checks that every saga reached exactly one final state, with one net
+/// charge for each confirmed order and none for any other, and that replay agrees.
+async fn every_saga_ends_once_after_a_crash_right_after(step: &str) {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    let mut server = saga_process(&db, &client, &["--saga-crash-after", step]).await;
+    let event = create_event(&client, &server.base, "crash", 5).await;
+    let buyers = (0..3).map(|i| {
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            let _ = client
+                .post(format!("{base}/api/v1/tickets/purchase"))
+                .json(&json!({ "eventId": event, "userId": format!("c-{i}") }))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+        }
+    });
+    futures::future::join_all(buyers).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failpoint {step} never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(86), "exited at the failpoint {step}");
+    let unfinished = db
+        .count(
+            "SELECT COUNT(DISTINCT stream_id) FROM saga_events WHERE stream_id NOT IN
+             (SELECT stream_id FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused'))",
+        )
+        .await;
+    assert!(unfinished > 0, "the crash after {step} interrupted no saga");
+    drop(server);
+
+    let server = saga_process(&db, &client, &[]).await;
+    let audit = quiet_audit_of(&client, &server.base, Duration::from_secs(30)).await;
+    assert_eq!(audit["verdict"], "pass", "after {step}: {audit}");
+    let sagas = db
+        .count("SELECT COUNT(DISTINCT stream_id) FROM saga_events")
+        .await;
+    let ended = db
+        .count("SELECT COUNT(*) FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused')")
+        .await;
+    // A purchase the process never received started no saga; every saga it did start ended,
+    // exactly once.
+    assert!(sagas >= 1);
+    assert_eq!(ended, sagas, "each saga ended exactly once");
+    // One net charge per confirmed order, none for any other: by the gateway's own books.
+    let charged_twice = db
+        .count(
+            "SELECT COUNT(*) FROM (SELECT payment_key FROM gateway_ledger WHERE kind = 'charge'
+             GROUP BY payment_key HAVING COUNT(*) > 1) twice",
+        )
+        .await;
+    assert_eq!(charged_twice, 0);
+    let confirmed = db
+        .count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+        .await;
+    let net_charges = db
+        .count(
+            "SELECT COALESCE(SUM(CASE kind WHEN 'charge' THEN 1 WHEN 'refund' THEN -1 ELSE 0 END), 0)
+             FROM gateway_ledger",
+        )
+        .await;
+    assert_eq!(net_charges, confirmed, "after {step}");
+    assert_eq!(
+        confirmed, 3,
+        "payments all succeed: every buyer ends confirmed"
+    );
+    drop(server);
+    let (code, out, err) = replay(db.url());
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[actix_web::test]
+async fn after_a_crash_right_after_seats_held_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("seats-held").await;
+}
+
+#[actix_web::test]
+async fn after_a_crash_right_after_the_charge_was_relayed_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("charge-relayed").await;
+}
+
+#[actix_web::test]
+async fn after_a_crash_between_the_charge_and_its_record_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("charged").await;
+}
+
+#[actix_web::test]
+async fn after_a_crash_right_after_order_confirmed_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("confirmed").await;
+}
