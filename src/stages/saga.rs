@@ -59,8 +59,10 @@ const RETRY_FIRST_MS: i64 = 100;
 const RETRY_MAX_MS: i64 = 2_000;
 /// Times a decision is taken again after losing the race for its saga's next version.
 const CONFLICT_RETRIES: usize = 16;
-/// Connections of the stage's own pool (the relay and its consumers).
-pub const SAGA_CONNECTIONS: u32 = 8;
+/// Connections of the consumers' own pool.
+pub const SAGA_CONNECTIONS: u32 = 12;
+/// The relay's own connection: its claims never queue behind the handlers it feeds.
+const RELAY_CONNECTIONS: u32 = 1;
 /// How often a request waiting on its saga reads the log in case a notice was missed.
 const WAIT_POLL: Duration = Duration::from_millis(250);
 /// How long past the hold's expiry a v1 purchase waits for its saga to end before it answers
@@ -92,8 +94,10 @@ struct RelayStats {
 
 struct Inner {
     parts: StageParts,
-    /// The stage's own pool, so the relay never queues behind the API's reads.
+    /// The consumers' own pool, so they never queue behind the API's reads.
     store: Store,
+    /// The relay's pool, for claims and retries.
+    relay_store: Store,
     waiters: Waiters,
     /// Wakes the relay when this process queued a message.
     wake: Notify,
@@ -157,6 +161,7 @@ impl SagaStage {
     pub async fn start(parts: StageParts) -> Result<Self, StartError> {
         parts.store.require_saga_postgres()?;
         let store = parts.store.with_own_pool(SAGA_CONNECTIONS).await?;
+        let relay_store = parts.store.with_own_pool(RELAY_CONNECTIONS).await?;
         store.seed_saga_seats().await?;
         let freed = store.release_outbox_claims().await?;
         if freed > 0 {
@@ -169,6 +174,7 @@ impl SagaStage {
         let inner = Arc::new(Inner {
             parts,
             store,
+            relay_store,
             waiters: Waiters::default(),
             wake: Notify::new(),
             handlers: Arc::new(Semaphore::new(HANDLERS_IN_FLIGHT)),
@@ -210,7 +216,7 @@ impl Inner {
             let claimed = if room == 0 {
                 Ok(Vec::new())
             } else {
-                self.store.claim_outbox(room, RELAY_LEASE_MS).await
+                self.relay_store.claim_outbox(room, RELAY_LEASE_MS).await
             };
             let messages = match claimed {
                 Ok(messages) => {
@@ -273,7 +279,7 @@ impl Inner {
                 let after =
                     (RETRY_FIRST_MS << message.attempts.clamp(1, 8) as u32 >> 1).min(RETRY_MAX_MS);
                 tracing::info!(%error, saga = %message.saga, destination = message.destination.as_str(), attempts = message.attempts, "saga relay: delivery failed; trying again");
-                self.store.retry_outbox(message.id, after).await
+                self.relay_store.retry_outbox(message.id, after).await
             }
         };
         if let Err(error) = settled {
@@ -867,5 +873,6 @@ impl Stage for SagaStage {
     async fn shutdown(&self) {
         self.inner.stopping.send_replace(true);
         self.inner.store.close().await;
+        self.inner.relay_store.close().await;
     }
 }

@@ -472,8 +472,7 @@ impl SagaTx {
     }
 
     /// The inventory participant's `HoldSeats`: takes `quantity` seats of `event` for `order`
-    /// if they are free and the user stays within `per_user_limit`. The event's row of seats is
-    /// locked for the transaction, so holds of one event are decided one at a time.
+    /// if they are free and the user stays within `per_user_limit`.
     pub async fn hold_seats(
         &mut self,
         order: OrderId,
@@ -482,35 +481,56 @@ impl SagaTx {
         quantity: u32,
         per_user_limit: Option<u32>,
     ) -> StoreResult<HoldOutcome> {
-        let seats = sqlx::query("SELECT available FROM saga_seats WHERE event_id = $1 FOR UPDATE")
-            .bind(event.0)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        let Some(seats) = seats else {
-            return Ok(HoldOutcome::Refused(Refusal::UnknownEvent));
-        };
-        let available: i64 = seats.try_get(0)?;
         let wanted = i64::from(quantity);
-        if available < wanted {
-            let refusal = if available > 0 {
-                Refusal::NotEnough {
-                    available: available as u32,
-                }
-            } else {
-                let held: i64 = sqlx::query_scalar(
-                    "SELECT CAST(COUNT(*) AS BIGINT) FROM saga_holds WHERE event_id = $1 AND status = 'held'",
-                )
-                .bind(event.0)
-                .fetch_one(&mut *self.tx)
-                .await?;
-                if held > 0 {
-                    Refusal::AllHeld
-                } else {
-                    Refusal::SoldOut
-                }
+        // One conditional decrement: the event's row is locked from here to the commit, so
+        // holds of one event are decided one at a time, and for as short a time as can be.
+        let taken = sqlx::query(
+            "UPDATE saga_seats SET available = available - $1 WHERE event_id = $2 AND available >= $1",
+        )
+        .bind(wanted)
+        .bind(event.0)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        if taken == 0 {
+            // Refused, or seats came back between the decrement's look and now (a release
+            // committed meanwhile): decide again holding the row.
+            let seats =
+                sqlx::query("SELECT available FROM saga_seats WHERE event_id = $1 FOR UPDATE")
+                    .bind(event.0)
+                    .fetch_optional(&mut *self.tx)
+                    .await?;
+            let Some(seats) = seats else {
+                return Ok(HoldOutcome::Refused(Refusal::UnknownEvent));
             };
-            return Ok(HoldOutcome::Refused(refusal));
+            let available: i64 = seats.try_get(0)?;
+            if available < wanted {
+                let refusal = if available > 0 {
+                    Refusal::NotEnough {
+                        available: available as u32,
+                    }
+                } else {
+                    let held: i64 = sqlx::query_scalar(
+                        "SELECT CAST(COUNT(*) AS BIGINT) FROM saga_holds WHERE event_id = $1 AND status = 'held'",
+                    )
+                    .bind(event.0)
+                    .fetch_one(&mut *self.tx)
+                    .await?;
+                    if held > 0 {
+                        Refusal::AllHeld
+                    } else {
+                        Refusal::SoldOut
+                    }
+                };
+                return Ok(HoldOutcome::Refused(refusal));
+            }
+            sqlx::query("UPDATE saga_seats SET available = available - $1 WHERE event_id = $2")
+                .bind(wanted)
+                .bind(event.0)
+                .execute(&mut *self.tx)
+                .await?;
         }
+        // Under the event's row lock, so two holds of one user cannot both pass the limit.
         if let Some(limit) = per_user_limit {
             let owned: i64 = sqlx::query_scalar(
                 "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM saga_holds
@@ -521,14 +541,14 @@ impl SagaTx {
             .fetch_one(&mut *self.tx)
             .await?;
             if owned + wanted > i64::from(limit) {
+                sqlx::query("UPDATE saga_seats SET available = available + $1 WHERE event_id = $2")
+                    .bind(wanted)
+                    .bind(event.0)
+                    .execute(&mut *self.tx)
+                    .await?;
                 return Ok(HoldOutcome::Refused(Refusal::UserLimit { limit }));
             }
         }
-        sqlx::query("UPDATE saga_seats SET available = available - $1 WHERE event_id = $2")
-            .bind(wanted)
-            .bind(event.0)
-            .execute(&mut *self.tx)
-            .await?;
         sqlx::query(
             "INSERT INTO saga_holds (order_id, event_id, user_id, quantity, status)
              VALUES ($1, $2, $3, $4, 'held')",

@@ -720,8 +720,8 @@ async fn every_saga_ends_once_after_a_crash_right_after(step: &str) {
         .await;
     assert_eq!(net_charges, confirmed, "after {step}");
     assert_eq!(
-        confirmed, 3,
-        "payments all succeed: every buyer ends confirmed"
+        confirmed, sagas,
+        "payments all succeed: every saga ends confirmed"
     );
     drop(server);
     let (code, out, err) = replay(db.url());
@@ -746,4 +746,55 @@ async fn after_a_crash_between_the_charge_and_its_record_every_saga_ends_once() 
 #[actix_web::test]
 async fn after_a_crash_right_after_order_confirmed_every_saga_ends_once() {
     every_saga_ends_once_after_a_crash_right_after("confirmed").await;
+}
+
+#[actix_web::test]
+async fn the_per_user_limit_and_sold_out_refuse_an_order_without_making_one() {
+    let app = saga_app(|s| s.per_user_limit = 4).await;
+    let event = app.create_event(6).await;
+    let alice = new_user(&app, "alice").await;
+    let order = |key: &'static str, quantity: i64| {
+        let (app, alice) = (&app, alice.clone());
+        async move {
+            app.send(
+                reqwest::Method::POST,
+                "/api/v2/orders",
+                Some(&alice),
+                Some(key),
+                Some(&json!({ "eventId": event, "quantity": quantity })),
+            )
+            .await
+        }
+    };
+    assert_eq!(order("a", 3).await.status, 202);
+    let over = order("b", 2).await;
+    assert_eq!(
+        (over.status, over.body["code"].as_str()),
+        (409, Some("user-limit"))
+    );
+    let bob = new_user(&app, "bob").await;
+    let too_many = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v2/orders",
+            Some(&bob),
+            Some("c"),
+            Some(&json!({ "eventId": event, "quantity": 4 })),
+        )
+        .await;
+    assert_eq!(
+        (too_many.status, too_many.body["code"].as_str()),
+        (409, Some("not-enough-tickets")),
+        "{}",
+        too_many.text
+    );
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders").await,
+        1,
+        "refusals make no order"
+    );
+    let (_, stored) = app.get_json(&format!("/api/v1/events/{event}")).await;
+    assert_eq!(stored["availableTickets"], 3);
 }
