@@ -56,6 +56,9 @@ impl fmt::Display for StageKind {
 /// (`--saga-crash-after`, for the crash-recovery tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SagaStep {
+    /// The transaction that records `OrderPlaced` (and queues `HoldSeats`), before the
+    /// client hears.
+    Placed,
     /// The orchestrator's transaction that records `SeatsHeld` (and `ChargeRequested`).
     SeatsHeld,
     /// The relay has handed the `Charge` command to the payments participant, before the

@@ -585,25 +585,34 @@ impl Inner {
             Ok(after) => {
                 self.queue(&mut tx, order, &decision.commands).await?;
                 tx.commit().await?;
+                self.crash_after(SagaStep::Placed);
                 self.committed(order, &after);
             }
             // Placed before under the same Idempotency-Key: that saga is the answer.
             Err(StoreError::Conflict(_)) => drop(tx),
             Err(e) => return Err(e.into()),
         }
-        self.wait(watch, |saga| saga.has_order() || saga.is_final(), None)
-            .await
+        // Bounded: a request is answered even when the relay cannot make progress (the
+        // database down); the saga goes on without it, under the same id.
+        let limit = self.parts.settings.hold_ttl + V1_GRACE;
+        self.wait(
+            watch,
+            |saga| saga.has_order() || saga.is_final(),
+            Some((limit, "the saga's relay")),
+        )
+        .await
     }
 
-    /// Waits until `order`'s saga satisfies `done`, or `limit` passes (then `None` is an
-    /// answer of its own: [`PurchaseError::Unavailable`]).
+    /// Waits until `order`'s saga satisfies `done`, or `limit`'s time passes: then the answer
+    /// is [`PurchaseError::Unavailable`] naming what it waited for.
     async fn wait(
         &self,
         watch: &mut Watch<'_>,
         done: impl Fn(&Saga) -> bool,
-        limit: Option<Duration>,
+        limit: Option<(Duration, &'static str)>,
     ) -> Result<Saga, PurchaseError> {
-        let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+        let deadline = limit.map(|(l, _)| tokio::time::Instant::now() + l);
+        let waiting_for = limit.map_or("the saga", |(_, what)| what);
         loop {
             if let Some(saga) = watch.rx.borrow_and_update().clone() {
                 if done(&saga) {
@@ -624,7 +633,7 @@ impl Inner {
                     }
                 }
                 _ = tokio::time::sleep_until(until), if deadline.is_some() => {
-                    return Err(PurchaseError::Unavailable("the payment gateway"));
+                    return Err(PurchaseError::Unavailable(waiting_for));
                 }
             }
         }
@@ -779,7 +788,13 @@ impl Stage for SagaStage {
                 return Err(refused(refusal));
             }
             let limit = inner.parts.settings.hold_ttl + V1_GRACE;
-            let done = inner.wait(&mut watch, Saga::is_final, Some(limit)).await?;
+            let done = inner
+                .wait(
+                    &mut watch,
+                    Saga::is_final,
+                    Some((limit, "the payment gateway")),
+                )
+                .await?;
             let placed = done.placed.clone().ok_or(PurchaseError::UnknownEvent)?;
             match done.outcome {
                 Some(Outcome::Confirmed) => Ok(Ticket {

@@ -798,3 +798,60 @@ async fn the_per_user_limit_and_sold_out_refuse_an_order_without_making_one() {
     let (_, stored) = app.get_json(&format!("/api/v1/events/{event}")).await;
     assert_eq!(stored["availableTickets"], 3);
 }
+
+#[actix_web::test]
+async fn a_v2_order_interrupted_by_a_crash_is_found_again_under_its_idempotency_key() {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    // Right after `OrderPlaced`: no order row yet, so the key's claim is released at the
+    // restart, and only the order id derived from the key finds the first saga again.
+    let mut server = saga_process(&db, &client, &["--saga-crash-after", "placed"]).await;
+    let event = create_event(&client, &server.base, "crash-v2", 5).await;
+    let user: Value = client
+        .post(format!("{}/api/v2/users", server.base))
+        .json(&json!({ "name": "erin" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = user["token"].as_str().unwrap().to_owned();
+    let place = |base: String| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            client
+                .post(format!("{base}/api/v2/orders"))
+                .bearer_auth(token)
+                .header("Idempotency-Key", "erin-1")
+                .json(&json!({ "eventId": event, "quantity": 2 }))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+        }
+    };
+    assert!(
+        place(server.base.clone()).await.is_err(),
+        "the process died before answering"
+    );
+    assert_eq!(server.child.wait().unwrap().code(), Some(86));
+    drop(server);
+
+    let server = saga_process(&db, &client, &[]).await;
+    let again = place(server.base.clone()).await.unwrap();
+    assert_eq!(again.status(), 202);
+    let order: Value = again.json().await.unwrap();
+    let logged = db.texts("SELECT DISTINCT stream_id FROM saga_events").await;
+    assert_eq!(
+        logged,
+        [order["id"].as_str().unwrap()],
+        "one saga, the first one"
+    );
+    let audit = quiet_audit_of(&client, &server.base, Duration::from_secs(30)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        1
+    );
+}
