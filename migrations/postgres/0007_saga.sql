@@ -72,3 +72,19 @@ CREATE TABLE saga_holds (
     status   TEXT   NOT NULL CHECK (status IN ('held', 'released', 'confirmed'))
 );
 CREATE INDEX saga_holds_by_event_user ON saga_holds (event_id, user_id);
+
+-- Messages whose delivery failed `attempts` times (a message no consumer can apply: a bug, or
+-- data edited by hand), moved out of the outbox so they stop being retried, with the last
+-- error, for an operator to look at. The admin stats count them.
+CREATE TABLE saga_dead_letters (
+    id          BIGINT  PRIMARY KEY,
+    message_id  TEXT    NOT NULL UNIQUE,
+    saga_id     TEXT    NOT NULL,
+    destination TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    body        JSONB   NOT NULL,
+    attempts    INTEGER NOT NULL,
+    error       TEXT    NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL,
+    dead_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);

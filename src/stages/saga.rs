@@ -57,6 +57,9 @@ const HANDLERS_IN_FLIGHT: usize = 256;
 /// First pause before a message whose handling failed is tried again; doubles per attempt.
 const RETRY_FIRST_MS: i64 = 100;
 const RETRY_MAX_MS: i64 = 2_000;
+/// Deliveries of one message before it is given up on and moved to the dead letters (with
+/// the backoff below, about half a minute of trying).
+pub const MAX_ATTEMPTS: i32 = 20;
 /// Times a decision is taken again after losing the race for its saga's next version.
 const CONFLICT_RETRIES: usize = 16;
 /// Connections of the consumers' own pool.
@@ -273,6 +276,13 @@ impl Inner {
             Ok(()) => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
                 Ok(())
+            }
+            Err(error) if message.attempts >= MAX_ATTEMPTS => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, saga = %message.saga, destination = message.destination.as_str(), attempts = message.attempts, "saga relay: giving up on a message; moved to saga_dead_letters");
+                self.relay_store
+                    .dead_letter(message.id, &error.to_string())
+                    .await
             }
             Err(error) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);

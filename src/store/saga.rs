@@ -46,6 +46,8 @@ pub struct OutboxDepth {
     pub timers: i64,
     /// Age of the oldest message due, in milliseconds (0 when none).
     pub oldest_due_ms: i64,
+    /// Messages given up on after too many failed deliveries (`saga_dead_letters`).
+    pub dead_letters: i64,
 }
 
 /// One stored event, as `GET /api/v2/orders/{id}/events` shows it.
@@ -162,6 +164,26 @@ impl Store {
         Ok(())
     }
 
+    /// Moves a message that failed too often out of the outbox, with its last error.
+    pub async fn dead_letter(&self, id: i64, error: &str) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO saga_dead_letters (id, message_id, saga_id, destination, kind, body, attempts, error, created_at)
+             SELECT id, message_id, saga_id, destination, kind, body, attempts, $2, created_at
+             FROM saga_outbox WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM saga_outbox WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Frees every claim (at start: one saga process per database, so a claim still standing
     /// belonged to a run that stopped).
     pub async fn release_outbox_claims(&self) -> StoreResult<u64> {
@@ -178,7 +200,8 @@ impl Store {
             "SELECT CAST(COUNT(*) FILTER (WHERE deliver_after <= now()) AS BIGINT),
                     CAST(COUNT(*) FILTER (WHERE deliver_after > now()) AS BIGINT),
                     CAST(COALESCE(EXTRACT(EPOCH FROM (now() - MIN(deliver_after)
-                        FILTER (WHERE deliver_after <= now()))) * 1000, 0) AS BIGINT)
+                        FILTER (WHERE deliver_after <= now()))) * 1000, 0) AS BIGINT),
+                    (SELECT CAST(COUNT(*) AS BIGINT) FROM saga_dead_letters)
              FROM saga_outbox",
         )
         .fetch_one(&self.pool)
@@ -187,6 +210,7 @@ impl Store {
             due: row.try_get(0)?,
             timers: row.try_get(1)?,
             oldest_due_ms: row.try_get(2)?,
+            dead_letters: row.try_get(3)?,
         })
     }
 

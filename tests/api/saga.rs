@@ -855,3 +855,34 @@ async fn a_v2_order_interrupted_by_a_crash_is_found_again_under_its_idempotency_
         1
     );
 }
+
+#[actix_web::test]
+async fn a_message_no_consumer_can_apply_ends_in_the_dead_letters_instead_of_looping() {
+    let app = saga_app(|_| {}).await;
+    let attempts = ticketflow::stages::saga::MAX_ATTEMPTS - 1;
+    app.db
+        .execute(&[&format!(
+            "INSERT INTO saga_outbox (message_id, saga_id, destination, kind, body, attempts)
+             VALUES ('poison-1', '{}', 'inventory', 'Nonsense', '{{\"type\": \"Nonsense\"}}', {attempts})",
+            Uuid::new_v4()
+        )])
+        .await;
+    let mut stats = Value::Null;
+    for _ in 0..100 {
+        stats = app.admin_json("/api/v2/admin/stats").await.1;
+        if stats["outbox"]["deadLetters"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats["outbox"]["deadLetters"], 1, "{stats}");
+    assert_eq!(stats["outbox"]["due"], 0, "{stats}");
+    let errors = app
+        .db
+        .texts("SELECT error FROM saga_dead_letters WHERE message_id = 'poison-1'")
+        .await;
+    assert!(errors[0].contains("cannot be read"), "{errors:?}");
+    // The relay goes on: a purchase after it is confirmed.
+    let event = app.create_event(1).await;
+    assert_eq!(app.purchase(event, "after-poison").await.0, 201);
+}
