@@ -1,4 +1,4 @@
-//! The command line: `ticketflow serve`, `ticketflow migrate` and `ticketflow simulate`.
+//! The command line: `ticketflow serve`, `migrate`, `simulate`, `node` and `replay`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,6 +41,10 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run one node of stage `services` (PostgreSQL only), for deployments over machines.
     Node(Box<NodeArgs>),
+    /// Stage `saga` (PostgreSQL only): rebuild every projection (orders, tickets, payments,
+    /// event availability) from the event log alone and compare it with the live tables row by
+    /// row; exit 0 only when they are equal, 1 (printing each difference) otherwise.
+    Replay(DbArgs),
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +279,10 @@ pub struct ServeArgs {
     /// `COMMIT`) held across the payment. Correct, and the price of it is the db-locks lesson.
     #[arg(long)]
     pub purchase_transaction: bool,
+    /// `saga` only, for the crash-recovery tests: exit the process at once right after this
+    /// step (its exit code is 86).
+    #[arg(long, value_enum, hide = true)]
+    pub saga_crash_after: Option<crate::config::SagaStep>,
     /// How long a SQLite connection waits for the file's write lock before `database is
     /// locked` (`PRAGMA busy_timeout`).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -388,6 +396,7 @@ impl ServeArgs {
                 limits
             },
             purchase_transaction: self.purchase_transaction,
+            saga_crash_after: self.saga_crash_after,
             locked: LockedSettings {
                 redis_url: self.locked.redis_url.clone(),
                 key_prefix: self.locked.redis_prefix.clone(),

@@ -18,16 +18,19 @@ pub enum StageKind {
     /// The seed's step 3: a gateway, a catalog and event actors sharded over inventory nodes,
     /// as separate processes on PostgreSQL.
     Services,
+    /// The seed's step 4: every order an orchestrated saga over an event-sourced log with a
+    /// transactional outbox, on PostgreSQL.
+    Saga,
 }
 
 impl StageKind {
     /// Whether this stage runs on `backend`: the monolith is SQLite-only, as the seed's step 1;
-    /// `services` is PostgreSQL-only (its shard leases live there).
+    /// `services` and `saga` are PostgreSQL-only (shard leases; the event log and outbox).
     pub fn runs_on(self, backend: crate::store::Backend) -> bool {
         use crate::store::Backend;
         match self {
             Self::Monolith => backend == Backend::Sqlite,
-            Self::Services => backend == Backend::Postgres,
+            Self::Services | Self::Saga => backend == Backend::Postgres,
             Self::Actor | Self::Locked => true,
         }
     }
@@ -38,6 +41,7 @@ impl StageKind {
             Self::Actor => "actor",
             Self::Locked => "locked",
             Self::Services => "services",
+            Self::Saga => "saga",
         }
     }
 }
@@ -46,6 +50,24 @@ impl fmt::Display for StageKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// A step of stage `saga`'s purchase after which a failpoint can stop the process at once
+/// (`--saga-crash-after`, for the crash-recovery tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SagaStep {
+    /// The transaction that records `OrderPlaced` (and queues `HoldSeats`), before the
+    /// client hears.
+    Placed,
+    /// The orchestrator's transaction that records `SeatsHeld` (and `ChargeRequested`).
+    SeatsHeld,
+    /// The relay has handed the `Charge` command to the payments participant, before the
+    /// gateway is called.
+    ChargeRelayed,
+    /// The gateway charged, before the payments participant records `PaymentSucceeded`.
+    Charged,
+    /// The orchestrator's transaction that records `OrderConfirmed`, before the client hears.
+    Confirmed,
 }
 
 /// Whether API v1 (no tokens, as in the seed) is served.
@@ -386,6 +408,8 @@ pub struct Settings {
     /// `monolith` only: each purchase is one write transaction (`BEGIN IMMEDIATE` … `COMMIT`)
     /// held across the payment — the obvious fix of its races, for the db-locks lesson.
     pub purchase_transaction: bool,
+    /// Stage `saga`, tests only: the process exits at once right after this step.
+    pub saga_crash_after: Option<SagaStep>,
 }
 
 impl Settings {
@@ -423,6 +447,7 @@ impl Settings {
             locked: LockedSettings::default(),
             services: ServicesSettings::default(),
             purchase_transaction: false,
+            saga_crash_after: None,
         }
     }
 }

@@ -11,10 +11,13 @@
 //!   charge, decline and refund) are group-committed to the database and survive restarts; in
 //!   stage `services` it runs in the payments node ([`payments::service`]), which the other
 //!   nodes call over HTTP ([`payments::remote`]).
+//! - [`saga`]: stage `saga`'s pure core: an order as an orchestrated saga, its typed and
+//!   versioned events, and the orchestrator's decision `(state, reply) -> (events, commands)`.
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, the group-commit writer, (`store::changes`) who is told when an
-//!   event's availability changes, and (`store::shards`) the shard leases and epoch fence of
-//!   stage `services`.
+//!   event's availability changes, (`store::shards`) the shard leases and epoch fence of
+//!   stage `services`, and (`store::saga`) stage `saga`'s event log, outbox, inboxes and
+//!   projections.
 //! - [`idempotency`]: the Idempotency-Key protocol (claim, run once, store, replay, recover).
 //! - [`lock`]: the `locked` stage's Redis lock per event, with fencing tokens.
 //! - [`queue`]: the `locked` stage's Redis-backed payment queue (apalis).
@@ -26,6 +29,8 @@
 //! - [`limits`]: the connection cap, the request-body deadline, and the hang-up watch of a
 //!   streaming connection.
 //! - [`meter`]: Prometheus metrics (`GET /metrics`) and the per-request span of the logs.
+//! - [`replay`]: `ticketflow replay`, stage `saga`'s projections rebuilt from its log and
+//!   compared with the live tables.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`supervisor`]: `serve --stage services`, the nodes of stage `services` as child
 //!   processes (the gateway, catalog and inventory nodes are [`stages::gateway`],
@@ -47,6 +52,8 @@ pub mod lock;
 pub mod meter;
 pub mod payments;
 pub mod queue;
+pub mod replay;
+pub mod saga;
 pub mod server;
 pub mod sim;
 pub mod stages;

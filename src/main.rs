@@ -27,6 +27,16 @@ async fn main() -> ExitCode {
         return ExitCode::from(ticketflow::sim::main(args, &mut std::io::stdout().lock()));
     }
     ticketflow::telemetry::init(cli.log_format);
+    if let Command::Replay(db) = &cli.command {
+        return match ticketflow::replay::run(db, &mut std::io::stdout().lock()).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(line) => {
+                eprintln!("error: {line}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -60,6 +70,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Simulate(_) => unreachable!("answered before the runtime is needed"),
+        Command::Replay(_) => unreachable!("answered before"),
         Command::Node(args) => {
             let settings = args.settings().map_err(|e| anyhow::anyhow!(e))?;
             let role = settings.services.role;

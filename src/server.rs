@@ -39,6 +39,10 @@ impl Server {
                     "stage services runs on PostgreSQL only (its shard leases live there): give \
                      --db postgres://USER@HOST:PORT/DATABASE"
                 ),
+                StageKind::Saga => anyhow::bail!(
+                    "stage saga runs on PostgreSQL only (its event log, outbox and inboxes live \
+                     there): give --db postgres://USER@HOST:PORT/DATABASE"
+                ),
                 _ => anyhow::bail!(
                     "--stage {} runs on SQLite only, like the seed's step 1: give --db a file \
                      path, or run --stage actor or locked on {}",

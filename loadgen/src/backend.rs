@@ -19,7 +19,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stages the server only runs on SQLite.
 const SQLITE_ONLY: &[&str] = &["monolith"];
 /// Stages the server only runs on PostgreSQL: a bare name means `@postgres`.
-const POSTGRES_ONLY: &[&str] = &["services"];
+const POSTGRES_ONLY: &[&str] = &["services", "saga"];
 
 /// A storage backend of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -105,8 +105,8 @@ impl StageSpec {
         }
         if backend != Backend::Postgres && POSTGRES_ONLY.contains(&stage) {
             return Err(format!(
-                "{flag} {text}: the {stage} stage runs on PostgreSQL only (its shard leases \
-                 live there); use {stage} (= {stage}@postgres)"
+                "{flag} {text}: the {stage} stage runs on PostgreSQL only; use {stage} \
+                 (= {stage}@postgres)"
             ));
         }
         Ok(Self {
@@ -312,6 +312,9 @@ mod tests {
         let e = parse("services@sqlite").unwrap_err();
         assert!(e.contains("PostgreSQL only"), "{e}");
         assert_eq!(parse("services").unwrap().label(), "services@postgres");
+        let e = parse("saga@sqlite").unwrap_err();
+        assert!(e.contains("PostgreSQL only"), "{e}");
+        assert_eq!(parse("saga").unwrap().label(), "saga@postgres");
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub fn configure(
             )
             .service(resource("/api/v2/orders").route(web::post().to(v2::orders::create_order)))
             .service(resource("/api/v2/orders/{id}").route(web::get().to(v2::orders::get_order)))
+            .service(
+                resource("/api/v2/orders/{id}/events")
+                    .route(web::get().to(v2::orders::order_events)),
+            )
             .service(resource("/api/v2/health").route(web::get().to(v2::admin::health)))
             .service(resource("/api/v2/admin/audit").route(web::get().to(v2::admin::audit)))
             .service(resource("/api/v2/admin/ledger").route(web::get().to(v2::admin::ledger)))

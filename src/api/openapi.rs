@@ -58,6 +58,7 @@ pub const PATH: &str = "/api/openapi.json";
         v2::events::availability_stream,
         v2::orders::create_order,
         v2::orders::get_order,
+        v2::orders::order_events,
         v2::admin::health,
         v2::admin::audit,
         v2::admin::ledger,

@@ -11,6 +11,7 @@ pub mod event_actor;
 pub mod gateway;
 pub mod locked;
 pub mod monolith;
+pub mod saga;
 pub mod services;
 
 use std::sync::Arc;
@@ -158,6 +159,16 @@ pub trait Stage: Send + Sync + 'static {
         None
     }
 
+    /// Stage `saga`: an order's saga events, in order. `None` for a stage that keeps no event
+    /// log.
+    async fn order_events(
+        &self,
+        order: OrderId,
+    ) -> Option<StoreResult<Vec<crate::store::saga::StoredEvent>>> {
+        let _ = order;
+        None
+    }
+
     /// The address the server is bound to, once it is (a node of `services` reports it).
     fn bound(&self, addr: std::net::SocketAddr) {
         let _ = addr;
@@ -211,6 +222,7 @@ pub async fn build(parts: StageParts) -> Result<Arc<dyn Stage>, StartError> {
         StageKind::Monolith => Arc::new(monolith::Monolith::new(parts)),
         StageKind::Actor => Arc::new(actor::ActorStage::start(parts).await?),
         StageKind::Locked => Arc::new(locked::LockedStage::start(parts).await?),
+        StageKind::Saga => Arc::new(saga::SagaStage::start(parts).await?),
         StageKind::Services => match parts.settings.services.role {
             NodeRole::Inventory => Arc::new(services::InventoryNode::start(parts).await?),
             NodeRole::Gateway => Arc::new(gateway::GatewayNode::start(parts).await?),

@@ -165,6 +165,13 @@ impl DatabaseUrl {
         Ok(pool)
     }
 
+    /// Whether the database exists already (a PostgreSQL database on a reachable server, a
+    /// SQLite file), without creating it.
+    pub async fn exists(&self) -> StoreResult<bool> {
+        install_drivers();
+        Any::database_exists(&self.url).await.map_err(unavailable)
+    }
+
     /// A pool of at most `connections` on the (existing, migrated) database.
     pub async fn pool_of(&self, connections: u32) -> StoreResult<AnyPool> {
         let session = self.session_sql();

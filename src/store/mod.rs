@@ -18,6 +18,7 @@ pub mod backend;
 pub mod changes;
 pub mod fenced;
 pub mod gateway;
+pub mod saga;
 pub mod shards;
 pub mod sql;
 pub mod writer;

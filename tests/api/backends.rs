@@ -75,6 +75,17 @@ impl TestDb {
         n
     }
 
+    /// A column of text read straight from the database, bypassing the server.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        let pool = self.pool().await;
+        let rows: Vec<String> = sqlx::query_scalar(sql)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        pool.close().await;
+        rows
+    }
+
     /// Whether the database exists yet (PostgreSQL: in `pg_database`; SQLite: the file).
     pub async fn exists(&self) -> bool {
         match self.backend {

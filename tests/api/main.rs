@@ -20,6 +20,7 @@ mod payments_node;
 mod process;
 mod rate;
 mod recovery;
+mod saga;
 mod seed_scripts;
 mod services;
 mod shards;

@@ -38,6 +38,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v2/events/{id}/availability"),
     ("POST", "/api/v2/orders"),
     ("GET", "/api/v2/orders/{id}"),
+    ("GET", "/api/v2/orders/{id}/events"),
     ("GET", "/api/v2/health"),
     ("GET", "/api/v2/admin/audit"),
     ("GET", "/api/v2/admin/ledger"),
@@ -162,6 +163,7 @@ async fn the_document_declares_security_and_problem_answers() {
         ("GET", "/api/v2/users/me/tickets", "user_token"),
         ("POST", "/api/v2/orders", "user_token"),
         ("GET", "/api/v2/orders/{id}", "user_token"),
+        ("GET", "/api/v2/orders/{id}/events", "user_token"),
         ("POST", "/api/v2/events", "admin_token"),
         ("GET", "/api/v2/admin/audit", "admin_token"),
         ("GET", "/api/v2/admin/ledger", "admin_token"),
@@ -536,6 +538,20 @@ async fn real_answers_use_the_status_codes_the_document_declares() {
         "/api/v2/orders/{id}",
         send(&app, Method::GET, "/api/v2/orders/nope", user, None, None).await,
         404,
+    );
+    // The actor stage keeps no event log: its own order's events are 404 `no-event-log`.
+    let events_path = format!("{order_path}/events");
+    check(
+        "GET",
+        "/api/v2/orders/{id}/events",
+        send(&app, Method::GET, &events_path, user, None, None).await,
+        404,
+    );
+    check(
+        "GET",
+        "/api/v2/orders/{id}/events",
+        send(&app, Method::GET, &events_path, None, None, None).await,
+        401,
     );
     for path in ["/api/v2/users/me/orders", "/api/v2/users/me/tickets"] {
         check(

@@ -39,8 +39,12 @@ async fn next_frame(stream: &mut reqwest::Response) -> String {
     String::from_utf8(chunk.to_vec()).unwrap()
 }
 
-async fn idle_streams_cost_no_reads_and_a_purchase_is_pushed(stage: &str, extra: &[&str]) {
-    let db = TestDb::new(Backend::Sqlite);
+async fn idle_streams_cost_no_reads_and_a_purchase_is_pushed(
+    stage: &str,
+    backend: Backend,
+    extra: &[&str],
+) {
+    let db = TestDb::new(backend);
     let client = reqwest::Client::new();
     // Payments always succeed here, so a purchase is one change (its hold) and no more.
     let extra = [extra, &["--payment-failure-rate", "0"]].concat();
@@ -105,7 +109,13 @@ async fn idle_streams_cost_no_reads_and_a_purchase_is_pushed(stage: &str, extra:
 
 #[actix_rt::test]
 async fn actor_idle_streams_cost_no_reads_and_a_purchase_is_pushed() {
-    idle_streams_cost_no_reads_and_a_purchase_is_pushed("actor", &[]).await;
+    idle_streams_cost_no_reads_and_a_purchase_is_pushed("actor", Backend::Sqlite, &[]).await;
+}
+
+/// Stage `saga`: the stream is told by the projection's commit, fed from the log.
+#[actix_rt::test]
+async fn saga_idle_streams_cost_no_reads_and_a_purchase_is_pushed() {
+    idle_streams_cost_no_reads_and_a_purchase_is_pushed("saga", Backend::Postgres, &[]).await;
 }
 
 #[actix_rt::test]
@@ -114,6 +124,7 @@ async fn locked_idle_streams_cost_no_reads_and_a_purchase_is_pushed() {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     idle_streams_cost_no_reads_and_a_purchase_is_pushed(
         "locked",
+        Backend::Sqlite,
         &["--redis-url", &url, "--redis-prefix", &keys.prefix],
     )
     .await;

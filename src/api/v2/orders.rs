@@ -152,3 +152,72 @@ fn order_refused(e: crate::stages::PurchaseError) -> Problem {
     }
     problem
 }
+
+/// One event of an order's saga, as `GET /api/v2/orders/{id}/events` lists it.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SagaEventView {
+    /// The event's place in its saga, from 1.
+    version: i64,
+    /// `OrderPlaced`, `SeatsHeld`, `ChargeRequested`, `PaymentSucceeded`, `PaymentDeclined`,
+    /// `HoldExpired`, `ReleaseRequested`, `SeatsReleased`, `RefundRequested`, `RefundIssued`,
+    /// `HoldLost`, `OrderConfirmed`, `OrderCancelled`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// The version of the event's stored form.
+    schema_version: i32,
+    #[schema(format = DateTime)]
+    at: String,
+    /// The event's fields as stored.
+    #[schema(value_type = Object)]
+    data: Value,
+}
+
+/// `GET /api/v2/orders/{id}/events` (stage `saga`): the caller's own order's saga events, in
+/// order; anyone else's order is 404, like a missing one.
+#[utoipa::path(
+    get,
+    path = "/api/v2/orders/{id}/events",
+    tag = "v2",
+    operation_id = "v2GetOrderEvents",
+    security(("user_token" = [])),
+    params(("id" = String, Path, format = Uuid, description = "The order's id.")),
+    responses(
+        (status = 200, description = "The order's saga events, oldest first.", body = Vec<SagaEventView>),
+        (status = 404, description = "No such order, or another user's (`unknown-order`); or this stage keeps no event log (`no-event-log`).", body = Problem, content_type = "application/problem+json"),
+        UserAuthProblems,
+    ),
+)]
+pub async fn order_events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let user = require_user(&req, &state).await?;
+    let missing = || Problem::not_found("unknown-order", format!("no order with id {id}"));
+    let order_id = OrderId(uuid::Uuid::parse_str(&id).map_err(|_| missing())?);
+    match state.stage.order(order_id).await? {
+        Some(order) if order.user_id == user.as_str() => {}
+        _ => return Err(missing()),
+    }
+    let Some(events) = state.stage.order_events(order_id).await else {
+        return Err(Problem::not_found(
+            "no-event-log",
+            format!(
+                "the {} stage keeps no event log; stage saga does",
+                state.stage.kind()
+            ),
+        ));
+    };
+    let views: Vec<SagaEventView> = events?
+        .into_iter()
+        .map(|e| SagaEventView {
+            version: e.version,
+            kind: e.kind,
+            schema_version: e.schema_version,
+            at: e.at,
+            data: e.data,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(views))
+}

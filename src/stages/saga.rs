@@ -1,0 +1,903 @@
+//! Stage `saga` (the seed's step 4): every order is an orchestrated saga over an event-sourced
+//! log in PostgreSQL, its effects leave through a transactional outbox, and the read models
+//! every stage serves from (orders, tickets, payments, `events.available_tickets`) are
+//! projections of the log written in the same transactions.
+//!
+//! The pieces, each a consumer of the outbox with an inbox of its own:
+//! - the **orchestrator** ([`Inner::orchestrate`]): loads a saga (snapshot and tail), asks the
+//!   pure [`crate::saga::decide`] what follows a reply, and appends the events, the commands
+//!   and the projection in one transaction, guarded by the stream's version;
+//! - the **inventory** participant ([`Inner::inventory`]): seats and holds in tables of its
+//!   own, changed in the transaction that records the command in its inbox and queues the
+//!   reply;
+//! - the **payments** participant ([`Inner::payments`]): the payment gateway (this process's
+//!   payment actors, as in `actor`), called under a key derived from the saga and its step,
+//!   so a redelivered `Charge` never charges twice; the reply is recorded with the inbox entry;
+//! - the **relay** ([`Inner::relay`]): claims due messages with `FOR UPDATE SKIP LOCKED` and a
+//!   lease, hands each to its consumer, and deletes it once handled. Timers (a hold's expiry)
+//!   are messages due later.
+//!
+//! These participants run in this process, on the same database; the `services` nodes are to
+//! become them once that stage has landed (see the README).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{watch, Notify, Semaphore};
+use uuid::Uuid;
+
+use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
+use crate::audit::Activity;
+use crate::config::{SagaStep, StageKind};
+use crate::domain::{
+    CancelReason, Event, EventId, NewEvent, Order, OrderId, OrderStatus, Ticket, TicketId,
+    TicketStatus, UserId,
+};
+use crate::payments::{ChargeOutcome, GatewayUnavailable};
+use crate::saga::projection::stored_time;
+use crate::saga::{decide, place, Command, Outcome, Participant, Placed, Refusal, Reply, Saga};
+use crate::store::saga::{HoldOutcome, OutboxMessage, StoredEvent};
+use crate::store::{Catalog, Records, Store, StoreError, StoreResult};
+
+/// A stream is snapshotted each time its version crosses a multiple of this.
+pub const SNAPSHOT_EVERY: u64 = 4;
+/// Most messages one claim takes.
+const RELAY_BATCH: u32 = 64;
+/// How long a claimed message is the claimer's before another relay may take it again.
+const RELAY_LEASE_MS: i64 = 10_000;
+/// How often an idle relay looks for due messages (timers, and work from another process);
+/// work queued by this process wakes it at once.
+const RELAY_IDLE_POLL: Duration = Duration::from_millis(25);
+/// Messages being handled at once (each holds a database connection only while it writes;
+/// a charge waits for the gateway without one).
+const HANDLERS_IN_FLIGHT: usize = 256;
+/// First pause before a message whose handling failed is tried again; doubles per attempt.
+const RETRY_FIRST_MS: i64 = 100;
+const RETRY_MAX_MS: i64 = 2_000;
+/// Deliveries of one message before it is given up on and moved to the dead letters (with
+/// the backoff below, about half a minute of trying).
+pub const MAX_ATTEMPTS: i32 = 20;
+/// Times a decision is taken again after losing the race for its saga's next version.
+const CONFLICT_RETRIES: usize = 16;
+/// Connections of the consumers' own pool.
+pub const SAGA_CONNECTIONS: u32 = 12;
+/// The relay's own connection: its claims never queue behind the handlers it feeds.
+const RELAY_CONNECTIONS: u32 = 1;
+/// How often a request waiting on its saga reads the log in case a notice was missed.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+/// How long past the hold's expiry a v1 purchase waits for its saga to end before it answers
+/// that the payment's outcome is not known yet.
+const V1_GRACE: Duration = Duration::from_secs(10);
+
+/// The exit code of a process stopped by `--saga-crash-after`.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub struct SagaStage {
+    inner: Arc<Inner>,
+}
+
+/// Relay figures for `GET /api/v2/admin/stats`. Atomics: every handler bumps them, and they
+/// are independent counters with no invariant between them.
+#[derive(Default)]
+struct RelayStats {
+    delivered: AtomicU64,
+    redelivered: AtomicU64,
+    failed: AtomicU64,
+    lag_last_ms: AtomicI64,
+    lag_max_ms: AtomicI64,
+    lag_total_ms: AtomicI64,
+}
+
+struct Inner {
+    parts: StageParts,
+    /// The consumers' own pool, so they never queue behind the API's reads.
+    store: Store,
+    /// The relay's pool, for claims and retries.
+    relay_store: Store,
+    waiters: Waiters,
+    /// Wakes the relay when this process queued a message.
+    wake: Notify,
+    /// Bounds the handlers running at once.
+    handlers: Arc<Semaphore>,
+    in_hand: AtomicI64,
+    stats: RelayStats,
+    stopping: watch::Sender<bool>,
+}
+
+/// Requests waiting for their saga to reach a point, told after each commit on it. A std
+/// `Mutex`: held only to find a sender, never across an `.await`.
+#[derive(Default)]
+struct Waiters(Mutex<HashMap<OrderId, watch::Sender<Option<Saga>>>>);
+
+/// One request's watch on its saga; leaving, the last watcher removes the entry.
+struct Watch<'a> {
+    waiters: &'a Waiters,
+    order: OrderId,
+    rx: watch::Receiver<Option<Saga>>,
+}
+
+impl Waiters {
+    fn watch(&self, order: OrderId) -> Watch<'_> {
+        let mut map = self.0.lock().expect("saga waiters poisoned");
+        let rx = map
+            .entry(order)
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        Watch {
+            waiters: self,
+            order,
+            rx,
+        }
+    }
+
+    fn tell(&self, order: OrderId, saga: &Saga) {
+        let map = self.0.lock().expect("saga waiters poisoned");
+        if let Some(tx) = map.get(&order) {
+            tx.send_replace(Some(saga.clone()));
+        }
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiters.0.lock().expect("saga waiters poisoned");
+        if map
+            .get(&self.order)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            map.remove(&self.order);
+        }
+    }
+}
+
+impl SagaStage {
+    /// Opens the stage's pool, gives every event a row of seats, frees the claims a stopped
+    /// run left, and starts the relay: sagas a stopped run left half-way go on from where the
+    /// log says they are.
+    pub async fn start(parts: StageParts) -> Result<Self, StartError> {
+        parts.store.require_saga_postgres()?;
+        let store = parts.store.with_own_pool(SAGA_CONNECTIONS).await?;
+        let relay_store = parts.store.with_own_pool(RELAY_CONNECTIONS).await?;
+        store.seed_saga_seats().await?;
+        let freed = store.release_outbox_claims().await?;
+        if freed > 0 {
+            tracing::warn!(
+                freed,
+                "saga: claims left by a stopped run are delivered again"
+            );
+        }
+        let (stopping, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            parts,
+            store,
+            relay_store,
+            waiters: Waiters::default(),
+            wake: Notify::new(),
+            handlers: Arc::new(Semaphore::new(HANDLERS_IN_FLIGHT)),
+            in_hand: AtomicI64::new(0),
+            stats: RelayStats::default(),
+            stopping,
+        });
+        let relay = Arc::clone(&inner);
+        actix_rt::spawn(async move { relay.relay().await });
+        Ok(Self { inner })
+    }
+
+    /// A stream's events, in order.
+    pub async fn events_of(&self, order: OrderId) -> StoreResult<Vec<StoredEvent>> {
+        self.inner.store.saga_events(order).await
+    }
+}
+
+impl Inner {
+    /// The failpoint: exits the process at once, as a crash would (no shutdown, no flush),
+    /// right after `step` if the settings ask for it.
+    fn crash_after(&self, step: SagaStep) {
+        if self.parts.settings.saga_crash_after == Some(step) {
+            tracing::error!(?step, "saga failpoint: exiting right after this step");
+            std::process::exit(CRASH_EXIT_CODE);
+        }
+    }
+
+    // ---------- the relay ----------
+
+    async fn relay(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        let mut backoff = RETRY_FIRST_MS;
+        loop {
+            if *stopping.borrow() {
+                return;
+            }
+            let room = self.handlers.available_permits().min(RELAY_BATCH as usize) as u32;
+            let claimed = if room == 0 {
+                Ok(Vec::new())
+            } else {
+                self.relay_store.claim_outbox(room, RELAY_LEASE_MS).await
+            };
+            let messages = match claimed {
+                Ok(messages) => {
+                    backoff = RETRY_FIRST_MS;
+                    messages
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "saga relay: cannot claim from the outbox; trying again");
+                    tokio::time::sleep(Duration::from_millis(backoff as u64)).await;
+                    backoff = (backoff * 2).min(RETRY_MAX_MS);
+                    continue;
+                }
+            };
+            if messages.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(RELAY_IDLE_POLL) => {}
+                    _ = stopping.changed() => {}
+                }
+                continue;
+            }
+            for message in messages {
+                let Ok(permit) = Arc::clone(&self.handlers).acquire_owned().await else {
+                    return;
+                };
+                let inner = Arc::clone(&self);
+                self.in_hand.fetch_add(1, Ordering::AcqRel);
+                actix_rt::spawn(async move {
+                    inner.deliver(message).await;
+                    inner.in_hand.fetch_sub(1, Ordering::AcqRel);
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    /// Hands one message to its consumer; deletes it once handled, or sets it to be tried
+    /// again later.
+    async fn deliver(&self, message: OutboxMessage) {
+        let stats = &self.stats;
+        stats.lag_last_ms.store(message.lag_ms, Ordering::Relaxed);
+        stats
+            .lag_max_ms
+            .fetch_max(message.lag_ms, Ordering::Relaxed);
+        stats
+            .lag_total_ms
+            .fetch_add(message.lag_ms.max(0), Ordering::Relaxed);
+        if message.attempts > 1 {
+            stats.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+        let handled = self.handle(&message).await;
+        let settled = match handled {
+            // Acknowledged in the consumer's transaction.
+            Ok(()) => {
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) if message.attempts >= MAX_ATTEMPTS => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, saga = %message.saga, destination = message.destination.as_str(), attempts = message.attempts, "saga relay: giving up on a message; moved to saga_dead_letters");
+                self.relay_store
+                    .dead_letter(message.id, &error.to_string())
+                    .await
+            }
+            Err(error) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                let after =
+                    (RETRY_FIRST_MS << message.attempts.clamp(1, 8) as u32 >> 1).min(RETRY_MAX_MS);
+                tracing::info!(%error, saga = %message.saga, destination = message.destination.as_str(), attempts = message.attempts, "saga relay: delivery failed; trying again");
+                self.relay_store.retry_outbox(message.id, after).await
+            }
+        };
+        if let Err(error) = settled {
+            // The claim runs out and the message is delivered again; its consumer's inbox
+            // recognises it.
+            tracing::warn!(%error, saga = %message.saga, "saga relay: could not settle a delivered message");
+        }
+    }
+
+    async fn handle(&self, message: &OutboxMessage) -> Result<(), HandleError> {
+        let order = OrderId(
+            Uuid::parse_str(&message.saga)
+                .map_err(|_| HandleError::Corrupt(format!("saga id {}", message.saga)))?,
+        );
+        let delivery = Delivery {
+            outbox_id: message.id,
+            message_id: message.message_id.clone(),
+        };
+        match message.destination {
+            Participant::Orchestrator => {
+                let reply: Reply = serde_json::from_value(message.body.clone())
+                    .map_err(|e| HandleError::Corrupt(e.to_string()))?;
+                self.orchestrate(order, Some(&delivery), &reply).await?;
+                Ok(())
+            }
+            Participant::Inventory | Participant::Payments => {
+                let command: Command = serde_json::from_value(message.body.clone())
+                    .map_err(|e| HandleError::Corrupt(e.to_string()))?;
+                if message.destination == Participant::Inventory {
+                    self.inventory(order, &delivery, &command).await
+                } else {
+                    self.payments(order, &delivery, &command).await
+                }
+            }
+        }
+    }
+
+    // ---------- the orchestrator ----------
+
+    /// Decides what follows `reply` in `order`'s saga and records it: the events, the
+    /// commands and the projection in one transaction; a redelivered message (seen in the
+    /// inbox) or a reply that changes nothing records only its inbox entry. Returns the saga
+    /// as it stands after.
+    async fn orchestrate(
+        &self,
+        order: OrderId,
+        delivery: Option<&Delivery>,
+        reply: &Reply,
+    ) -> Result<Saga, HandleError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let mut tx = self.store.begin_saga().await?;
+            if let Some(delivery) = delivery {
+                if !tx
+                    .first_delivery(
+                        Participant::Orchestrator,
+                        &delivery.message_id,
+                        delivery.outbox_id,
+                        order,
+                    )
+                    .await?
+                {
+                    tx.commit().await?;
+                    return Ok(self.store.load_saga(order).await?);
+                }
+            }
+            let before = tx.load(order).await?;
+            let decision = decide(&before, reply, now_ms());
+            if decision.events.is_empty() {
+                tx.commit().await?;
+                return Ok(before);
+            }
+            let after = match tx
+                .append(order, &before, &decision.events, SNAPSHOT_EVERY)
+                .await
+            {
+                Ok(after) => after,
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.queue(&mut tx, order, &decision.commands).await?;
+            tx.project(&before, &after).await?;
+            tx.commit().await?;
+            if decision.events.iter().any(|e| e.kind() == "SeatsHeld") {
+                self.crash_after(SagaStep::SeatsHeld);
+            }
+            if after.outcome == Some(Outcome::Confirmed) {
+                self.crash_after(SagaStep::Confirmed);
+            }
+            self.committed(order, &after);
+            return Ok(after);
+        }
+        Err(HandleError::Busy)
+    }
+
+    /// Writes `commands` into the outbox, in the caller's transaction.
+    async fn queue(
+        &self,
+        tx: &mut crate::store::saga::SagaTx,
+        order: OrderId,
+        commands: &[Command],
+    ) -> StoreResult<()> {
+        for command in commands {
+            match command {
+                Command::StartHoldTimer { at_ms, .. } => {
+                    let body = serde_json::to_value(Reply::HoldTimeout).unwrap_or_default();
+                    tx.send(
+                        order,
+                        Participant::Orchestrator,
+                        "HoldTimeout",
+                        &body,
+                        Some(*at_ms),
+                    )
+                    .await?
+                }
+                Command::CancelTimers { .. } => tx.cancel_timers(order).await?,
+                other => {
+                    let body = serde_json::to_value(other).unwrap_or_default();
+                    tx.send(order, other.participant(), command_kind(other), &body, None)
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a commit on `order`'s saga: its waiters are told, the relay woken.
+    fn committed(&self, order: OrderId, saga: &Saga) {
+        self.waiters.tell(order, saga);
+        self.wake.notify_one();
+    }
+
+    // ---------- the participants ----------
+
+    /// The inventory participant: applies a seat command once (its inbox), and queues its
+    /// reply, in one transaction.
+    async fn inventory(
+        &self,
+        order: OrderId,
+        delivery: &Delivery,
+        command: &Command,
+    ) -> Result<(), HandleError> {
+        let mut tx = self.store.begin_saga().await?;
+        if !tx
+            .first_delivery(
+                Participant::Inventory,
+                &delivery.message_id,
+                delivery.outbox_id,
+                order,
+            )
+            .await?
+        {
+            tx.commit().await?;
+            return Ok(());
+        }
+        let reply = match command {
+            Command::HoldSeats {
+                event,
+                user,
+                quantity,
+                per_user_limit,
+                hold_ttl_ms,
+                ..
+            } => match tx
+                .hold_seats(order, *event, user, *quantity, *per_user_limit)
+                .await?
+            {
+                HoldOutcome::Held => Reply::SeatsHeld {
+                    expires_at_ms: now_ms() + *hold_ttl_ms as i64,
+                },
+                HoldOutcome::Refused(refusal) => Reply::SeatsRefused { refusal },
+            },
+            Command::ReleaseSeats { .. } => {
+                tx.release_seats(order).await?;
+                Reply::SeatsReleased
+            }
+            Command::ConfirmSeats { .. } => match tx.confirm_seats(order).await? {
+                true => Reply::SeatsConfirmed,
+                false => Reply::HoldMissing,
+            },
+            other => return Err(HandleError::Corrupt(format!("inventory got {other:?}"))),
+        };
+        self.reply(tx, order, &reply).await
+    }
+
+    /// The payments participant: charges or refunds at the gateway under the saga's payment
+    /// key (the gateway answers a key once, so a redelivery is the same charge), then records
+    /// the message in its inbox and queues the answer in one transaction.
+    async fn payments(
+        &self,
+        order: OrderId,
+        delivery: &Delivery,
+        command: &Command,
+    ) -> Result<(), HandleError> {
+        if self
+            .store
+            .inbox_has(Participant::Payments, &delivery.message_id)
+            .await?
+        {
+            self.store.ack_outbox(delivery.outbox_id).await?;
+            return Ok(());
+        }
+        let gateway = &self.parts.payments;
+        // In flight from the call until the answer is queued.
+        let _in_flight = gateway.track();
+        let reply = match command {
+            Command::Charge {
+                payment_key,
+                amount_cents,
+                ..
+            } => {
+                self.crash_after(SagaStep::ChargeRelayed);
+                let amount = crate::domain::Money::from_cents(*amount_cents)
+                    .map_err(|e| HandleError::Corrupt(e.to_string()))?;
+                match gateway.charge(payment_key, amount).await? {
+                    ChargeOutcome::Approved { charge_id } => {
+                        self.crash_after(SagaStep::Charged);
+                        Reply::PaymentSucceeded {
+                            charge_id: charge_id.to_string(),
+                        }
+                    }
+                    ChargeOutcome::Declined => Reply::PaymentDeclined,
+                }
+            }
+            Command::Refund { payment_key, .. } => {
+                gateway.refund(payment_key).await?;
+                Reply::Refunded
+            }
+            other => return Err(HandleError::Corrupt(format!("payments got {other:?}"))),
+        };
+        let mut tx = self.store.begin_saga().await?;
+        if !tx
+            .first_delivery(
+                Participant::Payments,
+                &delivery.message_id,
+                delivery.outbox_id,
+                order,
+            )
+            .await?
+        {
+            tx.commit().await?;
+            return Ok(());
+        }
+        self.reply(tx, order, &reply).await
+    }
+
+    /// Queues a participant's reply to the orchestrator and commits the participant's step.
+    async fn reply(
+        &self,
+        mut tx: crate::store::saga::SagaTx,
+        order: OrderId,
+        reply: &Reply,
+    ) -> Result<(), HandleError> {
+        let body = serde_json::to_value(reply).unwrap_or_default();
+        tx.send(
+            order,
+            Participant::Orchestrator,
+            reply_kind(reply),
+            &body,
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    // ---------- placing and waiting ----------
+
+    /// Starts a saga for `request` (or finds the one its Idempotency-Key started before) and
+    /// waits until its seats are held or refused.
+    async fn place(
+        &self,
+        request: PlaceRequest,
+        watch: &mut Watch<'_>,
+    ) -> Result<Saga, PurchaseError> {
+        let event = self
+            .parts
+            .store
+            .event(request.event)
+            .await?
+            .ok_or(PurchaseError::UnknownEvent)?;
+        let order = request.order;
+        let placed = Placed {
+            order,
+            event: event.id,
+            user: request.user.as_str().to_owned(),
+            quantity: request.quantity,
+            unit_price_cents: event.price_cents,
+            tickets: (0..request.quantity)
+                .map(|_| TicketId(Uuid::new_v4()))
+                .collect(),
+            idempotency_key: request.idempotency_key,
+            per_user_limit: request.per_user_limit,
+            hold_ttl_ms: self.parts.settings.hold_ttl.as_millis() as u64,
+            placed_at_ms: now_ms(),
+        };
+        let decision = place(placed);
+        let mut tx = self.store.begin_saga().await?;
+        match tx
+            .append(order, &Saga::default(), &decision.events, SNAPSHOT_EVERY)
+            .await
+        {
+            Ok(after) => {
+                self.queue(&mut tx, order, &decision.commands).await?;
+                tx.commit().await?;
+                self.crash_after(SagaStep::Placed);
+                self.committed(order, &after);
+            }
+            // Placed before under the same Idempotency-Key: that saga is the answer.
+            Err(StoreError::Conflict(_)) => drop(tx),
+            Err(e) => return Err(e.into()),
+        }
+        // Bounded: a request is answered even when the relay cannot make progress (the
+        // database down); the saga goes on without it, under the same id.
+        let limit = self.parts.settings.hold_ttl + V1_GRACE;
+        self.wait(
+            watch,
+            |saga| saga.has_order() || saga.is_final(),
+            Some((limit, "the saga's relay")),
+        )
+        .await
+    }
+
+    /// Waits until `order`'s saga satisfies `done`, or `limit`'s time passes: then the answer
+    /// is [`PurchaseError::Unavailable`] naming what it waited for.
+    async fn wait(
+        &self,
+        watch: &mut Watch<'_>,
+        done: impl Fn(&Saga) -> bool,
+        limit: Option<(Duration, &'static str)>,
+    ) -> Result<Saga, PurchaseError> {
+        let deadline = limit.map(|(l, _)| tokio::time::Instant::now() + l);
+        let waiting_for = limit.map_or("the saga", |(_, what)| what);
+        loop {
+            if let Some(saga) = watch.rx.borrow_and_update().clone() {
+                if done(&saga) {
+                    return Ok(saga);
+                }
+            }
+            let until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + WAIT_POLL);
+            tokio::select! {
+                changed = watch.rx.changed() => {
+                    if changed.is_err() {
+                        return Err(PurchaseError::Overloaded);
+                    }
+                }
+                _ = tokio::time::sleep(WAIT_POLL) => {
+                    let saga = self.store.load_saga(watch.order).await?;
+                    if done(&saga) {
+                        return Ok(saga);
+                    }
+                }
+                _ = tokio::time::sleep_until(until), if deadline.is_some() => {
+                    return Err(PurchaseError::Unavailable(waiting_for));
+                }
+            }
+        }
+    }
+}
+
+/// A message as its consumer receives it: its id (for the inbox) and its outbox row (deleted
+/// in the consumer's own transaction, so a handled message is acknowledged exactly when its
+/// effect commits).
+#[derive(Debug, Clone)]
+struct Delivery {
+    outbox_id: i64,
+    message_id: String,
+}
+
+/// What a request asks the saga for.
+struct PlaceRequest {
+    order: OrderId,
+    event: EventId,
+    user: UserId,
+    quantity: u32,
+    per_user_limit: Option<u32>,
+    idempotency_key: Option<String>,
+}
+
+/// Why a message could not be handled now (it is delivered again later).
+#[derive(Debug, thiserror::Error)]
+enum HandleError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayUnavailable),
+    #[error("the saga's next version kept being taken by other decisions")]
+    Busy,
+    #[error("a message that cannot be read: {0}")]
+    Corrupt(String),
+}
+
+impl From<HandleError> for PurchaseError {
+    fn from(e: HandleError) -> Self {
+        match e {
+            HandleError::Store(e) => Self::Store(e),
+            HandleError::Gateway(e) => Self::Gateway(e),
+            HandleError::Busy => Self::Overloaded,
+            HandleError::Corrupt(what) => Self::Store(StoreError::Corrupt(what)),
+        }
+    }
+}
+
+fn command_kind(command: &Command) -> &'static str {
+    match command {
+        Command::HoldSeats { .. } => "HoldSeats",
+        Command::ReleaseSeats { .. } => "ReleaseSeats",
+        Command::ConfirmSeats { .. } => "ConfirmSeats",
+        Command::Charge { .. } => "Charge",
+        Command::Refund { .. } => "Refund",
+        Command::StartHoldTimer { .. } => "StartHoldTimer",
+        Command::CancelTimers { .. } => "CancelTimers",
+    }
+}
+
+fn reply_kind(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::SeatsHeld { .. } => "SeatsHeld",
+        Reply::SeatsRefused { .. } => "SeatsRefused",
+        Reply::SeatsReleased => "SeatsReleased",
+        Reply::SeatsConfirmed => "SeatsConfirmed",
+        Reply::HoldMissing => "HoldMissing",
+        Reply::PaymentSucceeded { .. } => "PaymentSucceeded",
+        Reply::PaymentDeclined => "PaymentDeclined",
+        Reply::Refunded => "Refunded",
+        Reply::HoldTimeout => "HoldTimeout",
+    }
+}
+
+/// The order an API v2 request with an Idempotency-Key makes: the same id for the same
+/// (user, key), so a retry finds the saga the first request started, even after a crash
+/// between placing it and storing the key's answer.
+fn order_for_key(user: &UserId, key: &str) -> OrderId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{}\u{0}{key}", user.as_str()).as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    OrderId(uuid::Builder::from_random_bytes(bytes).into_uuid())
+}
+
+fn refused(refusal: Refusal) -> PurchaseError {
+    match refusal {
+        Refusal::UnknownEvent => PurchaseError::UnknownEvent,
+        Refusal::SoldOut => PurchaseError::SoldOut,
+        Refusal::AllHeld => PurchaseError::AllHeld,
+        Refusal::NotEnough { available } => PurchaseError::NotEnough { available },
+        Refusal::UserLimit { limit } => PurchaseError::UserLimit { limit },
+    }
+}
+
+/// The order as it stood when its seats were held (API v2's `202`).
+fn order_of(saga: &Saga) -> Option<Order> {
+    let placed = saga.placed.as_ref()?;
+    let created_at = stored_time(placed.placed_at_ms);
+    Some(Order {
+        id: placed.order,
+        event_id: placed.event,
+        user_id: placed.user.clone(),
+        quantity: placed.quantity,
+        amount_cents: placed.amount_cents(),
+        status: OrderStatus::Pending,
+        cancel_reason: None,
+        tickets: placed.tickets.clone(),
+        created_at: created_at.clone(),
+        updated_at: created_at,
+    })
+}
+
+#[async_trait]
+impl Stage for SagaStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Saga
+    }
+
+    fn records(&self) -> &dyn Records {
+        &self.inner.parts.store
+    }
+
+    async fn create_event(&self, new: NewEvent) -> Result<Event, StoreError> {
+        let event = self.inner.parts.store.create_event(&new).await?;
+        self.inner.store.seed_saga_seats().await?;
+        Ok(event)
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "saga"))]
+    async fn purchase(&self, event: EventId, user: UserId) -> Result<Ticket, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        // Detached: the saga goes on even if the client hangs up.
+        let task = actix_rt::spawn(async move {
+            let order = OrderId(Uuid::new_v4());
+            let mut watch = inner.waiters.watch(order);
+            let held = inner
+                .place(
+                    PlaceRequest {
+                        order,
+                        event,
+                        user,
+                        quantity: 1,
+                        per_user_limit: None,
+                        idempotency_key: None,
+                    },
+                    &mut watch,
+                )
+                .await?;
+            if let Some(Outcome::Rejected { refusal }) = held.outcome {
+                return Err(refused(refusal));
+            }
+            let limit = inner.parts.settings.hold_ttl + V1_GRACE;
+            let done = inner
+                .wait(
+                    &mut watch,
+                    Saga::is_final,
+                    Some((limit, "the payment gateway")),
+                )
+                .await?;
+            let placed = done.placed.clone().ok_or(PurchaseError::UnknownEvent)?;
+            match done.outcome {
+                Some(Outcome::Confirmed) => Ok(Ticket {
+                    id: placed.tickets[0],
+                    event_id: placed.event,
+                    user_id: placed.user.clone(),
+                    purchase_date: stored_time(placed.placed_at_ms),
+                    price: placed.unit_price_cents as f64 / 100.0,
+                    price_cents: placed.unit_price_cents,
+                    status: TicketStatus::Confirmed,
+                    cancel_reason: None,
+                }),
+                Some(Outcome::Cancelled {
+                    reason: CancelReason::HoldExpired,
+                }) => Err(PurchaseError::HoldExpired),
+                Some(Outcome::Cancelled { .. }) => Err(PurchaseError::PaymentDeclined),
+                Some(Outcome::Rejected { refusal }) => Err(refused(refusal)),
+                None => Err(PurchaseError::Unavailable("the payment gateway")),
+            }
+        });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
+    #[tracing::instrument(skip(self), fields(stage = "saga"))]
+    async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
+        let inner = Arc::clone(&self.inner);
+        let order = match (&request.order, &request.idempotency) {
+            (Some(order), _) => *order,
+            (None, Some(key)) => order_for_key(&request.user, &key.key),
+            (None, None) => OrderId(Uuid::new_v4()),
+        };
+        let task = actix_rt::spawn(async move {
+            let mut watch = inner.waiters.watch(order);
+            let request = PlaceRequest {
+                order,
+                event: request.event,
+                user: request.user,
+                quantity: request.quantity,
+                per_user_limit: Some(request.per_user_limit),
+                idempotency_key: request.idempotency.map(|k| k.key),
+            };
+            let held = inner.place(request, &mut watch).await?;
+            if let Some(Outcome::Rejected { refusal }) = held.outcome {
+                return Err(refused(refusal));
+            }
+            order_of(&held).ok_or(PurchaseError::UnknownEvent)
+        });
+        task.await.unwrap_or(Err(PurchaseError::Overloaded))
+    }
+
+    async fn order_events(&self, order: OrderId) -> Option<StoreResult<Vec<StoredEvent>>> {
+        Some(self.events_of(order).await)
+    }
+
+    async fn stats(&self) -> serde_json::Value {
+        let stats = &self.inner.stats;
+        let delivered = stats.delivered.load(Ordering::Relaxed);
+        let outbox = match self.inner.store.outbox_depth().await {
+            Ok(depth) => serde_json::to_value(depth).unwrap_or_default(),
+            Err(error) => serde_json::json!({ "error": error.to_string() }),
+        };
+        serde_json::json!({
+            "stage": StageKind::Saga,
+            "outbox": outbox,
+            "relay": {
+                "delivered": delivered,
+                "redelivered": stats.redelivered.load(Ordering::Relaxed),
+                "failed": stats.failed.load(Ordering::Relaxed),
+                "inHand": self.inner.in_hand.load(Ordering::Relaxed),
+                "lagMs": {
+                    "last": stats.lag_last_ms.load(Ordering::Relaxed),
+                    "max": stats.lag_max_ms.load(Ordering::Relaxed),
+                    "mean": stats.lag_total_ms.load(Ordering::Relaxed) / (delivered.max(1) as i64),
+                },
+            },
+        })
+    }
+
+    async fn activity(&self) -> Activity {
+        let mut activity = Activity {
+            jobs_running: self.inner.in_hand.load(Ordering::Relaxed),
+            ..Activity::default()
+        };
+        match self.inner.store.outbox_depth().await {
+            Ok(depth) => activity.jobs_queued = depth.due + depth.timers,
+            Err(_) => activity.unreadable.push("the saga outbox".into()),
+        }
+        activity
+    }
+
+    async fn shutdown(&self) {
+        self.inner.stopping.send_replace(true);
+        self.inner.store.close().await;
+        self.inner.relay_store.close().await;
+    }
+}

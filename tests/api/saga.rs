@@ -1,0 +1,888 @@
+//! Stage `saga` on PostgreSQL: the event log (optimistic concurrency, snapshots), the outbox
+//! and its relay, and the stage through the API.
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use ticketflow::config::Durability;
+use ticketflow::domain::{EventId, OrderId, TicketId};
+use ticketflow::saga::{decide, place, Participant, Placed, Reply, Saga, SagaEvent};
+use ticketflow::store::{Store, StoreError};
+use uuid::Uuid;
+
+use crate::backends::{Backend, TestDb};
+
+fn placed(order: OrderId) -> Placed {
+    Placed {
+        order,
+        event: EventId(1),
+        user: "alice".into(),
+        quantity: 1,
+        unit_price_cents: 100,
+        tickets: vec![TicketId(Uuid::new_v4())],
+        idempotency_key: None,
+        per_user_limit: None,
+        hold_ttl_ms: 1_000,
+        placed_at_ms: 1,
+    }
+}
+
+/// Replies in a random order, some repeated, some out of place: what a saga's stream may see.
+fn random_replies(rng: &mut StdRng, approve: bool) -> Vec<Reply> {
+    let pool = [
+        Reply::SeatsHeld { expires_at_ms: 50 },
+        Reply::HoldTimeout,
+        if approve {
+            Reply::PaymentSucceeded {
+                charge_id: "c".into(),
+            }
+        } else {
+            Reply::PaymentDeclined
+        },
+        Reply::SeatsReleased,
+        Reply::SeatsConfirmed,
+        Reply::Refunded,
+    ];
+    (0..rng.gen_range(1..25))
+        .map(|_| pool[rng.gen_range(0..pool.len())].clone())
+        .collect()
+}
+
+/// Appends a decision for `reply` through the store, one transaction per decision.
+async fn record(
+    store: &Store,
+    order: OrderId,
+    reply: &Reply,
+    at: i64,
+    every: u64,
+) -> Vec<SagaEvent> {
+    let mut tx = store.begin_saga().await.unwrap();
+    let before = tx.load(order).await.unwrap();
+    let decision = decide(&before, reply, at);
+    tx.append(order, &before, &decision.events, every)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    decision.events
+}
+
+async fn open(db: &TestDb) -> Store {
+    Store::open(db.url(), Durability::Normal).await.unwrap()
+}
+
+#[test]
+fn loading_a_saga_from_its_snapshot_and_tail_gives_the_state_of_a_full_replay() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = TestDb::new(Backend::Postgres);
+    let store = runtime.block_on(open(&db));
+    let mut runner = TestRunner::new(Config::with_cases(40));
+    let snapshots_used = std::cell::Cell::new(0);
+    runner
+        .run(
+            &(any::<u64>(), 1u64..6, any::<bool>()),
+            |(seed, every, approve)| {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let (from_store, replayed, in_memory, snapshot) = runtime.block_on(async {
+                    let order = OrderId(Uuid::new_v4());
+                    let mut tx = store.begin_saga().await.unwrap();
+                    let first = place(placed(order));
+                    tx.append(order, &Saga::default(), &first.events, every)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    let mut all = first.events;
+                    for (t, reply) in random_replies(&mut rng, approve).iter().enumerate() {
+                        all.extend(record(&store, order, reply, t as i64 + 2, every).await);
+                    }
+                    let snapshot = db
+                        .count(&format!(
+                            "SELECT COALESCE(MAX(version), 0) FROM saga_snapshots WHERE stream_id = '{}'",
+                            order.0
+                        ))
+                        .await;
+                    (
+                        store.load_saga(order).await.unwrap(),
+                        store.replay_saga(order).await.unwrap(),
+                        Saga::replay(&all),
+                        snapshot,
+                    )
+                });
+                prop_assert_eq!(&from_store, &in_memory);
+                prop_assert_eq!(&replayed, &in_memory);
+                // The latest snapshot was taken by the decision that crossed the last
+                // multiple of `every` the stream reached.
+                let (snapshot, version) = (snapshot as u64, in_memory.version);
+                prop_assert!(
+                    snapshot <= version && snapshot >= version / every * every,
+                    "snapshot at {} of {} events, every {}",
+                    snapshot,
+                    version,
+                    every
+                );
+                if snapshot > 0 {
+                    snapshots_used.set(snapshots_used.get() + 1);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let used = snapshots_used.get();
+    assert!(used > 10, "only {used} cases loaded from a snapshot");
+    runtime.block_on(store.close());
+}
+
+#[actix_web::test]
+async fn two_decisions_on_the_same_version_of_a_saga_cannot_both_be_appended() {
+    let db = TestDb::new(Backend::Postgres);
+    let store = open(&db).await;
+    let order = OrderId(Uuid::new_v4());
+    let mut tx = store.begin_saga().await.unwrap();
+    tx.append(order, &Saga::default(), &place(placed(order)).events, 4)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let seen = store.load_saga(order).await.unwrap();
+    let held = decide(&seen, &Reply::SeatsHeld { expires_at_ms: 9 }, 2);
+    let refused = decide(
+        &seen,
+        &Reply::SeatsRefused {
+            refusal: ticketflow::saga::Refusal::SoldOut,
+        },
+        2,
+    );
+    let mut first = store.begin_saga().await.unwrap();
+    first.append(order, &seen, &held.events, 4).await.unwrap();
+    first.commit().await.unwrap();
+    let mut second = store.begin_saga().await.unwrap();
+    let lost = second.append(order, &seen, &refused.events, 4).await;
+    assert!(matches!(lost, Err(StoreError::Conflict(_))), "{lost:?}");
+    drop(second);
+    let now = store.load_saga(order).await.unwrap();
+    assert_eq!(now.version, 3, "placed, held, charge requested");
+    assert_eq!(
+        now.outcome, None,
+        "the refusal decided on a stale version was not kept"
+    );
+    store.close().await;
+}
+
+#[actix_web::test]
+async fn the_relay_claims_each_due_message_once_until_its_lease_runs_out() {
+    let db = TestDb::new(Backend::Postgres);
+    let store = open(&db).await;
+    let order = OrderId(Uuid::new_v4());
+    let mut tx = store.begin_saga().await.unwrap();
+    for i in 0..10 {
+        tx.send(
+            order,
+            Participant::Payments,
+            "Charge",
+            &serde_json::json!({ "n": i }),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    // A timer far in the future is not due.
+    tx.send(
+        order,
+        Participant::Orchestrator,
+        "HoldTimeout",
+        &serde_json::json!({}),
+        Some(chrono::Utc::now().timestamp_millis() + 3_600_000),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // Two relays at once take disjoint messages.
+    let (a, b) = futures::join!(store.claim_outbox(6, 60_000), store.claim_outbox(6, 60_000));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut ids: Vec<i64> = a.iter().chain(&b).map(|m| m.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        10,
+        "every due message claimed exactly once: {ids:?}"
+    );
+    assert!(store.claim_outbox(10, 60_000).await.unwrap().is_empty());
+    let depth = store.outbox_depth().await.unwrap();
+    assert_eq!((depth.due, depth.timers), (10, 1));
+
+    // A claim that runs out (its relay died) is delivered again.
+    store.retry_outbox(ids[0], 0).await.unwrap();
+    let again = store.claim_outbox(10, 60_000).await.unwrap();
+    assert_eq!(again.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[0]]);
+    assert_eq!(again[0].attempts, 2);
+    for id in ids {
+        store.ack_outbox(id).await.unwrap();
+    }
+    assert_eq!(store.outbox_depth().await.unwrap().due, 0);
+    store.close().await;
+}
+
+// ---------- the stage through the API ----------
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use ticketflow::config::{LatencyModel, StageKind};
+
+use crate::helpers::{determined_buyer, spawn_app_on, TestApp};
+
+async fn saga_app(tweak: impl FnOnce(&mut ticketflow::config::Settings)) -> TestApp {
+    spawn_app_on(Backend::Postgres, StageKind::Saga, tweak).await
+}
+
+/// The audit once the stage is quiet (its outbox empty, nothing pending), within `bound`.
+async fn quiet_audit(app: &TestApp, bound: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let audit = app.audit().await;
+        if audit["quiet"] == true || tokio::time::Instant::now() > deadline {
+            return audit;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn new_user(app: &TestApp, name: &str) -> String {
+    let reply = app
+        .post_json("/api/v2/users", &json!({ "name": name }))
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    reply.body["token"].as_str().unwrap().to_owned()
+}
+
+/// The types of an order's saga events, as its owner reads them.
+async fn event_types(app: &TestApp, token: &str, order: &str) -> Vec<String> {
+    let reply = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v2/orders/{order}/events"),
+            Some(token),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    reply
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            assert_eq!(e["version"], i as i64 + 1, "in order: {e}");
+            e["type"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Polls the order until it is no longer pending.
+async fn settled_order(app: &TestApp, token: &str, order: &str) -> Value {
+    for _ in 0..200 {
+        let reply = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v2/orders/{order}"),
+                Some(token),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        if reply.body["status"] != "pending" {
+            return reply.body;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("order {order} stayed pending");
+}
+
+#[actix_web::test]
+async fn stage_saga_refuses_sqlite_in_one_line() {
+    let db = TestDb::new(Backend::Sqlite);
+    let mut settings = crate::helpers::test_settings(StageKind::Saga, &db);
+    settings.stage = StageKind::Saga;
+    let error = match ticketflow::server::Server::build(settings).await {
+        Ok(_) => panic!("stage saga started on SQLite"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.starts_with("stage saga runs on PostgreSQL only"),
+        "{error}"
+    );
+    assert!(!error.contains('\n'), "{error}");
+}
+
+#[actix_web::test]
+async fn a_v2_order_unfolds_as_a_saga_its_owner_can_watch_and_nobody_else_can() {
+    let app = saga_app(|_| {}).await;
+    let event = app.create_event(10).await;
+    let alice = new_user(&app, "alice").await;
+    let reply = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v2/orders",
+            Some(&alice),
+            Some("order-1"),
+            Some(&json!({ "eventId": event, "quantity": 2 })),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+    let order = reply.body["id"].as_str().unwrap().to_owned();
+    let settled = settled_order(&app, &alice, &order).await;
+    assert_eq!(settled["status"], "confirmed", "{settled}");
+    assert_eq!(
+        event_types(&app, &alice, &order).await,
+        [
+            "OrderPlaced",
+            "SeatsHeld",
+            "ChargeRequested",
+            "PaymentSucceeded",
+            "OrderConfirmed"
+        ]
+    );
+    // The same key again: the same order, replayed, no second saga.
+    let again = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v2/orders",
+            Some(&alice),
+            Some("order-1"),
+            Some(&json!({ "eventId": event, "quantity": 2 })),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.text.as_str()),
+        (202, reply.text.as_str())
+    );
+    // Another user's order is 404, exactly like a missing one.
+    let bob = new_user(&app, "bob").await;
+    for id in [order.as_str(), "00000000-0000-0000-0000-000000000000"] {
+        let reply = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v2/orders/{id}/events"),
+                Some(&bob),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, 404, "{}", reply.text);
+        assert_eq!(reply.body["code"], "unknown-order");
+    }
+    let (_, events) = app.get_json(&format!("/api/v1/events/{event}")).await;
+    assert_eq!(events["availableTickets"], 8);
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM saga_events").await,
+        5,
+        "one saga"
+    );
+}
+
+#[actix_web::test]
+async fn a_declined_charge_is_compensated_and_the_seat_comes_back() {
+    let app = saga_app(|s| s.payments.failure_rate = 1.0).await;
+    let event = app.create_event(1).await;
+    let (status, body) = app.purchase(event, "carol").await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["code"], "payment-declined");
+    let (_, stored) = app.get_json(&format!("/api/v1/events/{event}")).await;
+    assert_eq!(stored["availableTickets"], 1, "the seat is back");
+    let kinds: Vec<String> = logged_kinds(&app).await;
+    assert_eq!(
+        kinds,
+        [
+            "OrderPlaced",
+            "SeatsHeld",
+            "ChargeRequested",
+            "PaymentDeclined",
+            "ReleaseRequested",
+            "SeatsReleased",
+            "OrderCancelled"
+        ]
+    );
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE status = 'cancelled' AND cancel_reason = 'payment_declined'")
+            .await,
+        1
+    );
+}
+
+/// Every event type in the log, in order (for tests with one saga).
+async fn logged_kinds(app: &TestApp) -> Vec<String> {
+    app.db
+        .texts("SELECT kind FROM saga_events ORDER BY seq")
+        .await
+}
+
+#[actix_web::test]
+async fn a_success_after_the_hold_expired_goes_forward_to_a_refund() {
+    let app = saga_app(|s| {
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(600));
+        s.hold_ttl = Duration::from_millis(100);
+    })
+    .await;
+    let event = app.create_event(1).await;
+    let (status, body) = app.purchase(event, "dave").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "hold-expired");
+    let kinds = logged_kinds(&app).await;
+    assert_eq!(
+        kinds,
+        [
+            "OrderPlaced",
+            "SeatsHeld",
+            "ChargeRequested",
+            "HoldExpired",
+            "ReleaseRequested",
+            "SeatsReleased",
+            "PaymentSucceeded",
+            "RefundRequested",
+            "RefundIssued",
+            "OrderCancelled"
+        ]
+    );
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payments WHERE status = 'refunded'")
+            .await,
+        1
+    );
+}
+
+#[actix_web::test]
+async fn a_stampede_with_declines_sells_every_seat_exactly_once_and_the_audit_passes() {
+    let app = Arc::new(
+        saga_app(|s| {
+            s.payments.failure_rate = 0.3;
+            s.seed = 7;
+        })
+        .await,
+    );
+    let seats = 20;
+    let event = app.create_event(seats).await;
+    let buyers = (0..60).map(|i| {
+        let app = Arc::clone(&app);
+        tokio::spawn(determined_buyer(
+            app,
+            event,
+            format!("buyer-{i}"),
+            Duration::from_millis(20),
+        ))
+    });
+    let tickets: Vec<String> = futures::future::join_all(buyers)
+        .await
+        .into_iter()
+        .filter_map(|t| t.unwrap())
+        .collect();
+    assert_eq!(tickets.len(), seats as usize);
+    let audit = quiet_audit(&app, Duration::from_secs(20)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    let declined = app
+        .count("SELECT COUNT(*) FROM saga_events WHERE kind = 'PaymentDeclined'")
+        .await;
+    assert!(
+        declined > 0,
+        "no charge was declined: the test lost its teeth"
+    );
+    let (status, stats) = app.admin_json("/api/v2/admin/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["stage"], "saga");
+    assert_eq!(stats["outbox"]["due"], 0, "{stats}");
+    assert!(
+        stats["relay"]["delivered"].as_u64().unwrap() > 100,
+        "{stats}"
+    );
+    assert!(stats["relay"]["lagMs"]["max"].is_i64(), "{stats}");
+}
+
+/// `ticketflow replay --db URL`: its exit code and what it printed.
+fn replay(url: &str) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .args(["replay", "--db", url])
+        .output()
+        .expect("ticketflow runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_web::test]
+async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_differs() {
+    // Declines, holds that run out before a slow charge (refunds), confirmations.
+    let app = Arc::new(
+        saga_app(|s| {
+            s.payments.failure_rate = 0.3;
+            s.payments.latency = LatencyModel::LogNormal {
+                median: Duration::from_millis(150),
+                sigma: 1.2,
+            };
+            s.hold_ttl = Duration::from_millis(500);
+            s.seed = 3;
+        })
+        .await,
+    );
+    let event = app.create_event(15).await;
+    let buyers = (0..40).map(|i| {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { app.purchase(event, &format!("r-{i}")).await })
+    });
+    futures::future::join_all(buyers).await;
+    let audit = quiet_audit(&app, Duration::from_secs(20)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    for kind in ["OrderConfirmed", "PaymentDeclined", "RefundIssued"] {
+        let n = app
+            .count(&format!(
+                "SELECT COUNT(*) FROM saga_events WHERE kind = '{kind}'"
+            ))
+            .await;
+        assert!(n > 0, "no {kind}: the run does not cover every path");
+    }
+    let app = Arc::into_inner(app).expect("the buyers are done");
+    let url = app.db.url().to_owned();
+    let (code, out, err) = replay(&url);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("the live projections equal the log's"),
+        "{out}"
+    );
+
+    // Tamper with three projected rows behind the log's back.
+    let (_, tickets) = app.get_json("/api/v1/tickets/user/r-0").await;
+    let ticket = tickets[0]["id"].as_str().unwrap().to_owned();
+    app.db
+        .execute(&[
+            &format!(
+                "UPDATE events SET available_tickets = CASE WHEN available_tickets < total_tickets
+                 THEN available_tickets + 1 ELSE available_tickets - 1 END WHERE id = {event}"
+            ),
+            &format!("DELETE FROM tickets WHERE id = '{ticket}'"),
+            "UPDATE orders SET updated_at = '2000-01-01T00:00:00.000Z' WHERE id = (SELECT MIN(id) FROM orders)",
+        ])
+        .await;
+    let (code, out, _) = replay(&url);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("differs: events {event}: available_tickets")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "differs: tickets {ticket}: rebuilt from the log, missing"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(": updated_at is \"2000-01-01T00:00:00.000Z\" live"),
+        "{out}"
+    );
+    assert!(out.contains("3 rows differ"), "{out}");
+    app.stop().await;
+}
+
+#[test]
+fn replay_refuses_a_database_that_is_not_postgresql_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db");
+    let (code, out, err) = replay(path.to_str().unwrap());
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.starts_with("error: --db "), "{err}");
+    assert!(err.contains("PostgreSQL only"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!path.exists(), "nothing written");
+}
+
+// ---------- crash recovery: the process exits right after each step ----------
+
+use crate::process::{admin_get, create_event, start_stage_with, Process};
+
+/// Waits for the audit of the server at `base` to be quiet, within `bound`.
+async fn quiet_audit_of(client: &reqwest::Client, base: &str, bound: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let (status, audit) = admin_get(client, base, "/api/v1/admin/audit").await;
+        assert_eq!(status, 200, "{audit}");
+        if audit["quiet"] == true || tokio::time::Instant::now() > deadline {
+            return audit;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn saga_process(db: &TestDb, client: &reqwest::Client, extra: &[&str]) -> Process {
+    let settings = [
+        &[
+            "--payment-failure-rate",
+            "0",
+            "--payment-latency",
+            "20ms..80ms",
+        ][..],
+        extra,
+    ]
+    .concat();
+    start_stage_with(
+        &["serve", "--stage", "saga"],
+        &settings,
+        (None, "warn"),
+        db,
+        1,
+        client,
+    )
+    .await
+}
+
+/// Buys with `--saga-crash-after STEP` until the process exits there, starts it again on the
+/// same database, and checks that every saga reached exactly one final state, with one net
+/// charge for each confirmed order and none for any other, and that replay agrees.
+async fn every_saga_ends_once_after_a_crash_right_after(step: &str) {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    let mut server = saga_process(&db, &client, &["--saga-crash-after", step]).await;
+    let event = create_event(&client, &server.base, "crash", 5).await;
+    let buyers = (0..3).map(|i| {
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            let _ = client
+                .post(format!("{base}/api/v1/tickets/purchase"))
+                .json(&json!({ "eventId": event, "userId": format!("c-{i}") }))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+        }
+    });
+    futures::future::join_all(buyers).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failpoint {step} never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(86), "exited at the failpoint {step}");
+    let unfinished = db
+        .count(
+            "SELECT COUNT(DISTINCT stream_id) FROM saga_events WHERE stream_id NOT IN
+             (SELECT stream_id FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused'))",
+        )
+        .await;
+    assert!(unfinished > 0, "the crash after {step} interrupted no saga");
+    drop(server);
+
+    let server = saga_process(&db, &client, &[]).await;
+    let audit = quiet_audit_of(&client, &server.base, Duration::from_secs(30)).await;
+    assert_eq!(audit["verdict"], "pass", "after {step}: {audit}");
+    let sagas = db
+        .count("SELECT COUNT(DISTINCT stream_id) FROM saga_events")
+        .await;
+    let ended = db
+        .count("SELECT COUNT(*) FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused')")
+        .await;
+    // A purchase the process never received started no saga; every saga it did start ended,
+    // exactly once.
+    assert!(sagas >= 1);
+    assert_eq!(ended, sagas, "each saga ended exactly once");
+    // One net charge per confirmed order, none for any other: by the gateway's own books.
+    let charged_twice = db
+        .count(
+            "SELECT COUNT(*) FROM (SELECT payment_key FROM gateway_ledger WHERE kind = 'charge'
+             GROUP BY payment_key HAVING COUNT(*) > 1) twice",
+        )
+        .await;
+    assert_eq!(charged_twice, 0);
+    let confirmed = db
+        .count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+        .await;
+    let net_charges = db
+        .count(
+            "SELECT COALESCE(SUM(CASE kind WHEN 'charge' THEN 1 WHEN 'refund' THEN -1 ELSE 0 END), 0)
+             FROM gateway_ledger",
+        )
+        .await;
+    assert_eq!(net_charges, confirmed, "after {step}");
+    assert_eq!(
+        confirmed, sagas,
+        "payments all succeed: every saga ends confirmed"
+    );
+    drop(server);
+    let (code, out, err) = replay(db.url());
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[actix_web::test]
+async fn after_a_crash_right_after_seats_held_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("seats-held").await;
+}
+
+#[actix_web::test]
+async fn after_a_crash_right_after_the_charge_was_relayed_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("charge-relayed").await;
+}
+
+#[actix_web::test]
+async fn after_a_crash_between_the_charge_and_its_record_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("charged").await;
+}
+
+#[actix_web::test]
+async fn after_a_crash_right_after_order_confirmed_every_saga_ends_once() {
+    every_saga_ends_once_after_a_crash_right_after("confirmed").await;
+}
+
+#[actix_web::test]
+async fn the_per_user_limit_and_sold_out_refuse_an_order_without_making_one() {
+    let app = saga_app(|s| s.per_user_limit = 4).await;
+    let event = app.create_event(6).await;
+    let alice = new_user(&app, "alice").await;
+    let order = |key: &'static str, quantity: i64| {
+        let (app, alice) = (&app, alice.clone());
+        async move {
+            app.send(
+                reqwest::Method::POST,
+                "/api/v2/orders",
+                Some(&alice),
+                Some(key),
+                Some(&json!({ "eventId": event, "quantity": quantity })),
+            )
+            .await
+        }
+    };
+    assert_eq!(order("a", 3).await.status, 202);
+    let over = order("b", 2).await;
+    assert_eq!(
+        (over.status, over.body["code"].as_str()),
+        (409, Some("user-limit"))
+    );
+    let bob = new_user(&app, "bob").await;
+    let too_many = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v2/orders",
+            Some(&bob),
+            Some("c"),
+            Some(&json!({ "eventId": event, "quantity": 4 })),
+        )
+        .await;
+    assert_eq!(
+        (too_many.status, too_many.body["code"].as_str()),
+        (409, Some("not-enough-tickets")),
+        "{}",
+        too_many.text
+    );
+    let audit = quiet_audit(&app, Duration::from_secs(10)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders").await,
+        1,
+        "refusals make no order"
+    );
+    let (_, stored) = app.get_json(&format!("/api/v1/events/{event}")).await;
+    assert_eq!(stored["availableTickets"], 3);
+}
+
+#[actix_web::test]
+async fn a_v2_order_interrupted_by_a_crash_is_found_again_under_its_idempotency_key() {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    // Right after `OrderPlaced`: no order row yet, so the key's claim is released at the
+    // restart, and only the order id derived from the key finds the first saga again.
+    let mut server = saga_process(&db, &client, &["--saga-crash-after", "placed"]).await;
+    let event = create_event(&client, &server.base, "crash-v2", 5).await;
+    let user: Value = client
+        .post(format!("{}/api/v2/users", server.base))
+        .json(&json!({ "name": "erin" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = user["token"].as_str().unwrap().to_owned();
+    let place = |base: String| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            client
+                .post(format!("{base}/api/v2/orders"))
+                .bearer_auth(token)
+                .header("Idempotency-Key", "erin-1")
+                .json(&json!({ "eventId": event, "quantity": 2 }))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+        }
+    };
+    assert!(
+        place(server.base.clone()).await.is_err(),
+        "the process died before answering"
+    );
+    assert_eq!(server.child.wait().unwrap().code(), Some(86));
+    drop(server);
+
+    let server = saga_process(&db, &client, &[]).await;
+    let again = place(server.base.clone()).await.unwrap();
+    assert_eq!(again.status(), 202);
+    let order: Value = again.json().await.unwrap();
+    let logged = db.texts("SELECT DISTINCT stream_id FROM saga_events").await;
+    assert_eq!(
+        logged,
+        [order["id"].as_str().unwrap()],
+        "one saga, the first one"
+    );
+    let audit = quiet_audit_of(&client, &server.base, Duration::from_secs(30)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        1
+    );
+}
+
+#[actix_web::test]
+async fn a_message_no_consumer_can_apply_ends_in_the_dead_letters_instead_of_looping() {
+    let app = saga_app(|_| {}).await;
+    let attempts = ticketflow::stages::saga::MAX_ATTEMPTS - 1;
+    app.db
+        .execute(&[&format!(
+            "INSERT INTO saga_outbox (message_id, saga_id, destination, kind, body, attempts)
+             VALUES ('poison-1', '{}', 'inventory', 'Nonsense', '{{\"type\": \"Nonsense\"}}', {attempts})",
+            Uuid::new_v4()
+        )])
+        .await;
+    let mut stats = Value::Null;
+    for _ in 0..100 {
+        stats = app.admin_json("/api/v2/admin/stats").await.1;
+        if stats["outbox"]["deadLetters"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats["outbox"]["deadLetters"], 1, "{stats}");
+    assert_eq!(stats["outbox"]["due"], 0, "{stats}");
+    let errors = app
+        .db
+        .texts("SELECT error FROM saga_dead_letters WHERE message_id = 'poison-1'")
+        .await;
+    assert!(errors[0].contains("cannot be read"), "{errors:?}");
+    // The relay goes on: a purchase after it is confirmed.
+    let event = app.create_event(1).await;
+    assert_eq!(app.purchase(event, "after-poison").await.0, 201);
+}
