@@ -172,10 +172,24 @@ pub const LESSONS: &[Lesson] = &[
     },
     Lesson {
         name: "compensation",
-        problem: "A declined charge undoes its hold, through the order's saga events",
-        shows: "needs the `saga` stage",
-        why: "",
-        unavailable: Some("needs the `saga` stage, not built yet"),
+        problem: "A declined charge must undo its hold, and the system should say so (the seed's step 4: sagas)",
+        shows: "orders placed at a 50 % decline rate: `actor` returns every declined order's \
+                seats, but keeps no account of how; `saga` returns them too, and each \
+                declined order's own event log shows the hold, the declined charge and its \
+                compensation",
+        why: "A purchase spans two resources that cannot share a transaction: the seats and \
+              the payment. The actor stage keeps them consistent inside one process: its \
+              event actor holds the seats, waits for the charge and releases them on a \
+              decline, and what is stored is the outcome (an order `cancelled`, \
+              `payment_declined`). The saga stage makes the same steps explicit: the order is \
+              a saga, HoldSeats, then Charge (the pivot), then Confirm, and every step is an \
+              event appended to the order's log, with the next command leaving through an \
+              outbox in the same transaction. A declined charge before the pivot is answered \
+              by a compensating step, ReleaseSeats, also an event. So the order's state, and \
+              the seats, can be rebuilt from the log (`ticketflow replay`), and a learner, an \
+              auditor or a support agent can read why an order ended as it did. The price is \
+              more writes per purchase.",
+        unavailable: None,
     },
 ];
 
@@ -293,6 +307,7 @@ pub fn main(args: LessonArgs) -> ExitCode {
             "single-writer" => single_writer(&ctx).await,
             "db-locks" => db_locks(&ctx).await,
             "failover" => failover(&ctx).await,
+            "compensation" => compensation(&ctx).await,
             other => unreachable!("lesson {other} is listed without a runner"),
         }
     });
@@ -1576,4 +1591,242 @@ fn signal(pid: i32, sig: i32) {
     unsafe {
         libc::kill(pid, sig);
     }
+}
+
+/// What became of the orders placed on one stage.
+struct Placed {
+    declined: u64,
+    /// Declined orders whose event log shows the hold, the declined charge and the release.
+    explained: u64,
+    /// One declined order's story, event types in order (or why there is none).
+    story: String,
+    confirmed: u64,
+    audit_ok: bool,
+}
+
+/// `orders` v2 orders of one seat, each by a user of its own, then polled until settled; the
+/// declined ones' event logs read back.
+async fn place_and_read_back(addr: SocketAddr, event: i64, orders: u64) -> anyhow::Result<Placed> {
+    let mut conn = Conn::new(addr, Duration::from_secs(10));
+    let mut placed = vec![];
+    for i in 0..orders {
+        let user = conn
+            .post_json(
+                "/api/v2/users",
+                format!(r#"{{"name":"compensation-{i}"}}"#).as_bytes(),
+            )
+            .await
+            .map_err(|f| anyhow::anyhow!("POST /api/v2/users: {}", f.as_str()))?;
+        anyhow::ensure!(
+            user.status == 201,
+            "POST /api/v2/users answered {}",
+            user.status
+        );
+        let token = serde_json::from_slice::<Value>(&user.body)?["token"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no token in the new user"))?
+            .to_owned();
+        let auth = format!("Bearer {token}");
+        let key = format!("compensation-{i}");
+        let body = format!(r#"{{"eventId":{event},"quantity":1}}"#);
+        let answer = conn
+            .send(
+                "POST",
+                "/api/v2/orders",
+                &[("Authorization", &auth), ("Idempotency-Key", &key)],
+                Some(body.as_bytes()),
+            )
+            .await
+            .map_err(|f| anyhow::anyhow!("POST /api/v2/orders: {}", f.as_str()))?;
+        anyhow::ensure!(
+            answer.status == 202,
+            "POST /api/v2/orders answered {}: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let id = serde_json::from_slice::<Value>(&answer.body)?["id"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no id in the placed order"))?
+            .to_owned();
+        placed.push((auth, id));
+    }
+    let mut out = Placed {
+        declined: 0,
+        explained: 0,
+        story: "no order was declined".into(),
+        confirmed: 0,
+        audit_ok: false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (auth, id) in &placed {
+        let order = loop {
+            let r = conn
+                .send(
+                    "GET",
+                    &format!("/api/v2/orders/{id}"),
+                    &[("Authorization", auth)],
+                    None,
+                )
+                .await
+                .map_err(|f| anyhow::anyhow!("GET /api/v2/orders/{id}: {}", f.as_str()))?;
+            let order: Value = serde_json::from_slice(&r.body)?;
+            if order["status"] != "pending" {
+                break order;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "order {id} still pending after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if order["status"] == "confirmed" {
+            out.confirmed += 1;
+            continue;
+        }
+        if order["cancelReason"] != "payment_declined" {
+            continue;
+        }
+        out.declined += 1;
+        let r = conn
+            .send(
+                "GET",
+                &format!("/api/v2/orders/{id}/events"),
+                &[("Authorization", auth)],
+                None,
+            )
+            .await
+            .map_err(|f| anyhow::anyhow!("GET /api/v2/orders/{id}/events: {}", f.as_str()))?;
+        let told: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        if r.status != 200 {
+            out.story = format!(
+                "GET /api/v2/orders/{{id}}/events answers {} {}",
+                r.status,
+                told["code"].as_str().unwrap_or("")
+            );
+            continue;
+        }
+        let kinds: Vec<&str> = told
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["type"].as_str())
+            .collect();
+        let at = |kind: &str| kinds.iter().position(|k| *k == kind);
+        let compensated = match (at("SeatsHeld"), at("PaymentDeclined"), at("SeatsReleased")) {
+            (Some(held), Some(declined), Some(released)) => held < declined && declined < released,
+            _ => false,
+        };
+        if compensated {
+            out.explained += 1;
+            out.story = kinds.join(" → ");
+        }
+    }
+    let audit = quiet_audit(addr, Duration::from_secs(15)).await?;
+    out.audit_ok = audit["ok"] == true && audit["quiet"] == true;
+    Ok(out)
+}
+
+/// `compensation`: declined orders on `actor` and on `saga`, and what each can say of them.
+async fn compensation(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
+    let pg_url = &ctx.args.postgres_url;
+    match service_addr(pg_url, 5432) {
+        Some(addr) if answers(addr).await => {}
+        _ => {
+            return Ok(Ran::ServiceMissing(format!(
+                "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); stage saga \
+                 runs on it",
+                crate::backend::redact(pg_url)
+            )))
+        }
+    }
+    let orders: u64 = if ctx.quick() { 16 } else { 60 };
+    let settings = Settings {
+        tickets: orders as u32,
+        ..server_settings(ctx, "20ms", 0.5)?
+    };
+    let mut sides = vec![];
+    let mut details = vec![];
+    for stage in ["actor", "saga"] {
+        ctx.say(&format!(
+            "{stage}: {orders} v2 orders of one seat, payments of 20 ms declining half"
+        ));
+        let db = match stage {
+            "saga" => Some(
+                crate::backend::TempDatabase::create(pg_url)
+                    .await
+                    .map_err(|why| anyhow::anyhow!(why))?,
+            ),
+            _ => None,
+        };
+        let ran = async {
+            let mut spawned = server::start_in(&ctx.bin, stage, None, db.as_ref(), &settings, &[])
+                .await
+                .map_err(|f| anyhow::anyhow!("stage {stage} did not start: {}", f.reason))?;
+            let result = async {
+                let fixture = driver::setup(spawned.addr, &settings).await?;
+                place_and_read_back(spawned.addr, fixture.event_ids[0], orders).await
+            }
+            .await;
+            spawned.stop().await;
+            result
+        }
+        .await;
+        if let Some(db) = &db {
+            if let Err(why) = db.drop_database().await {
+                eprintln!("lesson: warning: {why}");
+            }
+        }
+        let placed = ran?;
+        let label = match stage {
+            "saga" => "saga@postgres",
+            _ => "actor@sqlite",
+        };
+        details.push(format!(
+            "{label}: {} confirmed, {} declined, audit {} (clean: every declined order's seats \
+             came back); a declined order's story: {}",
+            placed.confirmed,
+            placed.declined,
+            ok_word(placed.audit_ok),
+            placed.story
+        ));
+        sides.push((label, placed));
+    }
+    let (fix_label, fix) = sides.pop().expect("two stages");
+    let (break_label, broke) = sides.pop().expect("two stages");
+    let unexplained = |p: &Placed| p.declined - p.explained;
+    let side = |label: &str, p: &Placed| Side {
+        label: label.into(),
+        value: unexplained(p) as f64,
+        text: format!(
+            "{} of {} declined orders without their compensation on record",
+            unexplained(p),
+            p.declined
+        ),
+    };
+    let (breaking, fixing) = (side(break_label, &broke), side(fix_label, &fix));
+    let failure = if broke.declined == 0 || fix.declined == 0 {
+        Some("no order was declined on one of the stages: nothing to compensate".to_owned())
+    } else if unexplained(&broke) == 0 {
+        Some(format!("{break_label} told every declined order's story"))
+    } else if unexplained(&fix) != 0 {
+        Some(format!(
+            "{fix_label}: {} declined orders without SeatsHeld → PaymentDeclined → SeatsReleased in their log",
+            unexplained(&fix)
+        ))
+    } else if !broke.audit_ok || !fix.audit_ok {
+        Some("an audit was not clean: a declined order's seats did not come back".to_owned())
+    } else {
+        None
+    };
+    Ok(Ran::Found(Box::new(Finding {
+        metric: "declined orders whose compensation (the hold, the declined charge, the \
+                 release) cannot be read back from the order"
+            .into(),
+        breaking,
+        fixing,
+        passed: failure.is_none(),
+        failure,
+        details,
+        report: None,
+    })))
 }
