@@ -285,8 +285,75 @@ fn locked_on_postgres_survives_kill_of_its_own_cluster_and_redis() {
     assert_clean_audit(&run, &out);
 }
 
+const SERVICES_FAULTS: &str = "kill-node,kill-postgres,pause-postgres";
+
+/// Stage `services` under `kill-node` (an inventory node, a child of the supervisor loadgen
+/// started, SIGKILLed and started again by it) and its own PostgreSQL cluster killed and
+/// paused; returns the run and its output, once the faults were checked.
+fn services_chaos_run() -> (Value, Output) {
+    let seed = seed_starting_with(SERVICES_FAULTS, &["kill-node", "pause-postgres"]);
+    let (run, out) = chaos_run("services", SERVICES_FAULTS, seed);
+    assert_faults_as_scheduled(&run, seed, SERVICES_FAULTS, &out);
+    let killed: Vec<String> = injected(&run)
+        .iter()
+        .filter(|f| f["fault"] == "kill-node")
+        .map(|f| f["victim"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!killed.is_empty(), "{}", text(&out));
+    for victim in &killed {
+        assert!(
+            victim.starts_with("inventory-") && victim.contains("(pid "),
+            "an inventory node and its pid: {victim}"
+        );
+    }
+    let args = run["serverArgs"].to_string();
+    assert!(args.contains("\"--restart-nodes\""), "{args}");
+    assert!(
+        !args.contains("127.0.0.1:5432"),
+        "never the shared cluster: {args}"
+    );
+    let chaos = &run["chaos"];
+    assert!(
+        chaos["services"][0]
+            .as_str()
+            .unwrap()
+            .contains("own PostgreSQL cluster"),
+        "{chaos}"
+    );
+    (run, out)
+}
+
 #[test]
-fn chaos_is_refused_against_a_target_for_services_and_for_unknown_faults() {
+fn services_nodes_are_killed_only_among_the_supervisors_children_and_come_back() {
+    let (run, out) = services_chaos_run();
+    let drawn: Vec<&str> = run["chaos"]["faultsDrawnFrom"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(drawn, ["kill-postgres", "pause-postgres", "kill-node"]);
+    // the load went on through the faults, and the audit waited for quiet
+    assert!(
+        run["results"]["purchases"]["confirmed"].as_u64().unwrap() > 0,
+        "{run}"
+    );
+    assert_eq!(run["audit"]["quiet"]["quiet"], true, "{}", text(&out));
+}
+
+/// Ignored, in the open: stage `services` confirms some orders whose charge it also refunded
+/// (`confirmedNotCharged`, I3), with or without chaos, mostly in the first seconds after it
+/// starts (while its nodes share out the shards). A bug of the stage, for its owners; see
+/// `/work/notes/issue-10-chaos.md` and the README's *Chaos runs*.
+#[test]
+#[ignore = "stage services confirms orders it refunded (I3) after a fresh start, chaos or not: a services bug"]
+fn services_survives_kill_node_and_kill_and_pause_of_its_own_cluster() {
+    let (run, out) = services_chaos_run();
+    assert_clean_audit(&run, &out);
+}
+
+#[test]
+fn chaos_is_refused_against_a_target_and_for_unknown_faults() {
     let refused = |args: &[&str], says: &str| {
         let out = loadgen(args);
         assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -307,16 +374,6 @@ fn chaos_is_refused_against_a_target_for_services_and_for_unknown_faults() {
     refused(
         &["compare", "--stages", "actor", "--chaos", "kill-everything"],
         "--chaos kill-everything: unknown fault",
-    );
-    refused(
-        &[
-            "compare",
-            "--stages",
-            "services@postgres",
-            "--chaos",
-            "kill-server",
-        ],
-        "stage services",
     );
     refused(
         &[
