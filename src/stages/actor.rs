@@ -34,13 +34,16 @@ use crate::payments::ChargeOutcome;
 use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
 use crate::store::{
-    AuditReads, Catalog, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp,
+    AuditReads, Catalog, OrderBook, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp,
 };
 
 /// First pause before a payment whose outcome is unknown is asked about again; it doubles
 /// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
 const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// How many barriers an expired purchase waits through for its cancellation to be stored
+/// before it takes the cancellation as refused ([`Inner::cancelled_in_store`]).
+const CANCEL_SEEN_TRIES: usize = 5;
 
 /// How to reach one event's actor.
 #[derive(Clone)]
@@ -497,6 +500,14 @@ impl Inner {
             }
             Settlement::Expired(durable) => {
                 durable.await?;
+                // Refunded only once the order is cancelled in storage. A hold that ran out on
+                // the actor's timer was cancelled by a write nobody waited for; on an inventory
+                // node that lost the shard meanwhile, that write was refused, and the order is
+                // still pending for the shard's new owner, which charges the same key again
+                // and confirms it: a refund here would leave a confirmed order refunded (I3).
+                if !self.cancelled_in_store(order).await? {
+                    return Err(PurchaseError::OwnerChanged);
+                }
                 self.parts.payments.refund(key).await?;
                 self.writer
                     .submit(WriteOp::SettlePayment {
@@ -507,6 +518,25 @@ impl Inner {
                 Err(PurchaseError::HoldExpired)
             }
         }
+    }
+
+    /// Whether `order` is stored `cancelled`, once every write queued before this call is
+    /// committed or refused (a barrier). Asked again a few times while it is still pending: a
+    /// cancellation queued while the writer was full may land after the barrier.
+    async fn cancelled_in_store(&self, order: OrderId) -> Result<bool, PurchaseError> {
+        for attempt in 0..CANCEL_SEEN_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            self.writer.submit(WriteOp::Barrier).await?;
+            match self.parts.store.order(order).await?.map(|o| o.status) {
+                Some(OrderStatus::Cancelled) => return Ok(true),
+                Some(OrderStatus::Pending) => continue,
+                // confirmed by another owner, or never stored here
+                Some(OrderStatus::Confirmed) | None => return Ok(false),
+            }
+        }
+        Ok(false)
     }
 
     /// The gateway did not answer `key`'s charge (or the refund after it): asks again under
