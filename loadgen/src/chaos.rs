@@ -904,9 +904,14 @@ impl Injector<'_> {
         up.sort_by(|a, b| a.id.cmp(&b.id));
         let node = up.swap_remove(self.node_pick.gen_range(0..up.len()));
         *victim = Some(format!("{} (pid {})", node.id, node.pid));
-        if parent_of(node.pid) != Some(supervisor) {
+        let parent = parent_of(node.pid);
+        if parent != Some(supervisor) {
+            let seen = match parent {
+                Some(p) => format!("its parent is pid {p}"),
+                None => "no such process".into(),
+            };
             return Err(format!(
-                "{} (pid {}) is not a child of the supervisor loadgen started (pid {supervisor}): left alone",
+                "{} (pid {}) is not a child of the supervisor loadgen started (pid {supervisor}; {seen}): left alone",
                 node.id, node.pid
             ));
         }

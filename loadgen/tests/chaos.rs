@@ -339,14 +339,24 @@ fn services_nodes_are_killed_only_among_the_supervisors_children_and_come_back()
         "{run}"
     );
     assert_eq!(run["audit"]["quiet"]["quiet"], true, "{}", text(&out));
+    // no seat oversold or sold twice, none lost from the counts, client and server agree:
+    // these always held; I3 and I5 are the next test's, ignored for now
+    for inv in run["audit"]["invariants"].as_array().unwrap() {
+        if ["I1", "I2", "I4", "I6", "I7"].contains(&inv["id"].as_str().unwrap()) {
+            assert_eq!(inv["status"], "pass", "{inv}\n{}", text(&out));
+        }
+    }
 }
 
-/// Ignored, in the open: stage `services` confirms some orders whose charge it also refunded
-/// (`confirmedNotCharged`, I3), with or without chaos, mostly in the first seconds after it
-/// starts (while its nodes share out the shards). A bug of the stage, for its owners; see
-/// `/work/notes/issue-10-chaos.md` and the README's *Chaos runs*.
+/// Ignored, in the open. This run found that stage `services` confirmed orders whose charge
+/// it had also refunded (I3), chaos or not: an inventory node refunded an expired hold whose
+/// cancellation had been refused (the node had lost the shard), and the new owner confirmed
+/// it. That is fixed (`stages::actor`, the Expired settlement); the test then passed 10 runs
+/// of 11, and 61 of 63 such runs on other seeds were clean. The other failures were a payment
+/// left `pending` on a cancelled order (I5), once with an I3, under `kill-node`: still to find.
+/// See the README's *Chaos runs*.
 #[test]
-#[ignore = "stage services confirms orders it refunded (I3) after a fresh start, chaos or not: a services bug"]
+#[ignore = "services under kill-node: about 1 run in 20 still ends with an I5 (or I3) violation, a bug to find"]
 fn services_survives_kill_node_and_kill_and_pause_of_its_own_cluster() {
     let (run, out) = services_chaos_run();
     assert_clean_audit(&run, &out);
