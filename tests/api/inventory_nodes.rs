@@ -308,7 +308,6 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
 /// leaves a confirmed order with its charge refunded.
 #[actix_web::test]
 async fn a_node_that_lost_the_shard_never_refunds_a_purchase_its_new_owner_confirms() {
-    use ticketflow::store::Catalog;
     let cluster = Cluster::new(|s| {
         // a's payment answers after its hold has run out, and the hold runs out after b
         // has taken the shard (900 ms lease, 250 ms renewals)
