@@ -41,9 +41,9 @@ use crate::store::{
 /// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
 const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
-/// How many barriers an expired purchase waits through for its cancellation to be stored
-/// before it takes the cancellation as refused ([`Inner::cancelled_in_store`]).
-const CANCEL_SEEN_TRIES: usize = 5;
+/// How long an expired purchase waits for its cancellation to be stored, on a shard its node
+/// still holds, before it leaves the refund to recovery ([`Inner::cancelled_in_store`]).
+const CANCEL_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How to reach one event's actor.
 #[derive(Clone)]
@@ -521,22 +521,31 @@ impl Inner {
     }
 
     /// Whether `order` is stored `cancelled`, once every write queued before this call is
-    /// committed or refused (a barrier). Asked again a few times while it is still pending: a
-    /// cancellation queued while the writer was full may land after the barrier.
+    /// committed or refused (a barrier). While it is still pending and this node still holds
+    /// its shard, the cancellation may only be late (queued while the writer was full, after
+    /// the barrier): asked again, for up to [`CANCEL_SEEN_WITHIN`]. Pending on a shard this
+    /// node no longer holds, the cancellation was refused: the new owner settles the order.
     async fn cancelled_in_store(&self, order: OrderId) -> Result<bool, PurchaseError> {
-        for attempt in 0..CANCEL_SEEN_TRIES {
-            if attempt > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+        let give_up = std::time::Instant::now() + CANCEL_SEEN_WITHIN;
+        loop {
             self.writer.submit(WriteOp::Barrier).await?;
-            match self.parts.store.order(order).await?.map(|o| o.status) {
-                Some(OrderStatus::Cancelled) => return Ok(true),
-                Some(OrderStatus::Pending) => continue,
-                // confirmed by another owner, or never stored here
-                Some(OrderStatus::Confirmed) | None => return Ok(false),
+            let Some(stored) = self.parts.store.order(order).await? else {
+                return Ok(false);
+            };
+            match stored.status {
+                OrderStatus::Cancelled => return Ok(true),
+                OrderStatus::Confirmed => return Ok(false),
+                OrderStatus::Pending => {}
             }
+            let ours = match &self.fence {
+                Some(fence) => fence.epoch(shard_of(stored.event_id)).is_some(),
+                None => true,
+            };
+            if !ours || std::time::Instant::now() >= give_up {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        Ok(false)
     }
 
     /// The gateway did not answer `key`'s charge (or the refund after it): asks again under
