@@ -351,8 +351,8 @@ fn services_nodes_are_killed_only_among_the_supervisors_children_and_come_back()
 /// Ignored, in the open. This run found that stage `services` confirmed orders whose charge
 /// it had also refunded (I3), chaos or not: an inventory node refunded an expired hold whose
 /// cancellation had been refused (the node had lost the shard), and the new owner confirmed
-/// it. That is fixed (`stages::actor`, the Expired settlement); the test then passed 10 runs
-/// of 11, and 61 of 63 such runs on other seeds were clean. The other failures were a payment
+/// it. That is fixed (`stages::actor`, the Expired settlement); the test then passed 15 runs
+/// of 17, and 81 of 83 such runs on other seeds were clean. The other failures were a payment
 /// left `pending` on a cancelled order (I5), once with an I3, under `kill-node`: still to find.
 /// See the README's *Chaos runs*.
 #[test]
