@@ -355,6 +355,12 @@ pub struct Failpoints {
     pub freeze_worker_once: bool,
     /// Every payment job fails its first `n` attempts after charging.
     pub fail_job_attempts: u32,
+    /// The first run about to confirm an approved charge sleeps this long first: a
+    /// confirmation held up by a database paused or gone away.
+    pub confirm_pause_once: Option<Duration>,
+    /// Every run that finds its order pending past the hold sleeps this long before it
+    /// cancels the order: its reading of the order goes stale meanwhile.
+    pub hold_over_pause: Option<Duration>,
 }
 
 /// Everything a server needs to start.

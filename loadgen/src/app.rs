@@ -87,13 +87,6 @@ pub fn main(cli: Cli) -> ExitCode {
             );
             return ExitCode::from(EXIT_USAGE);
         }
-        Ok(Some(_)) if stages.iter().any(|s| s.stage == "services") => {
-            eprintln!(
-                "error: --chaos does not fault stage services yet (its nodes are the \
-                 supervisor's children, not loadgen's); chaos runs the other stages"
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
         Ok(_) => {}
     }
     if stages.iter().any(|s| s.backend == Backend::Postgres) {
@@ -341,6 +334,17 @@ async fn run_stage(
             );
         }
     }
+    if faults.contains(&chaos::Fault::KillNode) {
+        // the supervisor starts a killed node again only when asked to
+        server_args.push("--restart-nodes".into());
+        if let Some(r) = chaos_report.as_mut() {
+            r.notes.push(
+                "kill-node: the stage runs with --restart-nodes, so its supervisor starts a \
+                 killed inventory node again"
+                    .into(),
+            );
+        }
+    }
     if let Some(r) = chaos_report.as_mut() {
         if !r.not_applicable.is_empty() {
             r.notes.push(format!(
@@ -396,6 +400,7 @@ async fn run_stage(
                 report,
                 quiet,
                 label: &label,
+                node_pick: chaos::node_picker(settings.seed),
             };
             measure(addr, settings, &label, quiet, admin_token, Some(injector)).await
         }

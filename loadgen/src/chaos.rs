@@ -2,10 +2,11 @@
 //! from the run's seed, then the usual wait for quiet and audit (Jepsen's way: break real
 //! processes, then check the recorded history).
 //!
-//! Only processes this load generator started are ever signalled: the server it started, and
-//! for the service faults a `redis-server` or a PostgreSQL cluster (`initdb` in a temporary
-//! directory, on a free port) it starts for that one stage and points the stage at. A shared
-//! Redis or PostgreSQL is never touched.
+//! Only processes this load generator started are ever signalled: the server it started, for
+//! the service faults a `redis-server` or a PostgreSQL cluster (`initdb` in a temporary
+//! directory, on a free port) it starts for that one stage and points the stage at, and for
+//! `kill-node` an inventory node of stage `services`, a child of the supervisor it started
+//! (checked in `/proc` before the signal). A shared Redis or PostgreSQL is never touched.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -42,6 +43,9 @@ pub enum Fault {
     KillPostgres,
     /// SIGSTOP every process of the stage's own PostgreSQL cluster for the outage.
     PausePostgres,
+    /// SIGKILL one inventory node of stage `services` (a child of the supervisor loadgen
+    /// started, which starts it again: loadgen gives it `--restart-nodes`).
+    KillNode,
 }
 
 /// What a fault is done to.
@@ -50,16 +54,19 @@ pub enum Victim {
     Server,
     Redis,
     Postgres,
+    /// An inventory node of stage `services`.
+    Node,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::KillServer,
         Fault::PauseServer,
         Fault::KillRedis,
         Fault::PauseRedis,
         Fault::KillPostgres,
         Fault::PausePostgres,
+        Fault::KillNode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +77,7 @@ impl Fault {
             Fault::PauseRedis => "pause-redis",
             Fault::KillPostgres => "kill-postgres",
             Fault::PausePostgres => "pause-postgres",
+            Fault::KillNode => "kill-node",
         }
     }
 
@@ -78,23 +86,28 @@ impl Fault {
             Fault::KillServer | Fault::PauseServer => Victim::Server,
             Fault::KillRedis | Fault::PauseRedis => Victim::Redis,
             Fault::KillPostgres | Fault::PausePostgres => Victim::Postgres,
+            Fault::KillNode => Victim::Node,
         }
     }
 
     pub fn is_kill(self) -> bool {
         matches!(
             self,
-            Fault::KillServer | Fault::KillRedis | Fault::KillPostgres
+            Fault::KillServer | Fault::KillRedis | Fault::KillPostgres | Fault::KillNode
         )
     }
 
     /// Whether the fault means anything for `spec`: Redis faults for `locked` (the only stage
-    /// using Redis), PostgreSQL faults for a stage on PostgreSQL.
+    /// using Redis), PostgreSQL faults for a stage on PostgreSQL, `kill-node` for `services`.
+    /// The server faults are not for `services`: its server is the supervisor, and stopping it
+    /// alone stops nothing that serves (the nodes are its children).
     pub fn applies_to(self, spec: &StageSpec) -> bool {
+        let services = spec.stage == "services";
         match self.victim() {
-            Victim::Server => true,
+            Victim::Server => !services,
             Victim::Redis => spec.stage == "locked",
             Victim::Postgres => spec.backend == Backend::Postgres,
+            Victim::Node => services,
         }
     }
 }
@@ -255,6 +268,9 @@ pub struct FaultRecord {
     pub back_after_ms: Option<u64>,
     /// What went wrong injecting or recovering, if anything.
     pub error: Option<String>,
+    /// Which process, when the fault picks one (`kill-node`: `inventory-2 (pid 4242)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victim: Option<String>,
 }
 
 /// The chaos part of a run's report.
@@ -316,6 +332,9 @@ impl ChaosReport {
             .iter()
             .map(|r| {
                 let mut l = format!("{} at {:.2} s", r.fault, r.at_ms as f64 / 1000.0);
+                if let Some(victim) = &r.victim {
+                    l.push_str(&format!(" ({victim})"));
+                }
                 if r.outage_ms > 0 {
                     l.push_str(&format!(
                         ", {} {:.2} s",
@@ -713,6 +732,13 @@ pub struct Injector<'a> {
     pub report: &'a mut ChaosReport,
     pub quiet: bool,
     pub label: &'a str,
+    /// Picks which inventory node `kill-node` kills ([`node_picker`]).
+    pub node_pick: StdRng,
+}
+
+/// The generator of `kill-node`'s choices, from the run's seed alone.
+pub fn node_picker(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ 0x0DE5_0DE5_0DE5_0DE5)
 }
 
 impl Injector<'_> {
@@ -748,16 +774,18 @@ impl Injector<'_> {
         let mut record = FaultRecord {
             fault: fault.name(),
             at_ms: at.as_millis() as u64,
-            outage_ms: if fault == Fault::KillServer {
+            outage_ms: if matches!(fault, Fault::KillServer | Fault::KillNode) {
                 0
             } else {
                 outage.as_millis() as u64
             },
             back_after_ms: None,
             error: None,
+            victim: None,
         };
         let result = match fault {
             Fault::KillServer => self.kill_server().await,
+            Fault::KillNode => self.kill_node(&mut record.victim).await,
             Fault::PauseServer => self.pause_server(outage).await,
             Fault::KillRedis | Fault::PauseRedis | Fault::KillPostgres | Fault::PausePostgres => {
                 let service = match fault.victim() {
@@ -819,6 +847,99 @@ impl Injector<'_> {
         }
     }
 
+    /// `GET /api/v2/admin/nodes` on the stage (its gateway): its inventory nodes, and how
+    /// many shards no live node holds.
+    async fn topology(&self, conn: &mut Conn) -> Result<(Vec<NodeSeen>, usize), String> {
+        let auth = format!("Bearer {}", server::admin_token());
+        let r = conn
+            .send(
+                "GET",
+                "/api/v2/admin/nodes",
+                &[("Authorization", &auth)],
+                None,
+            )
+            .await
+            .map_err(|f| format!("GET /api/v2/admin/nodes: {}", f.as_str()))?;
+        if r.status != 200 {
+            return Err(format!("GET /api/v2/admin/nodes: status {}", r.status));
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&r.body)
+            .map_err(|e| format!("GET /api/v2/admin/nodes: not JSON ({e})"))?;
+        let unowned = doc["unownedShards"].as_array().map_or(0, |a| a.len());
+        let nodes = doc["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|n| n["role"] == "inventory")
+                    .filter_map(|n| {
+                        Some(NodeSeen {
+                            id: n["id"].as_str()?.to_owned(),
+                            pid: u32::try_from(n["pid"].as_i64()?).ok()?,
+                            up: n["state"] == "up",
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((nodes, unowned))
+    }
+
+    /// SIGKILL one inventory node that is up (drawn from the seed), once `/proc` shows it is
+    /// a child of the supervisor loadgen started; then until the supervisor has started it
+    /// again (the same id up under a new pid, its child too) and every shard has an owner.
+    async fn kill_node(&mut self, victim: &mut Option<String>) -> Result<(), String> {
+        let supervisor = self.spawned.pid().ok_or("the server is not running")?;
+        let mut conn = Conn::new(self.spawned.addr, Duration::from_secs(2));
+        let mut up: Vec<NodeSeen> = self
+            .topology(&mut conn)
+            .await?
+            .0
+            .into_iter()
+            .filter(|n| n.up)
+            .collect();
+        if up.is_empty() {
+            return Err("no inventory node is up".into());
+        }
+        up.sort_by(|a, b| a.id.cmp(&b.id));
+        let node = up.swap_remove(self.node_pick.gen_range(0..up.len()));
+        *victim = Some(format!("{} (pid {})", node.id, node.pid));
+        let parent = parent_of(node.pid);
+        if parent != Some(supervisor) {
+            let seen = match parent {
+                Some(p) => format!("its parent is pid {p}"),
+                None => "no such process".into(),
+            };
+            return Err(format!(
+                "{} (pid {}) is not a child of the supervisor loadgen started (pid {supervisor}; {seen}): left alone",
+                node.id, node.pid
+            ));
+        }
+        signal(node.pid, libc::SIGKILL, false)?;
+        let give_up = Instant::now() + SERVICE_STARTUP;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok((nodes, unowned)) = self.topology(&mut conn).await {
+                let back = nodes.iter().any(|n| {
+                    n.id == node.id
+                        && n.up
+                        && n.pid != node.pid
+                        && parent_of(n.pid) == Some(supervisor)
+                });
+                if back && unowned == 0 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= give_up {
+                return Err(format!(
+                    "{} not back (up under a new pid, every shard owned) within {} s",
+                    node.id,
+                    SERVICE_STARTUP.as_secs()
+                ));
+            }
+        }
+    }
+
     /// SIGSTOP for `outage`, SIGCONT, then until the server answers its health check.
     async fn pause_server(&mut self, outage: Duration) -> Result<(), String> {
         let pid = self.spawned.pid().ok_or("the server is not running")?;
@@ -837,6 +958,21 @@ impl Injector<'_> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// An inventory node as the topology lists it.
+struct NodeSeen {
+    id: String,
+    pid: u32,
+    up: bool,
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (`None` if there is no such process).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces and parentheses: split after the last `)`
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 const PG_BIN_DIRS: &[&str] = &["/usr/lib/postgresql"];
@@ -918,6 +1054,25 @@ mod tests {
         assert_eq!(names(off), ["kill-redis", "kill-postgres"]);
         let (on, _) = plan.split(&spec("locked@postgres"));
         assert_eq!(names(on), ["kill-server", "kill-redis", "kill-postgres"]);
+        // `services`: its own faults and PostgreSQL's, never the supervisor's
+        let all = Plan::parse(
+            &Fault::ALL
+                .iter()
+                .map(|f| f.name().to_owned())
+                .collect::<Vec<_>>(),
+            "1s",
+            "1s",
+        )
+        .unwrap()
+        .unwrap();
+        let (on, off) = all.split(&spec("services"));
+        assert_eq!(names(on), ["kill-postgres", "pause-postgres", "kill-node"]);
+        assert_eq!(
+            names(off),
+            ["kill-server", "pause-server", "kill-redis", "pause-redis"]
+        );
+        let (on, _) = all.split(&spec("actor@postgres"));
+        assert!(!names(on).contains(&"kill-node"));
         // the order given does not change the schedule
         let reversed = Plan::parse(&["kill-redis".into(), "kill-server".into()], "1s", "1s")
             .unwrap()
@@ -933,6 +1088,22 @@ mod tests {
         assert!(e.contains("--chaos-gap"), "{e}");
         let e = Plan::parse(&["kill-server".into()], "1s", "soon").unwrap_err();
         assert!(e.starts_with("--chaos-outage soon"), "{e}");
+    }
+
+    #[test]
+    fn a_processs_parent_is_read_from_proc() {
+        assert_eq!(
+            parent_of(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(parent_of(child.id()), Some(std::process::id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(parent_of(child.id()), None, "reaped: no such process");
     }
 
     #[test]

@@ -168,8 +168,11 @@ pub struct ChaosArgs {
     /// `kill-server` (SIGKILL, restarted on the same database and port), `pause-server`
     /// (SIGSTOP, then SIGCONT); `kill-redis`, `pause-redis` (stage `locked`: loadgen starts it
     /// its own redis-server); `kill-postgres`, `pause-postgres` (`STAGE@postgres`: loadgen
-    /// starts it its own PostgreSQL cluster). Faults that do not apply to a stage are left
-    /// out of its schedule. Only for stages loadgen starts: it signals no other process.
+    /// starts it its own PostgreSQL cluster); `kill-node` (stage `services`: SIGKILL of one
+    /// inventory node, a child of the supervisor loadgen started, which restarts it). Faults
+    /// that do not apply to a stage are left out of its schedule (`kill-server` and
+    /// `pause-server` do not apply to `services`). Only for stages loadgen starts: it signals
+    /// no other process.
     #[arg(long, value_delimiter = ',', value_name = "FAULT,...")]
     pub chaos: Vec<String>,
     /// Time before each fault (from the start of the load, then from the end of the previous

@@ -296,11 +296,11 @@ fn saga_survives_kill_and_pause_of_the_server_and_of_its_own_cluster() {
     );
 }
 
-/// Ignored, and named in the README and issue 10: in 1 of 2 CI runs this schedule ended with
-/// one I3 violation (a charge not matched by exactly one confirmed ticket) on `locked`, a bug
-/// of the stage under chaos still to find. Run it with `--ignored`.
+/// Once ignored (issue 10): in 1 of 2 CI runs this schedule ended with an I3 violation on
+/// `locked`, a payment run that found its hold over after an outage cancelling an order that
+/// an earlier attempt had charged, without a refund. `tests/api/locked.rs` reproduces that
+/// (and the race a refund-first fix opened) without chaos timing.
 #[test]
-#[ignore = "finds an I3 violation on locked@postgres in about 1 run of 2: issue 10, a bug to fix"]
 fn locked_on_postgres_survives_kill_of_its_own_cluster_and_redis() {
     let faults = "kill-postgres,kill-redis,pause-postgres";
     let seed = seed_starting_with(faults, &["kill-postgres", "kill-redis"]);
@@ -310,8 +310,85 @@ fn locked_on_postgres_survives_kill_of_its_own_cluster_and_redis() {
     assert_clean_audit(&run, &out);
 }
 
+const SERVICES_FAULTS: &str = "kill-node,kill-postgres,pause-postgres";
+
+/// Stage `services` under `kill-node` (an inventory node, a child of the supervisor loadgen
+/// started, SIGKILLed and started again by it) and its own PostgreSQL cluster killed and
+/// paused; returns the run and its output, once the faults were checked.
+fn services_chaos_run() -> (Value, Output) {
+    let seed = seed_starting_with(SERVICES_FAULTS, &["kill-node", "pause-postgres"]);
+    let (run, out) = chaos_run("services", SERVICES_FAULTS, seed);
+    assert_faults_as_scheduled(&run, seed, SERVICES_FAULTS, &out);
+    let killed: Vec<String> = injected(&run)
+        .iter()
+        .filter(|f| f["fault"] == "kill-node")
+        .map(|f| f["victim"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!killed.is_empty(), "{}", text(&out));
+    for victim in &killed {
+        assert!(
+            victim.starts_with("inventory-") && victim.contains("(pid "),
+            "an inventory node and its pid: {victim}"
+        );
+    }
+    let args = run["serverArgs"].to_string();
+    assert!(args.contains("\"--restart-nodes\""), "{args}");
+    assert!(
+        !args.contains("127.0.0.1:5432"),
+        "never the shared cluster: {args}"
+    );
+    let chaos = &run["chaos"];
+    assert!(
+        chaos["services"][0]
+            .as_str()
+            .unwrap()
+            .contains("own PostgreSQL cluster"),
+        "{chaos}"
+    );
+    (run, out)
+}
+
 #[test]
-fn chaos_is_refused_against_a_target_for_services_and_for_unknown_faults() {
+fn services_nodes_are_killed_only_among_the_supervisors_children_and_come_back() {
+    let (run, out) = services_chaos_run();
+    let drawn: Vec<&str> = run["chaos"]["faultsDrawnFrom"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(drawn, ["kill-postgres", "pause-postgres", "kill-node"]);
+    // the load went on through the faults, and the audit waited for quiet
+    assert!(
+        run["results"]["purchases"]["confirmed"].as_u64().unwrap() > 0,
+        "{run}"
+    );
+    assert_eq!(run["audit"]["quiet"]["quiet"], true, "{}", text(&out));
+    // no seat oversold or sold twice, none lost from the counts, client and server agree:
+    // these always held; I3 and I5 are the next test's, ignored for now
+    for inv in run["audit"]["invariants"].as_array().unwrap() {
+        if ["I1", "I2", "I4", "I6", "I7"].contains(&inv["id"].as_str().unwrap()) {
+            assert_eq!(inv["status"], "pass", "{inv}\n{}", text(&out));
+        }
+    }
+}
+
+/// Ignored, in the open. This run found that stage `services` confirmed orders whose charge
+/// it had also refunded (I3), chaos or not: an inventory node refunded an expired hold whose
+/// cancellation had been refused (the node had lost the shard), and the new owner confirmed
+/// it. That is fixed (`stages::actor`, the Expired settlement); the test then passed 15 runs
+/// of 17, and 81 of 83 such runs on other seeds were clean. The other failures were a payment
+/// left `pending` on a cancelled order (I5), once with an I3, under `kill-node`: still to find.
+/// See the README's *Chaos runs*.
+#[test]
+#[ignore = "services under kill-node: about 1 run in 20 still ends with an I5 (or I3) violation, a bug to find"]
+fn services_survives_kill_node_and_kill_and_pause_of_its_own_cluster() {
+    let (run, out) = services_chaos_run();
+    assert_clean_audit(&run, &out);
+}
+
+#[test]
+fn chaos_is_refused_against_a_target_and_for_unknown_faults() {
     let refused = |args: &[&str], says: &str| {
         let out = loadgen(args);
         assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -332,16 +409,6 @@ fn chaos_is_refused_against_a_target_for_services_and_for_unknown_faults() {
     refused(
         &["compare", "--stages", "actor", "--chaos", "kill-everything"],
         "--chaos kill-everything: unknown fault",
-    );
-    refused(
-        &[
-            "compare",
-            "--stages",
-            "services@postgres",
-            "--chaos",
-            "kill-server",
-        ],
-        "stage services",
     );
     refused(
         &[

@@ -156,7 +156,9 @@ pub async fn audit(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpR
     // What is under way is read first: work that ends between this read and the counts below
     // can only make the counts more settled, never hide a payment still in flight.
     let mut activity = state.stage.activity().await;
-    activity.payments_in_flight = state.payments.in_flight() as i64;
+    // added to what the stage counted: stage `services` sums its inventory nodes' payments
+    // under way there, which this process's gateway handle never sees
+    activity.payments_in_flight += state.payments.in_flight() as i64;
     let records = state.stage.records();
     activity.pending_orders = records.pending_orders().await?;
     let counts = records.event_counts().await?;

@@ -42,12 +42,17 @@ use crate::inventory::{Counts, Inventory, ReserveError};
 use crate::payments::ChargeOutcome;
 use crate::store::shards::{shard_of, ShardFence, ShardLease};
 use crate::store::sql::payment_key;
-use crate::store::{Catalog, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp};
+use crate::store::{
+    Catalog, OrderBook, OrderKey, Records, Stamp, StoreError, WriteHandle, WriteOp,
+};
 
 /// First pause before a payment whose outcome is unknown is asked about again; it doubles
 /// up to [`SETTLE_RETRY_MAX`], for as long as the gateway does not answer.
 const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long an expired purchase waits for its cancellation to be stored, on a shard its node
+/// still holds, before it leaves the refund to recovery ([`Inner::cancelled_in_store`]).
+const CANCEL_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One event's active actor, and what tells whether it may be passivated.
 struct ActorSlot {
@@ -679,6 +684,14 @@ impl Inner {
             }
             Settlement::Expired(durable) => {
                 durable.await?;
+                // Refunded only once the order is cancelled in storage. A hold that ran out on
+                // the actor's timer was cancelled by a write nobody waited for; on an inventory
+                // node that lost the shard meanwhile, that write was refused, and the order is
+                // still pending for the shard's new owner, which charges the same key again
+                // and confirms it: a refund here would leave a confirmed order refunded (I3).
+                if !self.cancelled_in_store(order).await? {
+                    return Err(PurchaseError::OwnerChanged);
+                }
                 self.parts.payments.refund(key).await?;
                 self.writer
                     .submit(WriteOp::SettlePayment {
@@ -688,6 +701,34 @@ impl Inner {
                     .await?;
                 Err(PurchaseError::HoldExpired)
             }
+        }
+    }
+
+    /// Whether `order` is stored `cancelled`, once every write queued before this call is
+    /// committed or refused (a barrier). While it is still pending and this node still holds
+    /// its shard, the cancellation may only be late (queued while the writer was full, after
+    /// the barrier): asked again, for up to [`CANCEL_SEEN_WITHIN`]. Pending on a shard this
+    /// node no longer holds, the cancellation was refused: the new owner settles the order.
+    async fn cancelled_in_store(&self, order: OrderId) -> Result<bool, PurchaseError> {
+        let give_up = std::time::Instant::now() + CANCEL_SEEN_WITHIN;
+        loop {
+            self.writer.submit(WriteOp::Barrier).await?;
+            let Some(stored) = self.parts.store.order(order).await? else {
+                return Ok(false);
+            };
+            match stored.status {
+                OrderStatus::Cancelled => return Ok(true),
+                OrderStatus::Confirmed => return Ok(false),
+                OrderStatus::Pending => {}
+            }
+            let ours = match &self.fence {
+                Some(fence) => fence.epoch(shard_of(stored.event_id)).is_some(),
+                None => true,
+            };
+            if !ours || std::time::Instant::now() >= give_up {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 

@@ -101,6 +101,8 @@ struct Inner {
     /// Reservations that reached the pause failpoint.
     reads: AtomicUsize,
     crashed_once: AtomicBool,
+    /// The `confirm_pause_once` failpoint fired.
+    confirm_paused_once: AtomicBool,
     counters: Counters,
 }
 
@@ -200,6 +202,7 @@ impl LockedStage {
             running_jobs: AtomicU64::new(0),
             reads: AtomicUsize::new(0),
             crashed_once: AtomicBool::new(false),
+            confirm_paused_once: AtomicBool::new(false),
             counters: Counters::default(),
             parts,
         });
@@ -305,8 +308,9 @@ async fn supervise(inner: Arc<Inner>) {
 }
 
 /// Every hold TTL, queues again the payment of orders pending for longer than a hold: their
-/// job was never queued (Redis refused it, and the seats could not be returned either). The
-/// queue drops the push if the job is there after all; the job expires the hold.
+/// job was never queued (Redis refused it, and the seats could not be returned either), or is
+/// gone. The job expires the hold (refunding whatever its key charged). Cancelled orders whose
+/// payment is still pending (a refund never asked for) are queued again too.
 async fn sweep(inner: Arc<Inner>) {
     let every = inner.parts.settings.hold_ttl.max(Duration::from_secs(1));
     let mut last_vacuum = Instant::now();
@@ -588,7 +592,7 @@ impl Inner {
         };
         tracing::warn!(order = %job.order, %error, "could not queue the payment");
         if let Err(cause) = self
-            .release(job, CancelReason::Interrupted, PaymentStatus::Failed)
+            .release(job, CancelReason::Interrupted, Some(PaymentStatus::Failed))
             .await
         {
             tracing::error!(order = %job.order, error = %cause, "could not return the seats either; the next start re-queues the payment");
@@ -608,9 +612,10 @@ impl Inner {
         match order.status {
             OrderStatus::Confirmed => return Ok(Settled::Confirmed),
             OrderStatus::Cancelled => {
-                // Cancelled by another run of this job, or by a sweep that expired the hold
-                // while this run was charging: whatever this key charged goes back.
-                self.parts.payments.refund(&job.payment_key).await?;
+                // Cancelled by another run of this job (a swept duplicate that expired the
+                // hold while this run was charging), or by an earlier run of this one that
+                // stopped before its refund: whatever this key charged goes back.
+                self.refund_cancelled(job).await?;
                 return Ok(Settled::Declined);
             }
             OrderStatus::Pending => {}
@@ -620,8 +625,20 @@ impl Inner {
             .with_timezone(&Utc)
             + self.parts.settings.hold_ttl;
         if Utc::now() >= hold_ends {
-            // Too late to start charging (the queue or its worker was down): give the seats back.
-            self.release(job, CancelReason::HoldExpired, PaymentStatus::Failed)
+            // Too late to start charging (the queue, its worker or the database was down):
+            // give the seats back. This may not be the job's first run: an earlier one may
+            // have been charged and then lost its confirmation (the database went away), the
+            // gateway's answer, or its worker; so whatever the key charged is refunded. And
+            // another run may be confirming the order right now: the order read above can be
+            // stale by the time this run cancels, which is why it cancels before it refunds.
+            if let Some(pause) = self.settings().failpoints.hold_over_pause {
+                tracing::warn!(
+                    ?pause,
+                    "failpoint: a run that found the hold over pauses before cancelling"
+                );
+                tokio::time::sleep(pause).await;
+            }
+            self.cancel_and_refund(job, CancelReason::HoldExpired)
                 .await?;
             return Ok(Settled::Expired);
         }
@@ -649,19 +666,28 @@ impl Inner {
         }
         match outcome {
             ChargeOutcome::Approved { .. } if Utc::now() >= hold_ends => {
-                // The charge came back after the hold ran out: refund it, return the seats.
-                self.parts.payments.refund(&job.payment_key).await?;
-                self.release(job, CancelReason::HoldExpired, PaymentStatus::Refunded)
+                // The charge came back after the hold ran out: return the seats, refund it.
+                self.cancel_and_refund(job, CancelReason::HoldExpired)
                     .await?;
                 Ok(Settled::Expired)
             }
             ChargeOutcome::Approved { .. } => {
+                if let Some(pause) = failpoints.confirm_pause_once {
+                    if !self.confirm_paused_once.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(?pause, "failpoint: the confirmation is held up");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 self.confirm(job.order).await?;
                 Ok(Settled::Confirmed)
             }
             ChargeOutcome::Declined => {
-                self.release(job, CancelReason::PaymentDeclined, PaymentStatus::Failed)
-                    .await?;
+                self.release(
+                    job,
+                    CancelReason::PaymentDeclined,
+                    Some(PaymentStatus::Failed),
+                )
+                .await?;
                 Ok(Settled::Declined)
             }
         }
@@ -681,12 +707,12 @@ impl Inner {
     }
 
     /// The seats back (under the lock, fenced), the order cancelled and the payment settled
-    /// as `payment`, in one transaction.
+    /// as `payment` (left `pending` if `None`), in one transaction.
     async fn release(
         &self,
         job: &PaymentJob,
         reason: CancelReason,
-        payment: PaymentStatus,
+        payment: Option<PaymentStatus>,
     ) -> Result<(), SettleError> {
         for _ in 0..STALE_RETRIES {
             let lease = self.locks.acquire(job.event, true).await?;
@@ -713,7 +739,7 @@ impl Inner {
         lease: &Lease,
         job: &PaymentJob,
         reason: CancelReason,
-        payment: PaymentStatus,
+        payment: Option<PaymentStatus>,
     ) -> Result<bool, SettleError> {
         let released = self
             .parts
@@ -734,17 +760,44 @@ impl Inner {
         Ok(true)
     }
 
-    /// After the last attempt failed: refund whatever was charged and cancel the order.
+    /// After the last attempt failed: cancel the order and refund whatever was charged.
     async fn give_up(&self, job: &PaymentJob) -> Result<(), SettleError> {
-        let payment = match self.parts.payments.refund(&job.payment_key).await? {
-            RefundOutcome::Refunded | RefundOutcome::AlreadyRefunded => PaymentStatus::Refunded,
-            RefundOutcome::NothingToRefund => PaymentStatus::Failed,
-        };
-        self.release(job, CancelReason::Interrupted, payment).await
+        self.cancel_and_refund(job, CancelReason::Interrupted).await
     }
 
-    /// Queues again the payment of every order still pending that was placed at least
-    /// `min_age` ago. At start (`min_age` zero) the push carries the payment key, so the queue
+    /// Cancels the order (its seats back, its payment left `pending`), then refunds whatever
+    /// its key charged and settles the payment. In that order: the cancellation is the
+    /// decision, one transaction that only a pending order passes, so once it is made no other
+    /// run of this job (a swept duplicate, a run taken over from a worker judged dead) can
+    /// confirm the order any more. A refund issued first could meet such a confirmation and
+    /// leave a confirmed order with its charge refunded. A run that stops between the two
+    /// leaves a cancelled order with its payment pending: counted by the audit (I5), and
+    /// queued again by the sweep and at start, whose run refunds it.
+    async fn cancel_and_refund(
+        &self,
+        job: &PaymentJob,
+        reason: CancelReason,
+    ) -> Result<(), SettleError> {
+        self.release(job, reason, None).await?;
+        self.refund_cancelled(job).await
+    }
+
+    /// Refunds whatever the cancelled order's key charged (nothing, if it never was), and
+    /// records its payment `refunded` or `failed` accordingly.
+    async fn refund_cancelled(&self, job: &PaymentJob) -> Result<(), SettleError> {
+        let refunded = match self.parts.payments.refund(&job.payment_key).await? {
+            RefundOutcome::Refunded | RefundOutcome::AlreadyRefunded => true,
+            RefundOutcome::NothingToRefund => false,
+        };
+        Ok(self
+            .parts
+            .store
+            .settle_cancelled_payment(job.order, refunded)
+            .await?)
+    }
+
+    /// Queues again the payment of every order still pending (or cancelled with its payment
+    /// still pending) that was placed at least `min_age` ago. At start (`min_age` zero) the push carries the payment key, so the queue
     /// drops it when the job is still there (waiting, or held by a dead worker). A sweep
     /// (`min_age` one hold) pushes under a fresh key, so an order whose job is gone for good
     /// (dead-lettered without its cancellation landing) still gets one; a duplicate run is
@@ -753,7 +806,9 @@ impl Inner {
         let pending = self.parts.store.pending_purchases().await?;
         let placed_before = Utc::now() - min_age;
         let mut queued = 0;
-        for purchase in pending.into_iter().filter(|p| !p.order_cancelled) {
+        // Cancelled orders whose payment is still pending are there too: a run stopped between
+        // the cancellation and its refund ([`Inner::cancel_and_refund`]); their run refunds.
+        for purchase in pending {
             // The pending purchase carries what the job needs: no read of the order per row.
             let placed = chrono::DateTime::parse_from_rfc3339(&purchase.created_at)
                 .map(|t| t.with_timezone(&Utc))

@@ -101,15 +101,16 @@ impl Store {
     }
 
     /// Gives an order's `quantity` seats back under `fence`, cancels the order for `reason` and
-    /// settles its payment as `payment`, in one transaction. Returns false (and writes
-    /// nothing) if the fence refused the token as stale.
+    /// settles its payment as `payment` (leaves it `pending` if `None`: a refund is still to
+    /// be asked for, [`Store::settle_cancelled_payment`]), in one transaction. Returns false
+    /// (and writes nothing) if the fence refused the token as stale.
     pub async fn release_fenced(
         &self,
         order: OrderId,
         event: EventId,
         quantity: u32,
         reason: CancelReason,
-        payment: PaymentStatus,
+        payment: Option<PaymentStatus>,
         fence: Fence,
     ) -> StoreResult<bool> {
         let now = timestamp(Utc::now());
@@ -129,11 +130,39 @@ impl Store {
             return Ok(false);
         }
         sql::finish_order(&mut tx, order, OrderStatus::Cancelled, Some(reason), &now).await?;
-        sql::settle_payment(&mut tx, order, payment, &now).await?;
+        if let Some(payment) = payment {
+            sql::settle_payment(&mut tx, order, payment, &now).await?;
+        }
         tx.commit().await?;
         self.changes().changed(event);
         crate::meter::settled(Some(reason));
         Ok(true)
+    }
+
+    /// Records what the refund of a cancelled order's payment found: `refunded` if its key
+    /// had been charged, else `failed` (nothing was taken). Idempotent: a payment already
+    /// settled stays as it is, except that a `failed` one becomes `refunded` when a charge
+    /// under its key turned up and was refunded after all (a run that charged while another
+    /// cancelled the order).
+    pub async fn settle_cancelled_payment(
+        &self,
+        order: OrderId,
+        refunded: bool,
+    ) -> StoreResult<()> {
+        let (status, from) = if refunded {
+            (PaymentStatus::Refunded, "('pending', 'failed')")
+        } else {
+            (PaymentStatus::Failed, "('pending')")
+        };
+        sqlx::query(&format!(
+            "UPDATE payments SET status = $1, processed_at = $2 WHERE order_id = $3 AND status IN {from}"
+        ))
+        .bind(status.as_str())
+        .bind(timestamp(Utc::now()))
+        .bind(order.0.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// The order and its tickets confirmed and the payment completed, in one transaction.

@@ -299,6 +299,80 @@ async fn a_dead_nodes_shards_move_and_its_pending_purchases_are_resolved() {
     assert!(cluster.audit_ok().await);
 }
 
+/// The chaos runs' I3 on `services` (a confirmed order with its charge refunded), without
+/// chaos timing: node a loses the shard of a purchase whose payment is slow. Its hold then
+/// runs out on a's timer, and that cancellation is refused, since b holds the shard now; b has
+/// found the order pending, charges its key again and confirms it once the gateway answers.
+/// When a's own charge comes back approved, a finds the hold expired and must not refund:
+/// the order was never cancelled in storage, and b confirms it. Refunding there (as a did)
+/// leaves a confirmed order with its charge refunded.
+#[actix_web::test]
+async fn a_node_that_lost_the_shard_never_refunds_a_purchase_its_new_owner_confirms() {
+    let cluster = Cluster::new(|s| {
+        // a's payment answers after its hold has run out, and the hold runs out after b
+        // has taken the shard (900 ms lease, 250 ms renewals)
+        s.payments.latency = LatencyModel::Fixed(Duration::from_secs(3));
+        s.hold_ttl = Duration::from_secs(2);
+    })
+    .await;
+    let a = Arc::new(cluster.node("a").await);
+    let b = cluster.node("b").await;
+    let bound = failover_bound(&cluster.settings.services) * 3;
+    within(bound, || a.leases().len() == 32 && b.leases().len() == 32).await;
+    let mut event = cluster.event(5).await;
+    while !a.leases().iter().any(|l| l.shard == shard_of(event)) {
+        event = cluster.event(5).await;
+    }
+
+    let buying = {
+        let a = Arc::clone(&a);
+        actix_rt::spawn(async move { a.purchase(event, UserId::parse("alice").unwrap()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.abandon();
+    // b's takeover resolves alice's purchase first, its 3 s charge included
+    within(
+        failover_bound(&cluster.settings.services) + Duration::from_secs(5),
+        || b.leases().len() == SHARDS as usize,
+    )
+    .await;
+    let answered = buying.await.unwrap();
+    assert!(
+        matches!(answered, Err(PurchaseError::OwnerChanged)),
+        "a answers that the event moved, not that it refunded an expired hold: {answered:?}"
+    );
+    // b confirms alice's order once the gateway answers its charge of the same key
+    let mut counts = None;
+    for _ in 0..100 {
+        let now = cluster
+            .store
+            .event_counts()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.event == event)
+            .unwrap();
+        if now.pending == 0 {
+            counts = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counts = counts.expect("b settled alice's purchase");
+    assert_eq!(counts.confirmed, 1, "{counts:?}");
+    let refunds = cluster
+        .payments
+        .ledger_page(0, 1_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|l| l.kind == ticketflow::payments::LedgerKind::Refund)
+        .count();
+    assert_eq!(refunds, 0, "the confirmed order's charge is never refunded");
+    b.shutdown().await;
+    assert!(cluster.audit_ok().await);
+}
+
 #[actix_web::test]
 async fn an_inventory_node_killed_mid_stampede_is_replaced_and_nothing_acknowledged_is_lost() {
     use crate::process::{

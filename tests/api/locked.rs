@@ -608,6 +608,128 @@ async fn a_payment_that_succeeds_after_the_hold_ran_out_is_refunded_and_the_seat
     app.stop().await;
 }
 
+/// The audit once nothing is under way (every job run finished), or the last one after 10 s.
+async fn quiet_audit(app: &TestApp) -> Value {
+    let started = Instant::now();
+    let mut audit = app.audit().await;
+    while audit["quiet"] != true && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        audit = app.audit().await;
+    }
+    assert_eq!(audit["quiet"], true, "{audit}");
+    audit
+}
+
+/// What a PostgreSQL (or Redis) outage between the charge and the confirmation does, without
+/// chaos timing luck: the job's first attempt is charged (approved just after the hold ran
+/// out) and then fails before it settles anything, as a `confirm` on a database that went away
+/// fails. Its retry finds the order still pending and past its hold, and must refund what an
+/// earlier attempt charged under the key as it gives the seat back: the chaos run's I3
+/// violation (`chargedNotConfirmed`) was that retry cancelling the order with the charge kept.
+/// (The sweep may run the order's job once more meanwhile; whichever run cancels, the charge
+/// is refunded and the payment recorded `refunded`.)
+#[actix_web::test]
+async fn a_retry_that_finds_the_hold_over_refunds_what_an_earlier_attempt_charged() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        s.hold_ttl = Duration::from_secs(1);
+        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(1_500));
+        s.locked.failpoints.fail_job_attempts = 1;
+    })
+    .await;
+    let event = app.create_event(1).await;
+
+    let (status, body) = app.purchase(event, "interrupted").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "hold-expired", "{body}");
+    let audit = quiet_audit(&app).await;
+
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(
+        ledger_count(&app, "order-", "refund").await,
+        1,
+        "the charge of the first attempt is refunded"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payments WHERE status = 'refunded'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE cancel_reason = 'hold_expired'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(audit["chargedNotConfirmed"], 0, "{audit}");
+    assert_eq!(audit["ok"], true, "{audit}");
+    let stats = stats(&app).await;
+    assert!(
+        stats["payments"]["jobRuns"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    assert!(
+        stats["payments"]["expired"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    app.stop().await;
+}
+
+/// The other half of the same outage: two runs of one order's job at once. The first run is
+/// charged before the hold ends and its confirmation is held up (a database paused); the sweep
+/// queues the order again once it is a hold old, and that second run finds it pending past its
+/// hold. While the second run sits between that reading and its action, the first confirms.
+/// The second must then leave the order alone: it may cancel (and refund) only an order still
+/// pending, so it cancels before it refunds. Refunding first, it left a confirmed order with
+/// its charge refunded (`confirmedNotCharged`, I3).
+#[actix_web::test]
+async fn a_run_that_finds_the_hold_over_never_refunds_an_order_another_run_confirms() {
+    let keys = Keys::new();
+    let app = locked_app(&keys, |s| {
+        // the sweep runs every second and queues orders a second old again
+        s.hold_ttl = Duration::from_secs(1);
+        s.payments.latency = LatencyModel::Zero;
+        // the first run confirms 2.5 s after the purchase; the swept run, queued 1-2 s
+        // after it, waits 2 s after finding the hold over: the confirmation lands in between
+        s.locked.failpoints.confirm_pause_once = Some(Duration::from_millis(2_500));
+        s.locked.failpoints.hold_over_pause = Some(Duration::from_secs(2));
+    })
+    .await;
+    let event = app.create_event(1).await;
+
+    let (status, body) = app.purchase(event, "confirmed-late").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["status"], "confirmed", "{body}");
+
+    // the swept run acts 3-4 s after the purchase; then nothing is under way
+    let audit = quiet_audit(&app).await;
+    let stats = stats(&app).await;
+    assert!(
+        stats["payments"]["jobRuns"].as_u64().unwrap() >= 2,
+        "the sweep ran the job again: {stats}"
+    );
+    assert_eq!(ledger_count(&app, "order-", "charge").await, 1);
+    assert_eq!(
+        ledger_count(&app, "order-", "refund").await,
+        0,
+        "the confirmed order's charge is never refunded"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+            .await,
+        1
+    );
+    assert_eq!(audit["confirmedNotCharged"], 0, "{audit}");
+    assert_eq!(audit["ok"], true, "{audit}");
+    app.stop().await;
+}
+
 #[actix_web::test]
 async fn a_hold_stranded_while_redis_was_down_is_swept_once_redis_is_back() {
     let keys = Keys::new();
