@@ -47,8 +47,12 @@ async fn an_idle_actor_passivates_and_the_next_purchase_reactivates_it_with_what
         assert_eq!(app.purchase(event, user).await.0, 201);
     }
     passivated(&app, event).await;
-    let (_, activations, passivations) = actors(&app, event).await;
-    assert_eq!((activations, passivations), (1, 1));
+    // (On a loaded machine the actor may also have passivated between the two purchases.)
+    let (_, first, passivations) = actors(&app, event).await;
+    assert!(
+        first >= 1 && passivations == first,
+        "{first} {passivations}"
+    );
 
     // Rebuilt with 3 seats left (not 5), and minting ids past the 2 tickets issued (the same
     // ids again would collide with the stored ones).
@@ -58,9 +62,12 @@ async fn an_idle_actor_passivates_and_the_next_purchase_reactivates_it_with_what
     }
     let (status, body) = app.purchase(event, "f").await;
     assert_eq!((status, body["code"].clone()), (400, json!("sold-out")));
-    let (active, activations, _) = actors(&app, event).await;
-    assert!(active);
-    assert_eq!(activations, 2);
+    let (active, activations, passivations) = actors(&app, event).await;
+    assert!(
+        activations > first,
+        "reactivated: {activations} after {first}"
+    );
+    assert_eq!(activations - passivations, u64::from(active));
     assert_eq!(
         app.count("SELECT COUNT(*) FROM tickets WHERE status = 'confirmed'")
             .await,

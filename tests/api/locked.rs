@@ -695,10 +695,11 @@ async fn a_run_that_finds_the_hold_over_never_refunds_an_order_another_run_confi
         // the sweep runs every second and queues orders a second old again
         s.hold_ttl = Duration::from_secs(1);
         s.payments.latency = LatencyModel::Zero;
-        // the first run confirms 2.5 s after the purchase; the swept run, queued 1-2 s
-        // after it, waits 2 s after finding the hold over: the confirmation lands in between
-        s.locked.failpoints.confirm_pause_once = Some(Duration::from_millis(2_500));
-        s.locked.failpoints.hold_over_pause = Some(Duration::from_secs(2));
+        // the first run confirms 3.5 s after the purchase; the swept run, queued 1-2 s
+        // after it, waits 4 s after finding the hold over: the confirmation lands in between,
+        // with 1.5 s to spare on either side for a loaded machine
+        s.locked.failpoints.confirm_pause_once = Some(Duration::from_millis(3_500));
+        s.locked.failpoints.hold_over_pause = Some(Duration::from_secs(4));
     })
     .await;
     let event = app.create_event(1).await;
@@ -707,7 +708,7 @@ async fn a_run_that_finds_the_hold_over_never_refunds_an_order_another_run_confi
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["status"], "confirmed", "{body}");
 
-    // the swept run acts 3-4 s after the purchase; then nothing is under way
+    // the swept run acts 5-6 s after the purchase; then nothing is under way
     let audit = quiet_audit(&app).await;
     let stats = stats(&app).await;
     assert!(
