@@ -199,12 +199,9 @@ fn an_unknown_lesson_is_a_usage_error_naming_the_known_ones() {
 
 #[test]
 fn a_missing_redis_is_its_own_exit_code_never_a_pass() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let url = format!("redis://{closed}");
-    let out = lesson(&["lease", "--quick", "--redis-url", &url]);
+    // Port 1: nothing listens there, and no other test can take it meanwhile (a port freed
+    // by a closed listener was once taken by another test between the check and the start).
+    let out = lesson(&["lease", "--quick", "--redis-url", "redis://127.0.0.1:1"]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
     assert!(stderr.contains("Redis does not answer"), "{stderr}");

@@ -691,12 +691,8 @@ fn a_v2_stampede_measures_reservation_and_confirmation_apart() {
 
 #[test]
 fn an_unreachable_target_is_one_clear_line_and_a_non_zero_exit() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
+    // Port 1: nothing listens there, and no other test can take it meanwhile.
+    let url = "http://127.0.0.1:1".to_owned();
     let out = run(&[
         "run",
         "--target",

@@ -472,12 +472,8 @@ async fn redis_going_down_answers_503_with_a_problem_document_not_a_hang() {
 async fn an_unreachable_redis_at_start_is_an_error_naming_the_setting() {
     let db = TestDb::new(Backend::Sqlite);
     let mut settings = test_settings(StageKind::Locked, &db);
-    // A port nothing listens on: bind one, note it, close it.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    settings.locked.redis_url = format!("redis://{closed}");
+    // Port 1: nothing listens there, and no other test can take it meanwhile.
+    settings.locked.redis_url = "redis://127.0.0.1:1".into();
     let Err(error) = Server::build(settings).await else {
         panic!("the server started without Redis");
     };
