@@ -6,9 +6,18 @@
 //! group-commit writer in the same step, and answers with a future that only waits for
 //! durability and never touches the actor again. Nothing can interleave between a decision and
 //! its write being queued, so the writer sees each event's writes in decision order.
+//!
+//! Batched per mailbox drain: a decision takes its room in the writer's queue at once (so a
+//! full queue still refuses the purchase then), but the writes and the `Reserve` answers are
+//! sent together once the mailbox is empty ([`EventActor::flush`]): one wake of the writer and
+//! of each waiting thread per batch rather than per message, which is where the actor's thread
+//! spent most of its time (see the README, "The actor core").
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -19,10 +28,34 @@ use crate::domain::{EventId, Money, OrderId, TicketId, UserId};
 use crate::event_core::{EventCore, Input, Output, ReserveRequest};
 pub use crate::event_core::{PaymentResult, Settled};
 use crate::inventory::{Counts, Inventory, Millis, ReserveError};
-use crate::store::{OrderKey, StoreError, StoreResult, WriteHandle, WriteOp};
+use crate::store::{OrderKey, Room, StoreError, StoreResult, WriteHandle, WriteOp};
 
-/// A future that resolves once a write is committed.
-pub type Durable = BoxFuture<'static, StoreResult<()>>;
+/// A future that resolves once a write is committed. Not boxed when the write had room in the
+/// writer's queue (nearly always), so answering a `Settle` allocates no future.
+pub enum Durable {
+    /// Queued (or about to be, with this drain's batch): the writer's answer.
+    Queued(oneshot::Receiver<StoreResult<()>>),
+    /// The queue was full: waits for room, then for the commit.
+    Waiting(BoxFuture<'static, StoreResult<()>>),
+    /// Nothing to write.
+    Done,
+}
+
+impl Future for Durable {
+    type Output = StoreResult<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Queued(done) => Pin::new(done)
+                .poll(cx)
+                .map(|answer| answer.map_err(|_| StoreError::WriterClosed)?),
+            Self::Waiting(written) => written.as_mut().poll(cx),
+            Self::Done => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+type ReserveAnswer = Result<HoldGrant, ReserveRefusal>;
 
 pub struct EventActor {
     core: EventCore,
@@ -35,6 +68,13 @@ pub struct EventActor {
     /// committed. The actor does not passivate while any is, so whoever activates the event
     /// next reads storage with them in it.
     unsettled: Arc<AtomicUsize>,
+    /// Writes decided in this mailbox drain, each with its room in the writer's queue taken,
+    /// in decision order; sent by [`Self::flush`].
+    writes: Vec<(Room, WriteOp)>,
+    /// `Reserve` answers decided in this drain, sent by [`Self::flush`] after the writes.
+    answers: Vec<(oneshot::Sender<ReserveAnswer>, ReserveAnswer)>,
+    /// A flush is scheduled for the end of this drain.
+    flushing: bool,
 }
 
 /// Counts `Reserve` messages waiting in one event actor's mailbox, and bounds them.
@@ -90,12 +130,73 @@ impl EventActor {
             tick: (hold_ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
             queued,
             unsettled: Arc::default(),
+            writes: Vec::new(),
+            answers: Vec::new(),
+            flushing: false,
+        }
+    }
+
+    /// Runs [`Self::flush`] once the mailbox is drained: actix polls the actor's spawned
+    /// futures only after handling every message waiting.
+    fn flush_later(&mut self, ctx: &mut Context<Self>) {
+        if !self.flushing {
+            self.flushing = true;
+            ctx.spawn(actix::fut::ready(()).map(|(), actor: &mut Self, ctx| actor.flush(ctx)));
+        }
+    }
+
+    /// Sends this drain's writes, in decision order, then its `Reserve` answers, so a buyer
+    /// hears of a hold only once its write is queued.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        self.flushing = false;
+        for (room, op) in self.writes.drain(..) {
+            room.send(op);
+        }
+        let answers = std::mem::take(&mut self.answers);
+        for (reply, answer) in answers {
+            if let Err(Ok(grant)) = reply.send(answer) {
+                // The buyer went away before the answer: give the seats back once the hold is
+                // written, so storage and memory agree.
+                if let Output::Returned { write: Some(op) } = self.step(Input::Abandon(grant.order))
+                {
+                    self.write_in_background(op, ctx);
+                }
+            }
+        }
+        // Any written just now (abandoned holds) go at once too.
+        for (room, op) in self.writes.drain(..) {
+            room.send(op);
+        }
+    }
+
+    /// Takes room for `op` in the writer's queue and sends it with this drain's batch; the
+    /// answer resolves once it is committed. `Err(op)` when the queue is full.
+    fn queue(&mut self, op: WriteOp, ctx: &mut Context<Self>) -> Result<Durable, WriteOp> {
+        let Some((room, done)) = self.writer.try_reserve() else {
+            return Err(op);
+        };
+        self.writes.push((room, op));
+        self.flush_later(ctx);
+        Ok(Durable::Queued(done))
+    }
+
+    /// Queues `op` as [`Self::queue`] does or, if the queue is full, after what this drain
+    /// already decided, waiting for room.
+    fn queue_or_wait(&mut self, op: WriteOp, ctx: &mut Context<Self>) -> Durable {
+        match self.queue(op, ctx) {
+            Ok(durable) => durable,
+            Err(op) => {
+                for (room, op) in self.writes.drain(..) {
+                    room.send(op);
+                }
+                durable(&self.writer, op)
+            }
         }
     }
 
     /// Queues `op`, which nobody waits on, and counts it until it is committed.
-    fn write_in_background(&self, op: WriteOp) {
-        let written = durable(&self.writer, op);
+    fn write_in_background(&mut self, op: WriteOp, ctx: &mut Context<Self>) {
+        let written = self.queue_or_wait(op, ctx);
         let unsettled = Arc::clone(&self.unsettled);
         unsettled.fetch_add(1, Ordering::AcqRel);
         actix::spawn(async move {
@@ -115,12 +216,12 @@ impl EventActor {
         self.core.step(input, now)
     }
 
-    fn expire_due(&mut self) {
+    fn expire_due(&mut self, ctx: &mut Context<Self>) {
         let Output::Expired(cancels) = self.step(Input::Expire) else {
             unreachable!("Expire is answered with Expired")
         };
         for op in cancels {
-            self.write_in_background(op);
+            self.write_in_background(op, ctx);
         }
     }
 }
@@ -129,24 +230,24 @@ impl Actor for EventActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.tick, |actor, _| actor.expire_due());
+        ctx.run_interval(self.tick, |actor, ctx| actor.expire_due(ctx));
+    }
+
+    /// Nothing decided is left unsent (actix polls no spawned future once stopping).
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.flush(ctx);
     }
 }
 
 /// Queues `op` at once if the writer has room, else waits for room in the returned future.
 fn durable(writer: &WriteHandle, op: WriteOp) -> Durable {
     match writer.try_submit(op) {
-        Ok(done) => Box::pin(async move { done.await.map_err(|_| StoreError::WriterClosed)? }),
+        Ok(done) => Durable::Queued(done),
         Err(full) => {
             let writer = writer.clone();
-            Box::pin(async move { writer.submit(full.0).await })
+            Durable::Waiting(Box::pin(async move { writer.submit(full.0).await }))
         }
     }
-}
-
-/// Nothing to write: durable at once.
-fn already_durable() -> Durable {
-    Box::pin(async { Ok(()) })
 }
 
 /// Seats held for a buyer; `durable` answers once the hold is on disk.
@@ -186,7 +287,7 @@ pub struct Reserve {
 impl Handler<Reserve> for EventActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) {
         self.queued.release();
         let request = ReserveRequest {
             user: msg.user,
@@ -201,26 +302,25 @@ impl Handler<Reserve> for EventActor {
         };
         let answer = match decided {
             Err(refusal) => Err(ReserveRefusal::Inventory(refusal)),
-            Ok(granted) => match self.writer.try_submit(granted.write) {
-                Ok(durable) => Ok(HoldGrant {
-                    order: granted.order,
-                    tickets: granted.tickets,
-                    amount: granted.amount,
-                    durable,
-                }),
-                Err(_) => {
+            Ok(granted) => match self.writer.try_reserve() {
+                Some((room, durable)) => {
+                    self.writes.push((room, granted.write));
+                    Ok(HoldGrant {
+                        order: granted.order,
+                        tickets: granted.tickets,
+                        amount: granted.amount,
+                        durable,
+                    })
+                }
+                None => {
                     self.step(Input::Withdraw(granted.order));
                     Err(ReserveRefusal::WriterFull)
                 }
             },
         };
-        if let Err(Ok(grant)) = msg.reply.send(answer) {
-            // The buyer went away before the answer: give the seats back once the hold is
-            // written, so storage and memory agree.
-            if let Output::Returned { write: Some(op) } = self.step(Input::Abandon(grant.order)) {
-                self.write_in_background(op);
-            }
-        }
+        // Answered with this drain's batch, after its hold's write is queued.
+        self.answers.push((msg.reply, answer));
+        self.flush_later(ctx);
     }
 }
 
@@ -246,7 +346,7 @@ pub struct Settle {
 impl Handler<Settle> for EventActor {
     type Result = MessageResult<Settle>;
 
-    fn handle(&mut self, msg: Settle, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Settle, ctx: &mut Self::Context) -> Self::Result {
         let input = Input::Settle {
             order: msg.order,
             result: msg.result,
@@ -255,8 +355,8 @@ impl Handler<Settle> for EventActor {
             unreachable!("Settle is answered with Settled")
         };
         let written = match write {
-            Some(op) => durable(&self.writer, op),
-            None => already_durable(),
+            Some(op) => self.queue_or_wait(op, ctx),
+            None => Durable::Done,
         };
         MessageResult(match settled {
             Settled::Confirmed => Settlement::Confirmed(written),
@@ -290,6 +390,7 @@ impl Handler<Passivate> for EventActor {
     type Result = bool;
 
     fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) -> bool {
+        self.flush(ctx);
         if self.core.counts().held > 0 || self.unsettled.load(Ordering::Acquire) > 0 {
             return false;
         }

@@ -38,7 +38,7 @@ pub use accounts::{KeyState, NewUser};
 pub use backend::{Backend, DatabaseUrl};
 pub use gateway::GatewayBooks;
 pub use sql::{NewOrder, OrderKey};
-pub use writer::{Stamp, WriteHandle, WriteOp, WriterFull};
+pub use writer::{Room, Stamp, WriteHandle, WriteOp, WriterFull};
 
 /// What went wrong in storage, said in the domain's terms rather than a driver's.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -161,6 +161,23 @@ impl WriteHandle {
         }
     }
 
+    /// Takes room in the queue for one write without sending it yet, so a caller can decide
+    /// now (the room is its own, nobody else can take it) and send a batch of writes at once
+    /// later: one wake of the writer for the batch instead of one per write. The write counts
+    /// as unflushed from now on. The receiver answers once the write is committed, or with an
+    /// error if the [`Room`] is dropped unsent.
+    pub fn try_reserve(&self) -> Option<(Room, oneshot::Receiver<StoreResult<()>>)> {
+        let permit = self.tx.clone().try_reserve_owned().ok()?;
+        let (ack, done) = oneshot::channel();
+        self.stats.queued();
+        let room = Room {
+            permit: Some((permit, ack)),
+            stamp: self.stamp,
+            stats: Arc::clone(&self.stats),
+        };
+        Some((room, done))
+    }
+
     /// Queues `op`, waiting for room, and waits until it is committed.
     pub async fn submit(&self, op: WriteOp) -> StoreResult<()> {
         let (ack, done) = oneshot::channel();
@@ -175,6 +192,31 @@ impl WriteHandle {
     /// Waits until every write queued before this call is committed.
     pub async fn flush(&self) -> StoreResult<()> {
         self.submit(WriteOp::Barrier).await
+    }
+}
+
+/// Room in the writer's queue for one write, taken by [`WriteHandle::try_reserve`].
+pub struct Room {
+    permit: Option<(mpsc::OwnedPermit<Queued>, Ack)>,
+    stamp: Option<Stamp>,
+    stats: Arc<WriterStats>,
+}
+
+impl Room {
+    /// Queues `op` in the room taken; never waits and never fails.
+    pub fn send(mut self, op: WriteOp) {
+        if let Some((permit, ack)) = self.permit.take() {
+            permit.send((op, self.stamp, ack));
+        }
+    }
+}
+
+impl Drop for Room {
+    /// Unsent: the write never reached the queue (its waiter's receiver errs).
+    fn drop(&mut self) {
+        if self.permit.take().is_some() {
+            self.stats.answered();
+        }
     }
 }
 
