@@ -312,7 +312,8 @@ impl Inner {
             Participant::Orchestrator => {
                 let reply: Reply = serde_json::from_value(message.body.clone())
                     .map_err(|e| HandleError::Corrupt(e.to_string()))?;
-                self.orchestrate(order, Some(&delivery), &reply).await?;
+                self.orchestrate(order, Some((Participant::Orchestrator, &delivery)), &reply)
+                    .await?;
                 Ok(())
             }
             Participant::Inventory | Participant::Payments => {
@@ -330,25 +331,22 @@ impl Inner {
     // ---------- the orchestrator ----------
 
     /// Decides what follows `reply` in `order`'s saga and records it: the events, the
-    /// commands and the projection in one transaction; a redelivered message (seen in the
-    /// inbox) or a reply that changes nothing records only its inbox entry. Returns the saga
-    /// as it stands after.
+    /// commands and the projection in one transaction. `delivery` is the message that carried
+    /// the reply and the consumer whose inbox records it (the orchestrator for a reply that
+    /// came through the outbox, the payments participant for its own answer, recorded with
+    /// the decision it causes); a redelivered message (seen in the inbox) or a reply that
+    /// changes nothing records only its inbox entry. Returns the saga as it stands after.
     async fn orchestrate(
         &self,
         order: OrderId,
-        delivery: Option<&Delivery>,
+        delivery: Option<(Participant, &Delivery)>,
         reply: &Reply,
     ) -> Result<Saga, HandleError> {
         for _ in 0..CONFLICT_RETRIES {
             let mut tx = self.store.begin_saga().await?;
-            if let Some(delivery) = delivery {
+            if let Some((consumer, delivery)) = delivery {
                 if !tx
-                    .first_delivery(
-                        Participant::Orchestrator,
-                        &delivery.message_id,
-                        delivery.outbox_id,
-                        order,
-                    )
+                    .first_delivery(consumer, &delivery.message_id, delivery.outbox_id, order)
                     .await?
                 {
                     tx.commit().await?;
@@ -361,27 +359,66 @@ impl Inner {
                 tx.commit().await?;
                 return Ok(before);
             }
-            let after = match tx
-                .append(order, &before, &decision.events, SNAPSHOT_EVERY)
-                .await
-            {
-                Ok(after) => after,
+            let (after, kinds) = match self.carry_out(&mut tx, order, &before, decision).await {
+                Ok(done) => done,
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            self.queue(&mut tx, order, &decision.commands).await?;
             tx.project(&before, &after).await?;
             tx.commit().await?;
-            if decision.events.iter().any(|e| e.kind() == "SeatsHeld") {
-                self.crash_after(SagaStep::SeatsHeld);
-            }
-            if after.outcome == Some(Outcome::Confirmed) {
-                self.crash_after(SagaStep::Confirmed);
-            }
-            self.committed(order, &after);
+            self.recorded(order, &kinds, &after);
             return Ok(after);
         }
         Err(HandleError::Busy)
+    }
+
+    /// Appends `decision`'s events after `before` and carries out its commands, in the
+    /// caller's transaction: a command for the inventory (a participant in this process, on
+    /// this database) is applied right here and its reply decided on at once, so the seats,
+    /// the events that follow and their commands commit together; the others (payments, the
+    /// hold's timer) are written to the outbox. Returns the saga after every event appended,
+    /// and their kinds.
+    async fn carry_out(
+        &self,
+        tx: &mut crate::store::saga::SagaTx,
+        order: OrderId,
+        before: &Saga,
+        decision: crate::saga::Decision,
+    ) -> StoreResult<(Saga, Vec<&'static str>)> {
+        let mut kinds: Vec<&'static str> = decision.events.iter().map(|e| e.kind()).collect();
+        let mut state = tx
+            .append(order, before, &decision.events, SNAPSHOT_EVERY)
+            .await?;
+        let mut pending: std::collections::VecDeque<Command> = decision.commands.into();
+        while let Some(command) = pending.pop_front() {
+            if command.participant() != Participant::Inventory {
+                self.queue(tx, order, std::slice::from_ref(&command))
+                    .await?;
+                continue;
+            }
+            let Some(reply) = apply_inventory(tx, order, &command).await? else {
+                continue;
+            };
+            let next = decide(&state, &reply, now_ms());
+            kinds.extend(next.events.iter().map(|e| e.kind()));
+            state = tx
+                .append(order, &state, &next.events, SNAPSHOT_EVERY)
+                .await?;
+            pending.extend(next.commands);
+        }
+        Ok((state, kinds))
+    }
+
+    /// After a commit that appended events of `kinds` to `order`'s saga: the failpoints of
+    /// those steps, then the waiters are told and the relay woken.
+    fn recorded(&self, order: OrderId, kinds: &[&str], after: &Saga) {
+        if kinds.contains(&"SeatsHeld") {
+            self.crash_after(SagaStep::SeatsHeld);
+        }
+        if after.outcome == Some(Outcome::Confirmed) && kinds.contains(&"OrderConfirmed") {
+            self.crash_after(SagaStep::Confirmed);
+        }
+        self.committed(order, after);
     }
 
     /// Writes `commands` into the outbox, in the caller's transaction.
@@ -444,33 +481,9 @@ impl Inner {
             tx.commit().await?;
             return Ok(());
         }
-        let reply = match command {
-            Command::HoldSeats {
-                event,
-                user,
-                quantity,
-                per_user_limit,
-                hold_ttl_ms,
-                ..
-            } => match tx
-                .hold_seats(order, *event, user, *quantity, *per_user_limit)
-                .await?
-            {
-                HoldOutcome::Held => Reply::SeatsHeld {
-                    expires_at_ms: now_ms() + *hold_ttl_ms as i64,
-                },
-                HoldOutcome::Refused(refusal) => Reply::SeatsRefused { refusal },
-            },
-            Command::ReleaseSeats { .. } => {
-                tx.release_seats(order).await?;
-                Reply::SeatsReleased
-            }
-            Command::ConfirmSeats { .. } => match tx.confirm_seats(order).await? {
-                true => Reply::SeatsConfirmed,
-                false => Reply::HoldMissing,
-            },
-            other => return Err(HandleError::Corrupt(format!("inventory got {other:?}"))),
-        };
+        let reply = apply_inventory(&mut tx, order, command)
+            .await?
+            .ok_or_else(|| HandleError::Corrupt(format!("inventory got {command:?}")))?;
         self.reply(tx, order, &reply).await
     }
 
@@ -519,20 +532,11 @@ impl Inner {
             }
             other => return Err(HandleError::Corrupt(format!("payments got {other:?}"))),
         };
-        let mut tx = self.store.begin_saga().await?;
-        if !tx
-            .first_delivery(
-                Participant::Payments,
-                &delivery.message_id,
-                delivery.outbox_id,
-                order,
-            )
-            .await?
-        {
-            tx.commit().await?;
-            return Ok(());
-        }
-        self.reply(tx, order, &reply).await
+        // The answer is recorded in the payments inbox in the transaction of the decision it
+        // causes (both on this database), instead of a reply through the outbox.
+        self.orchestrate(order, Some((Participant::Payments, delivery)), &reply)
+            .await?;
+        Ok(())
     }
 
     /// Queues a participant's reply to the orchestrator and commits the participant's step.
@@ -588,15 +592,15 @@ impl Inner {
         };
         let decision = place(placed);
         let mut tx = self.store.begin_saga().await?;
-        match tx
-            .append(order, &Saga::default(), &decision.events, SNAPSHOT_EVERY)
-            .await
-        {
-            Ok(after) => {
-                self.queue(&mut tx, order, &decision.commands).await?;
+        let before = Saga::default();
+        // `HoldSeats` goes to the inventory in this process: the seats are held (or refused)
+        // and the charge queued in the transaction that places the order.
+        match self.carry_out(&mut tx, order, &before, decision).await {
+            Ok((after, kinds)) => {
+                tx.project(&before, &after).await?;
                 tx.commit().await?;
                 self.crash_after(SagaStep::Placed);
-                self.committed(order, &after);
+                self.recorded(order, &kinds, &after);
             }
             // Placed before under the same Idempotency-Key: that saga is the answer.
             Err(StoreError::Conflict(_)) => drop(tx),
@@ -648,6 +652,42 @@ impl Inner {
             }
         }
     }
+}
+
+/// The inventory participant's effect of `command`, in `tx`, and its reply to the
+/// orchestrator; `None` for a command that is not the inventory's.
+async fn apply_inventory(
+    tx: &mut crate::store::saga::SagaTx,
+    order: OrderId,
+    command: &Command,
+) -> StoreResult<Option<Reply>> {
+    Ok(Some(match command {
+        Command::HoldSeats {
+            event,
+            user,
+            quantity,
+            per_user_limit,
+            hold_ttl_ms,
+            ..
+        } => match tx
+            .hold_seats(order, *event, user, *quantity, *per_user_limit)
+            .await?
+        {
+            HoldOutcome::Held => Reply::SeatsHeld {
+                expires_at_ms: now_ms() + *hold_ttl_ms as i64,
+            },
+            HoldOutcome::Refused(refusal) => Reply::SeatsRefused { refusal },
+        },
+        Command::ReleaseSeats { .. } => {
+            tx.release_seats(order).await?;
+            Reply::SeatsReleased
+        }
+        Command::ConfirmSeats { .. } => match tx.confirm_seats(order).await? {
+            true => Reply::SeatsConfirmed,
+            false => Reply::HoldMissing,
+        },
+        _ => return Ok(None),
+    }))
 }
 
 /// A message as its consumer receives it: its id (for the inbox) and its outbox row (deleted
