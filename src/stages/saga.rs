@@ -102,6 +102,9 @@ struct Inner {
     /// The relay's pool, for claims and retries.
     relay_store: Store,
     waiters: Waiters,
+    /// Each unfinished saga's state as this process last committed it, so a decision needs
+    /// no read of the log (see [`Inner::orchestrate`]).
+    cache: SagaCache,
     /// Wakes the relay when this process queued a message.
     wake: Notify,
     /// Bounds the handlers running at once.
@@ -115,6 +118,36 @@ struct Inner {
 /// `Mutex`: held only to find a sender, never across an `.await`.
 #[derive(Default)]
 struct Waiters(Mutex<HashMap<OrderId, watch::Sender<Option<Saga>>>>);
+
+/// The last committed state of each unfinished saga of this process. A std `Mutex`: held
+/// only for a lookup or an insert, never across an `.await`. A saga leaves once it has ended
+/// (a late reply to it then reads the log), so the map holds the sagas in flight.
+#[derive(Default)]
+struct SagaCache(Mutex<HashMap<OrderId, Saga>>);
+
+impl SagaCache {
+    fn get(&self, order: OrderId) -> Option<Saga> {
+        self.0
+            .lock()
+            .expect("saga cache poisoned")
+            .get(&order)
+            .cloned()
+    }
+
+    /// Keeps `saga` unless a later version is there already (commits can be told out of
+    /// order); forgets it once it has ended.
+    fn put(&self, order: OrderId, saga: &Saga) {
+        let mut map = self.0.lock().expect("saga cache poisoned");
+        if saga.is_final() {
+            map.remove(&order);
+        } else if map
+            .get(&order)
+            .is_none_or(|known| known.version < saga.version)
+        {
+            map.insert(order, saga.clone());
+        }
+    }
+}
 
 /// One request's watch on its saga; leaving, the last watcher removes the entry.
 struct Watch<'a> {
@@ -179,6 +212,7 @@ impl SagaStage {
             store,
             relay_store,
             waiters: Waiters::default(),
+            cache: SagaCache::default(),
             wake: Notify::new(),
             handlers: Arc::new(Semaphore::new(HANDLERS_IN_FLIGHT)),
             in_hand: AtomicI64::new(0),
@@ -342,7 +376,7 @@ impl Inner {
         delivery: Option<(Participant, &Delivery)>,
         reply: &Reply,
     ) -> Result<Saga, HandleError> {
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
             let mut tx = self.store.begin_saga().await?;
             if let Some((consumer, delivery)) = delivery {
                 if !tx
@@ -353,8 +387,25 @@ impl Inner {
                     return Ok(self.store.load_saga(order).await?);
                 }
             }
-            let before = tx.load(order).await?;
-            let decision = decide(&before, reply, now_ms());
+            // The cached state may be behind the log (another decision's commit not cached
+            // yet): a decision taken on it collides on the stream's version and is taken
+            // again on the log's state, and a reply it finds nothing to do with is looked at
+            // again on the log's state too, so the cache never decides anything alone.
+            let cached = if attempt == 0 {
+                self.cache.get(order)
+            } else {
+                None
+            };
+            let from_cache = cached.is_some();
+            let mut before = match cached {
+                Some(saga) => saga,
+                None => tx.load(order).await?,
+            };
+            let mut decision = decide(&before, reply, now_ms());
+            if decision.events.is_empty() && from_cache {
+                before = tx.load(order).await?;
+                decision = decide(&before, reply, now_ms());
+            }
             if decision.events.is_empty() {
                 tx.commit().await?;
                 return Ok(before);
@@ -385,10 +436,12 @@ impl Inner {
         before: &Saga,
         decision: crate::saga::Decision,
     ) -> StoreResult<(Saga, Vec<&'static str>)> {
-        let mut kinds: Vec<&'static str> = decision.events.iter().map(|e| e.kind()).collect();
-        let mut state = tx
-            .append(order, before, &decision.events, SNAPSHOT_EVERY)
-            .await?;
+        // The events are folded here and appended at the end, all in one statement.
+        let mut events = decision.events;
+        let mut state = before.clone();
+        for event in &events {
+            state.apply(event);
+        }
         let mut pending: std::collections::VecDeque<Command> = decision.commands.into();
         while let Some(command) = pending.pop_front() {
             if command.participant() != Participant::Inventory {
@@ -400,13 +453,15 @@ impl Inner {
                 continue;
             };
             let next = decide(&state, &reply, now_ms());
-            kinds.extend(next.events.iter().map(|e| e.kind()));
-            state = tx
-                .append(order, &state, &next.events, SNAPSHOT_EVERY)
-                .await?;
+            for event in &next.events {
+                state.apply(event);
+            }
+            events.extend(next.events);
             pending.extend(next.commands);
         }
-        Ok((state, kinds))
+        let after = tx.append(order, before, &events, SNAPSHOT_EVERY).await?;
+        debug_assert_eq!(after, state);
+        Ok((after, events.iter().map(|e| e.kind()).collect()))
     }
 
     /// After a commit that appended events of `kinds` to `order`'s saga: the failpoints of
@@ -454,6 +509,7 @@ impl Inner {
 
     /// After a commit on `order`'s saga: its waiters are told, the relay woken.
     fn committed(&self, order: OrderId, saga: &Saga) {
+        self.cache.put(order, saga);
         self.waiters.tell(order, saga);
         self.wake.notify_one();
     }

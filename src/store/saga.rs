@@ -338,17 +338,16 @@ impl SagaTx {
         outbox_id: i64,
         saga: OrderId,
     ) -> StoreResult<bool> {
-        sqlx::query("DELETE FROM saga_outbox WHERE id = $1")
-            .bind(outbox_id)
-            .execute(&mut *self.tx)
-            .await?;
+        // One statement (a round trip): the data-modifying CTE runs whatever the insert does.
         let inserted = sqlx::query(
-            "INSERT INTO saga_inbox (consumer, message_id, saga_id) VALUES ($1, $2, $3)
+            "WITH acked AS (DELETE FROM saga_outbox WHERE id = $4)
+             INSERT INTO saga_inbox (consumer, message_id, saga_id) VALUES ($1, $2, $3)
              ON CONFLICT DO NOTHING",
         )
         .bind(consumer.as_str())
         .bind(message_id)
         .bind(saga.0.to_string())
+        .bind(outbox_id)
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
@@ -372,26 +371,42 @@ impl SagaTx {
     ) -> StoreResult<Saga> {
         let id = stream.0.to_string();
         let mut after = before.clone();
-        for event in events {
-            after.apply(event);
-            let body = serde_json::to_string(event).map_err(corrupt)?;
-            let appended = sqlx::query(
-                "INSERT INTO saga_events (stream_id, version, kind, schema_version, body, at_ms)
-                 VALUES ($1, $2, $3, $4, CAST($5 AS JSONB), $6)",
-            )
-            .bind(&id)
-            .bind(after.version as i64)
-            .bind(event.kind())
-            .bind(EVENT_SCHEMA as i32)
-            .bind(body)
-            .bind(event.at_ms())
-            .execute(&mut *self.tx)
-            .await;
+        if !events.is_empty() {
+            // One statement for all of them: a round trip, not one per event.
+            let values = (0..events.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!(
+                        "($1, ${}, ${}, ${}, CAST(${} AS JSONB), ${})",
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5,
+                        b + 6
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO saga_events (stream_id, version, kind, schema_version, body, at_ms) VALUES {values}"
+            );
+            let mut query = sqlx::query(&sql).bind(&id);
+            for event in events {
+                after.apply(event);
+                let body = serde_json::to_string(event).map_err(corrupt)?;
+                query = query
+                    .bind(after.version as i64)
+                    .bind(event.kind())
+                    .bind(EVENT_SCHEMA as i32)
+                    .bind(body)
+                    .bind(event.at_ms());
+            }
+            let appended = query.execute(&mut *self.tx).await;
             if let Err(sqlx::Error::Database(db)) = &appended {
                 if db.constraint() == Some(VERSION_TAKEN) {
                     return Err(StoreError::Conflict(format!(
-                        "saga {stream}: version {} was appended meanwhile",
-                        after.version
+                        "saga {stream}: a version after {} was appended meanwhile",
+                        before.version
                     )));
                 }
             }
@@ -629,79 +644,75 @@ impl SagaTx {
     }
 }
 
+/// The order, its payment and its tickets, in one statement (one round trip).
 async fn insert_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResult<()> {
     let order = p.order.0.to_string();
-    sqlx::query(
-        "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, cancel_reason,
-                             idempotency_key, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(&order)
-    .bind(p.event.0)
-    .bind(&p.user)
-    .bind(i64::from(p.quantity))
-    .bind(p.amount_cents)
-    .bind(p.order_status.as_str())
-    .bind(p.order_reason.map(|r| r.as_str()))
-    .bind(p.idempotency_key.as_deref())
-    .bind(&p.created_at)
-    .bind(&p.updated_at)
-    .execute(&mut *conn)
-    .await?;
-    for ticket in &p.tickets {
-        sqlx::query(
-            "INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(ticket.0.to_string())
+    // $1..$10 the order, $11..$14 the payment, then 2 per ticket; the rest are shared.
+    let tickets = (0..p.tickets.len())
+        .map(|i| {
+            format!(
+                "(${}, $1, $2, $3, $9, ${}, $15, $16)",
+                17 + 2 * i,
+                18 + 2 * i
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "WITH o AS (
+             INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, cancel_reason,
+                                 idempotency_key, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)),
+         pay AS (
+             INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, processed_at, created_at)
+             VALUES ($11, $1, $3, $5, $12, $13, $14, $9))
+         INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
+         VALUES {tickets}"
+    );
+    let mut query = sqlx::query(&sql)
         .bind(&order)
         .bind(p.event.0)
         .bind(&p.user)
+        .bind(i64::from(p.quantity))
+        .bind(p.amount_cents)
+        .bind(p.order_status.as_str())
+        .bind(p.order_reason.map(|r| r.as_str()))
+        .bind(p.idempotency_key.as_deref())
         .bind(&p.created_at)
-        .bind(p.unit_price_cents)
+        .bind(&p.updated_at)
+        .bind(p.payment_id.to_string())
+        .bind(p.payment_status.as_str())
+        .bind(&p.payment_key)
+        .bind(p.processed_at.as_deref())
         .bind(p.ticket_status.as_str())
-        .bind(p.ticket_reason.map(|r| r.as_str()))
-        .execute(&mut *conn)
-        .await?;
+        .bind(p.ticket_reason.map(|r| r.as_str()));
+    for ticket in &p.tickets {
+        query = query.bind(ticket.0.to_string()).bind(p.unit_price_cents);
     }
-    sqlx::query(
-        "INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, processed_at, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(p.payment_id.to_string())
-    .bind(&order)
-    .bind(&p.user)
-    .bind(p.amount_cents)
-    .bind(p.payment_status.as_str())
-    .bind(&p.payment_key)
-    .bind(p.processed_at.as_deref())
-    .bind(&p.created_at)
-    .execute(&mut *conn)
-    .await?;
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
+/// The order's, its tickets' and its payment's status, in one statement.
 async fn update_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResult<()> {
     let order = p.order.0.to_string();
-    sqlx::query("UPDATE orders SET status = $1, cancel_reason = $2, updated_at = $3 WHERE id = $4")
-        .bind(p.order_status.as_str())
-        .bind(p.order_reason.map(|r| r.as_str()))
-        .bind(&p.updated_at)
-        .bind(&order)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("UPDATE tickets SET status = $1, cancel_reason = $2 WHERE order_id = $3")
-        .bind(p.ticket_status.as_str())
-        .bind(p.ticket_reason.map(|r| r.as_str()))
-        .bind(&order)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("UPDATE payments SET status = $1, processed_at = $2 WHERE order_id = $3")
-        .bind(p.payment_status.as_str())
-        .bind(p.processed_at.as_deref())
-        .bind(&order)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "WITH o AS (
+             UPDATE orders SET status = $1, cancel_reason = $2, updated_at = $3 WHERE id = $4),
+         t AS (
+             UPDATE tickets SET status = $5, cancel_reason = $6 WHERE order_id = $4)
+         UPDATE payments SET status = $7, processed_at = $8 WHERE order_id = $4",
+    )
+    .bind(p.order_status.as_str())
+    .bind(p.order_reason.map(|r| r.as_str()))
+    .bind(&p.updated_at)
+    .bind(&order)
+    .bind(p.ticket_status.as_str())
+    .bind(p.ticket_reason.map(|r| r.as_str()))
+    .bind(p.payment_status.as_str())
+    .bind(p.processed_at.as_deref())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
