@@ -647,6 +647,11 @@ impl Inner {
             placed_at_ms: now_ms(),
         };
         let decision = place(placed);
+        if let Some((after, kinds)) = self.place_optimistically(order, &decision).await {
+            self.crash_after(SagaStep::Placed);
+            self.recorded(order, &kinds, &after);
+            return self.answer_placed(watch).await;
+        }
         let mut tx = self.store.begin_saga().await?;
         let before = Saga::default();
         // `HoldSeats` goes to the inventory in this process: the seats are held (or refused)
@@ -662,6 +667,83 @@ impl Inner {
             Err(StoreError::Conflict(_)) => drop(tx),
             Err(e) => return Err(e.into()),
         }
+        self.answer_placed(watch).await
+    }
+
+    /// Places `decision` (a saga's `OrderPlaced` and `HoldSeats`) in one transaction that
+    /// assumes the seats are free: the hold's row, the events up to `ChargeRequested`, the
+    /// charge and the timer in the outbox and the projection are written first, and the
+    /// event's two hot rows (the inventory's seats, the availability) are locked only by the
+    /// last statements before the commit, so purchases of one event queue on them for a few
+    /// statements instead of the whole transaction. `None`: rolled back, nothing kept (the
+    /// seats were not free, the user is at the limit, the order was placed before, or an
+    /// error), and [`Inner::place`] holds the seats first instead, which names the refusal.
+    async fn place_optimistically(
+        &self,
+        order: OrderId,
+        decision: &crate::saga::Decision,
+    ) -> Option<(Saga, Vec<&'static str>)> {
+        let Some(Command::HoldSeats {
+            event,
+            user,
+            quantity,
+            per_user_limit,
+            hold_ttl_ms,
+            ..
+        }) = decision.commands.first()
+        else {
+            return None;
+        };
+        let before = Saga::default();
+        let mut state = before.clone();
+        for event in &decision.events {
+            state.apply(event);
+        }
+        let at = now_ms();
+        let held = decide(
+            &state,
+            &Reply::SeatsHeld {
+                expires_at_ms: at + *hold_ttl_ms as i64,
+            },
+            at,
+        );
+        if decision.commands.len() != 1
+            || held
+                .commands
+                .iter()
+                .any(|c| c.participant() == Participant::Inventory)
+        {
+            return None;
+        }
+        let mut events = decision.events.clone();
+        events.extend(held.events);
+        let attempt = async {
+            let mut tx = self.store.begin_saga().await?;
+            tx.insert_hold(order, *event, user, *quantity).await?;
+            let after = tx.append(order, &before, &events, SNAPSHOT_EVERY).await?;
+            self.queue(&mut tx, order, &held.commands).await?;
+            tx.project(&before, &after).await?;
+            if !tx
+                .take_held_seats(*event, user, *quantity, *per_user_limit)
+                .await?
+            {
+                return Ok(None);
+            }
+            tx.commit().await?;
+            StoreResult::Ok(Some(after))
+        };
+        match attempt.await {
+            Ok(Some(after)) => Some((after, events.iter().map(|e| e.kind()).collect())),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, "saga: optimistic placing rolled back");
+                None
+            }
+        }
+    }
+
+    /// The answer to a placing request, once its saga's seats are held or refused.
+    async fn answer_placed(&self, watch: &mut Watch<'_>) -> Result<Saga, PurchaseError> {
         // Bounded: a request is answered even when the relay cannot make progress (the
         // database down); the saga goes on without it, under the same id.
         let limit = self.parts.settings.hold_ttl + V1_GRACE;

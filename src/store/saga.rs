@@ -315,8 +315,9 @@ async fn load(
 /// back.
 pub struct SagaTx {
     tx: Transaction<'static, Any>,
-    /// Events whose availability this step moved, told once it commits.
-    moved: Vec<EventId>,
+    /// Events whose availability this step moves (by how much), written just before the
+    /// commit and told once it is done.
+    moved: Vec<(EventId, i64)>,
     changes: Changes,
 }
 
@@ -491,23 +492,73 @@ impl SagaTx {
         }
         let delta = old.as_ref().map_or(0, Projected::seats_taken) - new.seats_taken();
         if delta != 0 {
-            let moved = sqlx::query(
-                "UPDATE events SET available_tickets = available_tickets + $1 WHERE id = $2",
-            )
-            .bind(delta)
-            .bind(new.event.0)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-            if moved != 1 {
-                return Err(StoreError::Conflict(format!(
-                    "event {} is missing",
-                    new.event
-                )));
-            }
-            self.moved.push(new.event);
+            // Written by `commit`, last: the event's row is the hot one (every purchase of
+            // the event moves it), so it is locked for as short a time as can be.
+            self.moved.push((new.event, delta));
         }
         Ok(())
+    }
+
+    /// The optimistic half of `HoldSeats` (see the stage's `place`): the hold's row first,
+    /// written before anything hot is locked.
+    pub async fn insert_hold(
+        &mut self,
+        order: OrderId,
+        event: EventId,
+        user: &str,
+        quantity: u32,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO saga_holds (order_id, event_id, user_id, quantity, status)
+             VALUES ($1, $2, $3, $4, 'held')",
+        )
+        .bind(order.0.to_string())
+        .bind(event.0)
+        .bind(user)
+        .bind(i64::from(quantity))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The other half, just before the commit: takes the seats of the hold
+    /// [`SagaTx::insert_hold`] wrote, if they are free and the user stays within
+    /// `per_user_limit` (that hold counted). False: nothing is to be kept (roll back and hold
+    /// the pessimistic way, which names the refusal).
+    pub async fn take_held_seats(
+        &mut self,
+        event: EventId,
+        user: &str,
+        quantity: u32,
+        per_user_limit: Option<u32>,
+    ) -> StoreResult<bool> {
+        let wanted = i64::from(quantity);
+        let taken = sqlx::query(
+            "UPDATE saga_seats SET available = available - $1 WHERE event_id = $2 AND available >= $1",
+        )
+        .bind(wanted)
+        .bind(event.0)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        if taken == 0 {
+            return Ok(false);
+        }
+        // Under the event's row lock, as in `hold_seats`; this transaction's hold included.
+        if let Some(limit) = per_user_limit {
+            let owned: i64 = sqlx::query_scalar(
+                "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM saga_holds
+                 WHERE event_id = $1 AND user_id = $2 AND status IN ('held', 'confirmed')",
+            )
+            .bind(event.0)
+            .bind(user)
+            .fetch_one(&mut *self.tx)
+            .await?;
+            if owned > i64::from(limit) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The inventory participant's `HoldSeats`: takes `quantity` seats of `event` for `order`
@@ -635,16 +686,28 @@ impl SagaTx {
         Ok(confirmed == 1)
     }
 
-    pub async fn commit(self) -> StoreResult<()> {
+    pub async fn commit(mut self) -> StoreResult<()> {
+        for (event, delta) in &self.moved {
+            let moved = sqlx::query(
+                "UPDATE events SET available_tickets = available_tickets + $1 WHERE id = $2",
+            )
+            .bind(*delta)
+            .bind(event.0)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+            if moved != 1 {
+                return Err(StoreError::Conflict(format!("event {event} is missing")));
+            }
+        }
         self.tx.commit().await?;
-        for event in self.moved {
+        for (event, _) in self.moved {
             self.changes.changed(event);
         }
         Ok(())
     }
 }
 
-/// The order, its payment and its tickets, in one statement (one round trip).
 async fn insert_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResult<()> {
     let order = p.order.0.to_string();
     // $1..$10 the order, $11..$14 the payment, then 2 per ticket; the rest are shared.
