@@ -7,12 +7,16 @@
 //! - the **orchestrator** ([`Inner::orchestrate`]): loads a saga (snapshot and tail), asks the
 //!   pure [`crate::saga::decide`] what follows a reply, and appends the events, the commands
 //!   and the projection in one transaction, guarded by the stream's version;
-//! - the **inventory** participant ([`Inner::inventory`]): seats and holds in tables of its
-//!   own, changed in the transaction that records the command in its inbox and queues the
-//!   reply;
+//! - the **inventory** participant ([`apply_inventory`]): seats and holds in tables of its
+//!   own. It is in this process and on this database, so its commands are applied inside the
+//!   orchestrator's transaction and its replies decided on at once ([`Inner::carry_out`]):
+//!   placing an order holds its seats, optimistically, with the hot rows locked last
+//!   ([`Inner::place_optimistically`]). A command for it found in the outbox (from an older
+//!   run) is still applied through its inbox ([`Inner::inventory`]);
 //! - the **payments** participant ([`Inner::payments`]): the payment gateway (this process's
 //!   payment actors, as in `actor`), called under a key derived from the saga and its step,
-//!   so a redelivered `Charge` never charges twice; the reply is recorded with the inbox entry;
+//!   so a redelivered `Charge` never charges twice; its answer is recorded in its inbox in
+//!   the transaction of the decision it causes;
 //! - the **relay** ([`Inner::relay`]): claims due messages with `FOR UPDATE SKIP LOCKED` and a
 //!   lease, hands each to its consumer, and deletes it once handled. Timers (a hold's expiry)
 //!   are messages due later.
