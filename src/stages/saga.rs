@@ -7,12 +7,16 @@
 //! - the **orchestrator** ([`Inner::orchestrate`]): loads a saga (snapshot and tail), asks the
 //!   pure [`crate::saga::decide`] what follows a reply, and appends the events, the commands
 //!   and the projection in one transaction, guarded by the stream's version;
-//! - the **inventory** participant ([`Inner::inventory`]): seats and holds in tables of its
-//!   own, changed in the transaction that records the command in its inbox and queues the
-//!   reply;
+//! - the **inventory** participant ([`apply_inventory`]): seats and holds in tables of its
+//!   own. It is in this process and on this database, so its commands are applied inside the
+//!   orchestrator's transaction and its replies decided on at once ([`Inner::carry_out`]):
+//!   placing an order holds its seats, optimistically, with the hot rows locked last
+//!   ([`Inner::place_optimistically`]). A command for it found in the outbox (from an older
+//!   run) is still applied through its inbox ([`Inner::inventory`]);
 //! - the **payments** participant ([`Inner::payments`]): the payment gateway (this process's
 //!   payment actors, as in `actor`), called under a key derived from the saga and its step,
-//!   so a redelivered `Charge` never charges twice; the reply is recorded with the inbox entry;
+//!   so a redelivered `Charge` never charges twice; its answer is recorded in its inbox in
+//!   the transaction of the decision it causes;
 //! - the **relay** ([`Inner::relay`]): claims due messages with `FOR UPDATE SKIP LOCKED` and a
 //!   lease, hands each to its consumer, and deletes it once handled. Timers (a hold's expiry)
 //!   are messages due later.
@@ -102,6 +106,9 @@ struct Inner {
     /// The relay's pool, for claims and retries.
     relay_store: Store,
     waiters: Waiters,
+    /// Each unfinished saga's state as this process last committed it, so a decision needs
+    /// no read of the log (see [`Inner::orchestrate`]).
+    cache: SagaCache,
     /// Wakes the relay when this process queued a message.
     wake: Notify,
     /// Bounds the handlers running at once.
@@ -115,6 +122,36 @@ struct Inner {
 /// `Mutex`: held only to find a sender, never across an `.await`.
 #[derive(Default)]
 struct Waiters(Mutex<HashMap<OrderId, watch::Sender<Option<Saga>>>>);
+
+/// The last committed state of each unfinished saga of this process. A std `Mutex`: held
+/// only for a lookup or an insert, never across an `.await`. A saga leaves once it has ended
+/// (a late reply to it then reads the log), so the map holds the sagas in flight.
+#[derive(Default)]
+struct SagaCache(Mutex<HashMap<OrderId, Saga>>);
+
+impl SagaCache {
+    fn get(&self, order: OrderId) -> Option<Saga> {
+        self.0
+            .lock()
+            .expect("saga cache poisoned")
+            .get(&order)
+            .cloned()
+    }
+
+    /// Keeps `saga` unless a later version is there already (commits can be told out of
+    /// order); forgets it once it has ended.
+    fn put(&self, order: OrderId, saga: &Saga) {
+        let mut map = self.0.lock().expect("saga cache poisoned");
+        if saga.is_final() {
+            map.remove(&order);
+        } else if map
+            .get(&order)
+            .is_none_or(|known| known.version < saga.version)
+        {
+            map.insert(order, saga.clone());
+        }
+    }
+}
 
 /// One request's watch on its saga; leaving, the last watcher removes the entry.
 struct Watch<'a> {
@@ -179,6 +216,7 @@ impl SagaStage {
             store,
             relay_store,
             waiters: Waiters::default(),
+            cache: SagaCache::default(),
             wake: Notify::new(),
             handlers: Arc::new(Semaphore::new(HANDLERS_IN_FLIGHT)),
             in_hand: AtomicI64::new(0),
@@ -312,7 +350,8 @@ impl Inner {
             Participant::Orchestrator => {
                 let reply: Reply = serde_json::from_value(message.body.clone())
                     .map_err(|e| HandleError::Corrupt(e.to_string()))?;
-                self.orchestrate(order, Some(&delivery), &reply).await?;
+                self.orchestrate(order, Some((Participant::Orchestrator, &delivery)), &reply)
+                    .await?;
                 Ok(())
             }
             Participant::Inventory | Participant::Payments => {
@@ -330,58 +369,115 @@ impl Inner {
     // ---------- the orchestrator ----------
 
     /// Decides what follows `reply` in `order`'s saga and records it: the events, the
-    /// commands and the projection in one transaction; a redelivered message (seen in the
-    /// inbox) or a reply that changes nothing records only its inbox entry. Returns the saga
-    /// as it stands after.
+    /// commands and the projection in one transaction. `delivery` is the message that carried
+    /// the reply and the consumer whose inbox records it (the orchestrator for a reply that
+    /// came through the outbox, the payments participant for its own answer, recorded with
+    /// the decision it causes); a redelivered message (seen in the inbox) or a reply that
+    /// changes nothing records only its inbox entry. Returns the saga as it stands after.
     async fn orchestrate(
         &self,
         order: OrderId,
-        delivery: Option<&Delivery>,
+        delivery: Option<(Participant, &Delivery)>,
         reply: &Reply,
     ) -> Result<Saga, HandleError> {
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
             let mut tx = self.store.begin_saga().await?;
-            if let Some(delivery) = delivery {
+            if let Some((consumer, delivery)) = delivery {
                 if !tx
-                    .first_delivery(
-                        Participant::Orchestrator,
-                        &delivery.message_id,
-                        delivery.outbox_id,
-                        order,
-                    )
+                    .first_delivery(consumer, &delivery.message_id, delivery.outbox_id, order)
                     .await?
                 {
                     tx.commit().await?;
                     return Ok(self.store.load_saga(order).await?);
                 }
             }
-            let before = tx.load(order).await?;
-            let decision = decide(&before, reply, now_ms());
+            // The cached state may be behind the log (another decision's commit not cached
+            // yet): a decision taken on it collides on the stream's version and is taken
+            // again on the log's state, and a reply it finds nothing to do with is looked at
+            // again on the log's state too, so the cache never decides anything alone.
+            let cached = if attempt == 0 {
+                self.cache.get(order)
+            } else {
+                None
+            };
+            let from_cache = cached.is_some();
+            let mut before = match cached {
+                Some(saga) => saga,
+                None => tx.load(order).await?,
+            };
+            let mut decision = decide(&before, reply, now_ms());
+            if decision.events.is_empty() && from_cache {
+                before = tx.load(order).await?;
+                decision = decide(&before, reply, now_ms());
+            }
             if decision.events.is_empty() {
                 tx.commit().await?;
                 return Ok(before);
             }
-            let after = match tx
-                .append(order, &before, &decision.events, SNAPSHOT_EVERY)
-                .await
-            {
-                Ok(after) => after,
+            let (after, kinds) = match self.carry_out(&mut tx, order, &before, decision).await {
+                Ok(done) => done,
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            self.queue(&mut tx, order, &decision.commands).await?;
             tx.project(&before, &after).await?;
             tx.commit().await?;
-            if decision.events.iter().any(|e| e.kind() == "SeatsHeld") {
-                self.crash_after(SagaStep::SeatsHeld);
-            }
-            if after.outcome == Some(Outcome::Confirmed) {
-                self.crash_after(SagaStep::Confirmed);
-            }
-            self.committed(order, &after);
+            self.recorded(order, &kinds, &after);
             return Ok(after);
         }
         Err(HandleError::Busy)
+    }
+
+    /// Appends `decision`'s events after `before` and carries out its commands, in the
+    /// caller's transaction: a command for the inventory (a participant in this process, on
+    /// this database) is applied right here and its reply decided on at once, so the seats,
+    /// the events that follow and their commands commit together; the others (payments, the
+    /// hold's timer) are written to the outbox. Returns the saga after every event appended,
+    /// and their kinds.
+    async fn carry_out(
+        &self,
+        tx: &mut crate::store::saga::SagaTx,
+        order: OrderId,
+        before: &Saga,
+        decision: crate::saga::Decision,
+    ) -> StoreResult<(Saga, Vec<&'static str>)> {
+        // The events are folded here and appended at the end, all in one statement.
+        let mut events = decision.events;
+        let mut state = before.clone();
+        for event in &events {
+            state.apply(event);
+        }
+        let mut pending: std::collections::VecDeque<Command> = decision.commands.into();
+        while let Some(command) = pending.pop_front() {
+            if command.participant() != Participant::Inventory {
+                self.queue(tx, order, std::slice::from_ref(&command))
+                    .await?;
+                continue;
+            }
+            let Some(reply) = apply_inventory(tx, order, &command).await? else {
+                continue;
+            };
+            let next = decide(&state, &reply, now_ms());
+            for event in &next.events {
+                state.apply(event);
+            }
+            events.extend(next.events);
+            pending.extend(next.commands);
+        }
+        let after = tx.append(order, before, &events, SNAPSHOT_EVERY).await?;
+        debug_assert_eq!(after, state);
+        Ok((after, events.iter().map(|e| e.kind()).collect()))
+    }
+
+    /// After a commit that appended events of `kinds` to `order`'s saga: the failpoints of
+    /// those steps, then the waiters are told and the relay woken.
+    fn recorded(&self, order: OrderId, kinds: &[&str], after: &Saga) {
+        if kinds.contains(&"SeatsHeld") {
+            self.crash_after(SagaStep::SeatsHeld);
+        }
+        if after.outcome == Some(Outcome::Confirmed) && kinds.contains(&"OrderConfirmed") {
+            self.crash_after(SagaStep::Confirmed);
+        }
+        self.committed(order, after);
     }
 
     /// Writes `commands` into the outbox, in the caller's transaction.
@@ -417,6 +513,7 @@ impl Inner {
 
     /// After a commit on `order`'s saga: its waiters are told, the relay woken.
     fn committed(&self, order: OrderId, saga: &Saga) {
+        self.cache.put(order, saga);
         self.waiters.tell(order, saga);
         self.wake.notify_one();
     }
@@ -444,33 +541,9 @@ impl Inner {
             tx.commit().await?;
             return Ok(());
         }
-        let reply = match command {
-            Command::HoldSeats {
-                event,
-                user,
-                quantity,
-                per_user_limit,
-                hold_ttl_ms,
-                ..
-            } => match tx
-                .hold_seats(order, *event, user, *quantity, *per_user_limit)
-                .await?
-            {
-                HoldOutcome::Held => Reply::SeatsHeld {
-                    expires_at_ms: now_ms() + *hold_ttl_ms as i64,
-                },
-                HoldOutcome::Refused(refusal) => Reply::SeatsRefused { refusal },
-            },
-            Command::ReleaseSeats { .. } => {
-                tx.release_seats(order).await?;
-                Reply::SeatsReleased
-            }
-            Command::ConfirmSeats { .. } => match tx.confirm_seats(order).await? {
-                true => Reply::SeatsConfirmed,
-                false => Reply::HoldMissing,
-            },
-            other => return Err(HandleError::Corrupt(format!("inventory got {other:?}"))),
-        };
+        let reply = apply_inventory(&mut tx, order, command)
+            .await?
+            .ok_or_else(|| HandleError::Corrupt(format!("inventory got {command:?}")))?;
         self.reply(tx, order, &reply).await
     }
 
@@ -519,20 +592,11 @@ impl Inner {
             }
             other => return Err(HandleError::Corrupt(format!("payments got {other:?}"))),
         };
-        let mut tx = self.store.begin_saga().await?;
-        if !tx
-            .first_delivery(
-                Participant::Payments,
-                &delivery.message_id,
-                delivery.outbox_id,
-                order,
-            )
-            .await?
-        {
-            tx.commit().await?;
-            return Ok(());
-        }
-        self.reply(tx, order, &reply).await
+        // The answer is recorded in the payments inbox in the transaction of the decision it
+        // causes (both on this database), instead of a reply through the outbox.
+        self.orchestrate(order, Some((Participant::Payments, delivery)), &reply)
+            .await?;
+        Ok(())
     }
 
     /// Queues a participant's reply to the orchestrator and commits the participant's step.
@@ -587,21 +651,103 @@ impl Inner {
             placed_at_ms: now_ms(),
         };
         let decision = place(placed);
+        if let Some((after, kinds)) = self.place_optimistically(order, &decision).await {
+            self.crash_after(SagaStep::Placed);
+            self.recorded(order, &kinds, &after);
+            return self.answer_placed(watch).await;
+        }
         let mut tx = self.store.begin_saga().await?;
-        match tx
-            .append(order, &Saga::default(), &decision.events, SNAPSHOT_EVERY)
-            .await
-        {
-            Ok(after) => {
-                self.queue(&mut tx, order, &decision.commands).await?;
+        let before = Saga::default();
+        // `HoldSeats` goes to the inventory in this process: the seats are held (or refused)
+        // and the charge queued in the transaction that places the order.
+        match self.carry_out(&mut tx, order, &before, decision).await {
+            Ok((after, kinds)) => {
+                tx.project(&before, &after).await?;
                 tx.commit().await?;
                 self.crash_after(SagaStep::Placed);
-                self.committed(order, &after);
+                self.recorded(order, &kinds, &after);
             }
             // Placed before under the same Idempotency-Key: that saga is the answer.
             Err(StoreError::Conflict(_)) => drop(tx),
             Err(e) => return Err(e.into()),
         }
+        self.answer_placed(watch).await
+    }
+
+    /// Places `decision` (a saga's `OrderPlaced` and `HoldSeats`) in one transaction that
+    /// assumes the seats are free: the hold's row, the events up to `ChargeRequested`, the
+    /// charge and the timer in the outbox and the projection are written first, and the
+    /// event's two hot rows (the inventory's seats, the availability) are locked only by the
+    /// last statements before the commit, so purchases of one event queue on them for a few
+    /// statements instead of the whole transaction. `None`: rolled back, nothing kept (the
+    /// seats were not free, the user is at the limit, the order was placed before, or an
+    /// error), and [`Inner::place`] holds the seats first instead, which names the refusal.
+    async fn place_optimistically(
+        &self,
+        order: OrderId,
+        decision: &crate::saga::Decision,
+    ) -> Option<(Saga, Vec<&'static str>)> {
+        let Some(Command::HoldSeats {
+            event,
+            user,
+            quantity,
+            per_user_limit,
+            hold_ttl_ms,
+            ..
+        }) = decision.commands.first()
+        else {
+            return None;
+        };
+        let before = Saga::default();
+        let mut state = before.clone();
+        for event in &decision.events {
+            state.apply(event);
+        }
+        let at = now_ms();
+        let held = decide(
+            &state,
+            &Reply::SeatsHeld {
+                expires_at_ms: at + *hold_ttl_ms as i64,
+            },
+            at,
+        );
+        if decision.commands.len() != 1
+            || held
+                .commands
+                .iter()
+                .any(|c| c.participant() == Participant::Inventory)
+        {
+            return None;
+        }
+        let mut events = decision.events.clone();
+        events.extend(held.events);
+        let attempt = async {
+            let mut tx = self.store.begin_saga().await?;
+            tx.insert_hold(order, *event, user, *quantity).await?;
+            let after = tx.append(order, &before, &events, SNAPSHOT_EVERY).await?;
+            self.queue(&mut tx, order, &held.commands).await?;
+            tx.project(&before, &after).await?;
+            if !tx
+                .take_held_seats(*event, user, *quantity, *per_user_limit)
+                .await?
+            {
+                return Ok(None);
+            }
+            tx.commit().await?;
+            StoreResult::Ok(Some(after))
+        };
+        match attempt.await {
+            Ok(Some(after)) => Some((after, events.iter().map(|e| e.kind()).collect())),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, "saga: optimistic placing rolled back");
+                None
+            }
+        }
+    }
+
+    /// The answer to a placing request, once its saga's seats are held or refused.
+    async fn answer_placed(&self, watch: &mut Watch<'_>) -> Result<Saga, PurchaseError> {
         // Bounded: a request is answered even when the relay cannot make progress (the
         // database down); the saga goes on without it, under the same id.
         let limit = self.parts.settings.hold_ttl + V1_GRACE;
@@ -648,6 +794,42 @@ impl Inner {
             }
         }
     }
+}
+
+/// The inventory participant's effect of `command`, in `tx`, and its reply to the
+/// orchestrator; `None` for a command that is not the inventory's.
+async fn apply_inventory(
+    tx: &mut crate::store::saga::SagaTx,
+    order: OrderId,
+    command: &Command,
+) -> StoreResult<Option<Reply>> {
+    Ok(Some(match command {
+        Command::HoldSeats {
+            event,
+            user,
+            quantity,
+            per_user_limit,
+            hold_ttl_ms,
+            ..
+        } => match tx
+            .hold_seats(order, *event, user, *quantity, *per_user_limit)
+            .await?
+        {
+            HoldOutcome::Held => Reply::SeatsHeld {
+                expires_at_ms: now_ms() + *hold_ttl_ms as i64,
+            },
+            HoldOutcome::Refused(refusal) => Reply::SeatsRefused { refusal },
+        },
+        Command::ReleaseSeats { .. } => {
+            tx.release_seats(order).await?;
+            Reply::SeatsReleased
+        }
+        Command::ConfirmSeats { .. } => match tx.confirm_seats(order).await? {
+            true => Reply::SeatsConfirmed,
+            false => Reply::HoldMissing,
+        },
+        _ => return Ok(None),
+    }))
 }
 
 /// A message as its consumer receives it: its id (for the inbox) and its outbox row (deleted

@@ -315,8 +315,9 @@ async fn load(
 /// back.
 pub struct SagaTx {
     tx: Transaction<'static, Any>,
-    /// Events whose availability this step moved, told once it commits.
-    moved: Vec<EventId>,
+    /// Events whose availability this step moves (by how much), written just before the
+    /// commit and told once it is done.
+    moved: Vec<(EventId, i64)>,
     changes: Changes,
 }
 
@@ -338,17 +339,16 @@ impl SagaTx {
         outbox_id: i64,
         saga: OrderId,
     ) -> StoreResult<bool> {
-        sqlx::query("DELETE FROM saga_outbox WHERE id = $1")
-            .bind(outbox_id)
-            .execute(&mut *self.tx)
-            .await?;
+        // One statement (a round trip): the data-modifying CTE runs whatever the insert does.
         let inserted = sqlx::query(
-            "INSERT INTO saga_inbox (consumer, message_id, saga_id) VALUES ($1, $2, $3)
+            "WITH acked AS (DELETE FROM saga_outbox WHERE id = $4)
+             INSERT INTO saga_inbox (consumer, message_id, saga_id) VALUES ($1, $2, $3)
              ON CONFLICT DO NOTHING",
         )
         .bind(consumer.as_str())
         .bind(message_id)
         .bind(saga.0.to_string())
+        .bind(outbox_id)
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
@@ -372,26 +372,42 @@ impl SagaTx {
     ) -> StoreResult<Saga> {
         let id = stream.0.to_string();
         let mut after = before.clone();
-        for event in events {
-            after.apply(event);
-            let body = serde_json::to_string(event).map_err(corrupt)?;
-            let appended = sqlx::query(
-                "INSERT INTO saga_events (stream_id, version, kind, schema_version, body, at_ms)
-                 VALUES ($1, $2, $3, $4, CAST($5 AS JSONB), $6)",
-            )
-            .bind(&id)
-            .bind(after.version as i64)
-            .bind(event.kind())
-            .bind(EVENT_SCHEMA as i32)
-            .bind(body)
-            .bind(event.at_ms())
-            .execute(&mut *self.tx)
-            .await;
+        if !events.is_empty() {
+            // One statement for all of them: a round trip, not one per event.
+            let values = (0..events.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!(
+                        "($1, ${}, ${}, ${}, CAST(${} AS JSONB), ${})",
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5,
+                        b + 6
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO saga_events (stream_id, version, kind, schema_version, body, at_ms) VALUES {values}"
+            );
+            let mut query = sqlx::query(&sql).bind(&id);
+            for event in events {
+                after.apply(event);
+                let body = serde_json::to_string(event).map_err(corrupt)?;
+                query = query
+                    .bind(after.version as i64)
+                    .bind(event.kind())
+                    .bind(EVENT_SCHEMA as i32)
+                    .bind(body)
+                    .bind(event.at_ms());
+            }
+            let appended = query.execute(&mut *self.tx).await;
             if let Err(sqlx::Error::Database(db)) = &appended {
                 if db.constraint() == Some(VERSION_TAKEN) {
                     return Err(StoreError::Conflict(format!(
-                        "saga {stream}: version {} was appended meanwhile",
-                        after.version
+                        "saga {stream}: a version after {} was appended meanwhile",
+                        before.version
                     )));
                 }
             }
@@ -476,23 +492,73 @@ impl SagaTx {
         }
         let delta = old.as_ref().map_or(0, Projected::seats_taken) - new.seats_taken();
         if delta != 0 {
-            let moved = sqlx::query(
-                "UPDATE events SET available_tickets = available_tickets + $1 WHERE id = $2",
-            )
-            .bind(delta)
-            .bind(new.event.0)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-            if moved != 1 {
-                return Err(StoreError::Conflict(format!(
-                    "event {} is missing",
-                    new.event
-                )));
-            }
-            self.moved.push(new.event);
+            // Written by `commit`, last: the event's row is the hot one (every purchase of
+            // the event moves it), so it is locked for as short a time as can be.
+            self.moved.push((new.event, delta));
         }
         Ok(())
+    }
+
+    /// The optimistic half of `HoldSeats` (see the stage's `place`): the hold's row first,
+    /// written before anything hot is locked.
+    pub async fn insert_hold(
+        &mut self,
+        order: OrderId,
+        event: EventId,
+        user: &str,
+        quantity: u32,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO saga_holds (order_id, event_id, user_id, quantity, status)
+             VALUES ($1, $2, $3, $4, 'held')",
+        )
+        .bind(order.0.to_string())
+        .bind(event.0)
+        .bind(user)
+        .bind(i64::from(quantity))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The other half, just before the commit: takes the seats of the hold
+    /// [`SagaTx::insert_hold`] wrote, if they are free and the user stays within
+    /// `per_user_limit` (that hold counted). False: nothing is to be kept (roll back and hold
+    /// the pessimistic way, which names the refusal).
+    pub async fn take_held_seats(
+        &mut self,
+        event: EventId,
+        user: &str,
+        quantity: u32,
+        per_user_limit: Option<u32>,
+    ) -> StoreResult<bool> {
+        let wanted = i64::from(quantity);
+        let taken = sqlx::query(
+            "UPDATE saga_seats SET available = available - $1 WHERE event_id = $2 AND available >= $1",
+        )
+        .bind(wanted)
+        .bind(event.0)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        if taken == 0 {
+            return Ok(false);
+        }
+        // Under the event's row lock, as in `hold_seats`; this transaction's hold included.
+        if let Some(limit) = per_user_limit {
+            let owned: i64 = sqlx::query_scalar(
+                "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM saga_holds
+                 WHERE event_id = $1 AND user_id = $2 AND status IN ('held', 'confirmed')",
+            )
+            .bind(event.0)
+            .bind(user)
+            .fetch_one(&mut *self.tx)
+            .await?;
+            if owned > i64::from(limit) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The inventory participant's `HoldSeats`: takes `quantity` seats of `event` for `order`
@@ -620,9 +686,22 @@ impl SagaTx {
         Ok(confirmed == 1)
     }
 
-    pub async fn commit(self) -> StoreResult<()> {
+    pub async fn commit(mut self) -> StoreResult<()> {
+        for (event, delta) in &self.moved {
+            let moved = sqlx::query(
+                "UPDATE events SET available_tickets = available_tickets + $1 WHERE id = $2",
+            )
+            .bind(*delta)
+            .bind(event.0)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+            if moved != 1 {
+                return Err(StoreError::Conflict(format!("event {event} is missing")));
+            }
+        }
         self.tx.commit().await?;
-        for event in self.moved {
+        for (event, _) in self.moved {
             self.changes.changed(event);
         }
         Ok(())
@@ -631,77 +710,72 @@ impl SagaTx {
 
 async fn insert_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResult<()> {
     let order = p.order.0.to_string();
-    sqlx::query(
-        "INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, cancel_reason,
-                             idempotency_key, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(&order)
-    .bind(p.event.0)
-    .bind(&p.user)
-    .bind(i64::from(p.quantity))
-    .bind(p.amount_cents)
-    .bind(p.order_status.as_str())
-    .bind(p.order_reason.map(|r| r.as_str()))
-    .bind(p.idempotency_key.as_deref())
-    .bind(&p.created_at)
-    .bind(&p.updated_at)
-    .execute(&mut *conn)
-    .await?;
-    for ticket in &p.tickets {
-        sqlx::query(
-            "INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(ticket.0.to_string())
+    // $1..$10 the order, $11..$14 the payment, then 2 per ticket; the rest are shared.
+    let tickets = (0..p.tickets.len())
+        .map(|i| {
+            format!(
+                "(${}, $1, $2, $3, $9, ${}, $15, $16)",
+                17 + 2 * i,
+                18 + 2 * i
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "WITH o AS (
+             INSERT INTO orders (id, event_id, user_id, quantity, amount_cents, status, cancel_reason,
+                                 idempotency_key, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)),
+         pay AS (
+             INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, processed_at, created_at)
+             VALUES ($11, $1, $3, $5, $12, $13, $14, $9))
+         INSERT INTO tickets (id, order_id, event_id, user_id, purchase_date, price_cents, status, cancel_reason)
+         VALUES {tickets}"
+    );
+    let mut query = sqlx::query(&sql)
         .bind(&order)
         .bind(p.event.0)
         .bind(&p.user)
+        .bind(i64::from(p.quantity))
+        .bind(p.amount_cents)
+        .bind(p.order_status.as_str())
+        .bind(p.order_reason.map(|r| r.as_str()))
+        .bind(p.idempotency_key.as_deref())
         .bind(&p.created_at)
-        .bind(p.unit_price_cents)
+        .bind(&p.updated_at)
+        .bind(p.payment_id.to_string())
+        .bind(p.payment_status.as_str())
+        .bind(&p.payment_key)
+        .bind(p.processed_at.as_deref())
         .bind(p.ticket_status.as_str())
-        .bind(p.ticket_reason.map(|r| r.as_str()))
-        .execute(&mut *conn)
-        .await?;
+        .bind(p.ticket_reason.map(|r| r.as_str()));
+    for ticket in &p.tickets {
+        query = query.bind(ticket.0.to_string()).bind(p.unit_price_cents);
     }
-    sqlx::query(
-        "INSERT INTO payments (id, order_id, user_id, amount_cents, status, idempotency_key, processed_at, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(p.payment_id.to_string())
-    .bind(&order)
-    .bind(&p.user)
-    .bind(p.amount_cents)
-    .bind(p.payment_status.as_str())
-    .bind(&p.payment_key)
-    .bind(p.processed_at.as_deref())
-    .bind(&p.created_at)
-    .execute(&mut *conn)
-    .await?;
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
+/// The order's, its tickets' and its payment's status, in one statement.
 async fn update_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResult<()> {
     let order = p.order.0.to_string();
-    sqlx::query("UPDATE orders SET status = $1, cancel_reason = $2, updated_at = $3 WHERE id = $4")
-        .bind(p.order_status.as_str())
-        .bind(p.order_reason.map(|r| r.as_str()))
-        .bind(&p.updated_at)
-        .bind(&order)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("UPDATE tickets SET status = $1, cancel_reason = $2 WHERE order_id = $3")
-        .bind(p.ticket_status.as_str())
-        .bind(p.ticket_reason.map(|r| r.as_str()))
-        .bind(&order)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("UPDATE payments SET status = $1, processed_at = $2 WHERE order_id = $3")
-        .bind(p.payment_status.as_str())
-        .bind(p.processed_at.as_deref())
-        .bind(&order)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "WITH o AS (
+             UPDATE orders SET status = $1, cancel_reason = $2, updated_at = $3 WHERE id = $4),
+         t AS (
+             UPDATE tickets SET status = $5, cancel_reason = $6 WHERE order_id = $4)
+         UPDATE payments SET status = $7, processed_at = $8 WHERE order_id = $4",
+    )
+    .bind(p.order_status.as_str())
+    .bind(p.order_reason.map(|r| r.as_str()))
+    .bind(&p.updated_at)
+    .bind(&order)
+    .bind(p.ticket_status.as_str())
+    .bind(p.ticket_reason.map(|r| r.as_str()))
+    .bind(p.payment_status.as_str())
+    .bind(p.processed_at.as_deref())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

@@ -503,9 +503,14 @@ async fn a_stampede_with_declines_sells_every_seat_exactly_once_and_the_audit_pa
     assert_eq!(status, 200, "{stats}");
     assert_eq!(stats["stage"], "saga");
     assert_eq!(stats["outbox"]["due"], 0, "{stats}");
+    // Every charge went through the outbox and its relay (the inventory's steps are applied
+    // in the orchestrator's transactions and never relayed).
+    let charges = app
+        .count("SELECT COUNT(*) FROM saga_events WHERE kind = 'ChargeRequested'")
+        .await;
     assert!(
-        stats["relay"]["delivered"].as_u64().unwrap() > 100,
-        "{stats}"
+        stats["relay"]["delivered"].as_u64().unwrap() >= charges as u64 && charges >= 20,
+        "{charges} charges: {stats}"
     );
     assert!(stats["relay"]["lagMs"]["max"].is_i64(), "{stats}");
 }
@@ -564,8 +569,11 @@ async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_d
     );
 
     // Tamper with three projected rows behind the log's back.
-    let (_, tickets) = app.get_json("/api/v1/tickets/user/r-0").await;
-    let ticket = tickets[0]["id"].as_str().unwrap().to_owned();
+    let ticket = app
+        .db
+        .texts("SELECT id FROM tickets ORDER BY id LIMIT 1")
+        .await
+        .remove(0);
     app.db
         .execute(&[
             &format!(
