@@ -781,6 +781,18 @@ fn service_addr(url: &str, default_port: u16) -> Option<SocketAddr> {
     with_port.to_socket_addrs().ok()?.next()
 }
 
+/// `Some` (the lesson cannot run) when PostgreSQL does not answer at `pg_url`; `needs` says
+/// what the lesson needs it for.
+async fn postgres_missing(pg_url: &str, needs: &str) -> Option<Ran> {
+    match service_addr(pg_url, 5432) {
+        Some(addr) if answers(addr).await => None,
+        _ => Some(Ran::ServiceMissing(format!(
+            "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); {needs}",
+            crate::backend::redact(pg_url)
+        ))),
+    }
+}
+
 async fn answers(addr: SocketAddr) -> bool {
     matches!(
         tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
@@ -1042,15 +1054,8 @@ async fn serve_stage_together(
 /// `single-writer`: two processes on one SQLite file, one process, two on PostgreSQL.
 async fn single_writer(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
     let pg_url = &ctx.args.postgres_url;
-    match service_addr(pg_url, 5432) {
-        Some(addr) if answers(addr).await => {}
-        _ => {
-            return Ok(Ran::ServiceMissing(format!(
-                "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); this lesson \
-                 compares with it",
-                crate::backend::redact(pg_url)
-            )))
-        }
+    if let Some(missing) = postgres_missing(pg_url, "this lesson compares with it").await {
+        return Ok(missing);
     }
     let buyers = if ctx.quick() { 200 } else { 2000 };
     let settings = Settings {
@@ -1372,7 +1377,7 @@ async fn admin_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
 }
 
 /// The pid of the inventory node that owns `event` now, once every shard has an owner.
-async fn owner_pid(gateway: SocketAddr, event: i64) -> anyhow::Result<(String, i32)> {
+async fn owner_pid(gateway: SocketAddr, event: i64) -> anyhow::Result<(String, u32)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let topology = admin_json(gateway, &format!("/api/v2/admin/nodes?event={event}")).await?;
@@ -1387,7 +1392,7 @@ async fn owner_pid(gateway: SocketAddr, event: i64) -> anyhow::Result<(String, i
                 .find(|n| n["id"] == owner)
                 .and_then(|n| n["pid"].as_i64())
                 .ok_or_else(|| anyhow::anyhow!("no pid for {owner}: {topology}"))?;
-            return Ok((owner.to_owned(), pid as i32));
+            return Ok((owner.to_owned(), pid as u32));
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -1413,15 +1418,8 @@ async fn quiet_audit(addr: SocketAddr, within: Duration) -> anyhow::Result<Value
 /// `failover`: `kill -9` of what sells the event, on `actor@postgres` and on `services`.
 async fn failover(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
     let pg_url = &ctx.args.postgres_url;
-    match service_addr(pg_url, 5432) {
-        Some(addr) if answers(addr).await => {}
-        _ => {
-            return Ok(Ran::ServiceMissing(format!(
-                "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); both stages \
-                 of this lesson run on it",
-                crate::backend::redact(pg_url)
-            )))
-        }
+    if let Some(missing) = postgres_missing(pg_url, "both stages of this lesson run on it").await {
+        return Ok(missing);
     }
     let (before, after) = if ctx.quick() {
         (Duration::from_millis(500), Duration::from_secs(3))
@@ -1543,8 +1541,7 @@ async fn actor_through_a_kill(
         .pid()
         .ok_or_else(|| anyhow::anyhow!("the actor server is gone"))?;
     let seen = buy_through_a_kill(addr, fixture.event_ids[0], before, after, || async move {
-        signal(pid as i32, libc::SIGKILL);
-        Ok(())
+        crate::chaos::signal(pid, libc::SIGKILL, false).map_err(anyhow::Error::msg)
     })
     .await;
     spawned.stop().await;
@@ -1573,8 +1570,7 @@ async fn services_through_a_kill(
         let event = fixture.event_ids[0];
         let (victim, pid) = owner_pid(addr, event).await?;
         let seen = buy_through_a_kill(addr, event, before, after, || async move {
-            signal(pid, libc::SIGKILL);
-            Ok(())
+            crate::chaos::signal(pid, libc::SIGKILL, false).map_err(anyhow::Error::msg)
         })
         .await?;
         let audit = quiet_audit(addr, Duration::from_secs(15)).await?;
@@ -1583,14 +1579,6 @@ async fn services_through_a_kill(
     .await;
     spawned.stop().await;
     result
-}
-
-/// Sends `sig` to `pid`, a process this run started (the server, or one of its nodes).
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) with a pid loadgen started (directly, or as the supervisor's child).
-    unsafe {
-        libc::kill(pid, sig);
-    }
 }
 
 /// What became of the orders placed on one stage.
@@ -1729,15 +1717,8 @@ async fn place_and_read_back(addr: SocketAddr, event: i64, orders: u64) -> anyho
 /// `compensation`: declined orders on `actor` and on `saga`, and what each can say of them.
 async fn compensation(ctx: &Ctx<'_>) -> anyhow::Result<Ran> {
     let pg_url = &ctx.args.postgres_url;
-    match service_addr(pg_url, 5432) {
-        Some(addr) if answers(addr).await => {}
-        _ => {
-            return Ok(Ran::ServiceMissing(format!(
-                "PostgreSQL does not answer at {} (--postgres-url, POSTGRES_URL); stage saga \
-                 runs on it",
-                crate::backend::redact(pg_url)
-            )))
-        }
+    if let Some(missing) = postgres_missing(pg_url, "stage saga runs on it").await {
+        return Ok(missing);
     }
     let orders: u64 = if ctx.quick() { 16 } else { 60 };
     let settings = Settings {
