@@ -325,6 +325,12 @@ async fn stage_saga_refuses_sqlite_in_one_line() {
 #[actix_web::test]
 async fn a_v2_order_unfolds_as_a_saga_its_owner_can_watch_and_nobody_else_can() {
     let app = saga_app(|_| {}).await;
+    // This stage's OpenAPI document lists the route (the others' do not).
+    let (_, doc) = app.get_json("/api/openapi.json").await;
+    assert!(
+        doc["paths"]["/api/v2/orders/{id}/events"]["get"].is_object(),
+        "the saga stage's document lists the events route"
+    );
     let event = app.create_event(10).await;
     let alice = new_user(&app, "alice").await;
     let reply = app
