@@ -224,7 +224,11 @@ async fn start_once(
         .env("TICKETFLOW_LOG_FORMAT", "human")
         // In the environment, not the arguments, so the report's command line never shows it.
         .env("TICKETFLOW_ADMIN_TOKEN", admin_token)
-        .env("RUST_LOG", "warn")
+        // `LOADGEN_SERVER_RUST_LOG` chooses the server's log filter instead (chasing a bug)
+        .env(
+            "RUST_LOG",
+            std::env::var("LOADGEN_SERVER_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -351,6 +355,15 @@ impl Spawned {
 
     fn cleanup(&self) {
         if self.owns_dir {
+            // `LOADGEN_KEEP_LOGS=DIR`: the server's log outlives its directory, there
+            if let Some(keep) = std::env::var_os("LOADGEN_KEEP_LOGS") {
+                let name = format!("server-{}-{}.log", std::process::id(), self.port);
+                let _ = std::fs::create_dir_all(&keep);
+                let _ = std::fs::copy(
+                    self.dir.join(format!("server-{}.log", self.port)),
+                    Path::new(&keep).join(name),
+                );
+            }
             let _ = std::fs::remove_dir_all(&self.dir);
             if let Some(keys) = &self.redis {
                 if let Err(e) = keys.remove() {
