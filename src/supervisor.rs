@@ -429,9 +429,12 @@ impl SagaPayments {
         if url.backend != Backend::Postgres {
             return Ok(None);
         }
-        let store = Store::open(&settings.database, settings.durability)
+        // Opened (and migrated) here first; the keeper needs only a connection or two.
+        let opened = Store::open(&settings.database, settings.durability)
             .await
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        let store = opened.with_own_pool(2).await?;
+        opened.close().await;
         let token = match &settings.admin_token {
             Some(token) => token.clone(),
             None => {
@@ -486,10 +489,11 @@ impl SagaPayments {
     }
 }
 
-/// Whether a payments node reported itself within `ttl` and answers.
+/// Whether the payments node that reported itself last (within ten lease TTLs: a report late
+/// under load still counts) answers at its address. A dead node's address refuses at once.
 async fn usable(store: &Store, ttl: Duration) -> bool {
     match store
-        .live_node(crate::payments::service::PAYMENTS, ttl)
+        .live_node(crate::payments::service::PAYMENTS, ttl * 10)
         .await
     {
         Ok(Some((_, addr))) => answers(&addr).await,
@@ -529,6 +533,8 @@ async fn keep_payments(
     every: Duration,
     stop: Arc<tokio::sync::Notify>,
 ) {
+    // Rounds in a row that found no payments node answering (this process's own not running).
+    let mut missed = 0;
     loop {
         tokio::select! {
             () = stop.notified() => break,
@@ -547,8 +553,17 @@ async fn keep_payments(
                 tracing::warn!(%error, "could not mark the payments node down");
             }
             own = None;
+            // Ours died: start the next one at once unless another answers.
+            missed = 1;
         }
         if usable(&store, ttl).await {
+            missed = 0;
+            continue;
+        }
+        // Another process's node: one slow answer under load is no reason to start a second
+        // writer of the books, so it must fail two rounds in a row.
+        missed += 1;
+        if missed < 2 {
             continue;
         }
         match ensure_payments(&store, &plan, ttl).await {

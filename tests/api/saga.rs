@@ -1102,13 +1102,13 @@ async fn two_saga_processes_share_a_database_and_one_killed_mid_run_loses_nothin
     assert!(bought > 40, "{bought}");
     // The survivor takes the dead process's claims once their lease runs out, and starts a
     // payments node of its own.
-    let audit = quiet_audit_of(&client, &second.base, Duration::from_secs(60)).await;
-    assert_eq!(audit["verdict"], "pass", "{audit}");
     let (_, stats) = admin_get(&client, &second.base, "/api/v2/admin/stats").await;
     assert!(
         stats["relay"]["notices"].as_u64().unwrap() > 0,
         "the first process's commits never woke the second's relay: {stats}"
     );
+    let audit = quiet_audit_of(&client, &second.base, Duration::from_secs(60)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
     drop(second);
     every_saga_ended_once_with_one_net_charge(&db, "after one of two saga processes was killed")
         .await;
