@@ -60,11 +60,14 @@ async fn thousands_of_stalled_bodies_leave_health_fast_and_are_answered_408_then
         stalled.extend(join_all((0..500).map(|_| stalled_connection(&addr))).await);
     }
     let opened = Instant::now();
+    // Served beside them, not after them: a server the stalled bodies starved would answer
+    // only once their 3 s deadline freed it. The bound is a third of that, not a speed goal
+    // (on a quiet machine it takes milliseconds; 100 ms failed twice on a loaded one).
     for _ in 0..5 {
         let (status, took) = health_over_new_connection(&addr).await;
         assert_eq!(status, "HTTP/1.1 200 OK");
         assert!(
-            took < Duration::from_millis(100),
+            took < Duration::from_secs(1),
             "/health took {took:?} beside {attackers} stalled bodies"
         );
     }
