@@ -18,6 +18,7 @@ pub mod backend;
 pub mod changes;
 pub mod fenced;
 pub mod gateway;
+mod lite;
 pub mod saga;
 pub mod shards;
 pub mod sql;
@@ -301,6 +302,17 @@ impl Store {
         max_batch: usize,
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+        if let Some(path) = self.url.sqlite_path()? {
+            return writer::start_sqlite(
+                path,
+                self.url.durability(),
+                backend::sqlite_busy_timeout_ms(),
+                max_batch,
+                capacity,
+                self.changes.clone(),
+            )
+            .await;
+        }
         let conn = self.url.connect().await?;
         Ok(writer::start(
             conn,
