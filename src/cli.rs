@@ -56,10 +56,6 @@ pub struct NodeArgs {
     /// Defaults to `ROLE-PID`.
     #[arg(long, env = "TICKETFLOW_NODE_ID")]
     pub node_id: Option<String>,
-    /// Where the payments node answers (`http://HOST:PORT`). By default the live payments
-    /// node is looked up in the database's node list.
-    #[arg(long, env = "TICKETFLOW_PAYMENTS_URL")]
-    pub payments_url: Option<String>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -71,6 +67,11 @@ pub struct ServicesArgs {
     /// How many inventory nodes `serve --stage services` starts.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub inventory_nodes: Option<u32>,
+    /// Where the payments node answers (`http://HOST:PORT`): for `ticketflow node`, and for
+    /// `serve --stage saga`, which then starts none of its own. By default the live payments
+    /// node is looked up in the database's node list.
+    #[arg(long, env = "TICKETFLOW_PAYMENTS_URL")]
+    pub payments_url: Option<String>,
     /// Restart a node of `serve --stage services` that dies. Off by default, so that a
     /// failover can be watched.
     #[arg(long)]
@@ -134,7 +135,7 @@ impl NodeArgs {
         settings.stage = StageKind::Services;
         settings.services = crate::config::ServicesSettings {
             role: self.role,
-            payments_url: self.payments_url.clone(),
+            payments_url: services.payments_url.clone(),
             node_id: self
                 .node_id
                 .clone()
@@ -408,6 +409,13 @@ impl ServeArgs {
                     ..Failpoints::default()
                 },
                 ..LockedSettings::default()
+            },
+            // Stage saga calls a payments node: where it is, and how fresh its report must be.
+            services: crate::config::ServicesSettings {
+                payments_url: self.services.payments_url.clone(),
+                lease_ttl: self.services.lease_ttl,
+                renew_every: self.services.renew_every,
+                ..crate::config::ServicesSettings::default()
             },
             ..Settings::new(self.db.database.clone())
         }

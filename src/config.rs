@@ -35,6 +35,12 @@ impl StageKind {
         }
     }
 
+    /// Whether this stage keeps an event log of each order (`GET /api/v2/orders/{id}/events`
+    /// is served, and in its OpenAPI document, only then).
+    pub fn keeps_event_log(self) -> bool {
+        self == Self::Saga
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Monolith => "monolith",

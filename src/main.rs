@@ -102,7 +102,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             backend::set_sqlite_busy_timeout(args.sqlite_busy_timeout);
-            let settings = args.settings();
+            let mut settings = args.settings();
+            // Stage saga: its payments participant is a payments node, at --payments-url or
+            // else one this process starts (and keeps) unless one answers on the database.
+            let payments_node = if settings.stage == ticketflow::config::StageKind::Saga
+                && settings.services.payments_url.is_none()
+            {
+                let raw: Vec<String> = std::env::args()
+                    .skip_while(|a| a != "serve")
+                    .skip(1)
+                    .collect();
+                ticketflow::supervisor::SagaPayments::start(&raw, &mut settings).await?
+            } else {
+                None
+            };
             let server = Server::build(settings.clone()).await?;
             tracing::info!(
                 addr = %server.addr(),
@@ -113,6 +126,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "ticketflow listening; Ctrl-C stops it gracefully"
             );
             server.run().await?;
+            if let Some(node) = payments_node {
+                node.stop().await;
+            }
             tracing::info!("stopped");
             Ok(())
         }

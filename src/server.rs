@@ -67,12 +67,15 @@ impl Server {
         } else {
             store
         };
-        // Stage services: the payments node runs the gateway, the other nodes call it. Every
-        // other process runs its own. The books are a table of their own in the same database.
+        // Stage services: the payments node runs the gateway, the other nodes call it. Stage
+        // saga calls it too (its payments participant is that node). Every other process runs
+        // its own. The books are a table of their own in the same database.
         let payments_node =
             settings.stage == StageKind::Services && settings.services.role == NodeRole::Payments;
         let payments =
-            if settings.stage == StageKind::Services && !payments_node {
+            if (settings.stage == StageKind::Services && !payments_node)
+                || settings.stage == StageKind::Saga
+            {
                 PaymentGateway::remote(
                     &settings.services,
                     store.clone(),

@@ -397,6 +397,187 @@ async fn watch(store: &Store, plan: &Plan, nodes: &mut [Node], restart: bool) {
     }
 }
 
+/// The id the payments node of `serve --stage saga` reports under: one id for every saga
+/// process on a database, so a node started again (by this process or another) after one died
+/// starts at once instead of waiting for the dead one's report to age.
+pub const SAGA_PAYMENTS_ID: &str = "saga-payments";
+/// The advisory lock a saga process holds while it starts a payments node, so that of two
+/// processes finding none, one starts it (the books have one writer).
+const SAGA_PAYMENTS_LOCK: i64 = 0x7466_7061_7973; // "tfpays"
+
+/// The payments node of a `serve --stage saga` process: the saga's payments participant, a
+/// child process (`ticketflow node payments`) it starts when no payments node answers on its
+/// database, and starts again when it dies. Another saga process on the same database uses
+/// the node that is up instead of starting its own; if that one dies with its parent, a
+/// survivor starts the next.
+pub struct SagaPayments {
+    stop: Arc<tokio::sync::Notify>,
+    task: actix_rt::task::JoinHandle<()>,
+}
+
+impl SagaPayments {
+    /// Makes sure a payments node answers on `settings`' database (starting one if none does),
+    /// and keeps it so. Sets `settings.admin_token` (made up when not given), which the node
+    /// and this process share. `None` on a database that is not PostgreSQL: the stage refuses
+    /// it in its own words.
+    pub async fn start(
+        raw: &[String],
+        settings: &mut crate::config::Settings,
+    ) -> anyhow::Result<Option<Self>> {
+        let url = crate::store::DatabaseUrl::parse(&settings.database, settings.durability)
+            .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        if url.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        // Opened (and migrated) here first; the keeper needs only a connection or two.
+        let opened = Store::open(&settings.database, settings.durability)
+            .await
+            .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
+        let store = opened.with_own_pool(2).await?;
+        opened.close().await;
+        let token = match &settings.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let token = format!("tfa_{}", uuid::Uuid::new_v4().simple());
+                tracing::warn!(admin_token = %token, "no --admin-token given; made one for this run (API v2 admin routes and the payments node need it)");
+                settings.admin_token = Some(token.clone());
+                token
+            }
+        };
+        let plan = Plan {
+            exe: std::env::current_exe()
+                .context("finding this program to start its payments node")?,
+            args: child_args(raw),
+            token,
+            gateway_bind: String::new(),
+            demo_data: false,
+        };
+        let ttl = settings.services.lease_ttl;
+        let every = settings.services.renew_every;
+        let mut own = None;
+        // At start a node must answer, or the command fails with what the node said.
+        let deadline = Instant::now() + START_WITHIN;
+        while !usable(&store, ttl).await {
+            match ensure_payments(&store, &plan, ttl).await {
+                Ok(Some(node)) => {
+                    own = Some(node);
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(every).await;
+                }
+                Ok(None) => bail!("no payments node answered within {START_WITHIN:?}"),
+                Err(error) => return Err(error),
+            }
+        }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = actix_rt::spawn(keep_payments(
+            store,
+            plan,
+            own,
+            ttl,
+            every,
+            Arc::clone(&stop),
+        ));
+        Ok(Some(Self { stop, task }))
+    }
+
+    /// Stops the payments node this process started, if it did.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+/// Whether the payments node that reported itself last (within ten lease TTLs: a report late
+/// under load still counts) answers at its address. A dead node's address refuses at once.
+async fn usable(store: &Store, ttl: Duration) -> bool {
+    match store
+        .live_node(crate::payments::service::PAYMENTS, ttl * 10)
+        .await
+    {
+        Ok(Some((_, addr))) => answers(&addr).await,
+        _ => false,
+    }
+}
+
+/// Starts this process's payments node and waits for it to answer, unless another process is
+/// starting one (then `None`).
+async fn ensure_payments(
+    store: &Store,
+    plan: &Plan,
+    ttl: Duration,
+) -> anyhow::Result<Option<Node>> {
+    let Some(lock) = store.try_advisory_lock(SAGA_PAYMENTS_LOCK).await? else {
+        return Ok(None);
+    };
+    // Started by another process between our look and the lock.
+    if usable(store, ttl).await {
+        return Ok(None);
+    }
+    let mut node = plan.spawn(SAGA_PAYMENTS_ID, NodeRole::Payments)?;
+    let addr = wait_ready(store, &mut node).await?;
+    tracing::info!(node = SAGA_PAYMENTS_ID, %addr, pid = node.pid, "the saga's payments node is up");
+    drop(lock);
+    Ok(Some(node))
+}
+
+/// Watches the payments node: when this process's own dies, it is marked down and, unless
+/// another one answers by then, started again (under the same id, on a new port; the saga's
+/// calls find it in `service_nodes`).
+async fn keep_payments(
+    store: Store,
+    plan: Plan,
+    mut own: Option<Node>,
+    ttl: Duration,
+    every: Duration,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    // Rounds in a row that found no payments node answering (this process's own not running).
+    let mut missed = 0;
+    loop {
+        tokio::select! {
+            () = stop.notified() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Some(node) = own.as_mut() {
+            let exited = node.child.as_mut().map(|c| c.try_wait());
+            match exited {
+                Some(Ok(None)) => continue,
+                Some(Ok(Some(status))) => {
+                    tracing::error!(node = %node.id, pid = node.pid, %status, last = %node.last_words(), "the saga's payments node died; starting it again");
+                }
+                _ => {}
+            }
+            if let Err(error) = store.node_gone(&node.id).await {
+                tracing::warn!(%error, "could not mark the payments node down");
+            }
+            own = None;
+            // Ours died: start the next one at once unless another answers.
+            missed = 1;
+        }
+        if usable(&store, ttl).await {
+            missed = 0;
+            continue;
+        }
+        // Another process's node: one slow answer under load is no reason to start a second
+        // writer of the books, so it must fail two rounds in a row.
+        missed += 1;
+        if missed < 2 {
+            continue;
+        }
+        match ensure_payments(&store, &plan, ttl).await {
+            Ok(node) => own = node,
+            Err(error) => {
+                tracing::error!(%error, "could not start the saga's payments node; trying again")
+            }
+        }
+    }
+    if let Some(node) = own.as_mut() {
+        stop_all(std::slice::from_mut(node)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

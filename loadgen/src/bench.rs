@@ -433,12 +433,9 @@ async fn bench(args: &BenchArgs, bin: &Path) -> anyhow::Result<BenchReport> {
         };
         let mut extra: Vec<String> = Vec::new();
         if stage == "locked" {
-            extra.extend([
-                "--redis-url".into(),
-                args.redis_url.clone(),
-                "--redis-prefix".into(),
-                format!("bench-{}-{}", std::process::id(), args.seed),
-            ]);
+            // The key prefix is the one `server::start` gives every fresh stage, and whose
+            // keys it removes when the stage stops.
+            extra.extend(["--redis-url".into(), args.redis_url.clone()]);
         }
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let f = figure(key, name, "tickets/s");

@@ -97,17 +97,16 @@ impl Fault {
         )
     }
 
-    /// Whether the fault means anything for `spec`: Redis faults for `locked` (the only stage
-    /// using Redis), PostgreSQL faults for a stage on PostgreSQL, `kill-node` for `services`.
-    /// The server faults are not for `services`: its server is the supervisor, and stopping it
-    /// alone stops nothing that serves (the nodes are its children).
+    /// Whether the fault means anything for `spec`: the server faults for every stage (on
+    /// `services` they hit the whole deployment, the supervisor and its nodes), Redis faults
+    /// for `locked` (the only stage using Redis), PostgreSQL faults for a stage on
+    /// PostgreSQL, `kill-node` for `services`.
     pub fn applies_to(self, spec: &StageSpec) -> bool {
-        let services = spec.stage == "services";
         match self.victim() {
-            Victim::Server => !services,
+            Victim::Server => true,
             Victim::Redis => spec.stage == "locked",
             Victim::Postgres => spec.backend == Backend::Postgres,
-            Victim::Node => services,
+            Victim::Node => spec.stage == "services",
         }
     }
 }
@@ -784,9 +783,9 @@ impl Injector<'_> {
             victim: None,
         };
         let result = match fault {
-            Fault::KillServer => self.kill_server().await,
+            Fault::KillServer => self.kill_server(&mut record.victim).await,
             Fault::KillNode => self.kill_node(&mut record.victim).await,
-            Fault::PauseServer => self.pause_server(outage).await,
+            Fault::PauseServer => self.pause_server(outage, &mut record.victim).await,
             Fault::KillRedis | Fault::PauseRedis | Fault::KillPostgres | Fault::PausePostgres => {
                 let service = match fault.victim() {
                     Victim::Redis => self.redis.as_deref_mut(),
@@ -821,12 +820,40 @@ impl Injector<'_> {
         record
     }
 
-    /// SIGKILL, then the same stage started again on the same database and port.
-    async fn kill_server(&mut self) -> Result<(), String> {
-        if self.spawned.pid().is_none() {
+    /// Stage `services`: the server loadgen started is the supervisor of the deployment.
+    fn supervises(&self) -> bool {
+        self.restart.stage == "services"
+    }
+
+    /// SIGKILL, then the same stage started again on the same database and port. On
+    /// `services` the supervisor is killed, its nodes die with it (each asked the kernel for
+    /// SIGKILL when its parent dies, `PR_SET_PDEATHSIG`), and the deployment is started again
+    /// once every one of them is gone (two payments nodes must never write the books at once).
+    async fn kill_server(&mut self, victim: &mut Option<String>) -> Result<(), String> {
+        let Some(pid) = self.spawned.pid() else {
             return Err("the server is not running".into());
-        }
+        };
+        let nodes = if self.supervises() {
+            let nodes = children_of(pid);
+            *victim = Some(format!(
+                "the supervisor (pid {pid}) and its {} nodes",
+                nodes.len()
+            ));
+            nodes
+        } else {
+            vec![]
+        };
         let place = self.spawned.kill9_in_place().await;
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = nodes.iter().find(|n| n.alive()) {
+            if Instant::now() >= give_up {
+                return Err(format!(
+                    "node pid {} still running 10 s after its supervisor was killed",
+                    left.pid
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let r = &self.restart;
         match server::start_in(
             r.bin,
@@ -940,12 +967,50 @@ impl Injector<'_> {
         }
     }
 
-    /// SIGSTOP for `outage`, SIGCONT, then until the server answers its health check.
-    async fn pause_server(&mut self, outage: Duration) -> Result<(), String> {
+    /// SIGSTOP for `outage`, SIGCONT, then until the server answers its health check. On
+    /// `services`, the whole deployment: the supervisor first (so it starts no node
+    /// meanwhile), then each of its children as `/proc` lists them; resumed in the reverse
+    /// order.
+    async fn pause_server(
+        &mut self,
+        outage: Duration,
+        victim: &mut Option<String>,
+    ) -> Result<(), String> {
         let pid = self.spawned.pid().ok_or("the server is not running")?;
         signal(pid, libc::SIGSTOP, false)?;
-        tokio::time::sleep(outage).await;
+        // Listed once the supervisor is stopped: it can start no new child now, and one that
+        // exits stays a zombie (its pid not reusable) until the supervisor reaps it.
+        let nodes = if self.supervises() {
+            children_of(pid)
+        } else {
+            vec![]
+        };
+        let mut stopped = vec![];
+        let mut failed = None;
+        for node in &nodes {
+            match signal(node.pid, libc::SIGSTOP, false) {
+                Ok(()) => stopped.push(node.pid),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if self.supervises() {
+            *victim = Some(format!(
+                "the supervisor (pid {pid}) and its {} nodes",
+                stopped.len()
+            ));
+        }
+        if failed.is_none() {
+            tokio::time::sleep(outage).await;
+        }
+        for node in stopped.iter().rev() {
+            if let Err(e) = signal(*node, libc::SIGCONT, false) {
+                failed.get_or_insert(e);
+            }
+        }
         signal(pid, libc::SIGCONT, false)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let give_up = Instant::now() + SERVICE_STARTUP;
         let mut conn = Conn::new(self.spawned.addr, Duration::from_secs(2));
         loop {
@@ -967,12 +1032,51 @@ struct NodeSeen {
     up: bool,
 }
 
+/// `/proc/PID/stat` after the command's name: `state ppid pgrp …` (the name may hold spaces
+/// and parentheses: split after the last `)`).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// The parent of `pid`, from `/proc/PID/stat` (`None` if there is no such process).
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`; comm may hold spaces and parentheses: split after the last `)`
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// A process as `/proc` showed it: its pid and its start time, so a pid reused later is not
+/// taken for it.
+struct Proc {
+    pid: u32,
+    started: String,
+}
+
+impl Proc {
+    /// Still running: there, not a zombie, and the same process.
+    fn alive(&self) -> bool {
+        stat_fields(self.pid).is_some_and(|f| {
+            f.first().is_some_and(|state| state != "Z")
+                && f.get(19).is_some_and(|s| *s == self.started)
+        })
+    }
+}
+
+/// The live children of `parent`, from `/proc`.
+fn children_of(parent: u32) -> Vec<Proc> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let f = stat_fields(pid)?;
+            let child = f.get(1)?.parse::<u32>().ok()? == parent && f.first()? != "Z";
+            child.then(|| Proc {
+                pid,
+                started: f.get(19).cloned().unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 const PG_BIN_DIRS: &[&str] = &["/usr/lib/postgresql"];
@@ -1054,7 +1158,7 @@ mod tests {
         assert_eq!(names(off), ["kill-redis", "kill-postgres"]);
         let (on, _) = plan.split(&spec("locked@postgres"));
         assert_eq!(names(on), ["kill-server", "kill-redis", "kill-postgres"]);
-        // `services`: its own faults and PostgreSQL's, never the supervisor's
+        // `services`: its own faults, PostgreSQL's, and the server's (on the whole deployment)
         let all = Plan::parse(
             &Fault::ALL
                 .iter()
@@ -1066,11 +1170,17 @@ mod tests {
         .unwrap()
         .unwrap();
         let (on, off) = all.split(&spec("services"));
-        assert_eq!(names(on), ["kill-postgres", "pause-postgres", "kill-node"]);
         assert_eq!(
-            names(off),
-            ["kill-server", "pause-server", "kill-redis", "pause-redis"]
+            names(on),
+            [
+                "kill-server",
+                "pause-server",
+                "kill-postgres",
+                "pause-postgres",
+                "kill-node"
+            ]
         );
+        assert_eq!(names(off), ["kill-redis", "pause-redis"]);
         let (on, _) = all.split(&spec("actor@postgres"));
         assert!(!names(on).contains(&"kill-node"));
         // the order given does not change the schedule
@@ -1101,9 +1211,22 @@ mod tests {
             .spawn()
             .unwrap();
         assert_eq!(parent_of(child.id()), Some(std::process::id()));
+        // listed among this process's children, and alive until killed (a zombie is not)
+        let listed = children_of(std::process::id());
+        let seen = listed.iter().find(|p| p.pid == child.id()).expect("listed");
+        assert!(seen.alive());
         child.kill().unwrap();
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        while seen.alive() && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!seen.alive(), "killed, not yet reaped: a zombie");
+        assert!(children_of(std::process::id())
+            .iter()
+            .all(|p| p.pid != child.id()));
         child.wait().unwrap();
         assert_eq!(parent_of(child.id()), None, "reaped: no such process");
+        assert!(!seen.alive());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Spawned {
     /// Whether stopping it removes `dir` (false while another process shares the directory).
     owns_dir: bool,
     port: u16,
+    /// The Redis keys this run gave it (stage `locked`), removed with `dir`.
+    redis: Option<RedisKeys>,
 }
 
 /// Where a started server keeps its SQLite file: a fresh directory, or one given (to restart
@@ -203,19 +205,30 @@ async fn start_once(
         });
     }
     // Each fresh stage gets its own Redis key prefix (the `locked` stage's locks, fences and
-    // queue), so runs never see one another's keys; an explicit setting wins.
+    // queue), so runs never see one another's keys; an explicit setting wins, and its keys
+    // are the user's to keep. The prefix names the port, so a server restarted in place
+    // (`--chaos kill-server`) finds its queue again.
+    let mut redis = None;
     if std::env::var_os("TICKETFLOW_REDIS_PREFIX").is_none() {
-        command.env(
-            "TICKETFLOW_REDIS_PREFIX",
-            format!("loadgen-{}-{stage}-{port}", std::process::id()),
-        );
+        let prefix = format!("loadgen-{}-{stage}-{port}", std::process::id());
+        command.env("TICKETFLOW_REDIS_PREFIX", &prefix);
+        if stage.starts_with("locked") && flag_value(extra_args, "--redis-prefix").is_none() {
+            let url = flag_value(extra_args, "--redis-url")
+                .or_else(|| std::env::var("REDIS_URL").ok())
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+            redis = Some(RedisKeys { url, prefix });
+        }
     }
     let child = command
         .args(&args)
         .env("TICKETFLOW_LOG_FORMAT", "human")
         // In the environment, not the arguments, so the report's command line never shows it.
         .env("TICKETFLOW_ADMIN_TOKEN", admin_token)
-        .env("RUST_LOG", "warn")
+        // `LOADGEN_SERVER_RUST_LOG` chooses the server's log filter instead (chasing a bug)
+        .env(
+            "RUST_LOG",
+            std::env::var("LOADGEN_SERVER_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -229,6 +242,7 @@ async fn start_once(
         dir,
         owns_dir,
         port,
+        redis,
     };
     let give_up = Instant::now() + STARTUP_TIMEOUT;
     let mut conn = Conn::new(addr, Duration::from_secs(2));
@@ -341,9 +355,109 @@ impl Spawned {
 
     fn cleanup(&self) {
         if self.owns_dir {
+            // `LOADGEN_KEEP_LOGS=DIR`: the server's log outlives its directory, there
+            if let Some(keep) = std::env::var_os("LOADGEN_KEEP_LOGS") {
+                let name = format!("server-{}-{}.log", std::process::id(), self.port);
+                let _ = std::fs::create_dir_all(&keep);
+                let _ = std::fs::copy(
+                    self.dir.join(format!("server-{}.log", self.port)),
+                    Path::new(&keep).join(name),
+                );
+            }
             let _ = std::fs::remove_dir_all(&self.dir);
+            if let Some(keys) = &self.redis {
+                if let Err(e) = keys.remove() {
+                    eprintln!(
+                        "loadgen: could not remove the Redis keys `{}:*` at {}: {e}",
+                        keys.prefix, keys.url
+                    );
+                }
+            }
         }
     }
+}
+
+/// The value of `--flag VALUE` or `--flag=VALUE` in a command line; the last one wins.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let mut found = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg == flag {
+            found = args.next().cloned();
+        } else if let Some(value) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            found = Some(value.to_owned());
+        }
+    }
+    found
+}
+
+/// The keys a `locked` server wrote under a prefix this run chose: its locks, fences and job
+/// queue, plus the queue's entry in apalis's one global list of queues.
+#[derive(Debug, Clone)]
+struct RedisKeys {
+    url: String,
+    prefix: String,
+}
+
+/// apalis lists every queue's workers key here, whatever its prefix.
+const APALIS_QUEUES: &str = "core:apalis:queues:list";
+
+impl RedisKeys {
+    /// Deletes every key under the prefix (SCAN, so a large Redis is never blocked) and the
+    /// prefix's entries in [`APALIS_QUEUES`]. Returns how many keys went. Synchronous, with
+    /// short timeouts, so a drop can call it; a Redis that is gone (a chaos run's own, already
+    /// stopped) fails fast.
+    fn remove(&self) -> redis::RedisResult<usize> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut con = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        con.set_read_timeout(Some(Duration::from_secs(2)))?;
+        con.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let ours = format!("{}:", self.prefix);
+        let pattern = format!("{}*", glob_escape(&ours));
+        let mut removed = 0;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut con)?;
+            if !keys.is_empty() {
+                removed += redis::cmd("DEL").arg(&keys).query::<usize>(&mut con)?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let queues: Vec<String> = redis::cmd("ZRANGE")
+            .arg(APALIS_QUEUES)
+            .arg(0)
+            .arg(-1)
+            .query(&mut con)?;
+        let listed: Vec<&String> = queues.iter().filter(|q| q.starts_with(&ours)).collect();
+        if !listed.is_empty() {
+            redis::cmd("ZREM")
+                .arg(APALIS_QUEUES)
+                .arg(&listed)
+                .query::<usize>(&mut con)?;
+        }
+        Ok(removed)
+    }
+}
+
+/// `text` with Redis's glob characters escaped, to match it literally in `SCAN MATCH`.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl Drop for Spawned {

@@ -905,3 +905,78 @@ fn an_unreachable_postgres_makes_its_stage_skipped_with_the_reason() {
         "the terminal names it: {stdout}"
     );
 }
+
+/// The Redis keys that start with `prefix`, and the entries of apalis's global list of queues that
+/// start with `prefix`.
+fn redis_keys_of(prefix: &str) -> (Vec<String>, Vec<String>) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("Redis at {url} is needed: {e}"));
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut con)
+            .unwrap();
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let queues: Vec<String> = redis::cmd("ZRANGE")
+        .arg("core:apalis:queues:list")
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .unwrap();
+    let queues = queues
+        .into_iter()
+        .filter(|q| q.starts_with(prefix))
+        .collect();
+    (keys, queues)
+}
+
+#[test]
+fn a_locked_stage_loadgen_started_leaves_no_redis_keys_behind() {
+    let mut args = vec!["run", "--stage", "locked", "--max-violations", "0"];
+    args.extend_from_slice(STAMPEDE);
+    let child = loadgen()
+        .args(&args)
+        .env("LOADGEN_SERVER_BIN", server_bin())
+        .env_remove("TICKETFLOW_REDIS_PREFIX")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen runs");
+    // Every key of the stage it starts is under `loadgen-PID-locked-PORT:`.
+    let prefix = format!("loadgen-{}-locked-", child.id());
+    let mut seen = false;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() && Instant::now() < give_up {
+        let (keys, queues) = redis_keys_of(&prefix);
+        seen |= !keys.is_empty() && !queues.is_empty();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        seen,
+        "the stage's keys and its apalis queue entry were never seen under {prefix}"
+    );
+    let (keys, queues) = redis_keys_of(&prefix);
+    assert!(keys.is_empty(), "keys left behind: {keys:?}");
+    assert!(
+        queues.is_empty(),
+        "apalis queue entries left behind: {queues:?}"
+    );
+}

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
-use actix_web::HttpResponse;
+use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use utoipa::openapi::schema::{
     KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
@@ -17,7 +17,7 @@ use utoipa::openapi::schema::{
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
-use super::{admin, v1, v2, Problem};
+use super::{admin, v1, v2, AppState, Problem};
 use crate::domain::Ticket;
 use crate::payments::LedgerEntry;
 
@@ -138,13 +138,26 @@ impl Modify for SeedPaths {
     }
 }
 
-/// The document as JSON, rendered once.
-pub fn document() -> &'static str {
-    static DOCUMENT: OnceLock<String> = OnceLock::new();
-    DOCUMENT.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .expect("the OpenAPI document serializes")
+/// The route only a stage with an event log serves (`StageKind::keeps_event_log`).
+pub const ORDER_EVENTS_PATH: &str = "/api/v2/orders/{id}/events";
+
+/// The document as JSON, rendered once for each kind of stage: a stage without an event log
+/// does not list [`ORDER_EVENTS_PATH`], so no client (nor a fuzzer) expects an order's events
+/// from it. It still answers that route, `404 no-event-log`, to say why.
+pub fn document(keeps_event_log: bool) -> &'static str {
+    static WITH_LOG: OnceLock<String> = OnceLock::new();
+    static WITHOUT_LOG: OnceLock<String> = OnceLock::new();
+    let cell = if keeps_event_log {
+        &WITH_LOG
+    } else {
+        &WITHOUT_LOG
+    };
+    cell.get_or_init(|| {
+        let mut doc = ApiDoc::openapi();
+        if !keeps_event_log {
+            doc.paths.paths.shift_remove(ORDER_EVENTS_PATH);
+        }
+        doc.to_json().expect("the OpenAPI document serializes")
     })
 }
 
@@ -225,10 +238,10 @@ pub fn allowed_methods(pattern: &str) -> Option<&'static str> {
     operation_id = "openapi",
     responses((status = 200, description = "The OpenAPI 3.1 document.", body = Object)),
 )]
-pub async fn openapi_json() -> HttpResponse {
+pub async fn openapi_json(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(document())
+        .body(document(state.stage.kind().keeps_event_log()))
 }
 
 // ---------- answers built with `json!`, named for the document ----------

@@ -51,8 +51,22 @@ use crate::store::{
 const SETTLE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const SETTLE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long an expired purchase waits for its cancellation to be stored, on a shard its node
-/// still holds, before it leaves the refund to recovery ([`Inner::cancelled_in_store`]).
+/// still holds, before it leaves the refund to a task of its own that waits on
+/// ([`Inner::cancelled_in_store`], [`Inner::refund_once_cancelled`]).
 const CANCEL_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What storage says of an expired purchase's order ([`Inner::cancelled_in_store`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancellation {
+    /// Stored `cancelled`: its charge is refunded.
+    Stored,
+    /// Settled by someone else, or theirs to settle: confirmed (by another run of the
+    /// purchase), absent, or pending on a shard this node no longer holds. Nothing to refund.
+    Elsewhere,
+    /// Still pending on a shard this node holds, or not readable now: the cancellation is
+    /// queued and not stored yet.
+    Late,
+}
 
 /// One event's active actor, and what tells whether it may be passivated.
 struct ActorSlot {
@@ -662,7 +676,7 @@ impl Inner {
     }
 
     async fn charge_and_settle(
-        &self,
+        self: &Arc<Self>,
         addr: &Addr<EventActor>,
         order: OrderId,
         key: &str,
@@ -689,47 +703,134 @@ impl Inner {
                 // node that lost the shard meanwhile, that write was refused, and the order is
                 // still pending for the shard's new owner, which charges the same key again
                 // and confirms it: a refund here would leave a confirmed order refunded (I3).
-                if !self.cancelled_in_store(order).await? {
-                    return Err(PurchaseError::OwnerChanged);
+                match self.cancelled_in_store(order).await? {
+                    Cancellation::Stored => {}
+                    Cancellation::Elsewhere => return Err(PurchaseError::OwnerChanged),
+                    Cancellation::Late => {
+                        // The database is away (or slow) longer than the wait: the refund
+                        // waits on, in the background, for the cancellation to land.
+                        self.refund_once_cancelled(order, key.to_owned());
+                        return Err(PurchaseError::HoldExpired);
+                    }
                 }
-                self.parts.payments.refund(key).await?;
-                self.writer
-                    .submit(WriteOp::SettlePayment {
-                        order,
-                        status: PaymentStatus::Refunded,
-                    })
-                    .await?;
+                self.refund_and_record(order, key).await?;
                 Err(PurchaseError::HoldExpired)
             }
         }
     }
 
-    /// Whether `order` is stored `cancelled`, once every write queued before this call is
-    /// committed or refused (a barrier). While it is still pending and this node still holds
-    /// its shard, the cancellation may only be late (queued while the writer was full, after
-    /// the barrier): asked again, for up to [`CANCEL_SEEN_WITHIN`]. Pending on a shard this
-    /// node no longer holds, the cancellation was refused: the new owner settles the order.
-    async fn cancelled_in_store(&self, order: OrderId) -> Result<bool, PurchaseError> {
-        let give_up = std::time::Instant::now() + CANCEL_SEEN_WITHIN;
+    /// Refunds `key`'s charge and records the payment `refunded`: only for an order stored
+    /// `cancelled` (both steps are idempotent).
+    async fn refund_and_record(&self, order: OrderId, key: &str) -> Result<(), PurchaseError> {
+        self.parts.payments.refund(key).await?;
+        self.writer
+            .submit(WriteOp::SettlePayment {
+                order,
+                status: PaymentStatus::Refunded,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// What storage says of an expired purchase's `order`, once every write queued before
+    /// this call is committed or refused (a barrier), asked again while the answer is
+    /// [`Cancellation::Late`] for up to [`CANCEL_SEEN_WITHIN`] after the barrier. The
+    /// cancellation may only be late: queued after the barrier (while the writer was full, or
+    /// with the actor's next batch), or the database away. Errors only when the writer has
+    /// stopped.
+    async fn cancelled_in_store(&self, order: OrderId) -> Result<Cancellation, PurchaseError> {
+        let mut give_up = None;
         loop {
-            self.writer.submit(WriteOp::Barrier).await?;
-            let Some(stored) = self.parts.store.order(order).await? else {
-                return Ok(false);
-            };
-            match stored.status {
-                OrderStatus::Cancelled => return Ok(true),
-                OrderStatus::Confirmed => return Ok(false),
-                OrderStatus::Pending => {}
+            let seen = self.cancellation(order).await?;
+            // counted from the first answer: a barrier held up by the database being away
+            // is not the cancellation being late
+            let give_up = *give_up.get_or_insert_with(|| Instant::now() + CANCEL_SEEN_WITHIN);
+            if seen != Cancellation::Late || Instant::now() >= give_up {
+                return Ok(seen);
             }
-            let ours = match &self.fence {
-                Some(fence) => fence.epoch(shard_of(stored.event_id)).is_some(),
-                None => true,
-            };
-            if !ours || std::time::Instant::now() >= give_up {
-                return Ok(false);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// One look at `order` in storage after a barrier ([`Self::cancelled_in_store`]). Pending
+    /// on a shard this node no longer holds, the cancellation was refused and the new owner
+    /// settles the order; pending on a shard it holds (always, on the `actor` stage), or
+    /// unreadable (the database away), the cancellation is late.
+    async fn cancellation(&self, order: OrderId) -> Result<Cancellation, PurchaseError> {
+        match self.writer.submit(WriteOp::Barrier).await {
+            Ok(()) => {}
+            Err(StoreError::WriterClosed) => return Err(StoreError::WriterClosed.into()),
+            Err(error) => {
+                tracing::debug!(%order, %error, "a barrier failed; asking again");
+                return Ok(Cancellation::Late);
+            }
+        }
+        let stored = match self.parts.store.order(order).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return Ok(Cancellation::Elsewhere),
+            Err(error) => {
+                tracing::debug!(%order, %error, "cannot read an expired order yet; asking again");
+                return Ok(Cancellation::Late);
+            }
+        };
+        Ok(match stored.status {
+            OrderStatus::Cancelled => Cancellation::Stored,
+            OrderStatus::Confirmed => Cancellation::Elsewhere,
+            OrderStatus::Pending => {
+                let ours = match &self.fence {
+                    Some(fence) => fence.epoch(shard_of(stored.event_id)).is_some(),
+                    None => true,
+                };
+                if ours {
+                    Cancellation::Late
+                } else {
+                    Cancellation::Elsewhere
+                }
+            }
+        })
+    }
+
+    /// An expired purchase whose cancellation was not stored within [`CANCEL_SEEN_WITHIN`]:
+    /// its charge is refunded once the cancellation is stored, never before, by a task of its
+    /// own that asks again (backing off) for as long as it takes. Counted in flight meanwhile,
+    /// so the audit waits for it. It ends without a refund if the order turns out confirmed, or
+    /// pending on a shard this node no longer holds (its new owner settles it); a refund the
+    /// gateway does not answer is asked for again.
+    fn refund_once_cancelled(self: &Arc<Self>, order: OrderId, key: String) {
+        let inner = Arc::clone(self);
+        let counted = self.parts.payments.track();
+        tracing::warn!(%order, "an expired purchase's cancellation is not stored yet; its refund waits for it");
+        actix_rt::spawn(async move {
+            let _counted = counted;
+            let mut backoff = SETTLE_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
+                match inner.cancellation(order).await {
+                    Ok(Cancellation::Late) => continue,
+                    Ok(Cancellation::Stored) => {}
+                    Ok(Cancellation::Elsewhere) => {
+                        tracing::info!(%order, "an expired purchase was settled elsewhere: nothing to refund here");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%order, %error, "gave up waiting for an expired purchase's cancellation; a restart resolves it");
+                        return;
+                    }
+                }
+                match inner.refund_and_record(order, &key).await {
+                    Ok(()) => {
+                        tracing::info!(%order, "an expired purchase's late cancellation is stored: refunded");
+                        return;
+                    }
+                    Err(PurchaseError::Gateway(_)) => continue,
+                    Err(error) => {
+                        tracing::warn!(%order, %error, "could not record an expired purchase's refund; a restart or the shard's next owner resolves it");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// The gateway did not answer `key`'s charge (or the refund after it): asks again under

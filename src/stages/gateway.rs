@@ -563,18 +563,26 @@ impl Stage for GatewayNode {
         })
     }
 
-    /// The inventory nodes' work under way, summed; a node that is up but does not answer
-    /// makes the sum unreadable (not quiet).
+    /// The inventory nodes' work under way, summed: every node that is up, and every node
+    /// holding a shard's lease even if its reports are late (it may be resolving what a
+    /// previous owner left there). A node that does not answer, or a shard nobody holds (what
+    /// it holds is nobody's to count until it is taken up), makes the sum unreadable (not
+    /// quiet).
     async fn activity(&self) -> Activity {
         let _ = self.inner.refresh(false).await;
-        let nodes = self
-            .inner
-            .map
-            .read()
-            .expect("shard map poisoned")
-            .inventory
-            .clone();
         let mut sum = Activity::default();
+        let nodes = {
+            let map = self.inner.map.read().expect("shard map poisoned");
+            let mut nodes = map.inventory.clone();
+            for (shard, owner) in map.owners.iter().enumerate() {
+                match owner {
+                    Some(owner) if !nodes.contains(&owner.addr) => nodes.push(owner.addr.clone()),
+                    Some(_) => {}
+                    None => sum.unreadable.push(format!("shard {shard}: no owner")),
+                }
+            }
+            nodes
+        };
         for addr in nodes {
             match self
                 .inner

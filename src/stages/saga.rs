@@ -13,19 +13,26 @@
 //!   placing an order holds its seats, optimistically, with the hot rows locked last
 //!   ([`Inner::place_optimistically`]). A command for it found in the outbox (from an older
 //!   run) is still applied through its inbox ([`Inner::inventory`]);
-//! - the **payments** participant ([`Inner::payments`]): the payment gateway (this process's
-//!   payment actors, as in `actor`), called under a key derived from the saga and its step,
-//!   so a redelivered `Charge` never charges twice; its answer is recorded in its inbox in
-//!   the transaction of the decision it causes;
+//! - the **payments** participant ([`Inner::payments`]): the payments node of stage
+//!   `services` (`ticketflow node payments`, over HTTP: [`crate::payments::remote`]), which
+//!   `serve --stage saga` starts and keeps as a child process unless one answers on the
+//!   database already ([`crate::supervisor::SagaPayments`]), or the one `--payments-url`
+//!   names. It is called under a key derived from the saga and its step, and the node's books
+//!   answer a key once, so a redelivered `Charge` never charges twice; its answer is recorded
+//!   in its inbox in the transaction of the decision it causes. A node that does not answer
+//!   is asked again, never given up on (the hold's timer compensates meanwhile);
 //! - the **relay** ([`Inner::relay`]): claims due messages with `FOR UPDATE SKIP LOCKED` and a
 //!   lease, hands each to its consumer, and deletes it once handled. Timers (a hold's expiry)
-//!   are messages due later.
+//!   are messages due later. Several saga processes may share a database: claims are only
+//!   ever leased (a stopped process's claims come back when their lease runs out, none is
+//!   freed at start), and a process that queued messages wakes the others' relays with
+//!   `NOTIFY saga_outbox` ([`Inner::announce`], [`Inner::listen`]).
 //!
-//! These participants run in this process, on the same database; the `services` nodes are to
-//! become them once that stage has landed (see the README).
+//! The inventory participant is still this process's own, not the `services` inventory
+//! nodes (see the README).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,9 +59,15 @@ pub const SNAPSHOT_EVERY: u64 = 4;
 const RELAY_BATCH: u32 = 64;
 /// How long a claimed message is the claimer's before another relay may take it again.
 const RELAY_LEASE_MS: i64 = 10_000;
-/// How often an idle relay looks for due messages (timers, and work from another process);
-/// work queued by this process wakes it at once.
-const RELAY_IDLE_POLL: Duration = Duration::from_millis(25);
+/// How often an idle relay looks for due messages (timers, and notices missed while its
+/// listener was reconnecting); work queued by this process wakes it at once, work queued by
+/// another saga process on the database wakes it by `NOTIFY`.
+const RELAY_IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often the announcer counts the relays listening on the database (a notice is sent
+/// only when another one does).
+const LISTENERS_EVERY: Duration = Duration::from_secs(1);
+/// Pause before a lost listening session is opened again.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 /// Messages being handled at once (each holds a database connection only while it writes;
 /// a charge waits for the gateway without one).
 const HANDLERS_IN_FLIGHT: usize = 256;
@@ -97,6 +110,8 @@ struct RelayStats {
     lag_last_ms: AtomicI64,
     lag_max_ms: AtomicI64,
     lag_total_ms: AtomicI64,
+    /// Outbox notices heard from other saga processes on the database.
+    notices: AtomicU64,
 }
 
 struct Inner {
@@ -116,6 +131,12 @@ struct Inner {
     in_hand: AtomicI64,
     stats: RelayStats,
     stopping: watch::Sender<bool>,
+    /// This process's name in its outbox notices, so that its listener skips its own.
+    me: String,
+    /// Wakes the announcer: this process queued messages another process's relay may take.
+    queued: Notify,
+    /// Whether this process's listener is connected (it then counts among the listeners).
+    listening: AtomicBool,
 }
 
 /// Requests waiting for their saga to reach a point, told after each commit on it. A std
@@ -203,13 +224,8 @@ impl SagaStage {
         let store = parts.store.with_own_pool(SAGA_CONNECTIONS).await?;
         let relay_store = parts.store.with_own_pool(RELAY_CONNECTIONS).await?;
         store.seed_saga_seats().await?;
-        let freed = store.release_outbox_claims().await?;
-        if freed > 0 {
-            tracing::warn!(
-                freed,
-                "saga: claims left by a stopped run are delivered again"
-            );
-        }
+        // Claims are never freed here: another saga process on this database may hold them.
+        // A stopped process's claims come back when their lease runs out.
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             parts,
@@ -222,9 +238,16 @@ impl SagaStage {
             in_hand: AtomicI64::new(0),
             stats: RelayStats::default(),
             stopping,
+            me: Uuid::new_v4().to_string(),
+            queued: Notify::new(),
+            listening: AtomicBool::new(false),
         });
         let relay = Arc::clone(&inner);
         actix_rt::spawn(async move { relay.relay().await });
+        let listener = Arc::clone(&inner);
+        actix_rt::spawn(async move { listener.listen().await });
+        let announcer = Arc::clone(&inner);
+        actix_rt::spawn(async move { announcer.announce().await });
         Ok(Self { inner })
     }
 
@@ -315,7 +338,10 @@ impl Inner {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(error) if message.attempts >= MAX_ATTEMPTS => {
+            // A payments node that does not answer is never a reason to give up: the charge's
+            // outcome is unknown until it answers (asked again under the same key), and the
+            // hold's timer compensates meanwhile.
+            Err(error) if message.attempts >= MAX_ATTEMPTS && !error.is_unanswered() => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%error, saga = %message.saga, destination = message.destination.as_str(), attempts = message.attempts, "saga relay: giving up on a message; moved to saga_dead_letters");
                 self.relay_store
@@ -511,11 +537,111 @@ impl Inner {
         Ok(())
     }
 
-    /// After a commit on `order`'s saga: its waiters are told, the relay woken.
+    /// After a commit on `order`'s saga: its waiters are told, the relays woken (this one,
+    /// and the other processes' by a notice).
     fn committed(&self, order: OrderId, saga: &Saga) {
         self.cache.put(order, saga);
         self.waiters.tell(order, saga);
         self.wake.notify_one();
+        self.queued.notify_one();
+    }
+
+    // ---------- waking the other processes' relays ----------
+
+    /// Listens for the outbox notices of the other saga processes on this database and wakes
+    /// this relay on each. The session is named [`OUTBOX_LISTENER_NAME`], by which the others
+    /// count it; a lost session is opened again (the idle poll covers the gap).
+    async fn listen(self: Arc<Self>) {
+        use crate::store::saga::{OUTBOX_CHANNEL, OUTBOX_LISTENER_NAME};
+        let mut stopping = self.stopping.subscribe();
+        while !*stopping.borrow() {
+            let connected = async {
+                let options: sqlx::postgres::PgConnectOptions =
+                    self.parts.settings.database.parse()?;
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(options.application_name(OUTBOX_LISTENER_NAME))
+                    .await?;
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                listener.listen(OUTBOX_CHANNEL).await?;
+                Ok::<_, sqlx::Error>((pool, listener))
+            };
+            let mut session = match connected.await {
+                Ok((pool, listener)) => Session {
+                    pool: Some(pool),
+                    listener: Some(listener),
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "saga relay: cannot listen for other processes' outbox notices; polling meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(LISTEN_RETRY) => {}
+                        _ = stopping.changed() => {}
+                    }
+                    continue;
+                }
+            };
+            self.listening.store(true, Ordering::Release);
+            let Some(listener) = session.listener.as_mut() else {
+                continue;
+            };
+            loop {
+                tokio::select! {
+                    notice = listener.try_recv() => match notice {
+                        Ok(Some(notice)) => {
+                            if notice.payload() != self.me {
+                                self.stats.notices.fetch_add(1, Ordering::Relaxed);
+                                self.wake.notify_one();
+                            }
+                        }
+                        // The session was lost and opened again: a notice sent meanwhile
+                        // is lost, so look now.
+                        Ok(None) => self.wake.notify_one(),
+                        Err(_) => break,
+                    },
+                    _ = stopping.changed() => break,
+                }
+            }
+            self.listening.store(false, Ordering::Release);
+            drop(session.listener.take());
+            if let Some(pool) = session.pool.take() {
+                pool.close().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LISTEN_RETRY) => {}
+                _ = stopping.changed() => {}
+            }
+        }
+    }
+
+    /// Sends an outbox notice after this process queued messages, when another saga process
+    /// listens on the database. Notices coalesce: at most one is on its way at a time, so
+    /// under load this costs one short statement per round trip, none with one process.
+    async fn announce(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        let mut others = false;
+        let mut counted: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                () = self.queued.notified() => {}
+                _ = stopping.changed() => return,
+            }
+            if counted.is_none_or(|at| at.elapsed() >= LISTENERS_EVERY) {
+                counted = Some(tokio::time::Instant::now());
+                match self.store.outbox_listeners().await {
+                    Ok(n) => {
+                        let mine = i64::from(self.listening.load(Ordering::Acquire));
+                        others = n > mine;
+                    }
+                    // Unknown: notify, which is always safe.
+                    Err(_) => others = true,
+                }
+            }
+            if others {
+                if let Err(error) = self.store.notify_outbox(&self.me).await {
+                    tracing::debug!(%error, "saga relay: could not send an outbox notice");
+                }
+            }
+        }
     }
 
     // ---------- the participants ----------
@@ -617,6 +743,7 @@ impl Inner {
         .await?;
         tx.commit().await?;
         self.wake.notify_one();
+        self.queued.notify_one();
         Ok(())
     }
 
@@ -832,6 +959,23 @@ async fn apply_inventory(
     }))
 }
 
+/// A relay's listening session. sqlx closes a listener by spawning a task, which needs a
+/// Tokio runtime; dropped without one (the runtime's own teardown, with the task still
+/// listening), the session is left to the process's end instead of panicking.
+struct Session {
+    pool: Option<sqlx::postgres::PgPool>,
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            std::mem::forget(self.listener.take());
+            std::mem::forget(self.pool.take());
+        }
+    }
+}
+
 /// A message as its consumer receives it: its id (for the inbox) and its outbox row (deleted
 /// in the consumer's own transaction, so a handled message is acknowledged exactly when its
 /// effect commits).
@@ -862,6 +1006,13 @@ enum HandleError {
     Busy,
     #[error("a message that cannot be read: {0}")]
     Corrupt(String),
+}
+
+impl HandleError {
+    /// The payments node did not answer (down, restarting, its books unwritable).
+    fn is_unanswered(&self) -> bool {
+        matches!(self, Self::Gateway(_))
+    }
 }
 
 impl From<HandleError> for PurchaseError {
@@ -1054,6 +1205,7 @@ impl Stage for SagaStage {
             "relay": {
                 "delivered": delivered,
                 "redelivered": stats.redelivered.load(Ordering::Relaxed),
+                "notices": stats.notices.load(Ordering::Relaxed),
                 "failed": stats.failed.load(Ordering::Relaxed),
                 "inHand": self.inner.in_hand.load(Ordering::Relaxed),
                 "lagMs": {

@@ -11,7 +11,7 @@
 //! processes.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,26 @@ struct Node {
     held: Mutex<BTreeMap<u32, ShardLease>>,
     addr: Mutex<String>,
     stopping: AtomicBool,
+    /// Rounds of the lease keeper taking shards up: from the claim until the purchases the
+    /// last owner left in them are resolved. Their rows are nobody's work under way to count
+    /// meanwhile, so the node is not quiet ([`Stage::activity`]).
+    taking_up: AtomicUsize,
+}
+
+/// Counts a round taking shards up ([`Node::taking_up`]) until dropped.
+struct TakingUp<'a>(&'a AtomicUsize);
+
+impl<'a> TakingUp<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for TakingUp<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl InventoryNode {
@@ -64,6 +84,7 @@ impl InventoryNode {
             held: Mutex::new(BTreeMap::new()),
             addr: Mutex::new(parts.settings.bind.to_string()),
             stopping: AtomicBool::new(false),
+            taking_up: AtomicUsize::new(0),
         });
         node.keep_leases(&services).await?;
         // Reporting and renewal on their own beat as well: a keeper round that adopts many
@@ -331,6 +352,8 @@ impl Node {
         let fair = (SHARDS as usize).div_ceil(live);
         let holding = renewed.len();
         if holding < fair {
+            // from the claim on: a shard claimed is not yet counted by anyone until adopted
+            let _taking_up = TakingUp::new(&self.taking_up);
             for lease in self
                 .store
                 .claim_shards(&node, fair - holding, services.lease_ttl)
@@ -454,7 +477,14 @@ impl Stage for InventoryNode {
     }
 
     async fn activity(&self) -> Activity {
-        self.inner.actors.activity().await
+        let mut activity = self.inner.actors.activity().await;
+        if self.inner.taking_up.load(Ordering::Acquire) > 0 {
+            // what the last owner left in them is not counted until it is read
+            activity
+                .unreadable
+                .push(format!("{}: shards being taken up", self.node_id()));
+        }
+        activity
     }
 
     async fn shutdown(&self) {

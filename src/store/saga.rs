@@ -1,5 +1,7 @@
 //! Stage `saga`'s storage (PostgreSQL only, migration 0008): the event log with optimistic
-//! concurrency and snapshots, the outbox and its relay's claims (`FOR UPDATE SKIP LOCKED`),
+//! concurrency and snapshots, the outbox and its relays' claims (`FOR UPDATE SKIP LOCKED` and
+//! a lease: several saga processes may share a database, and a stopped one's claims come back
+//! when their lease runs out), the notices that wake the other processes' relays,
 //! the consumers' inboxes, the inventory participant's seats and holds, and the projections
 //! into the tables every stage's reads use.
 //!
@@ -19,6 +21,11 @@ use crate::saga::{upcast, Participant, Refusal, Saga, SagaEvent, EVENT_SCHEMA};
 /// The format of a stored snapshot ([`Saga`] serialised); a snapshot of another format is
 /// ignored and its stream replayed from the start.
 pub const SNAPSHOT_SCHEMA: i32 = 1;
+
+/// The channel saga processes `NOTIFY` when they queue messages, and `LISTEN` on.
+pub const OUTBOX_CHANNEL: &str = "saga_outbox";
+/// The `application_name` of a relay's listening session, by which the others count it.
+pub const OUTBOX_LISTENER_NAME: &str = "ticketflow-saga-relay";
 
 /// The unique index that makes two appends at the same version collide.
 const VERSION_TAKEN: &str = "saga_events_stream_id_version_key";
@@ -184,15 +191,28 @@ impl Store {
         Ok(())
     }
 
-    /// Frees every claim (at start: one saga process per database, so a claim still standing
-    /// belonged to a run that stopped).
-    pub async fn release_outbox_claims(&self) -> StoreResult<u64> {
-        Ok(sqlx::query(
-            "UPDATE saga_outbox SET claimed_until = NULL WHERE claimed_until IS NOT NULL",
+    /// Tells the relays of the other saga processes on this database (`LISTEN
+    /// saga_outbox`) that messages were queued; `from` names this process, so its own
+    /// listener can ignore its notices.
+    pub async fn notify_outbox(&self, from: &str) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(OUTBOX_CHANNEL)
+            .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// How many saga relays listen for outbox notices on this database (this process's
+    /// among them when its listener is connected): their sessions' `application_name`.
+    pub async fn outbox_listeners(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1",
         )
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .bind(OUTBOX_LISTENER_NAME)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     pub async fn outbox_depth(&self) -> StoreResult<OutboxDepth> {

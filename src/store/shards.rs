@@ -201,6 +201,21 @@ impl Store {
         Ok(())
     }
 
+    /// A transaction holding PostgreSQL's advisory lock `key` until it ends (dropped or
+    /// committed), or `None` when another session holds it: so that of several processes
+    /// about to start the same node, one does.
+    pub async fn try_advisory_lock(
+        &self,
+        key: i64,
+    ) -> StoreResult<Option<sqlx::Transaction<'static, sqlx::Any>>> {
+        let mut tx = self.pool.begin().await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(got.then_some(tx))
+    }
+
     /// How many nodes of `role` reported themselves within `within` (by the database's clock).
     pub async fn live_nodes(&self, role: &str, within: Duration) -> StoreResult<usize> {
         let row = sqlx::query(

@@ -16,6 +16,36 @@ pub struct TestApp {
     handle: ServerHandle,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     settings: Settings,
+    /// Stage saga: the payments node its payments participant calls, in this process.
+    payments: Option<Running>,
+}
+
+/// A server started in this process, to stop after the one that calls it.
+struct Running {
+    handle: ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.handle.stop(true).await;
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A payments node (stage `services`, role payments) in this process, with `settings`'
+/// payments, database and admin token: what stage saga's payments participant calls.
+async fn payments_node_for(settings: &Settings) -> (String, Running) {
+    let mut node = settings.clone();
+    node.stage = StageKind::Services;
+    node.services.role = ticketflow::config::NodeRole::Payments;
+    node.services.node_id = "payments-test".into();
+    node.bind = "127.0.0.1:0".parse().unwrap();
+    let server = Server::build(node).await.expect("payments node starts");
+    let url = format!("http://{}", server.addr());
+    let handle = server.handle();
+    let task = actix_rt::spawn(server.run());
+    (url, Running { handle, task })
 }
 
 /// Settings for tests: port 0, instant and always-successful payments, two HTTP workers.
@@ -83,8 +113,16 @@ pub async fn spawn_app_on(
     start_on(db, settings).await
 }
 
-async fn start_on(db: TestDb, settings: Settings) -> TestApp {
+async fn start_on(db: TestDb, mut settings: Settings) -> TestApp {
     let settings_copy = settings.clone();
+    let payments = if settings.stage == StageKind::Saga && settings.services.payments_url.is_none()
+    {
+        let (url, node) = payments_node_for(&settings).await;
+        settings.services.payments_url = Some(url);
+        Some(node)
+    } else {
+        None
+    };
     let server = Server::build(settings).await.expect("server starts");
     let base = format!("http://{}", server.addr());
     let handle = server.handle();
@@ -103,6 +141,7 @@ async fn start_on(db: TestDb, settings: Settings) -> TestApp {
         handle,
         task: Some(task),
         settings: settings_copy,
+        payments,
     }
 }
 
@@ -112,6 +151,9 @@ impl TestApp {
         self.handle.stop(true).await;
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
+        }
+        if let Some(payments) = self.payments.take() {
+            payments.stop().await;
         }
         let TestApp { db, settings, .. } = self;
         start_on(db, settings).await
@@ -248,6 +290,9 @@ impl TestApp {
         self.handle.stop(true).await;
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
+        }
+        if let Some(payments) = self.payments.take() {
+            payments.stop().await;
         }
     }
 }
