@@ -842,7 +842,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let (writer, task) = store.start_writer(64, 64).await.unwrap();
+        let (writer, task) = store.start_thread_writer(64, 64).await.unwrap();
 
         let mut lock = store.pool.acquire().await.unwrap();
         sqlx::query("BEGIN IMMEDIATE")
@@ -916,7 +916,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let (writer, task) = store.start_writer(64, 64).await.unwrap();
+        let (writer, task) = store.start_thread_writer(64, 64).await.unwrap();
         let (first, hold_first) = hold(event.id, 2);
         writer.submit(hold_first).await.unwrap();
 
