@@ -26,6 +26,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`set_sqlite_busy_timeout`] chose another.
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 30_000;
 
+/// The `busy_timeout` connections opened from now on get, in milliseconds.
+pub fn sqlite_busy_timeout_ms() -> u64 {
+    BUSY_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static BUSY_TIMEOUT_MS: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(SQLITE_BUSY_TIMEOUT_MS);
 
@@ -106,6 +111,23 @@ impl DatabaseUrl {
             url,
             durability,
         })
+    }
+
+    /// The SQLite file this URL names, as sqlx resolves it (`None` for PostgreSQL).
+    pub fn sqlite_path(&self) -> StoreResult<Option<std::path::PathBuf>> {
+        if self.backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        let options: sqlx::sqlite::SqliteConnectOptions = self
+            .url
+            .parse()
+            .map_err(|e: sqlx::Error| StoreError::Unavailable(format!("not a SQLite URL: {e}")))?;
+        Ok(Some(options.get_filename().to_path_buf()))
+    }
+
+    /// How hard commits are kept.
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     fn options(&self) -> StoreResult<AnyConnectOptions> {

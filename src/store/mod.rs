@@ -18,6 +18,7 @@ pub mod backend;
 pub mod changes;
 pub mod fenced;
 pub mod gateway;
+mod lite;
 pub mod saga;
 pub mod shards;
 pub mod sql;
@@ -296,11 +297,20 @@ impl Store {
 
     /// Starts the group-commit writer on a connection of its own.
     /// The task ends once every handle is dropped and the queue is drained.
+    ///
+    /// On SQLite with `TICKETFLOW_SQLITE_WRITER=thread` in the environment, the writer is the
+    /// one of [`Self::start_thread_writer`] instead: EXPERIMENTAL, off by default until it is
+    /// measured and its stampede runs are clean (issue 12 item 1).
     pub async fn start_writer(
         &self,
         max_batch: usize,
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+        if std::env::var("TICKETFLOW_SQLITE_WRITER").as_deref() == Ok("thread")
+            && self.backend() == Backend::Sqlite
+        {
+            return self.start_thread_writer(max_batch, capacity).await;
+        }
         let conn = self.url.connect().await?;
         Ok(writer::start(
             conn,
@@ -309,6 +319,30 @@ impl Store {
             capacity,
             None,
             self.changes.clone(),
+        ))
+    }
+
+    /// The SQLite writer on a thread and connection of its own ([`writer::start_sqlite`]):
+    /// statements prepared once, no channel hop per statement, checkpoints on another thread.
+    /// Refused on PostgreSQL.
+    pub async fn start_thread_writer(
+        &self,
+        max_batch: usize,
+        capacity: usize,
+    ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+        if let Some(path) = self.url.sqlite_path()? {
+            return writer::start_sqlite(
+                path,
+                self.url.durability(),
+                backend::sqlite_busy_timeout_ms(),
+                max_batch,
+                capacity,
+                self.changes.clone(),
+            )
+            .await;
+        }
+        Err(StoreError::Internal(
+            "the thread writer is SQLite's only".into(),
         ))
     }
 

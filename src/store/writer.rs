@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, DatabaseUrl};
 use super::changes::Changes;
+use super::lite::{Checkpointer, Lite};
 use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
 use super::{StoreError, StoreResult};
@@ -250,6 +251,126 @@ pub(super) fn start(
         },
         task,
     )
+}
+
+/// Starts the SQLite writer: a thread of its own with its own connection ([`Lite`]), its
+/// statements prepared once, taking from the queue whatever writes are waiting (up to
+/// `max_batch`) and writing them in one transaction. Fails if the connection cannot be opened.
+/// It stops when every handle is dropped, after draining the queue.
+pub(super) async fn start_sqlite(
+    path: std::path::PathBuf,
+    durability: crate::config::Durability,
+    busy_timeout_ms: u64,
+    max_batch: usize,
+    capacity: usize,
+    changes: Changes,
+) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let stats = Arc::new(WriterStats::default());
+    let told = Told {
+        stats: Arc::clone(&stats),
+        changes,
+    };
+    let max_batch = max_batch.max(1);
+    let (opened_tx, opened) = oneshot::channel();
+    let (stopped_tx, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("sqlite-writer".into())
+        .spawn(move || {
+            let checkpoints = match Checkpointer::start(path.clone(), durability, busy_timeout_ms) {
+                Ok(started) => Some(started),
+                Err(error) => {
+                    tracing::warn!(%error, "no checkpointing thread; the writer checkpoints itself");
+                    None
+                }
+            };
+            let checkpointer = checkpoints.as_ref().map(|(c, _)| Arc::clone(c));
+            let lite = match Lite::open(&path, durability, busy_timeout_ms, checkpointer) {
+                Ok(lite) => lite,
+                Err(error) => {
+                    let _ = opened_tx.send(Err(error));
+                    return;
+                }
+            };
+            let _ = opened_tx.send(Ok(()));
+            run_sqlite(&lite, rx, max_batch, &told);
+            drop(lite);
+            if let Some((checkpointer, thread)) = checkpoints {
+                checkpointer.stop();
+                let _ = thread.join();
+            }
+            let _ = stopped_tx.send(());
+        })
+        .map_err(|e| StoreError::Internal(format!("cannot start the SQLite writer: {e}")))?;
+    match opened.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(StoreError::Unavailable(error.to_string())),
+        Err(_) => return Err(StoreError::WriterClosed),
+    }
+    let task = tokio::spawn(async move {
+        let _ = stopped.await;
+    });
+    Ok((
+        WriteHandle {
+            tx,
+            stats,
+            stamp: None,
+        },
+        task,
+    ))
+}
+
+/// The SQLite writer's loop, on its own thread: waits for a write, takes every other write
+/// already waiting (up to `max_batch`), commits them together.
+fn run_sqlite(lite: &Lite, mut rx: mpsc::Receiver<Queued>, max_batch: usize, told: &Told) {
+    let mut batch: Vec<Queued> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(queued) => batch.push(queued),
+                Err(_) => break,
+            }
+        }
+        commit_sqlite(lite, &mut batch, told);
+    }
+}
+
+/// One batch on SQLite: together, or (if that fails) each write in a transaction of its own.
+fn commit_sqlite(lite: &Lite, batch: &mut Vec<Queued>, told: &Told) {
+    let stats = told.stats.as_ref();
+    let together = {
+        let ops: Vec<&WriteOp> = batch.iter().map(|(op, _, _)| op).collect();
+        lite.transaction(&ops)
+    };
+    match together {
+        Ok(()) => {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .writes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            crate::meter::writer_batch(batch.len());
+            for (op, _, ack) in batch.drain(..) {
+                committed(&op, &told.changes);
+                answer(stats, ack, Ok(()));
+            }
+        }
+        Err(error) => {
+            stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, writes = batch.len(), "group commit failed; retrying writes one by one");
+            for (op, _, ack) in batch.drain(..) {
+                let alone = lite.transaction(&[&op]);
+                match &alone {
+                    Ok(()) => {
+                        crate::meter::writer_batch(1);
+                        committed(&op, &told.changes);
+                    }
+                    Err(error) => tracing::error!(%error, ?op, "write refused"),
+                }
+                answer(stats, ack, alone.map_err(StoreError::from));
+            }
+        }
+    }
 }
 
 /// Starts a writer that stores nothing and acknowledges every write as soon as it arrives, for
@@ -627,7 +748,7 @@ mod tests {
     use super::*;
     use crate::config::Durability;
     use crate::domain::{Money, NewEvent, Order, TicketId, UserId};
-    use crate::store::{Catalog, IdempotencyRecords, KeyState, OrderKey, Store};
+    use crate::store::{Catalog, IdempotencyRecords, KeyState, OrderBook, OrderKey, Store};
 
     fn render(order: &Order) -> String {
         format!("placed {} x{}", order.id, order.quantity)
@@ -683,6 +804,153 @@ mod tests {
                 body: format!("placed {order} x2"),
             }
         );
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    fn hold(event: EventId, seats: usize) -> (OrderId, WriteOp) {
+        let order = OrderId(uuid::Uuid::new_v4());
+        let op = WriteOp::Hold(Box::new(NewOrder {
+            order,
+            tickets: (0..seats).map(|_| TicketId(uuid::Uuid::new_v4())).collect(),
+            event,
+            user: "bob".into(),
+            unit_price: Money::from_cents(100).unwrap(),
+            idempotency: None,
+            created_at: timestamp(Utc::now()),
+        }));
+        (order, op)
+    }
+
+    /// A batch with one write the database refuses is retried write by write: the refused one
+    /// gets its error, its neighbours commit, and what they wrote is there after the database
+    /// is opened again (acknowledged means durable). The batch is made certain by holding
+    /// SQLite's write lock from another connection while the writes queue up.
+    #[tokio::test]
+    async fn a_refused_write_falls_back_alone_and_its_neighbours_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fallback.db");
+        let path = path.to_str().unwrap();
+        let store = Store::open(path, Durability::Full).await.unwrap();
+        let event = store
+            .create_event(&NewEvent {
+                name: "Fallback".into(),
+                venue: "Hall".into(),
+                date: Utc::now(),
+                total_tickets: 10,
+                price: Money::from_cents(100).unwrap(),
+            })
+            .await
+            .unwrap();
+        let (writer, task) = store.start_thread_writer(64, 64).await.unwrap();
+
+        let mut lock = store.pool.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        // Blocks in the writer (busy) until the lock is released; the rest queue behind it.
+        let first = writer.try_submit(WriteOp::Barrier).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (a, hold_a) = hold(event.id, 2);
+        let (b, hold_b) = hold(event.id, 3);
+        let ghost = OrderId(uuid::Uuid::new_v4());
+        let a_done = writer.try_submit(hold_a).unwrap();
+        let bad = writer
+            .try_submit(WriteOp::Confirm { order: ghost })
+            .unwrap();
+        let b_done = writer.try_submit(hold_b).unwrap();
+        let confirm_a = writer.try_submit(WriteOp::Confirm { order: a }).unwrap();
+        sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+        drop(lock);
+
+        first.await.unwrap().unwrap();
+        a_done.await.unwrap().unwrap();
+        let refused = bad.await.unwrap().unwrap_err();
+        assert!(matches!(refused, StoreError::Conflict(_)), "{refused:?}");
+        b_done.await.unwrap().unwrap();
+        confirm_a.await.unwrap().unwrap();
+        let stats = writer.stats().report();
+        assert_eq!(stats["fallbacks"], 1, "{stats}");
+        assert_eq!(stats["unflushed"], 0, "{stats}");
+        drop(writer);
+        task.await.unwrap();
+        store.close().await;
+
+        let store = Store::open(path, Durability::Full).await.unwrap();
+        let a = store.order(a).await.unwrap().expect("a stored");
+        let b = store.order(b).await.unwrap().expect("b stored");
+        assert_eq!(
+            (a.status, a.tickets.len()),
+            (OrderStatus::Confirmed, 2),
+            "{a:?}"
+        );
+        assert_eq!(
+            (b.status, b.tickets.len()),
+            (OrderStatus::Pending, 3),
+            "{b:?}"
+        );
+        assert!(store.order(ghost).await.unwrap().is_none());
+        let event = store.event(event.id).await.unwrap().unwrap();
+        assert_eq!(event.available_tickets, 5);
+        store.close().await;
+    }
+
+    /// Holds and cancellations of one event in one batch move `available` by their net: a
+    /// seat taken, returned and taken again never crosses `0 <= available <= total`, and the
+    /// cancelled order's payment is settled with it.
+    #[tokio::test]
+    async fn a_batch_moves_each_events_seats_by_its_net_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net.db");
+        let store = Store::open(path.to_str().unwrap(), Durability::Normal)
+            .await
+            .unwrap();
+        let event = store
+            .create_event(&NewEvent {
+                name: "Net".into(),
+                venue: "Hall".into(),
+                date: Utc::now(),
+                total_tickets: 2,
+                price: Money::from_cents(100).unwrap(),
+            })
+            .await
+            .unwrap();
+        let (writer, task) = store.start_thread_writer(64, 64).await.unwrap();
+        let (first, hold_first) = hold(event.id, 2);
+        writer.submit(hold_first).await.unwrap();
+
+        let mut lock = store.pool.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let barrier = writer.try_submit(WriteOp::Barrier).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let cancel = writer
+            .try_submit(WriteOp::Cancel {
+                order: first,
+                event: event.id,
+                reason: CancelReason::PaymentDeclined,
+                payment: Some(PaymentStatus::Failed),
+            })
+            .unwrap();
+        let (second, hold_second) = hold(event.id, 2);
+        let again = writer.try_submit(hold_second).unwrap();
+        sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+        drop(lock);
+        barrier.await.unwrap().unwrap();
+        cancel.await.unwrap().unwrap();
+        again.await.unwrap().unwrap();
+        assert_eq!(writer.stats().report()["fallbacks"], 0);
+
+        let first = store.order(first).await.unwrap().unwrap();
+        assert_eq!(first.status, OrderStatus::Cancelled);
+        assert_eq!(first.cancel_reason.as_deref(), Some("payment_declined"));
+        let second = store.order(second).await.unwrap().unwrap();
+        assert_eq!(second.status, OrderStatus::Pending);
+        let event = store.event(event.id).await.unwrap().unwrap();
+        assert_eq!(event.available_tickets, 0);
         drop(writer);
         task.await.unwrap();
     }
