@@ -11,6 +11,7 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use super::sql::{numbered, CHUNK};
+use super::writer::WriteOp;
 use super::{parse_uuid, Store, StoreError, StoreResult};
 
 /// What the books say about one payment key, read from its lines; the answer never changes.
@@ -150,26 +151,15 @@ impl GatewayBooks for Store {
         if lines.is_empty() {
             return Ok(());
         }
-        const COLUMNS: usize = 6;
+        if let Some(writer) = self.ledger_writer() {
+            match writer.submit(WriteOp::Ledger(lines.to_vec())).await {
+                Err(StoreError::WriterClosed) => {} // stopping: written on the pool below
+                written => return written,
+            }
+        }
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        for chunk in lines.chunks(CHUNK / COLUMNS) {
-            let sql = format!(
-                "INSERT INTO gateway_ledger (seq, payment_key, kind, amount_cents, charge_id, at) VALUES {}",
-                numbered("(?, ?, ?, ?, ?, ?)", chunk.len(), 1)
-            );
-            let mut query = sqlx::query(&sql);
-            for line in chunk {
-                query = query
-                    .bind(line.seq)
-                    .bind(&line.key)
-                    .bind(line.kind.as_str())
-                    .bind(line.amount_cents)
-                    .bind(line.charge_id.map(|id| id.to_string()))
-                    .bind(&line.at);
-            }
-            query.execute(&mut *tx).await?;
-        }
+        insert_ledger(&mut tx, lines).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -251,6 +241,33 @@ impl GatewayBooks for Store {
             ledger_entries,
         })
     }
+}
+
+/// Appends `lines` to the ledger on `conn` (in the caller's transaction), in multi-row
+/// inserts: the books' own path, and the group-commit writer's when the books share it.
+pub(super) async fn insert_ledger(
+    conn: &mut sqlx::AnyConnection,
+    lines: &[LedgerEntry],
+) -> Result<(), sqlx::Error> {
+    const COLUMNS: usize = 6;
+    for chunk in lines.chunks(CHUNK / COLUMNS) {
+        let sql = format!(
+            "INSERT INTO gateway_ledger (seq, payment_key, kind, amount_cents, charge_id, at) VALUES {}",
+            numbered("(?, ?, ?, ?, ?, ?)", chunk.len(), 1)
+        );
+        let mut query = sqlx::query(&sql);
+        for line in chunk {
+            query = query
+                .bind(line.seq)
+                .bind(&line.key)
+                .bind(line.kind.as_str())
+                .bind(line.amount_cents)
+                .bind(line.charge_id.map(|id| id.to_string()))
+                .bind(&line.at);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use chrono::Utc;
 use libsqlite3_sys as ffi;
 use uuid::Uuid;
 
+use super::gateway::LedgerEntry;
 use super::sql::NewOrder;
 use super::writer::WriteOp;
 use super::StoreError;
@@ -69,6 +70,13 @@ impl From<LiteError> for StoreError {
 
 pub(super) type LiteResult<T> = Result<T, LiteError>;
 
+/// The writer connection's page cache, in KiB (SQLite's default is 2,000 KiB). Purchases insert
+/// rows under random UUID keys into several indexes, so every batch touches pages all over
+/// them: with the default cache a batch re-reads index pages from the file and spills dirty
+/// ones to the WAL before its commit (`pagerStress`), which a profile of `benches/group_commit`
+/// showed as a quarter of the writer's time.
+const WRITER_CACHE_KIB: u32 = 64 * 1024;
+
 /// One connection, owned by the thread that opened it.
 pub(super) struct Lite {
     db: *mut ffi::sqlite3,
@@ -97,6 +105,7 @@ struct Statements {
     finish_tickets: Statement,
     settle_payment: Statement,
     add_available: Statement,
+    insert_ledger: Statement,
 }
 
 /// A value bound to a statement's parameter.
@@ -160,7 +169,8 @@ impl Lite {
             ffi::sqlite3_busy_timeout(db, busy_timeout_ms.min(c_int::MAX as u64) as c_int);
         }
         lite.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; \
+             PRAGMA cache_size = -{WRITER_CACHE_KIB}; PRAGMA temp_store = MEMORY;",
             match durability {
                 Durability::Normal => "NORMAL",
                 Durability::Full => "FULL",
@@ -203,6 +213,10 @@ impl Lite {
             )?,
             add_available: lite.prepare(
                 "UPDATE events SET available_tickets = available_tickets + ?1 WHERE id = ?2",
+            )?,
+            insert_ledger: lite.prepare(
+                "INSERT INTO gateway_ledger (seq, payment_key, kind, amount_cents, charge_id, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?,
         };
         self.statements = Some(statements);
@@ -396,6 +410,11 @@ impl Lite {
                 WriteOp::SettlePayment { order, status } => {
                     self.settle(&order.0.to_string(), *status, &now)?;
                 }
+                WriteOp::Ledger(lines) => {
+                    for line in lines {
+                        self.insert_ledger_line(line)?;
+                    }
+                }
                 WriteOp::Barrier => {}
             }
         }
@@ -500,6 +519,23 @@ impl Lite {
         Ok((EventId(event), seats))
     }
 
+    /// One line of the gateway's books.
+    fn insert_ledger_line(&self, line: &LedgerEntry) -> LiteResult<()> {
+        let charge = line.charge_id.map(|id| id.to_string());
+        self.run(
+            &self.statements().insert_ledger,
+            &[
+                Value::Int(line.seq),
+                Value::Text(&line.key),
+                Value::Text(line.kind.as_str()),
+                Value::Int(line.amount_cents),
+                charge.as_deref().map_or(Value::Null, Value::Text),
+                Value::Text(&line.at),
+            ],
+        )
+        .map(drop)
+    }
+
     /// A `pending` payment's outcome.
     fn settle(&self, order: &str, status: PaymentStatus, now: &str) -> LiteResult<()> {
         let ran = self.run(
@@ -554,9 +590,13 @@ fn expect_one(affected: u64, what: &str) -> LiteResult<()> {
     }
 }
 
-/// WAL pages after which the writer's connection asks for a checkpoint (SQLite's own default
-/// for automatic checkpoints, `wal_autocheckpoint = 1000`).
-pub(super) const CHECKPOINT_PAGES: c_int = 1_000;
+/// WAL pages after which the writer's connection asks for a checkpoint: ten times SQLite's
+/// own default (`wal_autocheckpoint = 1000`, 4 MiB of 4 KiB pages). Purchases dirty the same
+/// index pages again and again, batch after batch; a checkpoint copies only a page's last
+/// version, so a longer WAL copies each page once for many commits instead of once for a few
+/// (the checkpointing thread took a fifth of the server's CPU under a hot-event stampede at
+/// the default). The cost is a WAL of up to about 40 MiB.
+pub(super) const CHECKPOINT_PAGES: c_int = 10_000;
 
 /// Checkpoints the WAL on a thread and a connection of its own, so that the writer's commits
 /// never run one: SQLite would otherwise checkpoint inside the `COMMIT` that crossed

@@ -24,6 +24,8 @@ pub mod shards;
 pub mod sql;
 pub mod writer;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::Utc;
 use sqlx::{AnyPool, FromRow, Row};
@@ -196,6 +198,10 @@ pub struct Store {
     url: DatabaseUrl,
     /// Told after each committed change of an event's availability (the streams listen).
     changes: changes::Changes,
+    /// The SQLite thread writer started from this store or a clone, if one runs: the gateway's
+    /// books write through it ([`WriteOp::Ledger`]) rather than as a second writer on the file.
+    /// Weak, so that it never keeps the writer running.
+    ledger: Arc<std::sync::Mutex<Option<writer::WeakWriteHandle>>>,
 }
 
 /// An order whose payment was left `pending` by a run that stopped (found at start-up).
@@ -271,6 +277,7 @@ impl Store {
             pool,
             url,
             changes: changes::Changes::default(),
+            ledger: Arc::default(),
         })
     }
 
@@ -282,12 +289,19 @@ impl Store {
             pool: self.url.pool_of(connections).await?,
             url: self.url.clone(),
             changes: self.changes.clone(),
+            ledger: Arc::clone(&self.ledger),
         })
     }
 
     /// Who is told when an event's availability changes (shared by every clone).
     pub fn changes(&self) -> &changes::Changes {
         &self.changes
+    }
+
+    /// The writer the gateway's books write through, while one runs ([`Self::ledger`]).
+    pub(super) fn ledger_writer(&self) -> Option<WriteHandle> {
+        let route = self.ledger.lock().expect("ledger route poisoned");
+        route.as_ref().and_then(writer::WeakWriteHandle::upgrade)
     }
 
     /// Which engine this store runs on.
@@ -298,15 +312,15 @@ impl Store {
     /// Starts the group-commit writer on a connection of its own.
     /// The task ends once every handle is dropped and the queue is drained.
     ///
-    /// On SQLite with `TICKETFLOW_SQLITE_WRITER=thread` in the environment, the writer is the
-    /// one of [`Self::start_thread_writer`] instead: EXPERIMENTAL, off by default until it is
-    /// measured and its stampede runs are clean (issue 12 item 1).
+    /// On SQLite it is the one of [`Self::start_thread_writer`], unless
+    /// `TICKETFLOW_SQLITE_WRITER=sqlx` in the environment asks for the earlier writer on a sqlx
+    /// connection (kept to measure one against the other).
     pub async fn start_writer(
         &self,
         max_batch: usize,
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
-        if std::env::var("TICKETFLOW_SQLITE_WRITER").as_deref() == Ok("thread")
+        if std::env::var("TICKETFLOW_SQLITE_WRITER").as_deref() != Ok("sqlx")
             && self.backend() == Backend::Sqlite
         {
             return self.start_thread_writer(max_batch, capacity).await;
@@ -331,7 +345,7 @@ impl Store {
         capacity: usize,
     ) -> StoreResult<(WriteHandle, tokio::task::JoinHandle<()>)> {
         if let Some(path) = self.url.sqlite_path()? {
-            return writer::start_sqlite(
+            let (handle, task) = writer::start_sqlite(
                 path,
                 self.url.durability(),
                 backend::sqlite_busy_timeout_ms(),
@@ -339,7 +353,9 @@ impl Store {
                 capacity,
                 self.changes.clone(),
             )
-            .await;
+            .await?;
+            *self.ledger.lock().expect("ledger route poisoned") = Some(handle.downgrade());
+            return Ok((handle, task));
         }
         Err(StoreError::Internal(
             "the thread writer is SQLite's only".into(),

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, DatabaseUrl};
 use super::changes::Changes;
+use super::gateway::insert_ledger;
 use super::lite::{Checkpointer, Lite};
 use super::shards::ShardFence;
 use super::sql::{self, NewOrder};
@@ -50,6 +51,11 @@ pub enum WriteOp {
     },
     /// Writes nothing: its answer means every write queued before it is committed.
     Barrier,
+    /// Lines of the payment gateway's books, when the books share this writer
+    /// ([`super::Store::start_thread_writer`]): on SQLite a second writer on the same file would
+    /// take turns with this one for the database's write lock, each waiting in SQLite's busy
+    /// handler (sleeps of 1 ms, then 2, 5, 10, ...) whenever the other holds it.
+    Ledger(Vec<super::gateway::LedgerEntry>),
 }
 
 type Ack = oneshot::Sender<StoreResult<()>>;
@@ -78,6 +84,25 @@ pub struct WriteHandle {
     tx: mpsc::Sender<Queued>,
     stats: Arc<WriterStats>,
     stamp: Option<Stamp>,
+}
+
+/// A [`WriteHandle`] that does not keep the writer running: the writer stops once every
+/// (strong) handle is dropped, as before.
+#[derive(Clone)]
+pub(super) struct WeakWriteHandle {
+    tx: mpsc::WeakSender<Queued>,
+    stats: Arc<WriterStats>,
+}
+
+impl WeakWriteHandle {
+    /// A handle to the writer, unless it has stopped taking writes.
+    pub(super) fn upgrade(&self) -> Option<WriteHandle> {
+        Some(WriteHandle {
+            tx: self.tx.upgrade()?,
+            stats: Arc::clone(&self.stats),
+            stamp: None,
+        })
+    }
 }
 
 /// What the writer has done, for stats and tests. Atomics: written by the writer task, read
@@ -142,6 +167,14 @@ impl WriteHandle {
         Self {
             stamp: Some(stamp),
             ..self.clone()
+        }
+    }
+
+    /// This writer, without keeping it running.
+    pub(super) fn downgrade(&self) -> WeakWriteHandle {
+        WeakWriteHandle {
+            tx: self.tx.downgrade(),
+            stats: Arc::clone(&self.stats),
         }
     }
 
@@ -621,7 +654,7 @@ fn committed(op: &WriteOp, changes: &Changes) {
             crate::meter::settled(Some(*reason));
             changes.changed(*event);
         }
-        WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
+        WriteOp::SettlePayment { .. } | WriteOp::Barrier | WriteOp::Ledger(_) => {}
     }
 }
 
@@ -638,7 +671,7 @@ async fn prove_epochs(
     let mut orders = Vec::new();
     for (op, stamp) in ops {
         if let Some(stamp) = stamp {
-            if !matches!(op, WriteOp::Barrier) {
+            if !matches!(op, WriteOp::Barrier | WriteOp::Ledger(_)) {
                 stamped.push(*stamp);
             }
             continue;
@@ -649,7 +682,7 @@ async fn prove_epochs(
             WriteOp::Confirm { order } | WriteOp::SettlePayment { order, .. } => {
                 orders.push(*order)
             }
-            WriteOp::Barrier => {}
+            WriteOp::Barrier | WriteOp::Ledger(_) => {}
         }
     }
     fence.check(conn, &stamped, &events, &orders).await
@@ -692,6 +725,7 @@ async fn apply_batch(conn: &mut AnyConnection, batch: &[&WriteOp]) -> Result<(),
             WriteOp::SettlePayment { order, status } => {
                 sql::settle_payment(conn, *order, *status, &now).await?;
             }
+            WriteOp::Ledger(lines) => insert_ledger(conn, lines).await?,
             WriteOp::Hold(_) | WriteOp::Confirm { .. } | WriteOp::Barrier => {}
         }
     }
@@ -739,6 +773,7 @@ async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<(), sqlx::Error
         WriteOp::SettlePayment { order, status } => {
             sql::settle_payment(conn, *order, *status, &now).await
         }
+        WriteOp::Ledger(lines) => insert_ledger(conn, lines).await,
         WriteOp::Barrier => Ok(()),
     }
 }
@@ -953,5 +988,43 @@ mod tests {
         assert_eq!(event.available_tickets, 0);
         drop(writer);
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_books_write_through_the_thread_writer_while_it_runs() {
+        use crate::store::gateway::{GatewayBooks, LedgerEntry, LedgerKind};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("books.db");
+        let store = Store::open(path.to_str().unwrap(), Durability::Normal)
+            .await
+            .unwrap();
+        // the gateway's books have a pool of their own, as the server gives them
+        let books = store.with_own_pool(2).await.unwrap();
+        let line = |seq: i64| LedgerEntry {
+            seq,
+            key: format!("key-{seq}"),
+            kind: LedgerKind::Charge,
+            amount_cents: 100,
+            charge_id: Some(uuid::Uuid::new_v4()),
+            at: timestamp(Utc::now()),
+        };
+        let (writer, task) = store.start_thread_writer(64, 64).await.unwrap();
+        books.write_books(&[line(1), line(2)]).await.unwrap();
+        let stats = writer.stats().report();
+        assert_eq!(
+            stats["writes"], 1,
+            "the lines went around the writer: {stats}"
+        );
+        assert_eq!(stats["batches"], 1, "{stats}");
+
+        // once the writer has stopped, the books write on their own pool again
+        drop(writer);
+        task.await.unwrap();
+        books.write_books(&[line(3)]).await.unwrap();
+        assert_eq!(books.last_ledger_seq().await.unwrap(), 3);
+        let page = books.ledger_page(0, 10).await.unwrap();
+        let keys: Vec<&str> = page.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["key-1", "key-2", "key-3"]);
+        assert!(page[0].charge_id.is_some());
     }
 }

@@ -60,6 +60,12 @@ pub fn test_settings(stage: StageKind, db: &TestDb) -> Settings {
     settings.admin_token = Some(ADMIN_TOKEN.into());
     // Stampedes come from one address: the rate-limit tests switch the limits back on.
     settings.rate_limits = ticketflow::config::RateLimits::off();
+    // A stampede's thousands of buyers share the test's one thread with its client: starved of
+    // CPU, a connection's request head can take seconds to leave. At the 5 s default the server
+    // then answers `408` on a connection the client is about to use (or has just written to),
+    // which the client reports as an incomplete or unexpected message. The header timeout is
+    // not what these tests are about; `limits.rs` tests its neighbour, the body timeout.
+    settings.header_timeout = std::time::Duration::from_secs(120);
     settings
 }
 
