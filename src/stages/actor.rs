@@ -17,6 +17,7 @@
 //! actor with a purchase, a hold or a write of its own under way is never passivated.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -797,38 +798,32 @@ impl Inner {
     /// pending on a shard this node no longer holds (its new owner settles it); a refund the
     /// gateway does not answer is asked for again.
     fn refund_once_cancelled(self: &Arc<Self>, order: OrderId, key: String) {
-        let inner = Arc::clone(self);
-        let counted = self.parts.payments.track();
         tracing::warn!(%order, "an expired purchase's cancellation is not stored yet; its refund waits for it");
-        actix_rt::spawn(async move {
-            let _counted = counted;
-            let mut backoff = SETTLE_RETRY_FIRST;
-            loop {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
+        self.retry_in_flight(move |inner| {
+            let key = key.clone();
+            async move {
                 match inner.cancellation(order).await {
-                    Ok(Cancellation::Late) => continue,
+                    Ok(Cancellation::Late) => return ControlFlow::Continue(()),
                     Ok(Cancellation::Stored) => {}
                     Ok(Cancellation::Elsewhere) => {
                         tracing::info!(%order, "an expired purchase was settled elsewhere: nothing to refund here");
-                        return;
+                        return ControlFlow::Break(());
                     }
                     Err(error) => {
                         tracing::warn!(%order, %error, "gave up waiting for an expired purchase's cancellation; a restart resolves it");
-                        return;
+                        return ControlFlow::Break(());
                     }
                 }
                 match inner.refund_and_record(order, &key).await {
                     Ok(()) => {
                         tracing::info!(%order, "an expired purchase's late cancellation is stored: refunded");
-                        return;
                     }
-                    Err(PurchaseError::Gateway(_)) => continue,
+                    Err(PurchaseError::Gateway(_)) => return ControlFlow::Continue(()),
                     Err(error) => {
                         tracing::warn!(%order, %error, "could not record an expired purchase's refund; a restart or the shard's next owner resolves it");
-                        return;
                     }
                 }
+                ControlFlow::Break(())
             }
         });
     }
@@ -842,19 +837,11 @@ impl Inner {
     /// in flight meanwhile, so the audit waits for it. Given up when the settlement cannot be
     /// written (the shard moved, say: its new owner resolves the purchase from the database).
     fn settle_later(self: &Arc<Self>, using: InUse, order: OrderId, key: String, amount: Money) {
-        let inner = Arc::clone(self);
-        let counted = self.parts.payments.track();
-        actix_rt::spawn(async move {
-            let _counted = counted;
-            let mut backoff = SETTLE_RETRY_FIRST;
-            loop {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
-                match inner
-                    .charge_and_settle(using.addr(), order, &key, amount)
-                    .await
-                {
-                    Err(PurchaseError::Gateway(_)) => continue,
+        self.retry_in_flight(move |inner| {
+            let (addr, key) = (using.addr().clone(), key.clone());
+            async move {
+                match inner.charge_and_settle(&addr, order, &key, amount).await {
+                    Err(PurchaseError::Gateway(_)) => return ControlFlow::Continue(()),
                     Ok(()) => {
                         tracing::info!(%order, "a payment unknown at first is settled: confirmed")
                     }
@@ -867,7 +854,30 @@ impl Inner {
                         tracing::warn!(%order, %error, "gave up settling a payment unknown at first; a restart or the shard's next owner resolves it")
                     }
                 }
-                return;
+                ControlFlow::Break(())
+            }
+        });
+    }
+
+    /// Runs `attempt` on a task of its own, first after [`SETTLE_RETRY_FIRST`], then again,
+    /// the pause doubling up to [`SETTLE_RETRY_MAX`], for as long as it answers `Continue`.
+    /// Counted in flight until it ends, so the audit waits for it.
+    fn retry_in_flight<F, Fut>(self: &Arc<Self>, mut attempt: F)
+    where
+        F: FnMut(Arc<Self>) -> Fut + 'static,
+        Fut: std::future::Future<Output = ControlFlow<()>> + 'static,
+    {
+        let inner = Arc::clone(self);
+        let counted = self.parts.payments.track();
+        actix_rt::spawn(async move {
+            let _counted = counted;
+            let mut backoff = SETTLE_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SETTLE_RETRY_MAX);
+                if attempt(Arc::clone(&inner)).await.is_break() {
+                    return;
+                }
             }
         });
     }
