@@ -396,6 +396,11 @@ impl Lite {
                 WriteOp::SettlePayment { order, status } => {
                     self.settle(&order.0.to_string(), *status, &now)?;
                 }
+                WriteOp::SagaSeats(_) => {
+                    return Err(LiteError::Unexpected(
+                        "saga seat writes need PostgreSQL (stage saga)".into(),
+                    ))
+                }
                 WriteOp::Barrier => {}
             }
         }

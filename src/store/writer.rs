@@ -48,6 +48,9 @@ pub enum WriteOp {
         order: OrderId,
         status: PaymentStatus,
     },
+    /// Stage `saga`: an inventory node's effect of one saga seat command, with the command's
+    /// inbox row and the node's answer (PostgreSQL only).
+    SagaSeats(Box<super::saga::SeatWrite>),
     /// Writes nothing: its answer means every write queued before it is committed.
     Barrier,
 }
@@ -621,7 +624,8 @@ fn committed(op: &WriteOp, changes: &Changes) {
             crate::meter::settled(Some(*reason));
             changes.changed(*event);
         }
-        WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
+        WriteOp::SagaSeats(w) if w.moves_seats() => changes.changed(w.event),
+        WriteOp::SagaSeats(_) | WriteOp::SettlePayment { .. } | WriteOp::Barrier => {}
     }
 }
 
@@ -649,6 +653,7 @@ async fn prove_epochs(
             WriteOp::Confirm { order } | WriteOp::SettlePayment { order, .. } => {
                 orders.push(*order)
             }
+            WriteOp::SagaSeats(w) => events.push(w.event),
             WriteOp::Barrier => {}
         }
     }
@@ -692,6 +697,8 @@ async fn apply_batch(conn: &mut AnyConnection, batch: &[&WriteOp]) -> Result<(),
             WriteOp::SettlePayment { order, status } => {
                 sql::settle_payment(conn, *order, *status, &now).await?;
             }
+            // In decision order: each moves its own event's seats, valid in that order.
+            WriteOp::SagaSeats(w) => super::saga::write_seats(conn, w).await?,
             WriteOp::Hold(_) | WriteOp::Confirm { .. } | WriteOp::Barrier => {}
         }
     }
@@ -739,6 +746,7 @@ async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<(), sqlx::Error
         WriteOp::SettlePayment { order, status } => {
             sql::settle_payment(conn, *order, *status, &now).await
         }
+        WriteOp::SagaSeats(w) => super::saga::write_seats(conn, w).await,
         WriteOp::Barrier => Ok(()),
     }
 }
