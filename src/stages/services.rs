@@ -5,6 +5,9 @@
 //! ([`crate::store::shards`]). Its writer proves each shard's epoch in every transaction, so a
 //! node that paused past its lease cannot write once another node has taken over.
 //!
+//! It is stage `saga`'s inventory participant too: the saga's seat commands for the events of
+//! its shards ([`super::saga_seats`]), written by a second writer behind the same fence.
+//!
 //! Built so far: the inventory node, and the payments node it calls
 //! ([`crate::payments::service`]). Still to come (issue 8): the gateway that routes each
 //! purchase to its owner, the catalog node, and `serve --stage services` supervising them as

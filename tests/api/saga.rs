@@ -509,13 +509,24 @@ async fn a_stampede_with_declines_sells_every_seat_exactly_once_and_the_audit_pa
     assert_eq!(status, 200, "{stats}");
     assert_eq!(stats["stage"], "saga");
     assert_eq!(stats["outbox"]["due"], 0, "{stats}");
-    // Every charge went through the outbox and its relay (the inventory's steps are applied
-    // in the orchestrator's transactions and never relayed).
+    // Every charge and every seat command went through the outbox and its relay (the seats
+    // to the inventory node, which kept one inbox row for each).
     let charges = app
         .count("SELECT COUNT(*) FROM saga_events WHERE kind = 'ChargeRequested'")
         .await;
+    let seat_commands = app
+        .count("SELECT COUNT(*) FROM saga_inbox WHERE consumer = 'inventory'")
+        .await;
+    let sagas = app
+        .count("SELECT COUNT(DISTINCT stream_id) FROM saga_events")
+        .await;
     assert!(
-        stats["relay"]["delivered"].as_u64().unwrap() >= charges as u64 && charges >= 20,
+        seat_commands >= sagas + charges,
+        "{seat_commands} seat commands"
+    );
+    assert!(
+        stats["relay"]["delivered"].as_u64().unwrap() >= (charges + seat_commands) as u64
+            && charges >= 20,
         "{charges} charges: {stats}"
     );
     assert!(stats["relay"]["lagMs"]["max"].is_i64(), "{stats}");
@@ -544,9 +555,11 @@ async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_d
             // (A lognormal of median 150 ms on a 500 ms hold once gave no late success in CI;
             // one of median 300 ms, with the payments node's hop on a machine at load average
             // 13, gave no success in time: every answer took a second or more.)
+            // Then the seats' three hops to the inventory node came in (under load, about a
+            // second before the charge leaves): a 4 s hold, charges of 10 ms to 8 s.
             s.payments.latency =
-                LatencyModel::Uniform(Duration::from_millis(10), Duration::from_secs(4));
-            s.hold_ttl = Duration::from_secs(2);
+                LatencyModel::Uniform(Duration::from_millis(10), Duration::from_secs(8));
+            s.hold_ttl = Duration::from_secs(4);
             s.seed = 3;
         })
         .await,
@@ -609,6 +622,20 @@ async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_d
         "{out}"
     );
     assert!(out.contains("3 rows differ"), "{out}");
+    // The seats are the inventory node's: its own counter is compared too.
+    app.db
+        .execute(&[&format!(
+            "UPDATE saga_seats SET available = CASE WHEN available < total
+             THEN available + 1 ELSE available - 1 END WHERE event_id = {event}"
+        )])
+        .await;
+    let (code, out, _) = replay(&url);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("differs: saga_seats {event}: available")),
+        "{out}"
+    );
+    assert!(out.contains("4 rows differ"), "{out}");
     app.stop().await;
 }
 
