@@ -12,7 +12,9 @@
 //!   stage `services` it runs in the payments node ([`payments::service`]), which the other
 //!   nodes call over HTTP ([`payments::remote`]).
 //! - [`saga`]: stage `saga`'s pure core: an order as an orchestrated saga, its typed and
-//!   versioned events, and the orchestrator's decision `(state, reply) -> (events, commands)`.
+//!   versioned events, and the orchestrator's decision `(state, reply) -> (events, commands)`;
+//!   [`saga::seats`] the inventory participant's seat book, which an inventory node of stage
+//!   `services` applies the saga's seat commands with ([`stages::saga_seats`]).
 //! - [`store`]: storage on SQLite or PostgreSQL behind one contract (a trait per capability),
 //!   the migrations of each, the group-commit writer, (`store::changes`) who is told when an
 //!   event's availability changes, (`store::shards`) the shard leases and epoch fence of
@@ -33,7 +35,7 @@
 //!   compared with the live tables.
 //! - [`server`]: assembles storage, gateway, stage and HTTP into a running server.
 //! - [`supervisor`]: `serve --stage services`, the nodes of stage `services` as child
-//!   processes (the gateway, catalog and inventory nodes are [`stages::gateway`],
+//!   processes, and the payments and inventory nodes `serve --stage saga` keeps (the gateway, catalog and inventory nodes are [`stages::gateway`],
 //!   [`stages::catalog`] and [`stages::services`]; their calls are [`api::internal`]).
 //! - [`config`], [`cli`], [`telemetry`], [`demo`]: settings, the command line, logs, demo data.
 

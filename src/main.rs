@@ -103,19 +103,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             backend::set_sqlite_busy_timeout(args.sqlite_busy_timeout);
             let mut settings = args.settings();
-            // Stage saga: its payments participant is a payments node, at --payments-url or
-            // else one this process starts (and keeps) unless one answers on the database.
-            let payments_node = if settings.stage == ticketflow::config::StageKind::Saga
-                && settings.services.payments_url.is_none()
-            {
+            // Stage saga: its participants are nodes of stage services: the inventory node
+            // owning the events' shards, and the payments node (at --payments-url, or else
+            // one this process starts and keeps), each started here unless one answers on
+            // the database already.
+            let mut saga_nodes = Vec::new();
+            if settings.stage == ticketflow::config::StageKind::Saga {
                 let raw: Vec<String> = std::env::args()
                     .skip_while(|a| a != "serve")
                     .skip(1)
                     .collect();
-                ticketflow::supervisor::SagaPayments::start(&raw, &mut settings).await?
-            } else {
-                None
-            };
+                if settings.services.payments_url.is_none() {
+                    saga_nodes.extend(
+                        ticketflow::supervisor::SagaNode::start(&raw, &mut settings).await?,
+                    );
+                }
+                saga_nodes.extend(
+                    ticketflow::supervisor::SagaNode::inventory(&raw, &mut settings).await?,
+                );
+            }
             let server = Server::build(settings.clone()).await?;
             tracing::info!(
                 addr = %server.addr(),
@@ -126,7 +132,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "ticketflow listening; Ctrl-C stops it gracefully"
             );
             server.run().await?;
-            if let Some(node) = payments_node {
+            for node in saga_nodes {
                 node.stop().await;
             }
             tracing::info!("stopped");

@@ -928,6 +928,8 @@ impl World {
                 o.payment = *status;
                 Ok(true)
             }
+            // The simulator drives the actor core only, which never decides a saga's seats.
+            WriteOp::SagaSeats(_) => Ok(false),
             // the simulated gateway keeps its books apart; none reach the simulated writer
             WriteOp::Barrier | WriteOp::Ledger(_) => Ok(true),
         }

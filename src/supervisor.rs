@@ -401,28 +401,72 @@ async fn watch(store: &Store, plan: &Plan, nodes: &mut [Node], restart: bool) {
 /// process on a database, so a node started again (by this process or another) after one died
 /// starts at once instead of waiting for the dead one's report to age.
 pub const SAGA_PAYMENTS_ID: &str = "saga-payments";
-/// The advisory lock a saga process holds while it starts a payments node, so that of two
-/// processes finding none, one starts it (the books have one writer).
-const SAGA_PAYMENTS_LOCK: i64 = 0x7466_7061_7973; // "tfpays"
+/// The id of the inventory node `serve --stage saga` starts, for the same reason: a node
+/// started again under it gives back the leases its dead predecessor held and takes them
+/// again at a higher epoch at once ([`crate::stages::services`]).
+pub const SAGA_INVENTORY_ID: &str = "saga-inventory";
 
-/// The payments node of a `serve --stage saga` process: the saga's payments participant, a
-/// child process (`ticketflow node payments`) it starts when no payments node answers on its
-/// database, and starts again when it dies. Another saga process on the same database uses
-/// the node that is up instead of starting its own; if that one dies with its parent, a
-/// survivor starts the next.
-pub struct SagaPayments {
+/// A participant node a saga process keeps: its role, the id it runs under, and the advisory
+/// lock a saga process holds while it starts one, so that of two processes finding none, one
+/// starts it (the payments books have one writer; an inventory node id one process).
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    role: NodeRole,
+    id: &'static str,
+    lock: i64,
+}
+
+const PAYMENTS: Kept = Kept {
+    role: NodeRole::Payments,
+    id: SAGA_PAYMENTS_ID,
+    lock: 0x7466_7061_7973, // "tfpays"
+};
+const INVENTORY: Kept = Kept {
+    role: NodeRole::Inventory,
+    id: SAGA_INVENTORY_ID,
+    lock: 0x7466_696e_7673, // "tfinvs"
+};
+
+/// A participant node of a `serve --stage saga` process (the payments node, or the inventory
+/// node owning the events' shards): a child process (`ticketflow node payments|inventory`) it
+/// starts when no node of that role answers on its database, and starts again when it dies.
+/// Another saga process on the same database uses the node that is up instead of starting its
+/// own; if that one dies with its parent, a survivor starts the next. The same keeper as the
+/// `services` supervisor's nodes ([`Plan::spawn`], [`wait_ready`], [`stop_all`]).
+pub struct SagaNode {
     stop: Arc<tokio::sync::Notify>,
     task: actix_rt::task::JoinHandle<()>,
 }
 
-impl SagaPayments {
-    /// Makes sure a payments node answers on `settings`' database (starting one if none does),
-    /// and keeps it so. Sets `settings.admin_token` (made up when not given), which the node
-    /// and this process share. `None` on a database that is not PostgreSQL: the stage refuses
-    /// it in its own words.
+/// The saga's payments node (the name it had when it was the only one).
+pub type SagaPayments = SagaNode;
+
+impl SagaNode {
+    /// Makes sure a payments node answers on `settings`' database (starting one if none
+    /// does), and keeps it so. See [`SagaNode::keep`].
     pub async fn start(
         raw: &[String],
         settings: &mut crate::config::Settings,
+    ) -> anyhow::Result<Option<Self>> {
+        Self::keep(raw, settings, PAYMENTS).await
+    }
+
+    /// Makes sure an inventory node answers on `settings`' database, holding the events'
+    /// shards (starting one if none does), and keeps it so.
+    pub async fn inventory(
+        raw: &[String],
+        settings: &mut crate::config::Settings,
+    ) -> anyhow::Result<Option<Self>> {
+        Self::keep(raw, settings, INVENTORY).await
+    }
+
+    /// Sets `settings.admin_token` (made up when not given), which the nodes and this process
+    /// share. `None` on a database that is not PostgreSQL: the stage refuses it in its own
+    /// words.
+    async fn keep(
+        raw: &[String],
+        settings: &mut crate::config::Settings,
+        kept: Kept,
     ) -> anyhow::Result<Option<Self>> {
         let url = crate::store::DatabaseUrl::parse(&settings.database, settings.durability)
             .map_err(|e| anyhow::anyhow!(backend::open_failure(&settings.database, &e)))?;
@@ -439,14 +483,14 @@ impl SagaPayments {
             Some(token) => token.clone(),
             None => {
                 let token = format!("tfa_{}", uuid::Uuid::new_v4().simple());
-                tracing::warn!(admin_token = %token, "no --admin-token given; made one for this run (API v2 admin routes and the payments node need it)");
+                tracing::warn!(admin_token = %token, "no --admin-token given; made one for this run (API v2 admin routes and the saga's nodes need it)");
                 settings.admin_token = Some(token.clone());
                 token
             }
         };
         let plan = Plan {
             exe: std::env::current_exe()
-                .context("finding this program to start its payments node")?,
+                .context("finding this program to start the saga's nodes")?,
             args: child_args(raw),
             token,
             gateway_bind: String::new(),
@@ -457,8 +501,8 @@ impl SagaPayments {
         let mut own = None;
         // At start a node must answer, or the command fails with what the node said.
         let deadline = Instant::now() + START_WITHIN;
-        while !usable(&store, ttl).await {
-            match ensure_payments(&store, &plan, ttl).await {
+        while !usable(&store, kept, ttl).await {
+            match ensure_node(&store, &plan, kept, ttl).await {
                 Ok(Some(node)) => {
                     own = Some(node);
                     break;
@@ -466,14 +510,15 @@ impl SagaPayments {
                 Ok(None) if Instant::now() < deadline => {
                     tokio::time::sleep(every).await;
                 }
-                Ok(None) => bail!("no payments node answered within {START_WITHIN:?}"),
+                Ok(None) => bail!("no {} node answered within {START_WITHIN:?}", kept.role),
                 Err(error) => return Err(error),
             }
         }
         let stop = Arc::new(tokio::sync::Notify::new());
-        let task = actix_rt::spawn(keep_payments(
+        let task = actix_rt::spawn(keep_node(
             store,
             plan,
+            kept,
             own,
             ttl,
             every,
@@ -482,58 +527,58 @@ impl SagaPayments {
         Ok(Some(Self { stop, task }))
     }
 
-    /// Stops the payments node this process started, if it did.
+    /// Stops the node this process started, if it did.
     pub async fn stop(self) {
         self.stop.notify_one();
         let _ = self.task.await;
     }
 }
 
-/// Whether the payments node that reported itself last (within ten lease TTLs: a report late
-/// under load still counts) answers at its address. A dead node's address refuses at once.
-async fn usable(store: &Store, ttl: Duration) -> bool {
-    match store
-        .live_node(crate::payments::service::PAYMENTS, ttl * 10)
-        .await
-    {
+/// Whether the node of `kept`'s role that reported itself last (within ten lease TTLs: a
+/// report late under load still counts) answers at its address. A dead node's address
+/// refuses at once.
+async fn usable(store: &Store, kept: Kept, ttl: Duration) -> bool {
+    match store.live_node(kept.role.as_str(), ttl * 10).await {
         Ok(Some((_, addr))) => answers(&addr).await,
         _ => false,
     }
 }
 
-/// Starts this process's payments node and waits for it to answer, unless another process is
-/// starting one (then `None`).
-async fn ensure_payments(
+/// Starts this process's node of `kept` and waits for it to answer, unless another process
+/// is starting one (then `None`).
+async fn ensure_node(
     store: &Store,
     plan: &Plan,
+    kept: Kept,
     ttl: Duration,
 ) -> anyhow::Result<Option<Node>> {
-    let Some(lock) = store.try_advisory_lock(SAGA_PAYMENTS_LOCK).await? else {
+    let Some(lock) = store.try_advisory_lock(kept.lock).await? else {
         return Ok(None);
     };
     // Started by another process between our look and the lock.
-    if usable(store, ttl).await {
+    if usable(store, kept, ttl).await {
         return Ok(None);
     }
-    let mut node = plan.spawn(SAGA_PAYMENTS_ID, NodeRole::Payments)?;
+    let mut node = plan.spawn(kept.id, kept.role)?;
     let addr = wait_ready(store, &mut node).await?;
-    tracing::info!(node = SAGA_PAYMENTS_ID, %addr, pid = node.pid, "the saga's payments node is up");
+    tracing::info!(node = kept.id, %addr, pid = node.pid, "a node of the saga is up");
     drop(lock);
     Ok(Some(node))
 }
 
-/// Watches the payments node: when this process's own dies, it is marked down and, unless
-/// another one answers by then, started again (under the same id, on a new port; the saga's
-/// calls find it in `service_nodes`).
-async fn keep_payments(
+/// Watches the node: when this process's own dies, it is marked down and, unless another one
+/// answers by then, started again (under the same id, on a new port; the saga's calls find it
+/// in `service_nodes`).
+async fn keep_node(
     store: Store,
     plan: Plan,
+    kept: Kept,
     mut own: Option<Node>,
     ttl: Duration,
     every: Duration,
     stop: Arc<tokio::sync::Notify>,
 ) {
-    // Rounds in a row that found no payments node answering (this process's own not running).
+    // Rounds in a row that found no node answering (this process's own not running).
     let mut missed = 0;
     loop {
         tokio::select! {
@@ -545,31 +590,31 @@ async fn keep_payments(
             match exited {
                 Some(Ok(None)) => continue,
                 Some(Ok(Some(status))) => {
-                    tracing::error!(node = %node.id, pid = node.pid, %status, last = %node.last_words(), "the saga's payments node died; starting it again");
+                    tracing::error!(node = %node.id, pid = node.pid, %status, last = %node.last_words(), "a node of the saga died; starting it again");
                 }
                 _ => {}
             }
             if let Err(error) = store.node_gone(&node.id).await {
-                tracing::warn!(%error, "could not mark the payments node down");
+                tracing::warn!(%error, node = %node.id, "could not mark the node down");
             }
             own = None;
             // Ours died: start the next one at once unless another answers.
             missed = 1;
         }
-        if usable(&store, ttl).await {
+        if usable(&store, kept, ttl).await {
             missed = 0;
             continue;
         }
         // Another process's node: one slow answer under load is no reason to start a second
-        // writer of the books, so it must fail two rounds in a row.
+        // one (a second writer of the books), so it must fail two rounds in a row.
         missed += 1;
         if missed < 2 {
             continue;
         }
-        match ensure_payments(&store, &plan, ttl).await {
+        match ensure_node(&store, &plan, kept, ttl).await {
             Ok(node) => own = node,
             Err(error) => {
-                tracing::error!(%error, "could not start the saga's payments node; trying again")
+                tracing::error!(%error, role = %kept.role, "could not start a node of the saga; trying again")
             }
         }
     }

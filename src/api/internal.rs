@@ -215,6 +215,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::scope(PREFIX)
             .route("/purchase", web::post().to(purchase))
             .route("/orders", web::post().to(place_order))
+            .route("/saga/seats", web::post().to(saga_seats))
             .route("/activity", web::get().to(activity))
             .route("/events", web::get().to(list_events))
             .route("/events", web::post().to(create_event))
@@ -255,6 +256,17 @@ async fn place_order(
         order: Some(call.order),
     };
     let result: Result<Order, _> = state.stage.place_order(request).await;
+    Ok(reply(result.map_err(WireError::from)))
+}
+
+/// A saga's seat command for the inventory node owning its event's shard (stage `saga`).
+async fn saga_seats(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    call: web::Json<crate::stages::saga_seats::SeatCall>,
+) -> Result<HttpResponse, Problem> {
+    require_admin(&req, &state).await?;
+    let result = state.stage.saga_seats(call.into_inner()).await;
     Ok(reply(result.map_err(WireError::from)))
 }
 

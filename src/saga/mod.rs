@@ -13,6 +13,7 @@
 //! an older stored form into today's before it is applied.
 
 pub mod projection;
+pub mod seats;
 
 use serde::{Deserialize, Serialize};
 

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod locked;
 pub mod monolith;
 pub mod saga;
+pub mod saga_seats;
 pub mod services;
 
 use std::sync::Arc;
@@ -100,6 +101,16 @@ pub trait Stage: Send + Sync + 'static {
     /// `pending`; payment and confirmation continue in the background.
     async fn place_order(&self, request: OrderRequest) -> Result<Order, PurchaseError> {
         let _ = request;
+        Err(PurchaseError::NotServed)
+    }
+
+    /// Stage `saga`'s seat command, relayed to the inventory node owning its event's shard.
+    /// Only inventory nodes serve it.
+    async fn saga_seats(
+        &self,
+        call: saga_seats::SeatCall,
+    ) -> Result<crate::saga::Reply, PurchaseError> {
+        let _ = call;
         Err(PurchaseError::NotServed)
     }
 

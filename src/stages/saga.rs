@@ -7,12 +7,15 @@
 //! - the **orchestrator** ([`Inner::orchestrate`]): loads a saga (snapshot and tail), asks the
 //!   pure [`crate::saga::decide`] what follows a reply, and appends the events, the commands
 //!   and the projection in one transaction, guarded by the stream's version;
-//! - the **inventory** participant ([`apply_inventory`]): seats and holds in tables of its
-//!   own. It is in this process and on this database, so its commands are applied inside the
-//!   orchestrator's transaction and its replies decided on at once ([`Inner::carry_out`]):
-//!   placing an order holds its seats, optimistically, with the hot rows locked last
-//!   ([`Inner::place_optimistically`]). A command for it found in the outbox (from an older
-//!   run) is still applied through its inbox ([`Inner::inventory`]);
+//! - the **inventory** participant ([`Inner::inventory`]): the inventory node of stage
+//!   `services` owning the event's shard (found in `shard_leases`, as the gateway finds it:
+//!   [`super::saga_seats::SeatClient`]), which applies `HoldSeats`, `ConfirmSeats` and
+//!   `ReleaseSeats` once (its inbox, written by its epoch-fenced writer with the effect) and
+//!   answers the outcome; the answer is recorded in the orchestrator's inbox in the
+//!   transaction of the decision it causes. The seats and `events.available_tickets` are the
+//!   node's: the projection here never writes them. `serve --stage saga` starts and keeps an
+//!   inventory node unless one answers on the database already
+//!   ([`crate::supervisor::SagaNode::inventory`]);
 //! - the **payments** participant ([`Inner::payments`]): the payments node of stage
 //!   `services` (`ticketflow node payments`, over HTTP: [`crate::payments::remote`]), which
 //!   `serve --stage saga` starts and keeps as a child process unless one answers on the
@@ -27,9 +30,6 @@
 //!   ever leased (a stopped process's claims come back when their lease runs out, none is
 //!   freed at start), and a process that queued messages wakes the others' relays with
 //!   `NOTIFY saga_outbox` ([`Inner::announce`], [`Inner::listen`]).
-//!
-//! The inventory participant is still this process's own, not the `services` inventory
-//! nodes (see the README).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -40,6 +40,7 @@ use async_trait::async_trait;
 use tokio::sync::{watch, Notify, Semaphore};
 use uuid::Uuid;
 
+use super::saga_seats::{SeatCall, SeatCallError, SeatClient};
 use super::{OrderRequest, PurchaseError, Stage, StageParts, StartError};
 use crate::audit::Activity;
 use crate::config::{SagaStep, StageKind};
@@ -50,7 +51,7 @@ use crate::domain::{
 use crate::payments::{ChargeOutcome, GatewayUnavailable};
 use crate::saga::projection::stored_time;
 use crate::saga::{decide, place, Command, Outcome, Participant, Placed, Refusal, Reply, Saga};
-use crate::store::saga::{HoldOutcome, OutboxMessage, StoredEvent};
+use crate::store::saga::{OutboxMessage, StoredEvent};
 use crate::store::{Catalog, Records, Store, StoreError, StoreResult};
 
 /// A stream is snapshotted each time its version crosses a multiple of this.
@@ -137,6 +138,8 @@ struct Inner {
     queued: Notify,
     /// Whether this process's listener is connected (it then counts among the listeners).
     listening: AtomicBool,
+    /// Calls the inventory node owning an event's shard.
+    seats: SeatClient,
 }
 
 /// Requests waiting for their saga to reach a point, told after each commit on it. A std
@@ -224,6 +227,8 @@ impl SagaStage {
         let store = parts.store.with_own_pool(SAGA_CONNECTIONS).await?;
         let relay_store = parts.store.with_own_pool(RELAY_CONNECTIONS).await?;
         store.seed_saga_seats().await?;
+        let store_for_seats = store.clone();
+        let admin_token = parts.settings.admin_token.clone();
         // Claims are never freed here: another saga process on this database may hold them.
         // A stopped process's claims come back when their lease runs out.
         let (stopping, _) = watch::channel(false);
@@ -241,6 +246,7 @@ impl SagaStage {
             me: Uuid::new_v4().to_string(),
             queued: Notify::new(),
             listening: AtomicBool::new(false),
+            seats: SeatClient::new(store_for_seats, admin_token),
         });
         let relay = Arc::clone(&inner);
         actix_rt::spawn(async move { relay.relay().await });
@@ -453,12 +459,10 @@ impl Inner {
         Err(HandleError::Busy)
     }
 
-    /// Appends `decision`'s events after `before` and carries out its commands, in the
-    /// caller's transaction: a command for the inventory (a participant in this process, on
-    /// this database) is applied right here and its reply decided on at once, so the seats,
-    /// the events that follow and their commands commit together; the others (payments, the
-    /// hold's timer) are written to the outbox. Returns the saga after every event appended,
-    /// and their kinds.
+    /// Appends `decision`'s events after `before` and writes its commands into the outbox,
+    /// in the caller's transaction: the seat commands for the inventory node owning the
+    /// event's shard, the charges and refunds for the payments node, the hold's timer for the
+    /// orchestrator. Returns the saga after the events, and their kinds.
     async fn carry_out(
         &self,
         tx: &mut crate::store::saga::SagaTx,
@@ -466,32 +470,11 @@ impl Inner {
         before: &Saga,
         decision: crate::saga::Decision,
     ) -> StoreResult<(Saga, Vec<&'static str>)> {
-        // The events are folded here and appended at the end, all in one statement.
-        let mut events = decision.events;
-        let mut state = before.clone();
-        for event in &events {
-            state.apply(event);
-        }
-        let mut pending: std::collections::VecDeque<Command> = decision.commands.into();
-        while let Some(command) = pending.pop_front() {
-            if command.participant() != Participant::Inventory {
-                self.queue(tx, order, std::slice::from_ref(&command))
-                    .await?;
-                continue;
-            }
-            let Some(reply) = apply_inventory(tx, order, &command).await? else {
-                continue;
-            };
-            let next = decide(&state, &reply, now_ms());
-            for event in &next.events {
-                state.apply(event);
-            }
-            events.extend(next.events);
-            pending.extend(next.commands);
-        }
-        let after = tx.append(order, before, &events, SNAPSHOT_EVERY).await?;
-        debug_assert_eq!(after, state);
-        Ok((after, events.iter().map(|e| e.kind()).collect()))
+        let after = tx
+            .append(order, before, &decision.events, SNAPSHOT_EVERY)
+            .await?;
+        self.queue(tx, order, &decision.commands).await?;
+        Ok((after, decision.events.iter().map(|e| e.kind()).collect()))
     }
 
     /// After a commit that appended events of `kinds` to `order`'s saga: the failpoints of
@@ -646,31 +629,47 @@ impl Inner {
 
     // ---------- the participants ----------
 
-    /// The inventory participant: applies a seat command once (its inbox), and queues its
-    /// reply, in one transaction.
+    /// The inventory participant: the inventory node owning the event's shard, called with
+    /// the message's id, under which its inbox applies the command once and answers a
+    /// redelivery as it did the first time. Its answer is recorded in the orchestrator's inbox
+    /// in the transaction of the decision it causes. A node that is not the owner (the shard
+    /// moved), or does not answer, leaves the message to be delivered again.
     async fn inventory(
         &self,
         order: OrderId,
         delivery: &Delivery,
         command: &Command,
     ) -> Result<(), HandleError> {
-        let mut tx = self.store.begin_saga().await?;
-        if !tx
-            .first_delivery(
-                Participant::Inventory,
-                &delivery.message_id,
-                delivery.outbox_id,
-                order,
-            )
+        if self
+            .store
+            .inbox_has(Participant::Orchestrator, &delivery.message_id)
             .await?
         {
-            tx.commit().await?;
+            self.store.ack_outbox(delivery.outbox_id).await?;
             return Ok(());
         }
-        let reply = apply_inventory(&mut tx, order, command)
-            .await?
-            .ok_or_else(|| HandleError::Corrupt(format!("inventory got {command:?}")))?;
-        self.reply(tx, order, &reply).await
+        let event = match crate::saga::seats::event_of(command) {
+            Some(event) => event,
+            None => {
+                let saga = match self.cache.get(order) {
+                    Some(saga) => saga,
+                    None => self.store.load_saga(order).await?,
+                };
+                saga.placed.as_ref().map(|p| p.event).ok_or_else(|| {
+                    HandleError::Corrupt(format!("{command:?} for a saga never placed"))
+                })?
+            }
+        };
+        let call = SeatCall {
+            message_id: delivery.message_id.clone(),
+            order,
+            event,
+            command: command.clone(),
+        };
+        let reply = self.seats.call(&call).await?;
+        self.orchestrate(order, Some((Participant::Orchestrator, delivery)), &reply)
+            .await?;
+        Ok(())
     }
 
     /// The payments participant: charges or refunds at the gateway under the saga's payment
@@ -725,28 +724,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Queues a participant's reply to the orchestrator and commits the participant's step.
-    async fn reply(
-        &self,
-        mut tx: crate::store::saga::SagaTx,
-        order: OrderId,
-        reply: &Reply,
-    ) -> Result<(), HandleError> {
-        let body = serde_json::to_value(reply).unwrap_or_default();
-        tx.send(
-            order,
-            Participant::Orchestrator,
-            reply_kind(reply),
-            &body,
-            None,
-        )
-        .await?;
-        tx.commit().await?;
-        self.wake.notify_one();
-        self.queued.notify_one();
-        Ok(())
-    }
-
     // ---------- placing and waiting ----------
 
     /// Starts a saga for `request` (or finds the one its Idempotency-Key started before) and
@@ -778,15 +755,9 @@ impl Inner {
             placed_at_ms: now_ms(),
         };
         let decision = place(placed);
-        if let Some((after, kinds)) = self.place_optimistically(order, &decision).await {
-            self.crash_after(SagaStep::Placed);
-            self.recorded(order, &kinds, &after);
-            return self.answer_placed(watch).await;
-        }
         let mut tx = self.store.begin_saga().await?;
         let before = Saga::default();
-        // `HoldSeats` goes to the inventory in this process: the seats are held (or refused)
-        // and the charge queued in the transaction that places the order.
+        // `OrderPlaced`, and `HoldSeats` into the outbox for the event's inventory node.
         match self.carry_out(&mut tx, order, &before, decision).await {
             Ok((after, kinds)) => {
                 tx.project(&before, &after).await?;
@@ -799,78 +770,6 @@ impl Inner {
             Err(e) => return Err(e.into()),
         }
         self.answer_placed(watch).await
-    }
-
-    /// Places `decision` (a saga's `OrderPlaced` and `HoldSeats`) in one transaction that
-    /// assumes the seats are free: the hold's row, the events up to `ChargeRequested`, the
-    /// charge and the timer in the outbox and the projection are written first, and the
-    /// event's two hot rows (the inventory's seats, the availability) are locked only by the
-    /// last statements before the commit, so purchases of one event queue on them for a few
-    /// statements instead of the whole transaction. `None`: rolled back, nothing kept (the
-    /// seats were not free, the user is at the limit, the order was placed before, or an
-    /// error), and [`Inner::place`] holds the seats first instead, which names the refusal.
-    async fn place_optimistically(
-        &self,
-        order: OrderId,
-        decision: &crate::saga::Decision,
-    ) -> Option<(Saga, Vec<&'static str>)> {
-        let Some(Command::HoldSeats {
-            event,
-            user,
-            quantity,
-            per_user_limit,
-            hold_ttl_ms,
-            ..
-        }) = decision.commands.first()
-        else {
-            return None;
-        };
-        let before = Saga::default();
-        let mut state = before.clone();
-        for event in &decision.events {
-            state.apply(event);
-        }
-        let at = now_ms();
-        let held = decide(
-            &state,
-            &Reply::SeatsHeld {
-                expires_at_ms: at + *hold_ttl_ms as i64,
-            },
-            at,
-        );
-        if decision.commands.len() != 1
-            || held
-                .commands
-                .iter()
-                .any(|c| c.participant() == Participant::Inventory)
-        {
-            return None;
-        }
-        let mut events = decision.events.clone();
-        events.extend(held.events);
-        let attempt = async {
-            let mut tx = self.store.begin_saga().await?;
-            tx.insert_hold(order, *event, user, *quantity).await?;
-            let after = tx.append(order, &before, &events, SNAPSHOT_EVERY).await?;
-            self.queue(&mut tx, order, &held.commands).await?;
-            tx.project(&before, &after).await?;
-            if !tx
-                .take_held_seats(*event, user, *quantity, *per_user_limit)
-                .await?
-            {
-                return Ok(None);
-            }
-            tx.commit().await?;
-            StoreResult::Ok(Some(after))
-        };
-        match attempt.await {
-            Ok(Some(after)) => Some((after, events.iter().map(|e| e.kind()).collect())),
-            Ok(None) => None,
-            Err(error) => {
-                tracing::debug!(%error, "saga: optimistic placing rolled back");
-                None
-            }
-        }
     }
 
     /// The answer to a placing request, once its saga's seats are held or refused.
@@ -923,42 +822,6 @@ impl Inner {
     }
 }
 
-/// The inventory participant's effect of `command`, in `tx`, and its reply to the
-/// orchestrator; `None` for a command that is not the inventory's.
-async fn apply_inventory(
-    tx: &mut crate::store::saga::SagaTx,
-    order: OrderId,
-    command: &Command,
-) -> StoreResult<Option<Reply>> {
-    Ok(Some(match command {
-        Command::HoldSeats {
-            event,
-            user,
-            quantity,
-            per_user_limit,
-            hold_ttl_ms,
-            ..
-        } => match tx
-            .hold_seats(order, *event, user, *quantity, *per_user_limit)
-            .await?
-        {
-            HoldOutcome::Held => Reply::SeatsHeld {
-                expires_at_ms: now_ms() + *hold_ttl_ms as i64,
-            },
-            HoldOutcome::Refused(refusal) => Reply::SeatsRefused { refusal },
-        },
-        Command::ReleaseSeats { .. } => {
-            tx.release_seats(order).await?;
-            Reply::SeatsReleased
-        }
-        Command::ConfirmSeats { .. } => match tx.confirm_seats(order).await? {
-            true => Reply::SeatsConfirmed,
-            false => Reply::HoldMissing,
-        },
-        _ => return Ok(None),
-    }))
-}
-
 /// A relay's listening session. sqlx closes a listener by spawning a task, which needs a
 /// Tokio runtime; dropped without one (the runtime's own teardown, with the task still
 /// listening), the session is left to the process's end instead of panicking.
@@ -1002,6 +865,8 @@ enum HandleError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Gateway(#[from] GatewayUnavailable),
+    #[error(transparent)]
+    Inventory(#[from] SeatCallError),
     #[error("the saga's next version kept being taken by other decisions")]
     Busy,
     #[error("a message that cannot be read: {0}")]
@@ -1009,9 +874,13 @@ enum HandleError {
 }
 
 impl HandleError {
-    /// The payments node did not answer (down, restarting, its books unwritable).
+    /// The payments node did not answer (down, restarting, its books unwritable), or no
+    /// inventory node owning the event's shard did (down, the shard moving, busy).
     fn is_unanswered(&self) -> bool {
-        matches!(self, Self::Gateway(_))
+        matches!(
+            self,
+            Self::Gateway(_) | Self::Inventory(SeatCallError::Unanswered { .. })
+        )
     }
 }
 
@@ -1020,6 +889,7 @@ impl From<HandleError> for PurchaseError {
         match e {
             HandleError::Store(e) => Self::Store(e),
             HandleError::Gateway(e) => Self::Gateway(e),
+            HandleError::Inventory(_) => Self::Unavailable("the event's inventory node"),
             HandleError::Busy => Self::Overloaded,
             HandleError::Corrupt(what) => Self::Store(StoreError::Corrupt(what)),
         }
@@ -1035,20 +905,6 @@ fn command_kind(command: &Command) -> &'static str {
         Command::Refund { .. } => "Refund",
         Command::StartHoldTimer { .. } => "StartHoldTimer",
         Command::CancelTimers { .. } => "CancelTimers",
-    }
-}
-
-fn reply_kind(reply: &Reply) -> &'static str {
-    match reply {
-        Reply::SeatsHeld { .. } => "SeatsHeld",
-        Reply::SeatsRefused { .. } => "SeatsRefused",
-        Reply::SeatsReleased => "SeatsReleased",
-        Reply::SeatsConfirmed => "SeatsConfirmed",
-        Reply::HoldMissing => "HoldMissing",
-        Reply::PaymentSucceeded { .. } => "PaymentSucceeded",
-        Reply::PaymentDeclined => "PaymentDeclined",
-        Reply::Refunded => "Refunded",
-        Reply::HoldTimeout => "HoldTimeout",
     }
 }
 

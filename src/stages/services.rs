@@ -5,6 +5,9 @@
 //! ([`crate::store::shards`]). Its writer proves each shard's epoch in every transaction, so a
 //! node that paused past its lease cannot write once another node has taken over.
 //!
+//! It is stage `saga`'s inventory participant too: the saga's seat commands for the events of
+//! its shards ([`super::saga_seats`]), written by a second writer behind the same fence.
+//!
 //! Built so far: the inventory node, and the payments node it calls
 //! ([`crate::payments::service`]). Still to come (issue 8): the gateway that routes each
 //! purchase to its owner, the catalog node, and `serve --stage services` supervising them as
@@ -18,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::actor::ActorStage;
+use super::saga_seats::{SagaSeats, SeatCall};
 use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::audit::Activity;
 use crate::config::{NodeRole, ServicesSettings, StageKind};
@@ -34,6 +38,8 @@ pub struct InventoryNode {
 
 struct Node {
     actors: ActorStage,
+    /// Stage `saga`'s seat commands for the events of this node's shards.
+    seats: SagaSeats,
     store: Store,
     fence: Arc<ShardFence>,
     /// The leases this node holds, by shard, as its keeper last saw them.
@@ -77,8 +83,20 @@ impl InventoryNode {
             tracing::warn!("the epoch fence is OFF: a node paused past its lease can double-sell (unsafe; for the lesson only)");
         }
         let actors = ActorStage::start_sharded(parts.clone(), Arc::clone(&fence)).await?;
+        // A writer of its own for the saga's seats, behind the same fence: a saga's commands
+        // never queue behind the purchases' writes, nor those behind them.
+        let (seat_writer, _seat_writer_task) = parts
+            .store
+            .start_fenced_writer(
+                parts.settings.max_batch,
+                parts.settings.mailbox_capacity.max(1024),
+                Arc::clone(&fence),
+            )
+            .await?;
+        let seats = SagaSeats::new(store.clone(), seat_writer, Arc::clone(&fence));
         let node = Arc::new(Node {
             actors,
+            seats,
             store,
             fence,
             held: Mutex::new(BTreeMap::new()),
@@ -441,6 +459,10 @@ impl Stage for InventoryNode {
             .place_order(request)
             .await
             .map_err(owner_changed)
+    }
+
+    async fn saga_seats(&self, call: SeatCall) -> Result<crate::saga::Reply, PurchaseError> {
+        self.inner.seats.apply(call).await.map_err(owner_changed)
     }
 
     async fn stats(&self) -> serde_json::Value {

@@ -416,6 +416,11 @@ impl Lite {
                         self.insert_ledger_line(line)?;
                     }
                 }
+                WriteOp::SagaSeats(_) => {
+                    return Err(LiteError::Unexpected(
+                        "saga seat writes need PostgreSQL (stage saga)".into(),
+                    ))
+                }
                 WriteOp::Barrier => {}
             }
         }

@@ -464,11 +464,15 @@ impl Store {
     /// rows', not every order's.
     pub async fn pending_purchases(&self) -> StoreResult<Vec<PendingPurchase>> {
         let rows = sqlx::query(
+            // A saga's order (its payment key `saga-…`) is its saga's to settle, never a
+            // recovering purchase's: an inventory node serving the saga takes shards too.
             "SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status, o.quantity, o.created_at
-             FROM orders o JOIN payments p ON p.order_id = o.id WHERE o.status = 'pending'
+             FROM orders o JOIN payments p ON p.order_id = o.id
+             WHERE o.status = 'pending' AND p.idempotency_key NOT LIKE 'saga-%'
              UNION
              SELECT o.id, o.event_id, o.amount_cents, p.idempotency_key, o.status, o.quantity, o.created_at
-             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.status = 'pending'
+             FROM payments p JOIN orders o ON o.id = p.order_id
+             WHERE p.status = 'pending' AND p.idempotency_key NOT LIKE 'saga-%'
              ORDER BY 7",
         )
         .fetch_all(&self.pool)

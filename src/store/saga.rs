@@ -2,8 +2,9 @@
 //! concurrency and snapshots, the outbox and its relays' claims (`FOR UPDATE SKIP LOCKED` and
 //! a lease: several saga processes may share a database, and a stopped one's claims come back
 //! when their lease runs out), the notices that wake the other processes' relays,
-//! the consumers' inboxes, the inventory participant's seats and holds, and the projections
-//! into the tables every stage's reads use.
+//! the consumers' inboxes, the inventory node's writes of the saga's seats and holds (its
+//! fenced writer's [`SeatWrite`]), and the projections into the tables every stage's reads
+//! use (`events.available_tickets` aside: the inventory node's).
 //!
 //! A consumer works inside one [`SagaTx`]: it records the message in its inbox (a redelivery
 //! stops there), applies the effect, appends events and queues the messages that follow, and
@@ -16,7 +17,8 @@ use uuid::Uuid;
 use super::{changes::Changes, Store, StoreError, StoreResult};
 use crate::domain::{EventId, OrderId};
 use crate::saga::projection::{rows, Projected};
-use crate::saga::{upcast, Participant, Refusal, Saga, SagaEvent, EVENT_SCHEMA};
+use crate::saga::seats::{Hold, HoldStatus, SeatBook, SeatChange};
+use crate::saga::{upcast, Participant, Saga, SagaEvent, Seats, EVENT_SCHEMA};
 
 /// The format of a stored snapshot ([`Saga`] serialised); a snapshot of another format is
 /// ignored and its stream replayed from the start.
@@ -341,13 +343,6 @@ pub struct SagaTx {
     changes: Changes,
 }
 
-/// What the inventory did with `HoldSeats`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HoldOutcome {
-    Held,
-    Refused(Refusal),
-}
-
 impl SagaTx {
     /// Records `message_id` in `consumer`'s inbox, and takes outbox row `outbox_id` (the
     /// message's delivery) out of the outbox, both in this transaction; false when the inbox
@@ -512,214 +507,16 @@ impl SagaTx {
         }
         let delta = old.as_ref().map_or(0, Projected::seats_taken) - new.seats_taken();
         if delta != 0 {
-            // Written by `commit`, last: the event's row is the hot one (every purchase of
-            // the event moves it), so it is locked for as short a time as can be.
+            // Not written here: `available_tickets` is the inventory node's, which moved it
+            // before answering. Only the availability streams are told, after the commit.
             self.moved.push((new.event, delta));
         }
         Ok(())
     }
 
-    /// The optimistic half of `HoldSeats` (see the stage's `place`): the hold's row first,
-    /// written before anything hot is locked.
-    pub async fn insert_hold(
-        &mut self,
-        order: OrderId,
-        event: EventId,
-        user: &str,
-        quantity: u32,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO saga_holds (order_id, event_id, user_id, quantity, status)
-             VALUES ($1, $2, $3, $4, 'held')",
-        )
-        .bind(order.0.to_string())
-        .bind(event.0)
-        .bind(user)
-        .bind(i64::from(quantity))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
-    }
-
-    /// The other half, just before the commit: takes the seats of the hold
-    /// [`SagaTx::insert_hold`] wrote, if they are free and the user stays within
-    /// `per_user_limit` (that hold counted). False: nothing is to be kept (roll back and hold
-    /// the pessimistic way, which names the refusal).
-    pub async fn take_held_seats(
-        &mut self,
-        event: EventId,
-        user: &str,
-        quantity: u32,
-        per_user_limit: Option<u32>,
-    ) -> StoreResult<bool> {
-        let wanted = i64::from(quantity);
-        let taken = sqlx::query(
-            "UPDATE saga_seats SET available = available - $1 WHERE event_id = $2 AND available >= $1",
-        )
-        .bind(wanted)
-        .bind(event.0)
-        .execute(&mut *self.tx)
-        .await?
-        .rows_affected();
-        if taken == 0 {
-            return Ok(false);
-        }
-        // Under the event's row lock, as in `hold_seats`; this transaction's hold included.
-        if let Some(limit) = per_user_limit {
-            let owned: i64 = sqlx::query_scalar(
-                "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM saga_holds
-                 WHERE event_id = $1 AND user_id = $2 AND status IN ('held', 'confirmed')",
-            )
-            .bind(event.0)
-            .bind(user)
-            .fetch_one(&mut *self.tx)
-            .await?;
-            if owned > i64::from(limit) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// The inventory participant's `HoldSeats`: takes `quantity` seats of `event` for `order`
-    /// if they are free and the user stays within `per_user_limit`.
-    pub async fn hold_seats(
-        &mut self,
-        order: OrderId,
-        event: EventId,
-        user: &str,
-        quantity: u32,
-        per_user_limit: Option<u32>,
-    ) -> StoreResult<HoldOutcome> {
-        let wanted = i64::from(quantity);
-        // One conditional decrement: the event's row is locked from here to the commit, so
-        // holds of one event are decided one at a time, and for as short a time as can be.
-        let taken = sqlx::query(
-            "UPDATE saga_seats SET available = available - $1 WHERE event_id = $2 AND available >= $1",
-        )
-        .bind(wanted)
-        .bind(event.0)
-        .execute(&mut *self.tx)
-        .await?
-        .rows_affected();
-        if taken == 0 {
-            // Refused, or seats came back between the decrement's look and now (a release
-            // committed meanwhile): decide again holding the row.
-            let seats =
-                sqlx::query("SELECT available FROM saga_seats WHERE event_id = $1 FOR UPDATE")
-                    .bind(event.0)
-                    .fetch_optional(&mut *self.tx)
-                    .await?;
-            let Some(seats) = seats else {
-                return Ok(HoldOutcome::Refused(Refusal::UnknownEvent));
-            };
-            let available: i64 = seats.try_get(0)?;
-            if available < wanted {
-                let refusal = if available > 0 {
-                    Refusal::NotEnough {
-                        available: available as u32,
-                    }
-                } else {
-                    let held: i64 = sqlx::query_scalar(
-                        "SELECT CAST(COUNT(*) AS BIGINT) FROM saga_holds WHERE event_id = $1 AND status = 'held'",
-                    )
-                    .bind(event.0)
-                    .fetch_one(&mut *self.tx)
-                    .await?;
-                    if held > 0 {
-                        Refusal::AllHeld
-                    } else {
-                        Refusal::SoldOut
-                    }
-                };
-                return Ok(HoldOutcome::Refused(refusal));
-            }
-            sqlx::query("UPDATE saga_seats SET available = available - $1 WHERE event_id = $2")
-                .bind(wanted)
-                .bind(event.0)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        // Under the event's row lock, so two holds of one user cannot both pass the limit.
-        if let Some(limit) = per_user_limit {
-            let owned: i64 = sqlx::query_scalar(
-                "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM saga_holds
-                 WHERE event_id = $1 AND user_id = $2 AND status IN ('held', 'confirmed')",
-            )
-            .bind(event.0)
-            .bind(user)
-            .fetch_one(&mut *self.tx)
-            .await?;
-            if owned + wanted > i64::from(limit) {
-                sqlx::query("UPDATE saga_seats SET available = available + $1 WHERE event_id = $2")
-                    .bind(wanted)
-                    .bind(event.0)
-                    .execute(&mut *self.tx)
-                    .await?;
-                return Ok(HoldOutcome::Refused(Refusal::UserLimit { limit }));
-            }
-        }
-        sqlx::query(
-            "INSERT INTO saga_holds (order_id, event_id, user_id, quantity, status)
-             VALUES ($1, $2, $3, $4, 'held')",
-        )
-        .bind(order.0.to_string())
-        .bind(event.0)
-        .bind(user)
-        .bind(wanted)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(HoldOutcome::Held)
-    }
-
-    /// The inventory participant's `ReleaseSeats`: a live hold's seats go back; releasing twice
-    /// (or a hold that never was) changes nothing.
-    pub async fn release_seats(&mut self, order: OrderId) -> StoreResult<()> {
-        let released = sqlx::query(
-            "UPDATE saga_holds SET status = 'released' WHERE order_id = $1 AND status = 'held'
-             RETURNING event_id, quantity",
-        )
-        .bind(order.0.to_string())
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        if let Some(row) = released {
-            sqlx::query("UPDATE saga_seats SET available = available + $1 WHERE event_id = $2")
-                .bind(row.try_get::<i64, _>(1)?)
-                .bind(row.try_get::<i64, _>(0)?)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The inventory participant's `ConfirmSeats`: true when the hold stands (or was confirmed
-    /// before), false when there is no hold to confirm.
-    pub async fn confirm_seats(&mut self, order: OrderId) -> StoreResult<bool> {
-        let confirmed = sqlx::query(
-            "UPDATE saga_holds SET status = 'confirmed'
-             WHERE order_id = $1 AND status IN ('held', 'confirmed')",
-        )
-        .bind(order.0.to_string())
-        .execute(&mut *self.tx)
-        .await?
-        .rows_affected();
-        Ok(confirmed == 1)
-    }
-
-    pub async fn commit(mut self) -> StoreResult<()> {
-        for (event, delta) in &self.moved {
-            let moved = sqlx::query(
-                "UPDATE events SET available_tickets = available_tickets + $1 WHERE id = $2",
-            )
-            .bind(*delta)
-            .bind(event.0)
-            .execute(&mut *self.tx)
-            .await?
-            .rows_affected();
-            if moved != 1 {
-                return Err(StoreError::Conflict(format!("event {event} is missing")));
-            }
-        }
+    /// Commits; the availability streams of the events whose seats the saga saw move are
+    /// told (the seats themselves are the inventory node's, moved by its own writes).
+    pub async fn commit(self) -> StoreResult<()> {
         self.tx.commit().await?;
         for (event, _) in self.moved {
             self.changes.changed(event);
@@ -805,7 +602,8 @@ async fn update_rows(conn: &mut sqlx::AnyConnection, p: &Projected) -> StoreResu
 pub struct ReplayReport {
     pub sagas: usize,
     pub events: i64,
-    /// Rows compared per table (`orders`, `tickets`, `payments`, `events`).
+    /// Rows compared per table (`orders`, `tickets`, `payments`, `events`, `saga_holds`,
+    /// `saga_seats`).
     pub compared: Vec<(&'static str, usize)>,
     /// Every row that differs, one line each.
     pub differences: Vec<String>,
@@ -912,6 +710,8 @@ const PAYMENT_COLUMNS: &[&str] = &[
     "created_at",
 ];
 const EVENT_COLUMNS: &[&str] = &["available_tickets"];
+const HOLD_COLUMNS: &[&str] = &["event_id", "user_id", "quantity", "status"];
+const SEAT_COLUMNS: &[&str] = &["available"];
 
 /// `columns` of `table` as text, keyed by `key`: the SQL that reads a live table.
 fn select_text(table: &str, key: &str, columns: &[&str]) -> String {
@@ -923,7 +723,10 @@ fn select_text(table: &str, key: &str, columns: &[&str]) -> String {
 
 impl Store {
     /// Rebuilds every projection from the log alone (no snapshot, no live row consulted but
-    /// each event's size) and compares it with the live tables, row by row.
+    /// each event's size) and compares it with the live tables, row by row; the seats, which
+    /// are the inventory node's, are compared with its tables: each saga's hold in
+    /// `saga_holds` as its log says, and each event's availability (in `events` and in
+    /// `saga_seats`) what the node's holds leave of its total.
     pub async fn compare_projections(&self) -> StoreResult<ReplayReport> {
         self.require_saga_postgres()?;
         let sagas = self.replay_all_sagas().await?;
@@ -933,7 +736,6 @@ impl Store {
         let mut orders = Rows::new("orders", ORDER_COLUMNS);
         let mut tickets = Rows::new("tickets", TICKET_COLUMNS);
         let mut payments = Rows::new("payments", PAYMENT_COLUMNS);
-        let mut taken: std::collections::HashMap<i64, i64> = Default::default();
         let text = |v: i64| Some(v.to_string());
         for p in sagas.iter().filter_map(rows) {
             let order = p.order.0.to_string();
@@ -977,18 +779,58 @@ impl Store {
                     Some(p.created_at.clone()),
                 ],
             );
-            *taken.entry(p.event.0).or_default() += p.seats_taken();
+        }
+        // The seats are the inventory node's: each saga's hold must stand in its table as the
+        // saga's log says, and the availability must be what the node's holds leave.
+        let mut holds = Rows::new("saga_holds", HOLD_COLUMNS);
+        for saga in &sagas {
+            let Some(placed) = saga.placed.as_ref() else {
+                continue;
+            };
+            let status = match saga.seats {
+                Seats::Held | Seats::Releasing => "held",
+                Seats::Confirmed => "confirmed",
+                Seats::Released => "released",
+                Seats::Requested | Seats::Refused => continue,
+            };
+            holds.rows.insert(
+                placed.order.0.to_string(),
+                vec![
+                    text(placed.event.0),
+                    Some(placed.user.clone()),
+                    text(i64::from(placed.quantity)),
+                    Some(status.into()),
+                ],
+            );
+        }
+        let mut node_taken: std::collections::HashMap<i64, i64> = Default::default();
+        for row in sqlx::query(
+            "SELECT event_id, CAST(SUM(quantity) AS BIGINT) FROM saga_holds
+              WHERE status IN ('held', 'confirmed') GROUP BY event_id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        {
+            node_taken.insert(row.try_get(0)?, row.try_get(1)?);
         }
         let mut availability = Rows::new("events", EVENT_COLUMNS);
+        let mut seats = Rows::new("saga_seats", SEAT_COLUMNS);
+        let seated: std::collections::HashSet<i64> =
+            sqlx::query_scalar("SELECT event_id FROM saga_seats")
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .collect();
         for row in sqlx::query("SELECT id, total_tickets FROM events")
             .fetch_all(&self.pool)
             .await?
         {
             let (id, total): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-            availability.rows.insert(
-                id.to_string(),
-                vec![text(total - taken.get(&id).copied().unwrap_or(0))],
-            );
+            let left = text(total - node_taken.get(&id).copied().unwrap_or(0));
+            availability.rows.insert(id.to_string(), vec![left.clone()]);
+            if seated.contains(&id) {
+                seats.rows.insert(id.to_string(), vec![left]);
+            }
         }
         let pool = &self.pool;
         let live = [
@@ -1020,16 +862,203 @@ impl Store {
                 pool,
             )
             .await?,
+            Rows::read(
+                "saga_holds",
+                HOLD_COLUMNS,
+                &select_text("saga_holds", "order_id", HOLD_COLUMNS),
+                pool,
+            )
+            .await?,
+            Rows::read(
+                "saga_seats",
+                SEAT_COLUMNS,
+                &select_text("saga_seats", "event_id", SEAT_COLUMNS),
+                pool,
+            )
+            .await?,
         ];
         let mut report = ReplayReport {
             sagas: sagas.len(),
             events,
             ..ReplayReport::default()
         };
-        for (rebuilt, live) in [orders, tickets, payments, availability].iter().zip(&live) {
+        for (rebuilt, live) in [orders, tickets, payments, availability, holds, seats]
+            .iter()
+            .zip(&live)
+        {
             report.compared.push((rebuilt.table, rebuilt.rows.len()));
             rebuilt.differences(live, &mut report.differences);
         }
         Ok(report)
+    }
+}
+
+/// An inventory node's write for one saga seat command ([`crate::saga::seats`]): the
+/// command's inbox row, with the answer the node gives, and the seats it moves, in the node's
+/// epoch-fenced writer's transaction ([`super::WriteOp::SagaSeats`]).
+#[derive(Debug, Clone)]
+pub struct SeatWrite {
+    pub message_id: String,
+    pub order: OrderId,
+    pub event: EventId,
+    pub change: SeatChange,
+    /// The node's answer ([`crate::saga::Reply`] as JSON), kept with the inbox row.
+    pub outcome: Value,
+}
+
+impl SeatWrite {
+    /// Whether the write moves the event's free seats.
+    pub fn moves_seats(&self) -> bool {
+        matches!(
+            self.change,
+            SeatChange::Hold { .. } | SeatChange::Release { .. }
+        )
+    }
+}
+
+/// Writes `w` on the writer's connection. The inbox row has no `ON CONFLICT`: the node looks
+/// for it before deciding, so finding it here is a bug, and the write is refused.
+pub(super) async fn write_seats(
+    conn: &mut sqlx::AnyConnection,
+    w: &SeatWrite,
+) -> Result<(), sqlx::Error> {
+    let order = w.order.0.to_string();
+    let outcome = serde_json::to_string(&w.outcome)
+        .map_err(|e| sqlx::Error::Protocol(format!("a seat answer that cannot be stored: {e}")))?;
+    sqlx::query(
+        "INSERT INTO saga_inbox (consumer, message_id, saga_id, outcome)
+         VALUES ('inventory', $1, $2, CAST($3 AS JSONB))",
+    )
+    .bind(&w.message_id)
+    .bind(&order)
+    .bind(outcome)
+    .execute(&mut *conn)
+    .await?;
+    let moved = match &w.change {
+        SeatChange::Nothing => 0,
+        SeatChange::Hold { user, quantity } => {
+            sqlx::query(
+                "INSERT INTO saga_holds (order_id, event_id, user_id, quantity, status)
+                 VALUES ($1, $2, $3, $4, 'held')",
+            )
+            .bind(&order)
+            .bind(w.event.0)
+            .bind(user)
+            .bind(i64::from(*quantity))
+            .execute(&mut *conn)
+            .await?;
+            -i64::from(*quantity)
+        }
+        SeatChange::Release { quantity } => {
+            let released = sqlx::query(
+                "UPDATE saga_holds SET status = 'released' WHERE order_id = $1 AND status = 'held'",
+            )
+            .bind(&order)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if released != 1 {
+                return Err(sqlx::Error::Protocol(format!(
+                    "saga hold {order}: no held row to release"
+                )));
+            }
+            i64::from(*quantity)
+        }
+        SeatChange::Confirm => {
+            let confirmed = sqlx::query(
+                "UPDATE saga_holds SET status = 'confirmed' WHERE order_id = $1 AND status = 'held'",
+            )
+            .bind(&order)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if confirmed != 1 {
+                return Err(sqlx::Error::Protocol(format!(
+                    "saga hold {order}: no held row to confirm"
+                )));
+            }
+            0
+        }
+    };
+    if moved != 0 {
+        // Both counters in one statement; their CHECKs refuse a move past 0 or the total.
+        let rows = sqlx::query(
+            "WITH s AS (UPDATE saga_seats SET available = available + $1 WHERE event_id = $2 RETURNING 1)
+             UPDATE events SET available_tickets = available_tickets + $1
+              WHERE id = $2 AND EXISTS (SELECT 1 FROM s)",
+        )
+        .bind(moved)
+        .bind(w.event.0)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if rows != 1 {
+            return Err(sqlx::Error::Protocol(format!(
+                "event {}: no seats row to move",
+                w.event
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// What the inventory node answered `message_id` with, if it applied it already.
+    pub async fn seat_answer(&self, message_id: &str) -> StoreResult<Option<Value>> {
+        let row: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT CAST(outcome AS TEXT) FROM saga_inbox WHERE consumer = 'inventory' AND message_id = $1",
+        )
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(Some(text)) => Ok(Some(serde_json::from_str(&text).map_err(corrupt)?)),
+            // Applied by the in-process participant of an older build, which kept no answer:
+            // not to be applied again, and not answerable (its saga recorded the answer then).
+            Some(None) => Err(StoreError::Corrupt(format!(
+                "inbox message {message_id} was applied by an older build, with no answer kept"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// One event's seats as the inventory node rebuilds its book from them: the free seats
+    /// (`None`: no such event) and every saga hold on it. The seats' row is made from the
+    /// event's availability the first time.
+    pub async fn seat_book(&self, event: EventId) -> StoreResult<SeatBook> {
+        sqlx::query(
+            "INSERT INTO saga_seats (event_id, total, available)
+             SELECT id, total_tickets, available_tickets FROM events WHERE id = $1
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event.0)
+        .execute(&self.pool)
+        .await?;
+        let available: Option<i64> =
+            sqlx::query_scalar("SELECT available FROM saga_seats WHERE event_id = $1")
+                .bind(event.0)
+                .fetch_optional(&self.pool)
+                .await?;
+        let rows = sqlx::query(
+            "SELECT order_id, user_id, quantity, status FROM saga_holds WHERE event_id = $1",
+        )
+        .bind(event.0)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut holds = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let order = OrderId(Uuid::parse_str(&id).map_err(corrupt)?);
+            let status: String = row.try_get(3)?;
+            holds.push((
+                order,
+                Hold {
+                    user: row.try_get(1)?,
+                    quantity: row.try_get::<i64, _>(2)? as u32,
+                    status: HoldStatus::parse(&status).ok_or_else(|| corrupt(&status))?,
+                },
+            ));
+        }
+        Ok(SeatBook::new(available.map(|a| a as u32), holds))
     }
 }

@@ -175,6 +175,19 @@ impl Store {
             .collect()
     }
 
+    /// The address of the node holding `shard`'s lease now (unexpired, by the database's
+    /// clock), as it last reported itself; `None` while nobody holds it.
+    pub async fn shard_owner(&self, shard: u32) -> StoreResult<Option<String>> {
+        let addr: Option<String> = sqlx::query_scalar(
+            "SELECT n.addr FROM shard_leases l JOIN service_nodes n ON n.id = l.owner
+              WHERE l.shard = $1 AND l.expires_at > now()",
+        )
+        .bind(shard as i32)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(addr)
+    }
+
     /// Records that node `id` (`role`, reachable at `addr`, process `pid`) is alive now.
     pub async fn node_seen(&self, id: &str, role: &str, addr: &str, pid: u32) -> StoreResult<()> {
         sqlx::query(

@@ -49,6 +49,9 @@ pub enum WriteOp {
         order: OrderId,
         status: PaymentStatus,
     },
+    /// Stage `saga`: an inventory node's effect of one saga seat command, with the command's
+    /// inbox row and the node's answer (PostgreSQL only).
+    SagaSeats(Box<super::saga::SeatWrite>),
     /// Writes nothing: its answer means every write queued before it is committed.
     Barrier,
     /// Lines of the payment gateway's books, when the books share this writer
@@ -654,7 +657,11 @@ fn committed(op: &WriteOp, changes: &Changes) {
             crate::meter::settled(Some(*reason));
             changes.changed(*event);
         }
-        WriteOp::SettlePayment { .. } | WriteOp::Barrier | WriteOp::Ledger(_) => {}
+        WriteOp::SagaSeats(w) if w.moves_seats() => changes.changed(w.event),
+        WriteOp::SagaSeats(_)
+        | WriteOp::SettlePayment { .. }
+        | WriteOp::Barrier
+        | WriteOp::Ledger(_) => {}
     }
 }
 
@@ -682,6 +689,7 @@ async fn prove_epochs(
             WriteOp::Confirm { order } | WriteOp::SettlePayment { order, .. } => {
                 orders.push(*order)
             }
+            WriteOp::SagaSeats(w) => events.push(w.event),
             WriteOp::Barrier | WriteOp::Ledger(_) => {}
         }
     }
@@ -726,6 +734,8 @@ async fn apply_batch(conn: &mut AnyConnection, batch: &[&WriteOp]) -> Result<(),
                 sql::settle_payment(conn, *order, *status, &now).await?;
             }
             WriteOp::Ledger(lines) => insert_ledger(conn, lines).await?,
+            // In decision order: each moves its own event's seats, valid in that order.
+            WriteOp::SagaSeats(w) => super::saga::write_seats(conn, w).await?,
             WriteOp::Hold(_) | WriteOp::Confirm { .. } | WriteOp::Barrier => {}
         }
     }
@@ -774,6 +784,7 @@ async fn apply(conn: &mut AnyConnection, op: &WriteOp) -> Result<(), sqlx::Error
             sql::settle_payment(conn, *order, *status, &now).await
         }
         WriteOp::Ledger(lines) => insert_ledger(conn, lines).await,
+        WriteOp::SagaSeats(w) => super::saga::write_seats(conn, w).await,
         WriteOp::Barrier => Ok(()),
     }
 }

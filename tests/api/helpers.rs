@@ -18,6 +18,9 @@ pub struct TestApp {
     settings: Settings,
     /// Stage saga: the payments node its payments participant calls, in this process.
     payments: Option<Running>,
+    /// Stage saga: the inventory node holding every shard, its inventory participant, in
+    /// this process.
+    inventory: Option<Running>,
 }
 
 /// A server started in this process, to stop after the one that calls it.
@@ -46,6 +49,20 @@ async fn payments_node_for(settings: &Settings) -> (String, Running) {
     let handle = server.handle();
     let task = actix_rt::spawn(server.run());
     (url, Running { handle, task })
+}
+
+/// An inventory node (stage `services`, role inventory) in this process on `settings`'
+/// database: stage saga's inventory participant. Alone, it takes every shard before it serves.
+async fn inventory_node_for(settings: &Settings) -> Running {
+    let mut node = settings.clone();
+    node.stage = StageKind::Services;
+    node.services.role = ticketflow::config::NodeRole::Inventory;
+    node.services.node_id = "inventory-test".into();
+    node.bind = "127.0.0.1:0".parse().unwrap();
+    let server = Server::build(node).await.expect("inventory node starts");
+    let handle = server.handle();
+    let task = actix_rt::spawn(server.run());
+    Running { handle, task }
 }
 
 /// Settings for tests: port 0, instant and always-successful payments, two HTTP workers.
@@ -129,6 +146,11 @@ async fn start_on(db: TestDb, mut settings: Settings) -> TestApp {
     } else {
         None
     };
+    let inventory = if settings.stage == StageKind::Saga {
+        Some(inventory_node_for(&settings).await)
+    } else {
+        None
+    };
     let server = Server::build(settings).await.expect("server starts");
     let base = format!("http://{}", server.addr());
     let handle = server.handle();
@@ -148,6 +170,7 @@ async fn start_on(db: TestDb, mut settings: Settings) -> TestApp {
         task: Some(task),
         settings: settings_copy,
         payments,
+        inventory,
     }
 }
 
@@ -160,6 +183,9 @@ impl TestApp {
         }
         if let Some(payments) = self.payments.take() {
             payments.stop().await;
+        }
+        if let Some(inventory) = self.inventory.take() {
+            inventory.stop().await;
         }
         let TestApp { db, settings, .. } = self;
         start_on(db, settings).await
@@ -299,6 +325,9 @@ impl TestApp {
         }
         if let Some(payments) = self.payments.take() {
             payments.stop().await;
+        }
+        if let Some(inventory) = self.inventory.take() {
+            inventory.stop().await;
         }
     }
 }

@@ -509,13 +509,24 @@ async fn a_stampede_with_declines_sells_every_seat_exactly_once_and_the_audit_pa
     assert_eq!(status, 200, "{stats}");
     assert_eq!(stats["stage"], "saga");
     assert_eq!(stats["outbox"]["due"], 0, "{stats}");
-    // Every charge went through the outbox and its relay (the inventory's steps are applied
-    // in the orchestrator's transactions and never relayed).
+    // Every charge and every seat command went through the outbox and its relay (the seats
+    // to the inventory node, which kept one inbox row for each).
     let charges = app
         .count("SELECT COUNT(*) FROM saga_events WHERE kind = 'ChargeRequested'")
         .await;
+    let seat_commands = app
+        .count("SELECT COUNT(*) FROM saga_inbox WHERE consumer = 'inventory'")
+        .await;
+    let sagas = app
+        .count("SELECT COUNT(DISTINCT stream_id) FROM saga_events")
+        .await;
     assert!(
-        stats["relay"]["delivered"].as_u64().unwrap() >= charges as u64 && charges >= 20,
+        seat_commands >= sagas + charges,
+        "{seat_commands} seat commands"
+    );
+    assert!(
+        stats["relay"]["delivered"].as_u64().unwrap() >= (charges + seat_commands) as u64
+            && charges >= 20,
         "{charges} charges: {stats}"
     );
     assert!(stats["relay"]["lagMs"]["max"].is_i64(), "{stats}");
@@ -544,9 +555,11 @@ async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_d
             // (A lognormal of median 150 ms on a 500 ms hold once gave no late success in CI;
             // one of median 300 ms, with the payments node's hop on a machine at load average
             // 13, gave no success in time: every answer took a second or more.)
+            // Then the seats' three hops to the inventory node came in (under load, about a
+            // second before the charge leaves): a 4 s hold, charges of 10 ms to 8 s.
             s.payments.latency =
-                LatencyModel::Uniform(Duration::from_millis(10), Duration::from_secs(4));
-            s.hold_ttl = Duration::from_secs(2);
+                LatencyModel::Uniform(Duration::from_millis(10), Duration::from_secs(8));
+            s.hold_ttl = Duration::from_secs(4);
             s.seed = 3;
         })
         .await,
@@ -609,6 +622,20 @@ async fn replay_rebuilds_every_projection_from_the_log_and_names_each_row_that_d
         "{out}"
     );
     assert!(out.contains("3 rows differ"), "{out}");
+    // The seats are the inventory node's: its own counter is compared too.
+    app.db
+        .execute(&[&format!(
+            "UPDATE saga_seats SET available = CASE WHEN available < total
+             THEN available + 1 ELSE available - 1 END WHERE event_id = {event}"
+        )])
+        .await;
+    let (code, out, _) = replay(&url);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("differs: saga_seats {event}: available")),
+        "{out}"
+    );
+    assert!(out.contains("4 rows differ"), "{out}");
     app.stop().await;
 }
 
@@ -1151,4 +1178,182 @@ async fn a_claim_another_process_holds_is_not_taken_before_its_lease_runs_out() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     app.stop().await;
+}
+
+// ---------- the inventory participant is an inventory node ----------
+
+/// The inventory node of the saga processes on `db` as `service_nodes` has it: its pid, if
+/// one reported itself within the last 2 s.
+async fn inventory_pid(db: &TestDb) -> Option<i64> {
+    let pids = db
+        .texts(
+            "SELECT CAST(pid AS TEXT) FROM service_nodes
+             WHERE role = 'inventory' AND seen_at > now() - interval '2 seconds'",
+        )
+        .await;
+    pids.first().map(|p| p.parse().unwrap())
+}
+
+/// Sends a seat command to the inventory node holding `event`'s shard, as the saga's relay
+/// does, and returns its answer (`{"ok": reply}` or `{"err": ...}`).
+async fn seat_command(
+    app: &TestApp,
+    message_id: &str,
+    order: &str,
+    event: i64,
+    command: Value,
+) -> Value {
+    let addr = app
+        .db
+        .texts(
+            "SELECT n.addr FROM shard_leases l JOIN service_nodes n ON n.id = l.owner
+             WHERE l.expires_at > now() LIMIT 1",
+        )
+        .await
+        .pop()
+        .expect("an inventory node holds the shards");
+    let answer = app
+        .client
+        .post(format!("http://{addr}/internal/v1/saga/seats"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .json(&json!({
+            "messageId": message_id,
+            "order": order,
+            "event": event,
+            "command": command,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.json().await.unwrap()
+}
+
+fn hold_seats(order: &str, event: i64, user: &str) -> Value {
+    json!({
+        "type": "HoldSeats", "order": order, "event": event, "user": user,
+        "quantity": 1, "perUserLimit": null, "holdTtlMs": 1000,
+    })
+}
+
+#[actix_web::test]
+async fn a_redelivered_hold_seats_holds_once_and_is_answered_as_the_first_time() {
+    let app = saga_app(|_| {}).await;
+    let event = app.create_event(1).await;
+    let (first, second) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    let held = seat_command(&app, "m-1", &first, event, hold_seats(&first, event, "a")).await;
+    assert_eq!(held["ok"]["type"], "SeatsHeld", "{held}");
+    // The same message again: the same answer, nothing held twice.
+    let again = seat_command(&app, "m-1", &first, event, hold_seats(&first, event, "a")).await;
+    assert_eq!(again, held);
+    let holds = || app.count("SELECT COUNT(*) FROM saga_holds");
+    assert_eq!(holds().await, 1);
+    assert_eq!(
+        app.count("SELECT available FROM saga_seats").await,
+        0,
+        "one seat held of one"
+    );
+    // Another saga's hold of the same seat is refused: none is free.
+    let refused = seat_command(&app, "m-2", &second, event, hold_seats(&second, event, "b")).await;
+    assert_eq!(refused["ok"]["type"], "SeatsRefused", "{refused}");
+    // The seat comes back; the refused hold delivered again is still refused (its first answer),
+    // never a hold the saga already heard was refused.
+    let release = json!({ "type": "ReleaseSeats", "order": first });
+    let released = seat_command(&app, "m-3", &first, event, release).await;
+    assert_eq!(released["ok"]["type"], "SeatsReleased", "{released}");
+    assert_eq!(app.count("SELECT available FROM saga_seats").await, 1);
+    let redelivered =
+        seat_command(&app, "m-2", &second, event, hold_seats(&second, event, "b")).await;
+    assert_eq!(redelivered, refused);
+    assert_eq!(app.count("SELECT available FROM saga_seats").await, 1);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(holds().await, 1, "the refused saga holds nothing");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM saga_inbox WHERE consumer = 'inventory'")
+            .await,
+        3,
+        "one inbox row per message"
+    );
+}
+
+#[actix_web::test]
+async fn the_inventory_node_killed_mid_run_is_started_again_and_every_saga_ends_once() {
+    let db = TestDb::new(Backend::Postgres);
+    let client = reqwest::Client::new();
+    let server = saga_process(&db, &client, &["--hold-ttl", "2s"]).await;
+    let first = inventory_pid(&db)
+        .await
+        .expect("the saga process started an inventory node");
+    let event = create_event(&client, &server.base, "inventory-kill", 300).await;
+    let buying = stampede(
+        &client,
+        vec![server.base.clone()],
+        event,
+        16,
+        Duration::from_secs(90),
+    );
+    let killing = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while db
+            .count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+            .await
+            < 20
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no purchase confirmed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // SAFETY: kill(2) on the inventory node this test's saga process started.
+        assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+        let waiting = db
+            .count(
+                "SELECT COUNT(DISTINCT stream_id) FROM saga_events WHERE stream_id NOT IN
+                 (SELECT stream_id FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused'))",
+            )
+            .await;
+        assert!(waiting > 0, "the kill met no saga on its way");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(pid) = inventory_pid(&db).await {
+                if pid != first {
+                    break pid;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the inventory node was not started again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (bought, second) = futures::future::join(buying, killing).await;
+    assert!(bought > 20, "{bought}");
+    assert_ne!(second, first);
+    // The shards were taken again at a higher epoch by the node started again.
+    assert!(
+        db.count("SELECT MIN(epoch) FROM shard_leases").await >= 2,
+        "the shards were taken again"
+    );
+    let audit = quiet_audit_of(&client, &server.base, Duration::from_secs(60)).await;
+    assert_eq!(audit["verdict"], "pass", "{audit}");
+    drop(server);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT available_tickets FROM events WHERE id = {event}"
+        ))
+        .await,
+        300 - db
+            .count("SELECT COUNT(*) FROM saga_holds WHERE status IN ('held', 'confirmed')")
+            .await,
+        "the node's availability is what its holds leave"
+    );
+    every_saga_ended_once_with_one_net_charge(&db, "after the inventory node's kill").await;
 }
