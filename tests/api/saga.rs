@@ -934,14 +934,77 @@ async fn a_message_no_consumer_can_apply_ends_in_the_dead_letters_instead_of_loo
 
 /// The payments node of the saga processes on `db` as `service_nodes` has it: its pid, if
 /// one reported itself within the last 2 s.
-async fn payments_pid(db: &TestDb) -> Option<i64> {
+/// The pid of the node of `role` (`payments` or `inventory`) that reported itself lately.
+async fn node_pid(db: &TestDb, role: &str) -> Option<i64> {
     let pids = db
-        .texts(
+        .texts(&format!(
             "SELECT CAST(pid AS TEXT) FROM service_nodes
-             WHERE role = 'payments' AND seen_at > now() - interval '2 seconds'",
-        )
+             WHERE role = '{role}' AND seen_at > now() - interval '2 seconds'"
+        ))
         .await;
     pids.first().map(|p| p.parse().unwrap())
+}
+
+/// A stampede of 16 buyers on `event` through `server`, during which the saga process's node
+/// of `role` is SIGKILLed once 20 purchases are confirmed (with sagas still under way), and
+/// must be started again under a new pid. Returns the purchases confirmed.
+async fn stampede_killing_the_node(
+    db: &TestDb,
+    client: &reqwest::Client,
+    server: &Process,
+    event: i64,
+    role: &str,
+) -> usize {
+    let first = node_pid(db, role)
+        .await
+        .unwrap_or_else(|| panic!("the saga process started a {role} node"));
+    let buying = stampede(
+        client,
+        vec![server.base.clone()],
+        event,
+        16,
+        Duration::from_secs(90),
+    );
+    let killing = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while db
+            .count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
+            .await
+            < 20
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no purchase confirmed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // SAFETY: kill(2) on the node this test's saga process started.
+        assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+        let waiting = db
+            .count(
+                "SELECT COUNT(DISTINCT stream_id) FROM saga_events WHERE stream_id NOT IN
+                 (SELECT stream_id FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused'))",
+            )
+            .await;
+        assert!(waiting > 0, "the kill met no saga on its way");
+        // Started again, under a new pid, by the saga process.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(pid) = node_pid(db, role).await {
+                if pid != first {
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the {role} node was not started again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (bought, ()) = futures::future::join(buying, killing).await;
+    assert!(bought > 20, "{bought}");
+    bought
 }
 
 /// Buyers of `event` in `tasks` loops, each sending v1 purchases to the first of `bases`
@@ -1032,57 +1095,8 @@ async fn the_payments_node_killed_mid_run_is_started_again_and_every_saga_ends_o
     // Holds of 2 s: some run out while the payments node is down, so the late answers are
     // refunded (the compensation), besides the charges simply asked again.
     let server = saga_process(&db, &client, &["--hold-ttl", "2s"]).await;
-    let first = payments_pid(&db)
-        .await
-        .expect("the saga process started a payments node");
     let event = create_event(&client, &server.base, "node-kill", 400).await;
-    let buying = stampede(
-        &client,
-        vec![server.base.clone()],
-        event,
-        16,
-        Duration::from_secs(90),
-    );
-    let killing = async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while db
-            .count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
-            .await
-            < 20
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no purchase confirmed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // SAFETY: kill(2) on the payments node this test's saga process started.
-        assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
-        let waiting = db
-            .count(
-                "SELECT COUNT(DISTINCT stream_id) FROM saga_events WHERE stream_id NOT IN
-                 (SELECT stream_id FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused'))",
-            )
-            .await;
-        assert!(waiting > 0, "the kill met no saga on its way");
-        // Started again, under a new pid, by the saga process.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(pid) = payments_pid(&db).await {
-                if pid != first {
-                    break pid;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the payments node was not started again"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let (bought, second) = futures::future::join(buying, killing).await;
-    assert!(bought > 20, "{bought}");
-    assert_ne!(second, first);
+    stampede_killing_the_node(&db, &client, &server, event, "payments").await;
     let audit = quiet_audit_of(&client, &server.base, Duration::from_secs(60)).await;
     assert_eq!(audit["verdict"], "pass", "{audit}");
     drop(server);
@@ -1184,16 +1198,6 @@ async fn a_claim_another_process_holds_is_not_taken_before_its_lease_runs_out() 
 
 /// The inventory node of the saga processes on `db` as `service_nodes` has it: its pid, if
 /// one reported itself within the last 2 s.
-async fn inventory_pid(db: &TestDb) -> Option<i64> {
-    let pids = db
-        .texts(
-            "SELECT CAST(pid AS TEXT) FROM service_nodes
-             WHERE role = 'inventory' AND seen_at > now() - interval '2 seconds'",
-        )
-        .await;
-    pids.first().map(|p| p.parse().unwrap())
-}
-
 /// Sends a seat command to the inventory node holding `event`'s shard, as the saga's relay
 /// does, and returns its answer (`{"ok": reply}` or `{"err": ...}`).
 async fn seat_command(
@@ -1287,56 +1291,8 @@ async fn the_inventory_node_killed_mid_run_is_started_again_and_every_saga_ends_
     let db = TestDb::new(Backend::Postgres);
     let client = reqwest::Client::new();
     let server = saga_process(&db, &client, &["--hold-ttl", "2s"]).await;
-    let first = inventory_pid(&db)
-        .await
-        .expect("the saga process started an inventory node");
     let event = create_event(&client, &server.base, "inventory-kill", 300).await;
-    let buying = stampede(
-        &client,
-        vec![server.base.clone()],
-        event,
-        16,
-        Duration::from_secs(90),
-    );
-    let killing = async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while db
-            .count("SELECT COUNT(*) FROM orders WHERE status = 'confirmed'")
-            .await
-            < 20
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no purchase confirmed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // SAFETY: kill(2) on the inventory node this test's saga process started.
-        assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
-        let waiting = db
-            .count(
-                "SELECT COUNT(DISTINCT stream_id) FROM saga_events WHERE stream_id NOT IN
-                 (SELECT stream_id FROM saga_events WHERE kind IN ('OrderConfirmed', 'OrderCancelled', 'SeatsRefused'))",
-            )
-            .await;
-        assert!(waiting > 0, "the kill met no saga on its way");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(pid) = inventory_pid(&db).await {
-                if pid != first {
-                    break pid;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the inventory node was not started again"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let (bought, second) = futures::future::join(buying, killing).await;
-    assert!(bought > 20, "{bought}");
-    assert_ne!(second, first);
+    stampede_killing_the_node(&db, &client, &server, event, "inventory").await;
     // The shards were taken again at a higher epoch by the node started again.
     assert!(
         db.count("SELECT MIN(epoch) FROM shard_leases").await >= 2,
