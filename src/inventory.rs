@@ -339,5 +339,11 @@ mod tests {
         );
         inv.release(1).unwrap();
         assert!(inv.reserve(3, "a", 1, 0).is_ok());
+        // a second hold of a user already counted adds to the count
+        assert!(inv.reserve(4, "a", 1, 0).is_ok());
+        assert_eq!(
+            inv.reserve(5, "a", 1, 0),
+            Err(ReserveError::UserLimit { limit: 2 })
+        );
     }
 }
