@@ -7,14 +7,15 @@
 //!   through a bounded tokio mpsc, each carrying a oneshot for the reply. Two round trips per
 //!   iteration, to match a purchase.
 //! - `event_actor_reserve`: the purchase decision alone. The real [`EventActor`] on its own
-//!   arbiter, admitted through its [`MailboxGauge`] as the actor stage does, answers `Reserve` on
-//!   a oneshot. Holds pile up, so every sample gets a fresh actor (on a fresh arbiter) with just
-//!   enough seats; starting it is not timed.
+//!   arbiter, admitted through its [`MailboxGauge`] and sent through its [`Mailbox`] as the
+//!   actor stage does, answers `Reserve` on a oneshot. Holds pile up, so every sample gets a
+//!   fresh actor (on a fresh arbiter) with just enough seats; starting it is not timed.
 //! - `event_actor_reserve_confirm`: the real [`EventActor`] on its own arbiter, admitted through
-//!   its [`MailboxGauge`] as the actor stage does: `Reserve` (answered on a oneshot), then
-//!   `Settle { Approved }` (answered through actix's `send`). Its writes go to a writer that
+//!   its [`MailboxGauge`] as the actor stage does: `Reserve`, then `Settle { Approved }`, both
+//!   through its [`Mailbox`] and answered on oneshots. Its writes go to a writer that
 //!   acknowledges without storing, so the actor pays for queueing each write but no I/O; the
-//!   buyers do not wait for those acknowledgements.
+//!   buyers do not wait for those acknowledgements. Like the stage, the buyers borrow the
+//!   actor's [`Mailbox`] rather than cloning it per purchase.
 //! - `inventory_reserve_confirm`: the pure [`Inventory`] alone, no messages at all.
 //!
 //! Buyers run on the benchmark's thread, `BUYERS` of them in flight at once; the answering side
@@ -33,7 +34,7 @@ use uuid::Uuid;
 use ticketflow::domain::{EventId, Money, OrderId, UserId};
 use ticketflow::inventory::Inventory;
 use ticketflow::stages::event_actor::{
-    EventActor, MailboxGauge, PaymentResult, Reserve, Settle, Settlement,
+    EventActor, Mailbox, MailboxGauge, PaymentResult, Reserve, Settle, Settlement,
 };
 use ticketflow::store::{writer, WriteHandle};
 
@@ -71,13 +72,8 @@ where
     start.elapsed()
 }
 
-/// Starts an event actor with `seats` free seats on `host`.
-fn start_actor(
-    host: &Arbiter,
-    seats: u32,
-    writer: WriteHandle,
-    queued: MailboxGauge,
-) -> Addr<EventActor> {
+/// Starts an event actor with `seats` free seats on `host`; returns its purchase path.
+fn start_actor(host: &Arbiter, seats: u32, writer: WriteHandle, queued: MailboxGauge) -> Mailbox {
     let actor = EventActor::new(
         EventId(1),
         Money::from_cents(2_500).expect("a valid price"),
@@ -88,10 +84,12 @@ fn start_actor(
         HOLD_TTL,
         queued,
     );
+    let mailbox = actor.mailbox();
     EventActor::start_in_arbiter(&host.handle(), move |ctx| {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         actor
-    })
+    });
+    mailbox
 }
 
 fn actor_core(c: &mut Criterion) {
@@ -142,14 +140,14 @@ fn actor_core(c: &mut Criterion) {
             let host = Arbiter::new();
             let seats = u32::try_from(iters).expect("fewer than 2^32 reservations per sample");
             let queued = MailboxGauge::default();
-            let addr = start_actor(&host, seats, write_handle.clone(), queued.clone());
-            let user = &user;
+            let mailbox = start_actor(&host, seats, write_handle.clone(), queued.clone());
+            let (mailbox, queued, user) = (&mailbox, &queued, &user);
             let elapsed = system.block_on(drive(iters, || {
-                let (addr, queued, user) = (addr.clone(), queued.clone(), user.clone());
+                let user = user.clone();
                 async move {
                     assert!(queued.try_admit(MAILBOX_CAPACITY), "event mailbox full");
                     let (reply, answer) = oneshot::channel();
-                    addr.do_send(Reserve {
+                    mailbox.reserve(Reserve {
                         user,
                         quantity: 1,
                         per_user_limit: None,
@@ -175,16 +173,15 @@ fn actor_core(c: &mut Criterion) {
 
     group.throughput(Throughput::Elements(2));
     let queued = MailboxGauge::default();
-    let addr = start_actor(&server, SEATS, write_handle, queued.clone());
+    let mailbox = start_actor(&server, SEATS, write_handle, queued.clone());
+    let (mailbox, queued, buyer) = (&mailbox, &queued, &user);
     let purchase = || {
-        let addr = addr.clone();
-        let queued = queued.clone();
-        let user = user.clone();
+        let user = buyer.clone();
         async move {
-            // Admission as the actor stage does it: the gauge is the bound, `do_send` the send.
+            // Admission as the actor stage does it: the gauge is the bound.
             assert!(queued.try_admit(MAILBOX_CAPACITY), "event mailbox full");
             let (reply, answer) = oneshot::channel();
-            addr.do_send(Reserve {
+            mailbox.reserve(Reserve {
                 user,
                 quantity: 1,
                 per_user_limit: None,
@@ -197,8 +194,8 @@ fn actor_core(c: &mut Criterion) {
                 Ok(grant) => grant,
                 Err(refusal) => panic!("reservation refused: {refusal:?}"),
             };
-            let settled = addr
-                .send(Settle {
+            let settled = mailbox
+                .settle(Settle {
                     order: grant.order,
                     result: PaymentResult::Approved,
                 })

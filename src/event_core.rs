@@ -7,7 +7,7 @@
 //! scheduler in simulated time.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -127,27 +127,7 @@ impl PlantedBug {
     }
 }
 
-/// Hashes order ids for [`EventCore`]'s `confirmed` set: an id is 16 bytes, nearly always
-/// random ones, so folding them with a multiply is enough, and much cheaper than SipHash (which
-/// took a tenth of the actor's thread in `benches/actor_core`). Not for keys a client chooses
-/// freely: a services gateway's chosen ids are uuids too, and a collision only slows lookups.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+pub use crate::inventory::IdHasher;
 
 /// One event's seats and the decisions about them.
 pub struct EventCore {
@@ -273,7 +253,7 @@ impl EventCore {
             order,
             tickets: tickets.clone(),
             event: self.event,
-            user: request.user.as_str().to_owned(),
+            user: request.user.into_string(),
             unit_price: self.price,
             idempotency: request.idempotency,
             created_at: request.created_at,
@@ -365,6 +345,8 @@ mod tests {
         assert_eq!(granted.tickets.len(), 2);
         assert_eq!(granted.amount.cents(), 1_000);
         assert!(matches!(&granted.write, WriteOp::Hold(h) if h.order == granted.order));
+        // the hold is written under its buyer (the user moves into the write, not cloned)
+        assert!(matches!(&granted.write, WriteOp::Hold(h) if h.user == "a"));
         let out = settle(&mut core, granted.order, PaymentResult::Approved, 10);
         assert!(matches!(
             out,

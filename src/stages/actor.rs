@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::event_actor::{
-    EventActor, MailboxGauge, Passivate, PaymentResult, ReadCounts, Reserve, ReserveRefusal,
-    Settle, Settlement,
+    EventActor, Mailbox, MailboxGauge, Passivate, PaymentResult, ReadCounts, Reserve,
+    ReserveRefusal, Settle, Settlement,
 };
 use super::{OrderRequest, PurchaseError, Stage, StageParts};
 use crate::config::{cores, StageKind};
@@ -71,7 +71,10 @@ enum Cancellation {
 
 /// One event's active actor, and what tells whether it may be passivated.
 struct ActorSlot {
+    /// actix's mailbox: `Passivate` and `ReadCounts`.
     addr: Addr<EventActor>,
+    /// The purchase path: `Reserve` and `Settle`.
+    mailbox: Mailbox,
     queued: MailboxGauge,
     /// The lease the actor decides under (inventory nodes), fixed at its activation.
     stamp: Option<Stamp>,
@@ -95,8 +98,8 @@ struct InUse {
 }
 
 impl InUse {
-    fn addr(&self) -> &Addr<EventActor> {
-        &self.slot.addr
+    fn mailbox(&self) -> &Mailbox {
+        &self.slot.mailbox
     }
 }
 
@@ -513,6 +516,7 @@ impl Inner {
             queued.clone(),
         );
         let capacity = settings.mailbox_capacity.max(1);
+        let mailbox = actor.mailbox();
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let addr = EventActor::start_in_arbiter(&self.arbiters[index].handle(), move |ctx| {
             ctx.set_mailbox_capacity(capacity);
@@ -520,6 +524,7 @@ impl Inner {
         });
         let slot = ActorSlot {
             addr,
+            mailbox,
             queued,
             stamp,
             users: AtomicUsize::new(0),
@@ -611,9 +616,9 @@ impl Inner {
         }
         let (reply, answer) = oneshot::channel();
         let created_at = timestamp(Utc::now());
-        // `do_send` ignores actix's per-sender bound; the gauge above is the bound. If the
-        // actor has stopped (shutdown), `reply` is dropped and the answer below is an error.
-        using.addr().do_send(Reserve {
+        // The gauge above is the bound. If the actor has stopped (shutdown), `reply` is
+        // dropped and the answer below is an error.
+        using.mailbox().reserve(Reserve {
             user,
             quantity,
             per_user_limit,
@@ -667,7 +672,7 @@ impl Inner {
         // In flight until the outcome is written, the refund of a late success included.
         let _in_flight = self.parts.payments.track();
         let settled = self
-            .charge_and_settle(using.addr(), order, &key, amount)
+            .charge_and_settle(using.mailbox(), order, &key, amount)
             .await;
         if let Err(PurchaseError::Gateway(_)) = &settled {
             // The actor stays in use (not passivated) until the payment is settled.
@@ -678,7 +683,7 @@ impl Inner {
 
     async fn charge_and_settle(
         self: &Arc<Self>,
-        addr: &Addr<EventActor>,
+        mailbox: &Mailbox,
         order: OrderId,
         key: &str,
         amount: Money,
@@ -687,8 +692,8 @@ impl Inner {
             ChargeOutcome::Approved { .. } => PaymentResult::Approved,
             ChargeOutcome::Declined => PaymentResult::Declined,
         };
-        let settlement = addr
-            .send(Settle { order, result })
+        let settlement = mailbox
+            .settle(Settle { order, result })
             .await
             .map_err(|_| PurchaseError::Overloaded)?;
         match settlement {
@@ -838,9 +843,9 @@ impl Inner {
     /// written (the shard moved, say: its new owner resolves the purchase from the database).
     fn settle_later(self: &Arc<Self>, using: InUse, order: OrderId, key: String, amount: Money) {
         self.retry_in_flight(move |inner| {
-            let (addr, key) = (using.addr().clone(), key.clone());
+            let (mailbox, key) = (using.mailbox().clone(), key.clone());
             async move {
-                match inner.charge_and_settle(&addr, order, &key, amount).await {
+                match inner.charge_and_settle(&mailbox, order, &key, amount).await {
                     Err(PurchaseError::Gateway(_)) => return ControlFlow::Continue(()),
                     Ok(()) => {
                         tracing::info!(%order, "a payment unknown at first is settled: confirmed")

@@ -7,11 +7,17 @@
 //! durability and never touches the actor again. Nothing can interleave between a decision and
 //! its write being queued, so the writer sees each event's writes in decision order.
 //!
-//! Batched per mailbox drain: a decision takes its room in the writer's queue at once (so a
-//! full queue still refuses the purchase then), but the writes and the `Reserve` answers are
-//! sent together once the mailbox is empty ([`EventActor::flush`]): one wake of the writer and
-//! of each waiting thread per batch rather than per message, which is where the actor's thread
-//! spent most of its time (see the README, "The actor core").
+//! A mailbox of its own for the purchase path: `Reserve` and `Settle` come through a tokio
+//! channel ([`Mailbox`]) that an actor future ([`Drain`]) empties up to [`DRAIN_BATCH`] at a
+//! time, so a purchase pays for no actix envelope (a box per message) and no actix `send`
+//! oneshot. actix's own mailbox keeps the rare messages (`Passivate`, `ReadCounts`) and the
+//! expiry timer.
+//!
+//! Batched per drain: a decision takes its room in the writer's queue at once (so a full queue
+//! still refuses the purchase then), but the writes and the answers are sent together at the
+//! end of the batch ([`EventActor::flush`]), writes first: one wake of the writer per batch
+//! rather than per message, which is where the actor's thread spent most of its time (see the
+//! README, "Benchmarks (criterion)").
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::future::BoxFuture;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{EventId, Money, OrderId, TicketId, UserId};
 use crate::event_core::{EventCore, Input, Output, ReserveRequest};
@@ -57,6 +63,95 @@ impl Future for Durable {
 
 type ReserveAnswer = Result<HoldGrant, ReserveRefusal>;
 
+/// Requests taken from the actor's own mailbox per batch, at most.
+pub const DRAIN_BATCH: usize = 256;
+/// Batches one poll of [`Drain`] decides at most before letting actix's mailbox and timer
+/// have their turn.
+const DRAIN_ROUNDS: usize = 4;
+
+/// What comes through the actor's own mailbox.
+enum Request {
+    Reserve(Reserve),
+    Settle(Settle, oneshot::Sender<Settlement>),
+}
+
+/// An answer decided in this batch, sent by [`EventActor::flush`] after the batch's writes.
+enum Answer {
+    Reserve(oneshot::Sender<ReserveAnswer>, ReserveAnswer),
+    Settle(oneshot::Sender<Settlement>, Settlement),
+}
+
+/// The purchase path into one event actor: `Reserve` and `Settle`, through a channel the
+/// actor drains in batches ([`Drain`]) rather than through actix's mailbox.
+///
+/// Unbounded by itself: `Reserve` is bounded by the event's [`MailboxGauge`], which admission
+/// takes before [`Mailbox::reserve`], and every `Settle` settles a hold, so there are never
+/// more of them than holds granted. Once the actor has stopped, a request is dropped and its
+/// answer is an error.
+#[derive(Clone)]
+pub struct Mailbox(mpsc::UnboundedSender<Request>);
+
+/// The actor has stopped (shutdown, or passivated): the request was not decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActorGone;
+
+impl Mailbox {
+    /// Sends `msg`, already admitted through the gauge; its answer comes on `msg.reply`.
+    pub fn reserve(&self, msg: Reserve) {
+        // Stopped: `msg.reply` is dropped with it, which is the buyer's answer.
+        let _ = self.0.send(Request::Reserve(msg));
+    }
+
+    /// Settles a held order. Never shed: a purchase already under way must be finished.
+    pub fn settle(
+        &self,
+        msg: Settle,
+    ) -> impl Future<Output = Result<Settlement, ActorGone>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.0.send(Request::Settle(msg, reply));
+        async move { answer.await.map_err(|_| ActorGone) }
+    }
+}
+
+/// The actor future that empties the actor's own mailbox: up to [`DRAIN_BATCH`] requests at a
+/// time, each decided in turn, then the batch flushed ([`EventActor::flush`]). It ends when
+/// every [`Mailbox`] is gone.
+struct Drain {
+    inbox: mpsc::UnboundedReceiver<Request>,
+    batch: Vec<Request>,
+}
+
+impl ActorFuture<EventActor> for Drain {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        actor: &mut EventActor,
+        ctx: &mut Context<EventActor>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..DRAIN_ROUNDS {
+            match this
+                .inbox
+                .poll_recv_many(task, &mut this.batch, DRAIN_BATCH)
+            {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(0) => return Poll::Ready(()),
+                Poll::Ready(_) => {
+                    for request in this.batch.drain(..) {
+                        actor.decide(request, ctx);
+                    }
+                    actor.flush(ctx);
+                }
+            }
+        }
+        // More may be waiting: poll again after actix's mailbox and timer had their turn.
+        task.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 pub struct EventActor {
     core: EventCore,
     writer: WriteHandle,
@@ -68,13 +163,18 @@ pub struct EventActor {
     /// committed. The actor does not passivate while any is, so whoever activates the event
     /// next reads storage with them in it.
     unsettled: Arc<AtomicUsize>,
-    /// Writes decided in this mailbox drain, each with its room in the writer's queue taken,
-    /// in decision order; sent by [`Self::flush`].
+    /// Writes decided in this batch, each with its room in the writer's queue taken, in
+    /// decision order; sent by [`Self::flush`].
     writes: Vec<(Room, WriteOp)>,
-    /// `Reserve` answers decided in this drain, sent by [`Self::flush`] after the writes.
-    answers: Vec<(oneshot::Sender<ReserveAnswer>, ReserveAnswer)>,
-    /// A flush is scheduled for the end of this drain.
+    /// Answers decided in this batch, sent by [`Self::flush`] after the writes.
+    answers: Vec<Answer>,
+    /// A flush is scheduled for the end of actix's mailbox drain (writes queued outside a
+    /// [`Drain`] batch: expiries).
     flushing: bool,
+    /// The sending side of the actor's own mailbox, handed out by [`Self::mailbox`].
+    mailbox: Mailbox,
+    /// The receiving side, until [`Actor::started`] gives it to the [`Drain`].
+    inbox: Option<mpsc::UnboundedReceiver<Request>>,
 }
 
 /// Counts `Reserve` messages waiting in one event actor's mailbox, and bounds them.
@@ -123,6 +223,7 @@ impl EventActor {
         hold_ttl: Duration,
         queued: MailboxGauge,
     ) -> Self {
+        let (mailbox, inbox) = mpsc::unbounded_channel();
         Self {
             core: EventCore::new(event, price, inventory, seed, issued),
             writer,
@@ -133,6 +234,76 @@ impl EventActor {
             writes: Vec::new(),
             answers: Vec::new(),
             flushing: false,
+            mailbox: Mailbox(mailbox),
+            inbox: Some(inbox),
+        }
+    }
+
+    /// The purchase path into this actor: `Reserve` and `Settle`.
+    pub fn mailbox(&self) -> Mailbox {
+        self.mailbox.clone()
+    }
+
+    /// Decides one request from the actor's own mailbox; its answer and write wait for the
+    /// batch's [`Self::flush`].
+    fn decide(&mut self, request: Request, ctx: &mut Context<Self>) {
+        match request {
+            Request::Reserve(msg) => {
+                // Out of the mailbox: its gauge slot is free again.
+                self.queued.release();
+                let (request, reply) = msg.split();
+                let answer = self.reserve(request);
+                self.answers.push(Answer::Reserve(reply, answer));
+            }
+            Request::Settle(msg, reply) => {
+                let settlement = self.settle(msg, ctx);
+                self.answers.push(Answer::Settle(reply, settlement));
+            }
+        }
+    }
+
+    /// Decides a reservation and takes room for its write.
+    fn reserve(&mut self, request: ReserveRequest) -> ReserveAnswer {
+        let Output::Reserved(decided) = self.step(Input::Reserve(request)) else {
+            unreachable!("Reserve is answered with Reserved")
+        };
+        match decided {
+            Err(refusal) => Err(ReserveRefusal::Inventory(refusal)),
+            Ok(granted) => match self.writer.try_reserve() {
+                Some((room, durable)) => {
+                    self.writes.push((room, granted.write));
+                    Ok(HoldGrant {
+                        order: granted.order,
+                        tickets: granted.tickets,
+                        amount: granted.amount,
+                        durable,
+                    })
+                }
+                None => {
+                    self.step(Input::Withdraw(granted.order));
+                    Err(ReserveRefusal::WriterFull)
+                }
+            },
+        }
+    }
+
+    /// Decides a payment's outcome and queues its write.
+    fn settle(&mut self, msg: Settle, ctx: &mut Context<Self>) -> Settlement {
+        let input = Input::Settle {
+            order: msg.order,
+            result: msg.result,
+        };
+        let Output::Settled { settled, write } = self.step(input) else {
+            unreachable!("Settle is answered with Settled")
+        };
+        let written = match write {
+            Some(op) => self.queue_or_wait(op, ctx),
+            None => Durable::Done,
+        };
+        match settled {
+            Settled::Confirmed => Settlement::Confirmed(written),
+            Settled::Released => Settlement::Released(written),
+            Settled::Expired => Settlement::Expired(written),
         }
     }
 
@@ -145,23 +316,37 @@ impl EventActor {
         }
     }
 
-    /// Sends this drain's writes, in decision order, then its `Reserve` answers, so a buyer
-    /// hears of a hold only once its write is queued.
+    /// Sends this batch's writes, in decision order, then its answers, so a buyer hears of a
+    /// hold only once its write is queued.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         self.flushing = false;
         for (room, op) in self.writes.drain(..) {
             room.send(op);
         }
-        let answers = std::mem::take(&mut self.answers);
-        for (reply, answer) in answers {
-            if let Err(Ok(grant)) = reply.send(answer) {
+        let mut answers = std::mem::take(&mut self.answers);
+        for answer in answers.drain(..) {
+            let gone = match answer {
+                Answer::Reserve(reply, answer) => match reply.send(answer) {
+                    Err(Ok(grant)) => Some(grant.order),
+                    _ => None,
+                },
+                // A buyer gone before its settlement leaves the write to finish on its own.
+                Answer::Settle(reply, settlement) => {
+                    let _ = reply.send(settlement);
+                    None
+                }
+            };
+            if let Some(order) = gone {
                 // The buyer went away before the answer: give the seats back once the hold is
                 // written, so storage and memory agree.
-                if let Output::Returned { write: Some(op) } = self.step(Input::Abandon(grant.order))
-                {
+                if let Output::Returned { write: Some(op) } = self.step(Input::Abandon(order)) {
                     self.write_in_background(op, ctx);
                 }
             }
+        }
+        // Keep the allocation for the next batch.
+        if self.answers.is_empty() {
+            self.answers = answers;
         }
         // Any written just now (abandoned holds) go at once too.
         for (room, op) in self.writes.drain(..) {
@@ -231,6 +416,12 @@ impl Actor for EventActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.tick, |actor, ctx| actor.expire_due(ctx));
+        if let Some(inbox) = self.inbox.take() {
+            ctx.spawn(Drain {
+                inbox,
+                batch: Vec::with_capacity(DRAIN_BATCH),
+            });
+        }
     }
 
     /// Nothing decided is left unsent (actix polls no spawned future once stopping).
@@ -266,10 +457,9 @@ pub enum ReserveRefusal {
     WriterFull,
 }
 
-/// Hold `quantity` seats for `user`. Admitted through the event's [`MailboxGauge`], so a full
-/// mailbox is an immediate 503; the answer travels back on `reply`.
-#[derive(Message)]
-#[rtype(result = "()")]
+/// Hold `quantity` seats for `user`, sent with [`Mailbox::reserve`]. Admitted through the
+/// event's [`MailboxGauge`], so a full mailbox is an immediate 503; the answer travels back on
+/// `reply`.
 pub struct Reserve {
     pub user: UserId,
     pub quantity: u32,
@@ -284,43 +474,18 @@ pub struct Reserve {
     pub reply: oneshot::Sender<Result<HoldGrant, ReserveRefusal>>,
 }
 
-impl Handler<Reserve> for EventActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) {
-        self.queued.release();
+impl Reserve {
+    /// What the core decides on, and where its answer goes.
+    fn split(self) -> (ReserveRequest, oneshot::Sender<ReserveAnswer>) {
         let request = ReserveRequest {
-            user: msg.user,
-            quantity: msg.quantity,
-            per_user_limit: msg.per_user_limit,
-            idempotency: msg.idempotency,
-            order: msg.order,
-            created_at: msg.created_at,
+            user: self.user,
+            quantity: self.quantity,
+            per_user_limit: self.per_user_limit,
+            idempotency: self.idempotency,
+            order: self.order,
+            created_at: self.created_at,
         };
-        let Output::Reserved(decided) = self.step(Input::Reserve(request)) else {
-            unreachable!("Reserve is answered with Reserved")
-        };
-        let answer = match decided {
-            Err(refusal) => Err(ReserveRefusal::Inventory(refusal)),
-            Ok(granted) => match self.writer.try_reserve() {
-                Some((room, durable)) => {
-                    self.writes.push((room, granted.write));
-                    Ok(HoldGrant {
-                        order: granted.order,
-                        tickets: granted.tickets,
-                        amount: granted.amount,
-                        durable,
-                    })
-                }
-                None => {
-                    self.step(Input::Withdraw(granted.order));
-                    Err(ReserveRefusal::WriterFull)
-                }
-            },
-        };
-        // Answered with this drain's batch, after its hold's write is queued.
-        self.answers.push((msg.reply, answer));
-        self.flush_later(ctx);
+        (request, self.reply)
     }
 }
 
@@ -334,36 +499,10 @@ pub enum Settlement {
     Expired(Durable),
 }
 
-/// Settle a held order with its payment result. Sent with `send` (waits for room): a purchase
-/// already under way must be finished, never shed.
-#[derive(Message)]
-#[rtype(result = "Settlement")]
+/// Settle a held order with its payment result, sent with [`Mailbox::settle`].
 pub struct Settle {
     pub order: OrderId,
     pub result: PaymentResult,
-}
-
-impl Handler<Settle> for EventActor {
-    type Result = MessageResult<Settle>;
-
-    fn handle(&mut self, msg: Settle, ctx: &mut Self::Context) -> Self::Result {
-        let input = Input::Settle {
-            order: msg.order,
-            result: msg.result,
-        };
-        let Output::Settled { settled, write } = self.step(input) else {
-            unreachable!("Settle is answered with Settled")
-        };
-        let written = match write {
-            Some(op) => self.queue_or_wait(op, ctx),
-            None => Durable::Done,
-        };
-        MessageResult(match settled {
-            Settled::Confirmed => Settlement::Confirmed(written),
-            Settled::Released => Settlement::Released(written),
-            Settled::Expired => Settlement::Expired(written),
-        })
-    }
 }
 
 /// Read the actor's counters.
