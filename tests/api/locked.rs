@@ -575,9 +575,12 @@ async fn with_fencing_a_stale_write_between_the_successors_read_and_write_is_ref
 #[actix_web::test]
 async fn a_payment_that_succeeds_after_the_hold_ran_out_is_refunded_and_the_seat_returned() {
     let keys = Keys::new();
+    // The job must start charging within the hold (else it only gives the seats back, with
+    // nothing to refund), and the charge must come back after it: a 1 s hold leaves the queue
+    // room to hand the job to its worker on a loaded machine (200 ms did not, once in CI).
     let app = locked_app(&keys, |s| {
-        s.hold_ttl = Duration::from_millis(200);
-        s.payments.latency = LatencyModel::Fixed(Duration::from_millis(400));
+        s.hold_ttl = Duration::from_secs(1);
+        s.payments.latency = LatencyModel::Fixed(Duration::from_secs(2));
     })
     .await;
     let event = app.create_event(1).await;
